@@ -1,0 +1,19 @@
+# Two entry points that set everything up themselves on a fresh machine:
+#   make test    install, build the CUDA extension when nvcc is there, run the test suite
+#   make bench   install, build, run the benchmarks on their default configurations
+PYTHON ?= python3
+TORCH_VERSION ?= 2.14.1
+PIP := $(PYTHON) -m pip install --disable-pip-version-check -q
+
+.PHONY: install test bench
+install:
+	$(PIP) "torch==$(TORCH_VERSION)" ninja pybind11 setuptools wheel
+	$(PIP) --no-build-isolation -e ".[test,dlib]"
+	$(PYTHON) -m dsa_ops
+
+test: install
+	$(PYTHON) -m pytest tests/ -q
+	$(PYTHON) -m pytest benchmarks/ -q --benchmark-disable
+
+bench: install
+	$(PYTHON) -m pytest benchmarks/ --benchmark-only

@@ -1,0 +1,28 @@
+"""dsa_ops: fused masked attention and the Dual Spatial Attention module.
+
+    out = dsa_ops.masked_attention(q, k, v, query_mask, key_mask, scale=1.0, backend="auto")
+    dsa = dsa_ops.DualSpatialAttention(channels)
+
+See README.md and DESIGN §2–3 for semantics and shapes.
+"""
+from dsa_ops.ops import (
+    BACKENDS,
+    MaskedAttentionFunction,
+    available_backends,
+    backend_unavailable_reason,
+    masked_attention,
+    partition_indices,
+)
+from dsa_ops.modules import DualSpatialAttention, reduce_hole_mask
+
+__all__ = [
+    "BACKENDS",
+    "DualSpatialAttention",
+    "MaskedAttentionFunction",
+    "available_backends",
+    "backend_unavailable_reason",
+    "masked_attention",
+    "partition_indices",
+    "reduce_hole_mask",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,19 @@
+"""``python -m dsa_ops``: which backends this machine has, and why the others are missing."""
+import torch
+
+import dsa_ops
+from dsa_ops import extension
+
+
+def main() -> None:
+    print(f"dsa_ops {dsa_ops.__version__}  torch {torch.__version__}  "
+          f"CUDA build {torch.version.cuda}  GPU {torch.cuda.is_available()}")
+    print(f"extension: {extension.loaded_path() or extension.load_error()}")
+    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        for name in dsa_ops.BACKENDS:
+            reason = dsa_ops.backend_unavailable_reason(name, device)
+            print(f"  {device:4s} {name:9s} {'available' if reason is None else 'unavailable: ' + reason}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,334 @@
+"""Op registration, validation, autograd and backend dispatch for masked attention.
+
+Every schema is defined here, once, through ``torch.library``, so the package works
+without the compiled extension. Each backend provides one forward and one backward op
+with the same schemas::
+
+    dsa_ops::masked_attention_fwd_<backend>(q, k, v, query_mask, key_mask, scale) -> (out, lse)
+    dsa_ops::masked_attention_bwd_<backend>(grad_out, q, k, v, out, lse,
+                                            query_mask, key_mask, scale) -> (grad_q, grad_k, grad_v)
+
+``reference`` is implemented in ``dsa_ops.reference`` for every device; ``triton`` is a
+``torch.library.triton_op`` around ``dsa_ops.triton_kernels``; ``cuda`` gets its CUDA
+kernels from ``csrc/`` (``TORCH_LIBRARY_IMPL(dsa_ops, CUDA, ...)``). Fake impls and the
+autograd formula (forward op → backward op) are shared by all backends, so the formula
+lives in one place. Nothing here knows about block sizes or launch configurations.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import os
+from typing import Callable, Optional
+
+import torch
+
+from dsa_ops import extension, reference
+
+Tensor = torch.Tensor
+
+_FWD_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor query_mask, Tensor key_mask, float scale)"
+               " -> (Tensor out, Tensor lse)")
+_BWD_SCHEMA = ("(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
+               " Tensor query_mask, Tensor key_mask, float scale)"
+               " -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)")
+_PARTITION_SCHEMA = "(Tensor mask) -> (Tensor index, Tensor count)"
+
+BACKENDS = ("reference", "triton", "cuda")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Head sizes the fused kernels are built for (csrc/masked_attention/launch.cuh mirrors these).
+FUSED_QK_DIMS = (8, 64)
+FUSED_V_DIMS = (8, 512)
+
+_lib = torch.library.Library("dsa_ops", "DEF")
+
+
+def _op_names(backend: str) -> tuple[str, str]:
+    return f"masked_attention_fwd_{backend}", f"masked_attention_bwd_{backend}"
+
+
+# ----------------------------------------------------------------------------- fake impls
+def _fake_forward(q, k, v, query_mask, key_mask, scale):
+    batch, length, _ = q.shape
+    out = v.new_empty((batch, length, v.shape[2]))
+    lse = q.new_empty((batch, length), dtype=reference.accumulation_dtype(q.dtype))
+    return out, lse
+
+
+def _fake_backward(grad_out, q, k, v, out, lse, query_mask, key_mask, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _fake_partition(mask):
+    return (mask.new_empty(mask.shape, dtype=torch.int32),
+            mask.new_empty(mask.shape[:1], dtype=torch.int32))
+
+
+# ----------------------------------------------------------------------------- autograd
+def _setup_context(ctx, inputs, output):
+    q, k, v, query_mask, key_mask, scale = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, query_mask, key_mask)
+    ctx.scale = scale
+
+
+def _make_backward(bwd_op):
+    def backward(ctx, grad_out, _grad_lse):
+        q, k, v, out, lse, query_mask, key_mask = ctx.saved_tensors
+        grad_q, grad_k, grad_v = bwd_op(grad_out, q, k, v, out, lse, query_mask, key_mask,
+                                        ctx.scale)
+        return grad_q, grad_k, grad_v, None, None, None
+    return backward
+
+
+def _register_meta_and_autograd(backend: str) -> None:
+    fwd_name, bwd_name = _op_names(backend)
+    torch.library.register_fake(f"dsa_ops::{fwd_name}", _fake_forward, lib=_lib)
+    torch.library.register_fake(f"dsa_ops::{bwd_name}", _fake_backward, lib=_lib)
+    bwd_op = getattr(torch.ops.dsa_ops, bwd_name).default
+    torch.library.register_autograd(f"dsa_ops::{fwd_name}", _make_backward(bwd_op),
+                                    setup_context=_setup_context, lib=_lib)
+
+
+# ----------------------------------------------------------------------------- definitions
+_lib.define("partition_indices" + _PARTITION_SCHEMA)
+# Every device gets the torch implementation; the CUDA kernel from csrc/ wins on CUDA.
+_lib.impl("partition_indices", reference.partition_indices, "CompositeExplicitAutograd")
+torch.library.register_fake("dsa_ops::partition_indices", _fake_partition, lib=_lib)
+
+for _name, _schema, _impl in (("masked_attention_fwd_reference", _FWD_SCHEMA, reference.forward),
+                              ("masked_attention_bwd_reference", _BWD_SCHEMA, reference.backward)):
+    _lib.define(_name + _schema)
+    _lib.impl(_name, _impl, "CompositeExplicitAutograd")
+_register_meta_and_autograd("reference")
+
+for _name, _schema in zip(_op_names("cuda"), (_FWD_SCHEMA, _BWD_SCHEMA)):
+    _lib.define(_name + _schema)
+_register_meta_and_autograd("cuda")
+extension.load()
+
+
+def _triton_import_error() -> Optional[str]:
+    try:
+        from dsa_ops import triton_kernels  # noqa: F401
+    except ImportError as error:
+        return f"triton could not be imported ({error})"
+    return None
+
+
+_TRITON_IMPORT_ERROR = _triton_import_error()
+if _TRITON_IMPORT_ERROR is None:
+    from dsa_ops import triton_kernels
+
+    for _name, _schema, _impl in zip(_op_names("triton"), (_FWD_SCHEMA, _BWD_SCHEMA),
+                                     (triton_kernels.forward, triton_kernels.backward)):
+        torch.library.triton_op(f"dsa_ops::{_name}", _impl, mutates_args=(), schema=_schema)
+    _register_meta_and_autograd("triton")
+
+
+def partition_indices(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Stable partition of ``mask`` ``(B, L)`` bool: see ``reference.partition_indices``."""
+    return torch.ops.dsa_ops.partition_indices(mask)
+
+
+# ----------------------------------------------------------------------------- backends
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    name: str
+    forward: Callable
+    backward: Callable
+    unavailable_reason: Callable[[torch.device], Optional[str]]
+    dtypes: tuple
+    qk_dims: Optional[tuple] = None  # inclusive range, None = any
+    v_dims: Optional[tuple] = None
+
+    def unsupported_reason(self, q: Tensor, v: Tensor) -> Optional[str]:
+        """Why this backend cannot take these inputs (device, dtype, head sizes), or None."""
+        reason = self.unavailable_reason(q.device)
+        if reason is not None:
+            return reason
+        if q.dtype not in self.dtypes:
+            names = ", ".join(str(d).removeprefix("torch.") for d in self.dtypes)
+            return f"it supports dtypes {names}; got {str(q.dtype).removeprefix('torch.')}"
+        for what, size, limits in (("Dqk", q.shape[2], self.qk_dims), ("Dv", v.shape[2], self.v_dims)):
+            if limits is not None and not limits[0] <= size <= limits[1]:
+                return f"it supports {what} in {limits[0]}..{limits[1]}; got {what} = {size}"
+        return None
+
+
+def _reference_unavailable(device: torch.device) -> Optional[str]:
+    return None
+
+
+def _triton_unavailable(device: torch.device) -> Optional[str]:
+    if _TRITON_IMPORT_ERROR is not None:
+        return _TRITON_IMPORT_ERROR
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return (f"triton runs on CUDA tensors (or on the CPU under TRITON_INTERPRET=1); "
+            f"got tensors on {device}")
+
+
+def _cuda_unavailable(device: torch.device) -> Optional[str]:
+    if extension.load_error() is not None:
+        return extension.load_error()
+    if device.type != "cuda":
+        return f"the CUDA kernels need CUDA tensors; got tensors on {device}"
+    return None
+
+
+def _backend_ops(name: str) -> tuple[Callable, Callable]:
+    fwd_name, bwd_name = _op_names(name)
+    if not hasattr(torch.ops.dsa_ops, fwd_name):  # triton not importable
+        return None, None
+    return getattr(torch.ops.dsa_ops, fwd_name).default, getattr(torch.ops.dsa_ops, bwd_name).default
+
+
+_BACKENDS = {
+    "reference": Backend("reference", *_backend_ops("reference"), _reference_unavailable, FLOAT_DTYPES),
+    "triton": Backend("triton", *_backend_ops("triton"), _triton_unavailable, FUSED_DTYPES,
+                      FUSED_QK_DIMS, FUSED_V_DIMS),
+    "cuda": Backend("cuda", *_backend_ops("cuda"), _cuda_unavailable, FUSED_DTYPES,
+                    FUSED_QK_DIMS, FUSED_V_DIMS),
+}
+_AUTO_ORDER = ("cuda", "triton")
+
+
+def get_backend(name: str) -> Backend:
+    return _BACKENDS[name]
+
+
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """Backends usable for tensors on ``device`` (default: CUDA when present, else CPU)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    return [name for name in BACKENDS if _BACKENDS[name].unavailable_reason(device) is None]
+
+
+def backend_unavailable_reason(name: str, device: torch.device | str | None = None) -> Optional[str]:
+    """Why backend ``name`` cannot run on ``device`` here, or None when it can."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return _BACKENDS[name].unavailable_reason(torch.device(device))
+
+
+def resolve_backend(name: str, q: Tensor, v: Tensor) -> Backend:
+    """The backend to run: ``name`` itself, or for ``"auto"`` cuda → triton → reference.
+
+    ``"auto"`` only picks fused backends for CUDA tensors; on the CPU it is the reference.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a str, one of 'auto', {', '.join(map(repr, BACKENDS))}; "
+                        f"got {type(name).__name__}")
+    if name == "auto":
+        if q.device.type == "cuda":
+            for candidate in _AUTO_ORDER:
+                if _BACKENDS[candidate].unsupported_reason(q, v) is None:
+                    return _BACKENDS[candidate]
+        return _BACKENDS["reference"]
+    if name not in _BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {', '.join(map(repr, BACKENDS))}; "
+                         f"got {name!r}")
+    reason = _BACKENDS[name].unsupported_reason(q, v)
+    if reason is not None:
+        raise ValueError(f"backend {name!r} is not available for these inputs: {reason}")
+    return _BACKENDS[name]
+
+
+# ----------------------------------------------------------------------------- validation
+def _describe(t: Tensor) -> str:
+    return f"{t.dim()}-D tensor of shape {tuple(t.shape)}"
+
+
+def validate_inputs(q, k, v, query_mask, key_mask, scale) -> None:
+    """Raise TypeError/ValueError naming the argument and what was expected."""
+    for name, t in (("q", q), ("k", k), ("v", v), ("query_mask", query_mask), ("key_mask", key_mask)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+    for name, t, last in (("q", q, "Dqk"), ("k", k, "Dqk"), ("v", v, "Dv")):
+        if t.dim() != 3:
+            raise ValueError(f"{name} must have shape (B, L, {last}); got a {_describe(t)}")
+    if q.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"q must be float16, bfloat16, float32 or float64; got {q.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have the dtype of q ({q.dtype}); got {t.dtype}")
+    batch, length, qk_dim = q.shape
+    if k.shape != q.shape:
+        raise ValueError(f"k must have shape (B, L, Dqk) = {tuple(q.shape)} like q; got {tuple(k.shape)}")
+    if v.shape[:2] != q.shape[:2]:
+        raise ValueError(f"v must have shape (B, L, Dv) with (B, L) = {(batch, length)} like q; "
+                         f"got {tuple(v.shape)}")
+    if qk_dim == 0 or v.shape[2] == 0:
+        raise ValueError(f"Dqk and Dv must be positive; got q {tuple(q.shape)} and v {tuple(v.shape)}")
+    for name, mask in (("query_mask", query_mask), ("key_mask", key_mask)):
+        if mask.dtype != torch.bool:
+            raise TypeError(f"{name} must be a bool tensor of shape (B, L); got dtype {mask.dtype}")
+        if mask.shape != (batch, length):
+            raise ValueError(f"{name} must have shape (B, L) = {(batch, length)}; got {tuple(mask.shape)}")
+    for name, t in (("k", k), ("v", v), ("query_mask", query_mask), ("key_mask", key_mask)):
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; "
+                             f"all inputs must be on one device")
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number; got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite; got {scale}")
+
+
+# ----------------------------------------------------------------------------- public API
+def masked_attention(q: Tensor, k: Tensor, v: Tensor, query_mask: Tensor, key_mask: Tensor, *,
+                     scale: float = 1.0, return_attention: bool = False, backend: str = "auto"):
+    """Attention from the query positions to the key positions of each sample.
+
+    Args:
+        q, k: ``(B, L, Dqk)``; v: ``(B, L, Dv)``; any strides; float16/bfloat16/float32
+            (float64 on the reference backend).
+        query_mask, key_mask: ``(B, L)`` bool: which positions are queries, which are keys.
+        scale: multiplies ``q·k`` before the softmax.
+        return_attention: also return the dense map ``(B, L, L)`` (float32, float64 for
+            float64 inputs): the probabilities on query×key pairs, 0 elsewhere. O(L²).
+        backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``.
+
+    Returns:
+        ``out (B, L, Dv)`` (zero on non-query rows and on rows without keys), or
+        ``(out, attn)`` when ``return_attention``.
+    """
+    validate_inputs(q, k, v, query_mask, key_mask, scale)
+    chosen = resolve_backend(backend, q, v)
+    out, _ = chosen.forward(q, k, v, query_mask, key_mask, float(scale))
+    if not return_attention:
+        return out
+    # The dense map is O(L²) by nature and only meant for small maps (the oracle loss at
+    # 16×16): plain autograd-aware torch code serves every backend.
+    return out, reference.attention_probs(q, k, query_mask, key_mask, float(scale))
+
+
+class MaskedAttentionFunction(torch.autograd.Function):
+    """Classic-extension-style entry point; forward and backward are the registered ops.
+
+    ``MaskedAttentionFunction.apply(q, k, v, query_mask, key_mask, scale, backend)``
+    with ``backend`` one of ``"reference"``, ``"triton"``, ``"cuda"`` or ``"auto"``.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, query_mask, key_mask, scale=1.0, backend="auto"):
+        validate_inputs(q, k, v, query_mask, key_mask, scale)
+        chosen = resolve_backend(backend, q, v)
+        out, lse = chosen.forward(q, k, v, query_mask, key_mask, float(scale))
+        ctx.save_for_backward(q, k, v, out, lse, query_mask, key_mask)
+        ctx.scale, ctx.backward_op = float(scale), chosen.backward
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, query_mask, key_mask = ctx.saved_tensors
+        grads = ctx.backward_op(grad_out.contiguous(), q, k, v, out, lse, query_mask, key_mask,
+                                ctx.scale)
+        return (*grads, None, None, None, None)
