@@ -1,0 +1,133 @@
+"""DualSpatialAttention: shapes, identity at init, gradients, compile, mask reduction."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dsa_ops
+from dsa_ops import DualSpatialAttention, reduce_hole_mask
+
+
+def centre_hole(batch, size, hole):
+    mask = torch.zeros(batch, 1, size, size)
+    start = (size - hole) // 2
+    mask[:, :, start:start + hole, start:start + hole] = 1
+    return mask
+
+
+@pytest.fixture
+def module():
+    torch.manual_seed(0)
+    return DualSpatialAttention(16)
+
+
+def test_shapes_and_attention_maps(module):
+    x = torch.randn(3, 16, 6, 5)
+    hole = centre_hole(3, 24, 12)[..., :20]  # image 24×20 → features 6×5
+    y, maps = module(x, hole, return_attention=True)
+    assert y.shape == x.shape
+    assert set(maps) == {"cross", "self"}
+    for attention in maps.values():
+        assert attention.shape == (3, 30, 30)
+    assert module.qk_dim == 8  # max(C // 8, 8)
+    assert DualSpatialAttention(256).qk_dim == 32
+
+
+def test_identity_at_initialisation_is_fuse_of_2x(module):
+    x = torch.randn(2, 16, 8, 8)
+    assert module.alpha.item() == 0 and module.beta.item() == 0
+    torch.testing.assert_close(module(x, centre_hole(2, 8, 4)), module.fuse(2 * x))
+
+
+def test_branches_match_masked_attention(module):
+    with torch.no_grad():
+        module.alpha.fill_(0.7)
+        module.beta.fill_(-0.4)
+    x, hole = torch.randn(2, 16, 4, 6), centre_hole(2, 8, 4)[..., :12]
+    foreground = reduce_hole_mask(hole, (4, 6))
+    q_c, k_c, v_c, q_s, k_s, v_s = module.projection(x).flatten(2).transpose(1, 2).split(
+        [8, 8, 16] * 2, dim=2)
+    cross = dsa_ops.masked_attention(q_c, k_c, v_c, foreground, ~foreground)
+    self_ = dsa_ops.masked_attention(q_s, k_s, v_s, foreground, foreground)
+    attended = (0.7 * cross - 0.4 * self_).transpose(1, 2).reshape(2, 16, 4, 6)
+    torch.testing.assert_close(module(x, hole), module.fuse(2 * x + attended))
+
+
+def test_gradient_reaches_alpha_beta_and_projections(module):
+    x = torch.randn(2, 16, 8, 8, requires_grad=True)
+    module(x, centre_hole(2, 8, 4)).square().sum().backward()
+    assert module.alpha.grad.abs() > 0 and module.beta.grad.abs() > 0
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    # α = β = 0 blocks the path to Q/K/V at init; once they move, projections learn.
+    with torch.no_grad():
+        module.alpha.fill_(0.5)
+        module.beta.fill_(0.5)
+    module.zero_grad()
+    module(x, centre_hole(2, 8, 4)).square().sum().backward()
+    assert module.projection.weight.grad.abs().sum() > 0
+
+
+def test_empty_and_full_holes_are_finite(module):
+    with torch.no_grad():
+        module.alpha.fill_(1.0)
+        module.beta.fill_(1.0)
+    x = torch.randn(2, 16, 4, 4, requires_grad=True)
+    hole = torch.stack([torch.zeros(1, 4, 4), torch.ones(1, 4, 4)])
+    y = module(x, hole)
+    y.sum().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+
+
+def test_works_under_torch_compile(module):
+    with torch.no_grad():
+        module.alpha.fill_(0.3)
+        module.beta.fill_(0.2)
+    x, hole = torch.randn(2, 16, 8, 8), centre_hole(2, 32, 16)
+    torch._dynamo.reset()
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, hole), module(x, hole))
+
+
+@pytest.mark.parametrize("image, feature", [((256, 256), (16, 16)), ((37, 50), (8, 11)),
+                                            ((9, 9), (4, 4))])
+def test_mask_reduction_marks_any_covered_missing_pixel(image, feature):
+    """A feature pixel is foreground iff some image pixel in its (adaptive) window is missing."""
+    generator = torch.Generator().manual_seed(1)
+    hole = (torch.rand(2, 1, *image, generator=generator) < 0.02).float()
+    reduced = reduce_hole_mask(hole, feature).view(2, *feature)
+    height, width = image
+    for i in range(feature[0]):
+        rows = slice(i * height // feature[0], -(-(i + 1) * height // feature[0]))
+        for j in range(feature[1]):
+            cols = slice(j * width // feature[1], -(-(j + 1) * width // feature[1]))
+            expected = hole[:, 0, rows, cols].flatten(1).amax(dim=1) > 0.5
+            assert torch.equal(reduced[:, i, j], expected)
+
+
+def test_single_missing_pixel_survives_reduction():
+    hole = torch.zeros(1, 1, 64, 64)
+    hole[0, 0, 37, 5] = 1
+    reduced = reduce_hole_mask(hole, (16, 16)).view(16, 16)
+    assert reduced.sum() == 1 and reduced[37 // 4, 5 // 4]
+
+
+def test_lower_resolution_mask_is_upsampled():
+    hole = centre_hole(1, 4, 2)
+    reduced = reduce_hole_mask(hole, (8, 8)).view(1, 1, 8, 8).float()
+    torch.testing.assert_close(reduced, F.interpolate(hole, size=(8, 8), mode="nearest"))
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(channels=0), "channels"), (dict(channels=8, fuse_kernel_size=2), "fuse_kernel_size"),
+    (dict(channels=8, backend="fast"), "backend")])
+def test_bad_constructor_arguments(bad, message):
+    with pytest.raises(ValueError, match=message):
+        DualSpatialAttention(**bad)
+
+
+def test_bad_forward_arguments(module):
+    with pytest.raises(ValueError, match=r"x must have shape \(B, 16, H, W\)"):
+        module(torch.randn(2, 8, 4, 4), centre_hole(2, 4, 2))
+    with pytest.raises(ValueError, match="hole_mask must have shape"):
+        module(torch.randn(2, 16, 4, 4), torch.zeros(2, 4, 4))
+    with pytest.raises(ValueError, match="batch size 2"):
+        module(torch.randn(2, 16, 4, 4), centre_hole(3, 4, 2))
