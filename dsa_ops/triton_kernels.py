@@ -1,0 +1,486 @@
+"""Triton kernels for masked attention: fused forward and backward (the "triton" backend).
+
+These functions know nothing of autograd or validation: ``dsa_ops.ops`` registers
+``forward`` and ``backward`` as ``torch.library.triton_op``s, validates inputs and wires
+the backward op into autograd. Semantics are those of ``dsa_ops.reference``.
+
+How it works (flash-attention style, DESIGN §2):
+
+* **Compaction.** ``partition_indices`` turns each mask into a per-sample index list
+  (true positions first) and a count. Programs work on tiles of the *compacted* lists,
+  so no work is spent on non-query rows or non-key columns beyond the last partial
+  tile. The grid covers ``cdiv(L, BLOCK)`` tiles per sample (counts live on the device,
+  so the host cannot size the grid exactly); tiles past ``count[b]`` exit at once.
+* **Gathered loads.** Q/K/V/dO rows are loaded straight from the caller's strided
+  tensors through the index lists; outputs are scattered back the same way. Rows that
+  are no query (and, in backward, no key) are zero because outputs start zero-filled.
+* **Online softmax** over key tiles with float32 statistics; ``log2(e)`` is folded into
+  the scale so the kernels use ``exp2``. The log-sum-exp (natural log, +inf for rows
+  without keys or no query) is saved for backward, which recomputes the probabilities
+  from Q, K and it: no ``L×L`` buffer anywhere.
+* **Head sizes.** Dqk and Dv need not be equal or powers of two: tiles are padded to the
+  next power of two (at least 16, ``tl.dot``'s minimum) with masked loads. A wide V is
+  split across a grid dimension in chunks of ``BLOCK_DV`` when the accumulator would not
+  fit; each chunk recomputes QKᵀ, which is cheap since Dqk ≪ Dv.
+* **Backward** is three kernels: ``delta = rowsum(dO∘O)``; dK/dV per key tile looping
+  over query tiles; dQ per query tile looping over key tiles. Every output element is
+  written by exactly one program with a fixed summation order, so the backward is
+  **deterministic** (no atomics) — the only mode this module offers.
+* **Precision.** float32 inputs use IEEE float32 ``tl.dot`` unless the user enabled TF32
+  the PyTorch way (``torch.backends.cuda.matmul.allow_tf32 = True``); float16/bfloat16
+  inputs feed the tensor cores in their dtype and accumulate in float32.
+
+Block sizes come from a fixed, documented table (``_block_config``) rather than
+autotuning: launches stay deterministic and cheap to trace under ``torch.compile``.
+Under the Triton interpreter (CPU tensors, ``TRITON_INTERPRET=1``) small fixed blocks
+keep the tests fast.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+Tensor = torch.Tensor
+
+LOG2_E = math.log2(math.e)
+# tl.dot needs every dimension to be at least 16.
+_MIN_DOT_SIZE = 16
+
+
+# ----------------------------------------------------------------------------- block table
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+    """Tile sizes and launch parameters of one kernel launch.
+
+    ``block_m``: query rows per tile; ``block_n``: key rows per tile; ``block_qk`` /
+    ``block_dv``: padded Q/K head size and the V chunk width (Dv is split into
+    ``cdiv(Dv, block_dv)`` chunks).
+    """
+    block_m: int
+    block_n: int
+    block_qk: int
+    block_dv: int
+    num_warps: int
+    num_stages: int
+
+    def dv_chunks(self, v_dim: int) -> int:
+        return triton.cdiv(v_dim, self.block_dv)
+
+
+def _padded(size: int) -> int:
+    return max(_MIN_DOT_SIZE, triton.next_power_of_2(size))
+
+
+@functools.lru_cache(maxsize=None)
+def _compute_capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
+def _block_config(pass_name: str, device: torch.device, qk_dim: int, v_dim: int,
+                  dtype: torch.dtype) -> BlockConfig:
+    """The launch table (Dqk ≤ 64 always fits one tile; the V width decides the rest).
+
+    ============  ===========  ===============================  =====================
+    pass          V chunk      Hopper (sm90) / Ampere (sm80+)   why
+    ============  ===========  ===============================  =====================
+    forward       ≤ 64         M 64, N 64, 4 warps, 3 stages    small accumulator
+    forward       128          M 64, N 64, 4 warps, 2 stages    acc 64×128 fp32
+    forward       256          M 64, N 32, 8 warps, 2 stages    acc 64×256 fp32 over 8 warps
+    backward      ≤ 64         M 32, N 64, 4 warps, 2 stages    dK, dV accumulators
+    backward      128          M 32, N 64, 8 warps, 2 stages    dV acc 64×128 fp32
+    backward      256          M 16, N 64, 8 warps, 1 stage     dV acc 64×256 fp32
+    ============  ===========  ===============================  =====================
+
+    The V chunk is ``next_pow2(Dv)`` capped at 256 for 16-bit inputs and at 128 for
+    float32 (twice the registers and shared memory per element), so Dv = 512 runs as two
+    (or four) chunks. Pre-Ampere GPUs get the same tiles with one pipeline stage. Under
+    the interpreter (CPU) every tile is 16 wide: fast, and still exercises multi-tile
+    loops and partial tiles at L ≈ 35..100.
+    """
+    block_qk = _padded(qk_dim)
+    if device.type != "cuda":
+        return BlockConfig(16, 16, block_qk, min(_padded(v_dim), 64), num_warps=1, num_stages=1)
+    max_chunk = 128 if dtype == torch.float32 else 256
+    block_dv = min(_padded(v_dim), max_chunk)
+    if pass_name == "forward":
+        if block_dv <= 64:
+            config = BlockConfig(64, 64, block_qk, block_dv, num_warps=4, num_stages=3)
+        elif block_dv <= 128:
+            config = BlockConfig(64, 64, block_qk, block_dv, num_warps=4, num_stages=2)
+        else:
+            config = BlockConfig(64, 32, block_qk, block_dv, num_warps=8, num_stages=2)
+    else:
+        if block_dv <= 64:
+            config = BlockConfig(32, 64, block_qk, block_dv, num_warps=4, num_stages=2)
+        elif block_dv <= 128:
+            config = BlockConfig(32, 64, block_qk, block_dv, num_warps=8, num_stages=2)
+        else:
+            config = BlockConfig(16, 64, block_qk, block_dv, num_warps=8, num_stages=1)
+    if _compute_capability(device.index if device.index is not None
+                           else torch.cuda.current_device())[0] < 8:
+        config = dataclasses.replace(config, num_stages=1)
+    return config
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """IEEE float32 products unless the user allowed TF32 the PyTorch way."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+# ----------------------------------------------------------------------------- kernels
+@triton.jit
+def _load_rows(base, rows, row_valid, stride_row, cols, num_cols, stride_col):
+    """Gather a (len(rows), len(cols)) tile; padding rows/columns read as 0."""
+    pointers = base + rows[:, None] * stride_row + cols[None, :] * stride_col
+    return tl.load(pointers, mask=row_valid[:, None] & (cols[None, :] < num_cols), other=0.0)
+
+
+@triton.jit
+def _forward_kernel(
+    q, k, v, out, lse,
+    q_index, q_count, k_index, k_count,
+    stride_qb, stride_ql, stride_qd,
+    stride_kb, stride_kl, stride_kd,
+    stride_vb, stride_vl, stride_vd,
+    stride_ob, stride_ol, stride_od,
+    stride_lse_b,
+    length, qk_dim, v_dim, qk_scale_log2,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_QK: tl.constexpr,
+    BLOCK_DV: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """One program: one tile of compacted query rows × one V chunk of one sample."""
+    tile = tl.program_id(0)
+    batch = tl.program_id(1).to(tl.int64)
+    chunk = tl.program_id(2)
+    num_queries = tl.load(q_count + batch)
+    num_keys = tl.load(k_count + batch)
+    # Tiles past the sample's queries have nothing to do; rows without keys stay at the
+    # zero output and +inf lse the caller allocated.
+    if (tile * BLOCK_M >= num_queries) | (num_keys == 0):
+        return
+
+    slots = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_valid = slots < num_queries
+    rows = tl.load(q_index + batch * length + slots, mask=row_valid, other=0).to(tl.int64)
+    qk_cols = tl.arange(0, BLOCK_QK)
+    v_cols = chunk * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    q_tile = _load_rows(q + batch * stride_qb, rows, row_valid, stride_ql, qk_cols, qk_dim,
+                        stride_qd)
+
+    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # in log2 units
+    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    for start in range(0, num_keys, BLOCK_N):
+        key_slots = start + tl.arange(0, BLOCK_N)
+        col_valid = key_slots < num_keys
+        cols = tl.load(k_index + batch * length + key_slots, mask=col_valid, other=0).to(tl.int64)
+        k_tile = _load_rows(k + batch * stride_kb, cols, col_valid, stride_kl, qk_cols, qk_dim,
+                            stride_kd)
+        v_tile = _load_rows(v + batch * stride_vb, cols, col_valid, stride_vl, v_cols, v_dim,
+                            stride_vd)
+        scores = tl.dot(q_tile, tl.trans(k_tile), input_precision=INPUT_PRECISION) * qk_scale_log2
+        scores = tl.where(col_valid[None, :], scores, float("-inf"))
+        # Every tile holds at least one valid key, so the new maximum is finite.
+        new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+        correction = tl.exp2(row_max - new_max)
+        probs = tl.exp2(scores - new_max[:, None])
+        row_sum = row_sum * correction + tl.sum(probs, axis=1)
+        acc = acc * correction[:, None] + tl.dot(probs.to(v_tile.dtype), v_tile,
+                                                 input_precision=INPUT_PRECISION)
+        row_max = new_max
+
+    acc = acc / row_sum[:, None]
+    out_pointers = (out + batch * stride_ob + rows[:, None] * stride_ol
+                    + v_cols[None, :] * stride_od)
+    tl.store(out_pointers, acc.to(out.dtype.element_ty),
+             mask=row_valid[:, None] & (v_cols[None, :] < v_dim))
+    # Natural-log lse, written once per row (by the first V chunk).
+    row_lse = (row_max + tl.log2(row_sum)) / 1.4426950408889634
+    tl.store(lse + batch * stride_lse_b + rows, row_lse, mask=row_valid & (chunk == 0))
+
+
+@triton.jit
+def _delta_kernel(
+    grad_out, out, delta, q_index, q_count,
+    stride_gb, stride_gl, stride_gd,
+    stride_ob, stride_ol, stride_od,
+    length, v_dim,
+    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """delta[b, slot] = Σ_d dO·O for the query row at compacted ``slot`` (float32)."""
+    tile = tl.program_id(0)
+    batch = tl.program_id(1).to(tl.int64)
+    num_queries = tl.load(q_count + batch)
+    if tile * BLOCK_M >= num_queries:
+        return
+    slots = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_valid = slots < num_queries
+    rows = tl.load(q_index + batch * length + slots, mask=row_valid, other=0).to(tl.int64)
+    total = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for start in range(0, v_dim, BLOCK_DV):
+        cols = start + tl.arange(0, BLOCK_DV)
+        d_out = _load_rows(grad_out + batch * stride_gb, rows, row_valid, stride_gl, cols, v_dim,
+                           stride_gd).to(tl.float32)
+        o = _load_rows(out + batch * stride_ob, rows, row_valid, stride_ol, cols, v_dim,
+                       stride_od).to(tl.float32)
+        total += tl.sum(d_out * o, axis=1)
+    tl.store(delta + batch * length + slots, total, mask=row_valid)
+
+
+@triton.jit
+def _grad_probs(d_out_tile, v_tile, grad_out_b, v_b, rows, row_valid, cols, col_valid,
+                stride_gl, stride_gd, stride_vl, stride_vd, v_dim,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr,
+                NUM_DV_CHUNKS: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """dP = dO·Vᵀ (BLOCK_M, BLOCK_N) over the full V width.
+
+    With one chunk the caller's resident tiles are used; otherwise the chunks are
+    streamed (from L2) and accumulated.
+    """
+    if NUM_DV_CHUNKS == 1:
+        d_probs = tl.dot(d_out_tile, tl.trans(v_tile), input_precision=INPUT_PRECISION)
+    else:
+        d_probs = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for chunk in tl.static_range(NUM_DV_CHUNKS):
+            v_cols = chunk * BLOCK_DV + tl.arange(0, BLOCK_DV)
+            d_out_chunk = _load_rows(grad_out_b, rows, row_valid, stride_gl, v_cols, v_dim,
+                                     stride_gd)
+            v_chunk = _load_rows(v_b, cols, col_valid, stride_vl, v_cols, v_dim, stride_vd)
+            d_probs += tl.dot(d_out_chunk, tl.trans(v_chunk), input_precision=INPUT_PRECISION)
+    return d_probs
+
+
+@triton.jit
+def _grad_kv_kernel(
+    grad_out, q, k, v, lse, delta, grad_k, grad_v,
+    q_index, q_count, k_index, k_count,
+    stride_gb, stride_gl, stride_gd,
+    stride_qb, stride_ql, stride_qd,
+    stride_kb, stride_kl, stride_kd,
+    stride_vb, stride_vl, stride_vd,
+    stride_dkb, stride_dkl, stride_dkd,
+    stride_dvb, stride_dvl, stride_dvd,
+    stride_lse_b,
+    length, qk_dim, v_dim, scale, qk_scale_log2,
+    FIRST_CHUNK: tl.constexpr, COMPUTE_GRAD_K: tl.constexpr, NUM_DV_CHUNKS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_QK: tl.constexpr,
+    BLOCK_DV: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """One program: one tile of compacted key rows of one sample; loops over query tiles.
+
+    dV = Pᵀ·dO for V chunk ``FIRST_CHUNK + program_id(2)``; with ``COMPUTE_GRAD_K`` also
+    dK = scale·dSᵀ·Q, dS = P∘(dP − delta), which needs dP over the full V width.
+    """
+    tile = tl.program_id(0)
+    batch = tl.program_id(1).to(tl.int64)
+    chunk = FIRST_CHUNK + tl.program_id(2)
+    num_keys = tl.load(k_count + batch)
+    num_queries = tl.load(q_count + batch)
+    # Keys that no query sees keep the zero gradient the caller allocated.
+    if (tile * BLOCK_N >= num_keys) | (num_queries == 0):
+        return
+
+    key_slots = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_valid = key_slots < num_keys
+    cols = tl.load(k_index + batch * length + key_slots, mask=col_valid, other=0).to(tl.int64)
+    qk_cols = tl.arange(0, BLOCK_QK)
+    v_cols = chunk * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    grad_out_b = grad_out + batch * stride_gb
+    q_b = q + batch * stride_qb
+    v_b = v + batch * stride_vb
+    k_tile = _load_rows(k + batch * stride_kb, cols, col_valid, stride_kl, qk_cols, qk_dim,
+                        stride_kd)
+    v_tile = _load_rows(v_b, cols, col_valid, stride_vl, v_cols, v_dim, stride_vd)
+
+    acc_v = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    acc_k = tl.zeros([BLOCK_N, BLOCK_QK], dtype=tl.float32)
+    for start in range(0, num_queries, BLOCK_M):
+        slots = start + tl.arange(0, BLOCK_M)
+        row_valid = slots < num_queries
+        rows = tl.load(q_index + batch * length + slots, mask=row_valid, other=0).to(tl.int64)
+        q_tile = _load_rows(q_b, rows, row_valid, stride_ql, qk_cols, qk_dim, stride_qd)
+        d_out_tile = _load_rows(grad_out_b, rows, row_valid, stride_gl, v_cols, v_dim, stride_gd)
+        # Every query row here has keys (num_keys > 0), so its lse is finite; padding rows
+        # read +inf and get probability 0.
+        row_lse = tl.load(lse + batch * stride_lse_b + rows, mask=row_valid, other=float("inf"))
+        scores = tl.dot(q_tile, tl.trans(k_tile), input_precision=INPUT_PRECISION) * qk_scale_log2
+        probs = tl.exp2(scores - (row_lse * 1.4426950408889634)[:, None])
+        probs = tl.where(col_valid[None, :], probs, 0.0)
+        acc_v += tl.dot(tl.trans(probs.to(d_out_tile.dtype)), d_out_tile,
+                        input_precision=INPUT_PRECISION)
+        if COMPUTE_GRAD_K:
+            row_delta = tl.load(delta + batch * length + slots, mask=row_valid, other=0.0)
+            d_probs = _grad_probs(d_out_tile, v_tile, grad_out_b, v_b, rows, row_valid, cols,
+                                  col_valid, stride_gl, stride_gd, stride_vl, stride_vd, v_dim,
+                                  BLOCK_M, BLOCK_N, BLOCK_DV, NUM_DV_CHUNKS, INPUT_PRECISION)
+            d_scores = probs * (d_probs - row_delta[:, None])
+            acc_k += tl.dot(tl.trans(d_scores.to(q_tile.dtype)), q_tile,
+                            input_precision=INPUT_PRECISION)
+
+    v_pointers = (grad_v + batch * stride_dvb + cols[:, None] * stride_dvl
+                  + v_cols[None, :] * stride_dvd)
+    tl.store(v_pointers, acc_v.to(grad_v.dtype.element_ty),
+             mask=col_valid[:, None] & (v_cols[None, :] < v_dim))
+    if COMPUTE_GRAD_K:
+        k_pointers = (grad_k + batch * stride_dkb + cols[:, None] * stride_dkl
+                      + qk_cols[None, :] * stride_dkd)
+        tl.store(k_pointers, (acc_k * scale).to(grad_k.dtype.element_ty),
+                 mask=col_valid[:, None] & (qk_cols[None, :] < qk_dim))
+
+
+@triton.jit
+def _grad_q_kernel(
+    grad_out, q, k, v, lse, delta, grad_q,
+    q_index, q_count, k_index, k_count,
+    stride_gb, stride_gl, stride_gd,
+    stride_qb, stride_ql, stride_qd,
+    stride_kb, stride_kl, stride_kd,
+    stride_vb, stride_vl, stride_vd,
+    stride_dqb, stride_dql, stride_dqd,
+    stride_lse_b,
+    length, qk_dim, v_dim, scale, qk_scale_log2,
+    NUM_DV_CHUNKS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_QK: tl.constexpr,
+    BLOCK_DV: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """One program: one tile of compacted query rows; dQ = scale·dS·K over all key tiles."""
+    tile = tl.program_id(0)
+    batch = tl.program_id(1).to(tl.int64)
+    num_queries = tl.load(q_count + batch)
+    num_keys = tl.load(k_count + batch)
+    if (tile * BLOCK_M >= num_queries) | (num_keys == 0):
+        return
+
+    slots = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_valid = slots < num_queries
+    rows = tl.load(q_index + batch * length + slots, mask=row_valid, other=0).to(tl.int64)
+    qk_cols = tl.arange(0, BLOCK_QK)
+    v_cols = tl.arange(0, BLOCK_DV)
+    grad_out_b = grad_out + batch * stride_gb
+    k_b = k + batch * stride_kb
+    v_b = v + batch * stride_vb
+    q_tile = _load_rows(q + batch * stride_qb, rows, row_valid, stride_ql, qk_cols, qk_dim,
+                        stride_qd)
+    d_out_tile = _load_rows(grad_out_b, rows, row_valid, stride_gl, v_cols, v_dim, stride_gd)
+    row_lse_log2 = tl.load(lse + batch * stride_lse_b + rows, mask=row_valid,
+                           other=float("inf")) * 1.4426950408889634
+    row_delta = tl.load(delta + batch * length + slots, mask=row_valid, other=0.0)
+
+    acc_q = tl.zeros([BLOCK_M, BLOCK_QK], dtype=tl.float32)
+    for start in range(0, num_keys, BLOCK_N):
+        key_slots = start + tl.arange(0, BLOCK_N)
+        col_valid = key_slots < num_keys
+        cols = tl.load(k_index + batch * length + key_slots, mask=col_valid, other=0).to(tl.int64)
+        k_tile = _load_rows(k_b, cols, col_valid, stride_kl, qk_cols, qk_dim, stride_kd)
+        v_tile = _load_rows(v_b, cols, col_valid, stride_vl, v_cols, v_dim, stride_vd)
+        scores = tl.dot(q_tile, tl.trans(k_tile), input_precision=INPUT_PRECISION) * qk_scale_log2
+        probs = tl.exp2(scores - row_lse_log2[:, None])
+        probs = tl.where(col_valid[None, :], probs, 0.0)
+        d_probs = _grad_probs(d_out_tile, v_tile, grad_out_b, v_b, rows, row_valid, cols,
+                              col_valid, stride_gl, stride_gd, stride_vl, stride_vd, v_dim,
+                              BLOCK_M, BLOCK_N, BLOCK_DV, NUM_DV_CHUNKS, INPUT_PRECISION)
+        d_scores = probs * (d_probs - row_delta[:, None])
+        acc_q += tl.dot(d_scores.to(k_tile.dtype), k_tile, input_precision=INPUT_PRECISION)
+
+    q_pointers = (grad_q + batch * stride_dqb + rows[:, None] * stride_dql
+                  + qk_cols[None, :] * stride_dqd)
+    tl.store(q_pointers, (acc_q * scale).to(grad_q.dtype.element_ty),
+             mask=row_valid[:, None] & (qk_cols[None, :] < qk_dim))
+
+
+# ----------------------------------------------------------------------------- launchers
+def _partition(mask: Tensor) -> tuple[Tensor, Tensor]:
+    # Through the registered op, so CUDA tensors use the compiled partition kernel when the
+    # extension is built (dsa_ops.ops defines it before it imports this module).
+    return torch.ops.dsa_ops.partition_indices(mask)
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, query_mask: Tensor, key_mask: Tensor,
+            scale: float) -> tuple[Tensor, Tensor]:
+    """Fused forward: ``(out (B, L, Dv) in v.dtype, lse (B, L) float32)``.
+
+    q, k ``(B, L, Dqk)``, v ``(B, L, Dv)`` with any strides; masks ``(B, L)`` bool.
+    """
+    batch, length, qk_dim = q.shape
+    v_dim = v.shape[2]
+    out = torch.zeros((batch, length, v_dim), dtype=v.dtype, device=v.device)
+    lse = torch.full((batch, length), float("inf"), dtype=torch.float32, device=q.device)
+    if batch == 0 or length == 0:
+        return out, lse
+    q_index, q_count = _partition(query_mask)
+    k_index, k_count = _partition(key_mask)
+    config = _block_config("forward", q.device, qk_dim, v_dim, q.dtype)
+    grid = (triton.cdiv(length, config.block_m), batch, config.dv_chunks(v_dim))
+    torch.library.wrap_triton(_forward_kernel)[grid](
+        q, k, v, out, lse,
+        q_index, q_count, k_index, k_count,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), lse.stride(0),
+        length, qk_dim, v_dim, scale * LOG2_E,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_QK=config.block_qk,
+        BLOCK_DV=config.block_dv, INPUT_PRECISION=_dot_precision(q.dtype),
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return out, lse
+
+
+def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+             query_mask: Tensor, key_mask: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Fused, deterministic backward: ``(grad_q, grad_k, grad_v)`` shaped like q, k, v.
+
+    ``out`` and ``lse`` are the forward's outputs; ``grad_out`` ``(B, L, Dv)`` any strides.
+    Gradients are exactly zero outside the query rows (dQ) and key rows (dK, dV).
+    """
+    batch, length, qk_dim = q.shape
+    v_dim = v.shape[2]
+    grad_q = torch.zeros((batch, length, qk_dim), dtype=q.dtype, device=q.device)
+    grad_k = torch.zeros((batch, length, qk_dim), dtype=k.dtype, device=k.device)
+    grad_v = torch.zeros((batch, length, v_dim), dtype=v.dtype, device=v.device)
+    if batch == 0 or length == 0:
+        return grad_q, grad_k, grad_v
+    q_index, q_count = _partition(query_mask)
+    k_index, k_count = _partition(key_mask)
+    config = _block_config("backward", q.device, qk_dim, v_dim, q.dtype)
+    num_chunks = config.dv_chunks(v_dim)
+    precision = _dot_precision(q.dtype)
+    # delta in compacted order: slot s of sample b belongs to query row q_index[b, s].
+    delta = torch.empty((batch, length), dtype=torch.float32, device=q.device)
+
+    torch.library.wrap_triton(_delta_kernel)[(triton.cdiv(length, config.block_m), batch)](
+        grad_out, out, delta, q_index, q_count,
+        *grad_out.stride(), *out.stride(),
+        length, v_dim,
+        BLOCK_M=config.block_m, BLOCK_DV=config.block_dv,
+    )
+    common = (*grad_out.stride(), *q.stride(), *k.stride(), *v.stride())
+    blocks = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_QK=config.block_qk,
+                  BLOCK_DV=config.block_dv, INPUT_PRECISION=precision,
+                  num_warps=config.num_warps, num_stages=config.num_stages)
+    key_tiles = triton.cdiv(length, config.block_n)
+    # dK with dV of the first V chunk; the other chunks' dV need only P, not dP.
+    launches = [(0, True, 1)]
+    if num_chunks > 1:
+        launches.append((1, False, num_chunks - 1))
+    for first_chunk, compute_grad_k, chunks in launches:
+        torch.library.wrap_triton(_grad_kv_kernel)[(key_tiles, batch, chunks)](
+            grad_out, q, k, v, lse, delta, grad_k, grad_v,
+            q_index, q_count, k_index, k_count,
+            *common, *grad_k.stride(), *grad_v.stride(), lse.stride(0),
+            length, qk_dim, v_dim, scale, scale * LOG2_E,
+            FIRST_CHUNK=first_chunk, COMPUTE_GRAD_K=compute_grad_k, NUM_DV_CHUNKS=num_chunks,
+            **blocks,
+        )
+    torch.library.wrap_triton(_grad_q_kernel)[(triton.cdiv(length, config.block_m), batch)](
+        grad_out, q, k, v, lse, delta, grad_q,
+        q_index, q_count, k_index, k_count,
+        *common, *grad_q.stride(), lse.stride(0),
+        length, qk_dim, v_dim, scale, scale * LOG2_E,
+        NUM_DV_CHUNKS=num_chunks, **blocks,
+    )
+    return grad_q, grad_k, grad_v
