@@ -1,0 +1,356 @@
+"""Face image datasets: any folder of images, split, resized, masked, with component boxes.
+
+``FaceFolder(root, resolution=256, split="train")`` serves every ``.jpg/.jpeg/.png/.webp``
+under ``root`` (nested folders included; hidden folders skipped) as::
+
+    {"image": (3, H, W) float32 in [0, 1], "hole_mask": (1, H, W) float32 (1 = missing),
+     "boxes": (4, 4) int64 (oracleface.boxes order), "index": int, "path": str (relative)}
+
+Design decisions:
+
+- Images are centre-cropped to a square (a no-op for face datasets) and resized with
+  PIL's antialiased Lanczos filter. JPEGs are decoded with libjpeg's DCT scaling to the
+  smallest size of at least 2× the target first, which is 4× less work for 1024² → 256².
+- The train/test split orders files by ``sha256(seed, relative path)`` and puts the first
+  ``test_size`` in the test split: deterministic, independent of file-system order, and
+  a file keeps its split when others are added. Default ``test_size`` follows the paper:
+  2 000 for CelebA-HQ-sized folders (≥ 30 000 images), 10 000 for FFHQ-sized ones
+  (≥ 70 000); smaller folders hold out 10 % (at least 1).
+- Every file of the split is decoded once at construction; files that fail (truncated,
+  not an image) are skipped with one warning naming them, and listed in ``skipped``.
+  The split is decided before that, so a bad file shrinks its split visibly (the warning
+  says "N of M") and never moves other files between splits. With ``cache_dir`` the
+  check is the resize into the cache and is remembered there: later constructions
+  decode nothing and read small PNGs.
+- Masks: test masks depend only on ``(seed, index)``, so evaluation is reproducible.
+  Train masks depend on ``(seed, epoch, index)``: call ``set_epoch(epoch)`` before each
+  epoch (like ``DistributedSampler``); resuming at an epoch replays its masks exactly,
+  whatever the worker count. (Persistent DataLoader workers keep the epoch they were
+  started with, so use ``persistent_workers=False`` or rebuild the loader per epoch.)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from oracleface.landmarks import (
+    PROVIDERS,
+    boxes_tensor,
+    canonical_landmarks,
+    component_boxes,
+    get_provider,
+    read_landmark_cache,
+)
+from oracleface.masks import make_mask_sampler
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+# What PIL raises for files that are not images, truncated or corrupt.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+PAPER_TEST_SIZES = ((70_000, 10_000), (30_000, 2_000))  # (folder size at least, test images)
+SMALL_FOLDER_TEST_FRACTION = 0.1
+
+
+def find_images(root, exclude=()) -> list[str]:
+    """Relative POSIX paths of the images under ``root``, sorted; hidden folders and
+    anything under the ``exclude`` folders are skipped."""
+    root = Path(root)
+    excluded = [Path(path).resolve() for path in exclude]
+    found = []
+    for directory, subdirectories, files in os.walk(root):
+        here = Path(directory)
+        subdirectories[:] = [name for name in subdirectories if not name.startswith(".")
+                             and (here / name).resolve() not in excluded]
+        found += [(here / name).relative_to(root).as_posix() for name in files
+                  if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")]
+    return sorted(found)
+
+
+def load_square_image(path, size: int) -> Image.Image:
+    """Decode ``path`` fully as RGB, centre-crop to a square and resize (antialiased) to ``size``².
+
+    Raises one of ``DECODE_ERRORS`` for unreadable or truncated files.
+    """
+    with Image.open(path) as image:
+        image.draft("RGB", (2 * size, 2 * size))  # JPEG only: DCT-domain downscale, still ≥ 2× target
+        image = image.convert("RGB")  # forces the full decode, so truncation raises here
+    width, height = image.size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return image.resize((size, size), Image.Resampling.LANCZOS, box=(left, top, left + side, top + side))
+
+
+def check_decodable(path) -> None:
+    """Decode ``path`` as cheaply as possible (JPEG at 1/8 scale), raising ``DECODE_ERRORS``."""
+    with Image.open(path) as image:
+        image.draft("RGB", (1, 1))
+        image.load()
+
+
+def default_test_size(num_images: int) -> int:
+    """The paper's held-out counts for full-size datasets, 10 % (≥ 1) of smaller folders."""
+    for at_least, test_size in PAPER_TEST_SIZES:
+        if num_images >= at_least:
+            return test_size
+    return max(1, round(num_images * SMALL_FOLDER_TEST_FRACTION))
+
+
+def split_files(files: list[str], seed: int, test_size) -> tuple[list[str], list[str]]:
+    """``(train, test)`` relative paths, each sorted; see the module docstring for the rule."""
+    count = len(files)
+    if test_size is None:
+        test_size = default_test_size(count)
+    elif isinstance(test_size, float) and 0.0 < test_size < 1.0:
+        test_size = max(1, round(count * test_size))
+    if isinstance(test_size, bool) or not isinstance(test_size, int) or not 0 <= test_size <= count:
+        raise ValueError(f"test_size must be None, a fraction in (0, 1) or an int in 0..{count} "
+                         f"(the number of images); got {test_size!r}")
+    ranked = sorted(files, key=lambda name: hashlib.sha256(f"{seed}/{name}".encode()).digest())
+    return sorted(ranked[test_size:]), sorted(ranked[:test_size])
+
+
+def mask_seed(seed: int, split: str, epoch: int, index: int) -> int:
+    """A 63-bit generator seed that is a pure function of its arguments (stable across runs)."""
+    digest = hashlib.sha256(f"{seed}/{split}/{epoch}/{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL RGB image → ``(3, H, W)`` float32 in [0, 1]."""
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
+
+
+class FaceFolder(torch.utils.data.Dataset):
+    """A folder of face images as a masked face-completion dataset (see module docstring).
+
+    Args:
+        root: the image folder (searched recursively).
+        resolution: output side in pixels (square images).
+        split: ``"train"`` or ``"test"``.
+        test_size: held-out images: ``None`` (paper default / 10 %), an int, or a fraction.
+        seed: decides the split and every mask.
+        masks: a mask kind for ``oracleface.masks.make_mask_sampler`` (``"random"``,
+            ``"center"``, ``"irregular"``, ``"folder:PATH"``) or a callable
+            ``generator -> (1, resolution, resolution)``.
+        landmarks: where component boxes come from: ``"canonical"`` (or ``None``: the fixed
+            template for aligned faces), a provider name (``"dlib"``, ``"face-alignment"``;
+            run lazily on the resized image, remembered in memory), or the path of a cache
+            file written by ``oracleface landmarks``.
+        cache_dir: folder for resized copies of the images (PNG) and their manifest.
+    """
+
+    def __init__(self, root, resolution: int = 256, split: str = "train", test_size=None,
+                 seed: int = 0, masks="random", landmarks="canonical", cache_dir=None):
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"dataset folder {root} does not exist or is not a directory")
+        if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 16:
+            raise ValueError(f"resolution must be an int >= 16; got {resolution!r}")
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test'; got {split!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int; got {type(seed).__name__}")
+        self.root, self.resolution, self.split, self.seed = root, resolution, split, seed
+        self.epoch = 0
+        self.cache_dir = Path(cache_dir) / f"{resolution}px" if cache_dir is not None else None
+
+        all_files = find_images(root, exclude=[cache_dir] if cache_dir is not None else ())
+        if not all_files:
+            raise ValueError(f"dataset folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        train, test = split_files(all_files, seed, test_size)
+        candidates = test if split == "test" else train
+        if not candidates:
+            raise ValueError(f"the {split} split of {root} is empty ({len(all_files)} images, "
+                             f"test_size={len(test)})")
+        bad = set(self._validate(candidates))
+        self.files = [name for name in candidates if name not in bad]
+        self.skipped = sorted(bad)
+        self.requested_size = len(candidates)
+        if self.skipped:
+            warnings.warn(
+                f"FaceFolder({root}, split={split!r}): {len(self.skipped)} unreadable image(s) skipped, "
+                f"{len(self.files)} of {len(candidates)} {split} images usable: {', '.join(self.skipped)}",
+                stacklevel=2)
+        if not self.files:
+            raise ValueError(f"no readable images in the {split} split of {root}")
+
+        self.mask_sampler = make_mask_sampler(masks, resolution) if isinstance(masks, str) else masks
+        if not callable(self.mask_sampler):
+            raise TypeError(f"masks must be a mask kind (str) or a callable generator -> mask; got {masks!r}")
+        self._setup_landmarks(landmarks)
+
+    # -- construction helpers -------------------------------------------------------------
+
+    def _validate(self, names: list[str]) -> list[str]:
+        """Decode every file once (into the cache when there is one); return the bad ones."""
+        from tqdm import tqdm
+
+        manifest = self._read_manifest()
+        todo = []
+        for name in names:
+            stat = (self.root / name).stat()
+            entry = manifest.get(name)
+            fresh = entry is not None and entry["size"] == stat.st_size and entry["mtime_ns"] == stat.st_mtime_ns
+            if not fresh or (entry["ok"] and not self._cached_path(name).is_file()):
+                todo.append((name, stat))
+
+        def check(item):
+            name, stat = item
+            try:
+                if self.cache_dir is None:
+                    check_decodable(self.root / name)
+                else:
+                    self._write_cached(name, load_square_image(self.root / name, self.resolution))
+                ok = True
+            except DECODE_ERRORS:
+                ok = False
+            return name, {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "ok": ok}
+
+        if todo:
+            # PIL releases the GIL while decoding and resizing, so threads scale.
+            with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+                results = pool.map(check, todo)
+                description = "caching images" if self.cache_dir else "checking images"
+                for name, entry in tqdm(results, total=len(todo), desc=description, unit="img", delay=2):
+                    manifest[name] = entry
+            self._write_manifest(manifest)
+        return [name for name in names if not manifest[name]["ok"]]
+
+    def _setup_landmarks(self, landmarks) -> None:
+        self._provider = None
+        self._boxes = {}  # index -> (4, 4) int64, filled lazily for providers
+        self.landmark_source = "canonical" if landmarks is None else landmarks
+        canonical = boxes_tensor(component_boxes(canonical_landmarks(self.resolution), self.resolution))
+        self._canonical_boxes = canonical
+        if landmarks is None or landmarks == "canonical":
+            return
+        if isinstance(landmarks, str) and landmarks in PROVIDERS:
+            self._provider = get_provider(landmarks)
+            return
+        if not isinstance(landmarks, (str, os.PathLike)):
+            raise TypeError(f"landmarks must be 'canonical', a provider name {sorted(PROVIDERS)}, "
+                            f"a cache file path or None; got {landmarks!r}")
+        cache = read_landmark_cache(landmarks)
+        missing = []
+        for index, name in enumerate(self.files):
+            points = cache["landmarks"].get(name)
+            if points is None:
+                missing.append(name)
+                continue
+            self._boxes[index] = boxes_tensor(component_boxes(points * self.resolution, self.resolution))
+        if missing:
+            warnings.warn(f"landmark cache {landmarks} lacks {len(missing)} of {len(self.files)} "
+                          f"{self.split} images; they use canonical boxes (first: {missing[0]}). "
+                          "Rerun `oracleface landmarks` to complete it.", stacklevel=3)
+
+    # -- image cache ----------------------------------------------------------------------
+
+    def _cached_path(self, name: str) -> Path:
+        return self.cache_dir / (name + ".png")
+
+    def _write_cached(self, name: str, image: Image.Image) -> None:
+        path = self._cached_path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
+        os.close(handle)
+        try:
+            image.save(temporary, format="PNG", compress_level=3)
+            os.replace(temporary, path)  # atomic: concurrent ranks may write the same file
+        except BaseException:
+            os.unlink(temporary)
+            raise
+
+    def _manifest_path(self) -> Path:
+        return self.cache_dir / "manifest.json"
+
+    def _read_manifest(self) -> dict:
+        if self.cache_dir is None or not self._manifest_path().is_file():
+            return {}
+        with open(self._manifest_path()) as handle:
+            return json.load(handle)
+
+    def _write_manifest(self, manifest: dict) -> None:
+        if self.cache_dir is None:
+            return
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        if self._manifest_path().is_file():  # the other split may have added entries meanwhile
+            manifest = {**self._read_manifest(), **manifest}
+        handle, temporary = tempfile.mkstemp(dir=self.cache_dir, suffix=".json.tmp")
+        with os.fdopen(handle, "w") as stream:
+            json.dump(manifest, stream)
+        os.replace(temporary, self._manifest_path())
+
+    # -- dataset protocol -----------------------------------------------------------------
+
+    @property
+    def num_skipped(self) -> int:
+        """Files of this split that could not be decoded (named in the construction warning)."""
+        return len(self.skipped)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the train masks of ``epoch`` (test masks do not depend on it)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load_image(self, index: int) -> Image.Image:
+        """The ``index``-th image as a ``resolution``² RGB PIL image."""
+        name = self.files[index]
+        if self.cache_dir is not None:
+            with Image.open(self._cached_path(name)) as image:
+                return image.convert("RGB")
+        try:
+            return load_square_image(self.root / name, self.resolution)
+        except DECODE_ERRORS as error:  # the file changed or broke after construction
+            raise OSError(f"cannot decode {self.root / name} (it decoded when the dataset was "
+                          f"built): {error}") from error
+
+    def boxes(self, index: int, image: Image.Image | None = None) -> torch.Tensor:
+        """The ``(4, 4)`` int64 component boxes of the ``index``-th image."""
+        if index in self._boxes:
+            return self._boxes[index]
+        if self._provider is None:
+            return self._canonical_boxes
+        points = self._provider(np.asarray(image if image is not None else self.load_image(index)))
+        boxes = (self._canonical_boxes if points is None
+                 else boxes_tensor(component_boxes(points, self.resolution)))
+        self._boxes[index] = boxes
+        return boxes
+
+    def hole_mask(self, index: int) -> torch.Tensor:
+        """The ``(1, H, W)`` hole mask of the ``index``-th sample (see module docstring)."""
+        epoch = 0 if self.split == "test" else self.epoch
+        generator = torch.Generator().manual_seed(mask_seed(self.seed, self.split, epoch, index))
+        mask = self.mask_sampler(generator)
+        if mask.shape != (1, self.resolution, self.resolution):
+            raise ValueError(f"mask sampler returned shape {tuple(mask.shape)}; expected "
+                             f"(1, {self.resolution}, {self.resolution})")
+        return mask.float()
+
+    def __getitem__(self, index: int) -> dict:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} images")
+        index = index % len(self)
+        image = self.load_image(index)
+        return {
+            "image": image_to_tensor(image),
+            "hole_mask": self.hole_mask(index),
+            "boxes": self.boxes(index, image),
+            "index": index,
+            "path": self.files[index],
+        }
+
+    def __repr__(self) -> str:
+        return (f"FaceFolder(root={str(self.root)!r}, split={self.split!r}, images={len(self)}, "
+                f"skipped={self.num_skipped}, resolution={self.resolution}, "
+                f"landmarks={str(self.landmark_source)!r})")
