@@ -75,7 +75,7 @@ def _run_landmarks(args: argparse.Namespace) -> int:
     summary = build_landmark_cache(args.data_dir, provider=args.provider, out=args.out, size=args.size,
                                    flush_every=args.flush_every, progress=not args.quiet)
     print(f"{summary['path']}: {summary['total']} images, {summary['computed']} computed now, "
-          f"{summary["skipped"]} already done; no face detected (canonical landmarks used): "
+          f"{summary['skipped']} already done; no face detected (canonical landmarks used): "
           f"{summary['no_face']}; unreadable: {summary['unreadable']}")
     return 0
 
