@@ -1,0 +1,282 @@
+"""The shared backend suite: every backend against the float64 reference, on the same cases.
+
+Parametrised over ``backend`` in ("reference", "triton", "cuda") on the default device
+(CUDA when present, else the CPU). A backend that cannot run here skips with
+``dsa_ops.backend_unavailable_reason``. On the CPU, "triton" runs under the Triton
+interpreter (``TRITON_INTERPRET=1``, set by conftest.py), which is slow: the CPU shapes
+are small (B = 4, L ≤ 99) and each case runs once per session (``_results`` caches it);
+the paper's shapes run only on a GPU.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import pytest
+import torch
+
+import dsa_ops
+from dsa_ops import ops, reference
+from tests.attention_cases import assert_close_by_dtype, make_case, reference_results
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+INTERPRETED = DEVICE.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ----------------------------------------------------------------------------- cases
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """One input configuration; ``gpu_only`` for sizes beyond the CPU time budget."""
+    name: str
+    form: str
+    qk_dim: int
+    v_dim: int
+    height: int
+    width: int
+    batch: int = 4  # make_case cycles rectangle, random, empty, full holes
+    noncontiguous: bool = False
+    scale: float | None = None
+    gpu_only: bool = False
+
+
+SHAPES = [
+    # L = 35 and 99 are not multiples of any block size; non-powers-of-two head sizes.
+    Shape("cross-8x12", "cross", 8, 12, 5, 7),
+    Shape("self-12x20-strided", "self", 12, 20, 9, 11, noncontiguous=True, scale=0.7),
+    Shape("independent-16x40-strided", "independent", 16, 40, 5, 7, noncontiguous=True, scale=1.3),
+    # Dv = 100 is two V chunks under the interpreter (64-wide chunks): the split-V paths.
+    Shape("cross-40x100-strided", "cross", 40, 100, 5, 7, noncontiguous=True, scale=0.3),
+    # The paper's DSA layers 12 and 14 (DESIGN §2), lightly: one batch of every hole kind.
+    Shape("paper-16x16-64x512", "cross", 64, 512, 16, 16, gpu_only=True),
+    Shape("paper-64x64-16x128", "self", 16, 128, 64, 64, noncontiguous=True, gpu_only=True),
+]
+def _dtype_name(dtype):
+    return str(dtype).removeprefix("torch.")
+
+
+def _skip_reason(backend: str, dtype: torch.dtype, shape: Shape | None = None) -> str | None:
+    """Why this (backend, dtype, shape) cannot run on this machine, or None."""
+    reason = dsa_ops.backend_unavailable_reason(backend, DEVICE)
+    if reason is not None:
+        return f"{backend} unavailable: {reason}"
+    if backend == "triton" and INTERPRETED and dtype == torch.bfloat16:
+        return "the Triton interpreter's bfloat16 tl.dot returns garbage; bfloat16 runs on the GPU"
+    if shape is not None and shape.gpu_only and DEVICE.type != "cuda":
+        return "paper-sized shape: too slow for the CPU, runs on a GPU"
+    return None
+
+
+def _skip_unless_runnable(backend, dtype, shape=None):
+    reason = _skip_reason(backend, dtype, shape)
+    if reason is not None:
+        pytest.skip(reason)
+
+
+def _on_device(case):
+    """Move a case to DEVICE keeping the non-contiguous layout of q, k, v (``Tensor.to``
+    would make channel slices of a transposed buffer contiguous)."""
+    if DEVICE.type == "cpu":
+        return case
+    if not case.q.is_contiguous():
+        packed = torch.cat((case.q, case.k, case.v), dim=2)
+        packed = packed.transpose(1, 2).contiguous().to(DEVICE).transpose(1, 2)
+        case.q, case.k, case.v = packed.split([case.q.shape[2], case.k.shape[2], case.v.shape[2]], 2)
+    else:
+        case.q, case.k, case.v = (t.to(DEVICE) for t in (case.q, case.k, case.v))
+    case.query_mask, case.key_mask, case.grad_out = (
+        t.to(DEVICE) for t in (case.query_mask, case.key_mask, case.grad_out))
+    return case
+
+
+def _case(shape: Shape, dtype: torch.dtype, seed: int = 0):
+    case = make_case(shape.batch, shape.height, shape.width, shape.qk_dim, shape.v_dim,
+                     form=shape.form, dtype=dtype, noncontiguous=shape.noncontiguous,
+                     scale=shape.scale, seed=seed)
+    case = _on_device(case)
+    assert case.q.is_contiguous() != shape.noncontiguous
+    return case
+
+
+@functools.lru_cache(maxsize=None)
+def _results(backend: str, dtype: torch.dtype, shape: Shape):
+    """Run the backend's forward op and its registered backward once per combination."""
+    case = _case(shape, dtype)
+    q, k, v = (t.detach().requires_grad_() for t in (case.q, case.k, case.v))
+    out, lse = ops.get_backend(backend).forward(q, k, v, case.query_mask, case.key_mask,
+                                                case.scale)
+    out.backward(case.grad_out)
+    exact = reference_results(case, exact=True)
+    baseline = reference_results(case, exact=False)
+    return dict(case=case, out=out.detach(), lse=lse, grads=(q.grad, k.grad, v.grad),
+                exact=exact, baseline=baseline)
+
+
+def _matrix():
+    """(backend, dtype, shape) for every dtype the backend supports; combinations this
+    machine cannot run carry their skip reason as a mark."""
+    params = []
+    for backend in ops.BACKENDS:
+        for dtype in ops.get_backend(backend).dtypes:
+            for shape in SHAPES:
+                reason = _skip_reason(backend, dtype, shape)
+                marks = [pytest.mark.skip(reason=reason)] if reason else []
+                params.append(pytest.param(backend, dtype, shape, marks=marks,
+                                           id=f"{backend}-{_dtype_name(dtype)}-{shape.name}"))
+    return params
+
+
+MATRIX = _matrix()
+
+
+# ----------------------------------------------------------------------------- values
+@pytest.mark.parametrize("backend, dtype, shape", MATRIX)
+def test_forward_matches_float64_reference(backend, dtype, shape):
+    run = _results(backend, dtype, shape)
+    assert run["out"].dtype == dtype
+    assert_close_by_dtype(run["out"], run["exact"][0], run["baseline"][0], "out")
+
+
+@pytest.mark.parametrize("backend, dtype, shape", MATRIX)
+def test_gradients_match_float64_reference(backend, dtype, shape):
+    run = _results(backend, dtype, shape)
+    for name, grad, exact, baseline in zip(("dq", "dk", "dv"), run["grads"], run["exact"][1],
+                                           run["baseline"][1]):
+        assert grad.dtype == dtype, name
+        assert_close_by_dtype(grad, exact, baseline, name)
+
+
+@pytest.mark.parametrize("backend, dtype, shape", MATRIX)
+def test_lse_is_the_row_log_sum_exp_and_infinite_without_keys(backend, dtype, shape):
+    run = _results(backend, dtype, shape)
+    case, lse = run["case"], run["lse"]
+    assert lse.dtype == reference.accumulation_dtype(dtype)
+    has_keys = case.query_mask & case.key_mask.any(dim=1, keepdim=True)
+    assert torch.equal(torch.isfinite(lse), has_keys)
+    assert (lse[~has_keys] == float("inf")).all()
+    exact_lse = reference.forward(*(t.double() for t in case.inputs[:3]), case.query_mask,
+                                  case.key_mask, case.scale)[1]
+    baseline_lse = reference.forward(*case.inputs, case.scale, upcast=False)[1]
+    assert_close_by_dtype(lse[has_keys], exact_lse[has_keys], baseline_lse[has_keys].to(dtype),
+                          "lse")
+
+
+@pytest.mark.parametrize("backend, dtype, shape", MATRIX)
+def test_exact_zeros_outside_the_masks(backend, dtype, shape):
+    run = _results(backend, dtype, shape)
+    case, out = run["case"], run["out"]
+    grad_q, grad_k, grad_v = run["grads"]
+    for name, tensor in (("out", out), ("dq", grad_q), ("dk", grad_k), ("dv", grad_v)):
+        assert not tensor.isnan().any(), f"{name} has NaN"
+    assert (out[~case.query_mask] == 0).all()
+    no_keys = ~case.key_mask.any(dim=1)
+    assert (out[no_keys] == 0).all(), "queries of samples without keys must give 0"
+    assert (grad_q[~case.query_mask] == 0).all()
+    assert (grad_q[no_keys] == 0).all()
+    assert (grad_k[~case.key_mask] == 0).all()
+    assert (grad_v[~case.key_mask] == 0).all()
+    no_queries = ~case.query_mask.any(dim=1)
+    assert (grad_k[no_queries] == 0).all() and (grad_v[no_queries] == 0).all()
+    # The cases must exercise what they claim: empty and full holes in every batch.
+    if shape.form in ("cross", "self"):
+        assert no_queries.any()
+    if shape.form == "cross":
+        assert no_keys.any()
+
+
+# ----------------------------------------------------------------------------- API paths
+BACKEND_FLOAT32 = [pytest.param(b, marks=[pytest.mark.skip(reason=r)] if r else [], id=b)
+                   for b in ops.BACKENDS for r in [_skip_reason(b, torch.float32)]]
+
+
+@pytest.mark.parametrize("backend", BACKEND_FLOAT32)
+def test_return_attention_gives_the_reference_map(backend):
+    case = _case(SHAPES[1], torch.float32, seed=3)
+    q, k, v = (t.detach().requires_grad_() for t in case.inputs[:3])
+    out, attn = dsa_ops.masked_attention(q, k, v, case.query_mask, case.key_mask,
+                                         scale=case.scale, return_attention=True, backend=backend)
+    plain = dsa_ops.masked_attention(q, k, v, case.query_mask, case.key_mask, scale=case.scale,
+                                     backend=backend)
+    torch.testing.assert_close(out, plain, rtol=0, atol=0)
+    expected = reference.attention_probs(q.double(), k.double(), case.query_mask, case.key_mask,
+                                         case.scale)
+    batch, length = case.query_mask.shape
+    assert attn.shape == (batch, length, length)
+    torch.testing.assert_close(attn, expected.float(), rtol=1e-5, atol=1e-6)
+    # The map is differentiable with respect to q and k (the oracle KL loss needs it).
+    grad_q, grad_k = torch.autograd.grad(attn.square().sum(), (q, k))
+    assert grad_q.abs().sum() > 0 and grad_k.abs().sum() > 0
+
+
+def _opcheck_utils():
+    # Under the interpreter torch.library.wrap_triton hands back the plain interpreted
+    # kernel (it has no JIT metadata to trace), so test_aot_dispatch_dynamic, which traces
+    # the triton_op body with fake tensors, would run the interpreter on data-less
+    # tensors. The other checks exercise the real kernel and the fake impl.
+    if INTERPRETED:
+        return ("test_schema", "test_autograd_registration", "test_faketensor")
+    return None  # all
+
+
+@pytest.mark.parametrize("backend", BACKEND_FLOAT32)
+def test_opcheck_forward_and_backward_ops(backend):
+    case = _case(SHAPES[2], torch.float32, seed=5)
+    fwd_name, bwd_name = ops._op_names(backend)
+    test_utils = _opcheck_utils() if backend == "triton" else None
+    options = {} if test_utils is None else {"test_utils": test_utils}
+    q, k, v = (t.detach().requires_grad_() for t in case.inputs[:3])
+    torch.library.opcheck(getattr(torch.ops.dsa_ops, fwd_name).default,
+                          (q, k, v, case.query_mask, case.key_mask, case.scale), **options)
+    out, lse = getattr(torch.ops.dsa_ops, fwd_name)(*case.inputs, case.scale)
+    torch.library.opcheck(getattr(torch.ops.dsa_ops, bwd_name).default,
+                          (case.grad_out, *case.inputs[:3], out, lse, case.query_mask,
+                           case.key_mask, case.scale), **options)
+
+
+@pytest.mark.parametrize("backend", BACKEND_FLOAT32)
+def test_torch_compile_fullgraph_smoke(backend):
+    if backend == "triton" and INTERPRETED:
+        pytest.skip("torch.compile traces the triton_op body, which the Triton interpreter "
+                    "cannot run on fake tensors; compiled triton is tested on the GPU")
+    case = _case(SHAPES[0], torch.float32, seed=7)
+    q, k, v = (t.detach().requires_grad_() for t in case.inputs[:3])
+
+    def loss_fn(q, k, v, query_mask, key_mask):
+        out = dsa_ops.masked_attention(q, k, v, query_mask, key_mask, scale=0.5, backend=backend)
+        return out.square().sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss_fn, fullgraph=True,
+                             backend="inductor" if DEVICE.type == "cuda" else "aot_eager")
+    loss = compiled(q, k, v, case.query_mask, case.key_mask)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    expected_loss = loss_fn(q, k, v, case.query_mask, case.key_mask)
+    expected_grads = torch.autograd.grad(expected_loss, (q, k, v))
+    torch.testing.assert_close(loss, expected_loss)
+    for grad, expected in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected)
+
+
+# ----------------------------------------------------------------------------- triton only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_backward_is_deterministic(dtype):
+    _skip_unless_runnable("triton", dtype)
+    case = _case(SHAPES[3], dtype, seed=9)
+    runs = []
+    for _ in range(2):
+        q, k, v = (t.detach().requires_grad_() for t in case.inputs[:3])
+        out = dsa_ops.masked_attention(q, k, v, case.query_mask, case.key_mask,
+                                       scale=case.scale, backend="triton")
+        out.backward(case.grad_out)
+        runs.append((q.grad, k.grad, v.grad))
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
+def test_auto_picks_triton_on_cuda_without_the_cuda_backend():
+    if DEVICE.type != "cuda":
+        pytest.skip("needs CUDA tensors: 'auto' only picks fused backends on CUDA")
+    _skip_unless_runnable("triton", torch.float16)
+    case = _case(SHAPES[0], torch.float16)
+    expected = "cuda" if dsa_ops.backend_unavailable_reason("cuda", DEVICE) is None else "triton"
+    assert ops.resolve_backend("auto", case.q, case.v).name == expected
