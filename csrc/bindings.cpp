@@ -1,10 +1,15 @@
 // CUDA implementations of the ops whose schemas dsa_ops/ops.py defines. Each binding
 // checks what its kernel assumes, allocates outputs and launches on the current stream.
+#include <limits>
+#include <utility>
+
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 #include <torch/types.h>
 
+#include "masked_attention/launch.cuh"
 #include "partition.cuh"
 
 namespace dsa_ops {
@@ -27,10 +32,285 @@ std::tuple<at::Tensor, at::Tensor> partition_indices_cuda(const at::Tensor& mask
   return {index, count};
 }
 
+// ----------------------------------------------------------------------------- attention
+namespace ma = masked_attention;
+
+ma::ScalarKind scalar_kind(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return ma::ScalarKind::kFloat32;
+    case at::kHalf: return ma::ScalarKind::kFloat16;
+    case at::kBFloat16: return ma::ScalarKind::kBFloat16;
+    default: TORCH_CHECK(false, "unreachable: dtype checked before");
+  }
+}
+
+// The kernels need unit stride along the head dimension only; anything else is copied.
+at::Tensor with_unit_last_stride(const at::Tensor& t) {
+  return t.stride(-1) == 1 ? t : t.contiguous();
+}
+
+ma::MatrixArg matrix_arg(const at::Tensor& t) {
+  TORCH_INTERNAL_ASSERT(t.dim() == 3 && t.stride(2) == 1);
+  return {t.data_ptr(), t.stride(0), t.stride(1)};
+}
+
+struct Partition {
+  at::Tensor index, count;
+  ma::RowSetArg set(bool complement) const {
+    return {index.data_ptr<int32_t>(), count.data_ptr<int32_t>(), complement};
+  }
+};
+
+Partition partition_of(const at::Tensor& mask) {
+  auto [index, count] = partition_indices_cuda(mask);
+  return {index, count};
+}
+
+// Checks one attention problem's tensors: device, dtype, shapes, supported head sizes.
+// `op` and the argument names make the messages point at the caller's argument.
+struct AttentionShape {
+  int64_t batch, length, qk_dim, v_dim;
+};
+
+AttentionShape check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k,
+                         const at::Tensor& v, const char* q_name = "q", const char* k_name = "k",
+                         const char* v_name = "v") {
+  TORCH_CHECK(q.is_cuda(), op, ": ", q_name, " must be a CUDA tensor, got ", q.device());
+  TORCH_CHECK(q.dim() == 3, op, ": ", q_name, " must have shape (B, L, Dqk), got ", q.sizes());
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kHalf ||
+                  q.scalar_type() == at::kBFloat16,
+              op, ": ", q_name, " must be float32, float16 or bfloat16, got ", q.scalar_type());
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{k_name, k}, {v_name, v}}) {
+    TORCH_CHECK(t.device() == q.device(), op, ": ", name, " is on ", t.device(), " but ", q_name,
+                " is on ", q.device());
+    TORCH_CHECK(t.scalar_type() == q.scalar_type(), op, ": ", name, " must have the dtype of ",
+                q_name, " (", q.scalar_type(), "), got ", t.scalar_type());
+  }
+  TORCH_CHECK(k.sizes() == q.sizes(), op, ": ", k_name, " must have the shape of ", q_name, " ",
+              q.sizes(), ", got ", k.sizes());
+  TORCH_CHECK(v.dim() == 3 && v.size(0) == q.size(0) && v.size(1) == q.size(1), op, ": ", v_name,
+              " must have shape (B, L, Dv) = (", q.size(0), ", ", q.size(1), ", Dv), got ",
+              v.sizes());
+  const AttentionShape shape{q.size(0), q.size(1), q.size(2), v.size(2)};
+  TORCH_CHECK(shape.qk_dim >= ma::kMinQkDim && shape.qk_dim <= ma::kMaxQkDim, op,
+              ": the CUDA kernels support Dqk (last dim of ", q_name, ", ", k_name, ") in ",
+              ma::kMinQkDim, "..", ma::kMaxQkDim, ", got ", shape.qk_dim,
+              "; use backend='reference' or 'triton' for other sizes");
+  TORCH_CHECK(shape.v_dim >= ma::kMinVDim && shape.v_dim <= ma::kMaxVDim, op,
+              ": the CUDA kernels support Dv (last dim of ", v_name, ") in ", ma::kMinVDim, "..",
+              ma::kMaxVDim, ", got ", shape.v_dim,
+              "; use backend='reference' or 'triton' for other sizes");
+  TORCH_CHECK(shape.batch <= 65535, op, ": batch size must be at most 65535 (grid limit), got ",
+              shape.batch);
+  TORCH_CHECK(shape.length <= std::numeric_limits<int32_t>::max(), op,
+              ": L must fit in int32, got ", shape.length);
+  return shape;
+}
+
+void check_mask(const char* op, const char* name, const at::Tensor& mask, const at::Tensor& q) {
+  TORCH_CHECK(mask.device() == q.device(), op, ": ", name, " is on ", mask.device(),
+              " but q is on ", q.device());
+  TORCH_CHECK(mask.scalar_type() == at::kBool, op, ": ", name, " must be bool, got ",
+              mask.scalar_type());
+  TORCH_CHECK(mask.dim() == 2 && mask.size(0) == q.size(0) && mask.size(1) == q.size(1), op, ": ",
+              name, " must have shape (B, L) = (", q.size(0), ", ", q.size(1), "), got ",
+              mask.sizes());
+}
+
+void check_like(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like,
+                const char* like_name) {
+  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " is on ", t.device(), " but ",
+              like_name, " is on ", like.device());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", name, " must have the dtype of ",
+              like_name, " (", like.scalar_type(), "), got ", t.scalar_type());
+  TORCH_CHECK(t.sizes() == like.sizes(), op, ": ", name, " must have the shape of ", like_name,
+              " ", like.sizes(), ", got ", t.sizes());
+}
+
+void check_lse(const char* op, const char* name, const at::Tensor& lse, const at::Tensor& q) {
+  TORCH_CHECK(lse.device() == q.device(), op, ": ", name, " is on ", lse.device(),
+              " but q is on ", q.device());
+  TORCH_CHECK(lse.scalar_type() == at::kFloat, op, ": ", name,
+              " (the forward's log-sum-exp) must be float32, got ", lse.scalar_type());
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1), op, ": ",
+              name, " must have shape (B, L) = (", q.size(0), ", ", q.size(1), "), got ",
+              lse.sizes());
+}
+
+// The tensors of one forward branch after stride fixes, kept alive until the launch.
+struct ForwardTensors {
+  at::Tensor q, k, v, out, lse;
+  ForwardTensors(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_)
+      : q(with_unit_last_stride(q_)), k(with_unit_last_stride(k_)), v(with_unit_last_stride(v_)),
+        out(at::empty(v_.sizes(), v_.options().memory_format(at::MemoryFormat::Contiguous))),
+        lse(at::empty({q_.size(0), q_.size(1)}, q_.options().dtype(at::kFloat))) {}
+
+  ma::ForwardBranch branch(ma::RowSetArg queries, ma::RowSetArg keys) {
+    ma::ForwardBranch b;
+    b.q = matrix_arg(q);
+    b.k = matrix_arg(k);
+    b.v = matrix_arg(v);
+    b.out = matrix_arg(out);
+    b.lse = lse.data_ptr<float>();
+    b.queries = queries;
+    b.keys = keys;
+    return b;
+  }
+};
+
+struct BackwardTensors {
+  at::Tensor grad_out, q, k, v, out, lse, grad_q, grad_k, grad_v, delta;
+  BackwardTensors(const at::Tensor& grad_out_, const at::Tensor& q_, const at::Tensor& k_,
+                  const at::Tensor& v_, const at::Tensor& out_, const at::Tensor& lse_)
+      : grad_out(with_unit_last_stride(grad_out_)), q(with_unit_last_stride(q_)),
+        k(with_unit_last_stride(k_)), v(with_unit_last_stride(v_)),
+        out(with_unit_last_stride(out_)), lse(lse_.contiguous()),
+        grad_q(at::empty(q_.sizes(), q_.options().memory_format(at::MemoryFormat::Contiguous))),
+        grad_k(at::empty(k_.sizes(), k_.options().memory_format(at::MemoryFormat::Contiguous))),
+        grad_v(at::empty(v_.sizes(), v_.options().memory_format(at::MemoryFormat::Contiguous))),
+        delta(at::empty({q_.size(0), q_.size(1)}, q_.options().dtype(at::kFloat))) {}
+
+  ma::BackwardBranch branch(ma::RowSetArg queries, ma::RowSetArg keys) {
+    ma::BackwardBranch b;
+    b.grad_out = matrix_arg(grad_out);
+    b.q = matrix_arg(q);
+    b.k = matrix_arg(k);
+    b.v = matrix_arg(v);
+    b.out = matrix_arg(out);
+    b.lse = lse.data_ptr<float>();
+    b.grad_q = matrix_arg(grad_q);
+    b.grad_k = matrix_arg(grad_k);
+    b.grad_v = matrix_arg(grad_v);
+    b.delta = delta.data_ptr<float>();
+    b.queries = queries;
+    b.keys = keys;
+    return b;
+  }
+};
+
+template <typename Launch>
+void fill_sizes(Launch& launch, const AttentionShape& shape, const at::Tensor& q, double scale) {
+  launch.dtype = scalar_kind(q);
+  launch.batch = static_cast<int>(shape.batch);
+  launch.length = static_cast<int>(shape.length);
+  launch.qk_dim = static_cast<int>(shape.qk_dim);
+  launch.v_dim = static_cast<int>(shape.v_dim);
+  launch.scale = static_cast<float>(scale);
+}
+
+std::tuple<at::Tensor, at::Tensor> masked_attention_fwd_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& query_mask,
+    const at::Tensor& key_mask, double scale) {
+  constexpr const char* op = "masked_attention_fwd_cuda";
+  const AttentionShape shape = check_qkv(op, q, k, v);
+  check_mask(op, "query_mask", query_mask, q);
+  check_mask(op, "key_mask", key_mask, q);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const Partition queries = partition_of(query_mask), keys = partition_of(key_mask);
+  ForwardTensors tensors(q, k, v);
+  ma::ForwardLaunch launch;
+  fill_sizes(launch, shape, q, scale);
+  launch.branch[0] = tensors.branch(queries.set(false), keys.set(false));
+  C10_CUDA_CHECK(ma::launch_forward(launch, c10::cuda::getCurrentCUDAStream()));
+  return {tensors.out, tensors.lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_bwd_cuda(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& query_mask,
+    const at::Tensor& key_mask, double scale) {
+  constexpr const char* op = "masked_attention_bwd_cuda";
+  const AttentionShape shape = check_qkv(op, q, k, v);
+  check_like(op, "grad_out", grad_out, v, "v");
+  check_like(op, "out", out, v, "v");
+  check_lse(op, "lse", lse, q);
+  check_mask(op, "query_mask", query_mask, q);
+  check_mask(op, "key_mask", key_mask, q);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const Partition queries = partition_of(query_mask), keys = partition_of(key_mask);
+  BackwardTensors tensors(grad_out, q, k, v, out, lse);
+  ma::BackwardLaunch launch;
+  fill_sizes(launch, shape, q, scale);
+  launch.branch[0] = tensors.branch(queries.set(false), keys.set(false));
+  C10_CUDA_CHECK(ma::launch_backward(launch, c10::cuda::getCurrentCUDAStream()));
+  return {tensors.grad_q, tensors.grad_k, tensors.grad_v};
+}
+
+// ----------------------------------------------------------------------------- dual
+// Dual Spatial Attention: both branches take the foreground as queries; the cross branch
+// attends to the background, the self branch to the foreground. One partition of the
+// foreground mask yields both key lists, and each kernel covers both branches in one grid.
+AttentionShape check_dual(const char* op, const at::Tensor& q_cross, const at::Tensor& k_cross,
+                          const at::Tensor& v_cross, const at::Tensor& q_self,
+                          const at::Tensor& k_self, const at::Tensor& v_self,
+                          const at::Tensor& foreground) {
+  const AttentionShape shape =
+      check_qkv(op, q_cross, k_cross, v_cross, "q_cross", "k_cross", "v_cross");
+  check_qkv(op, q_self, k_self, v_self, "q_self", "k_self", "v_self");
+  check_like(op, "q_self", q_self, q_cross, "q_cross");
+  TORCH_CHECK(v_self.sizes() == v_cross.sizes(), op, ": v_self must have the shape of v_cross ",
+              v_cross.sizes(), ", got ", v_self.sizes());
+  check_mask(op, "foreground", foreground, q_cross);
+  return shape;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_masked_attention_fwd_cuda(
+    const at::Tensor& q_cross, const at::Tensor& k_cross, const at::Tensor& v_cross,
+    const at::Tensor& q_self, const at::Tensor& k_self, const at::Tensor& v_self,
+    const at::Tensor& foreground, double scale) {
+  constexpr const char* op = "dual_masked_attention_fwd_cuda";
+  const AttentionShape shape =
+      check_dual(op, q_cross, k_cross, v_cross, q_self, k_self, v_self, foreground);
+  const c10::cuda::CUDAGuard guard(q_cross.device());
+  const Partition fg = partition_of(foreground);
+  ForwardTensors cross(q_cross, k_cross, v_cross), self(q_self, k_self, v_self);
+  ma::ForwardLaunch launch;
+  fill_sizes(launch, shape, q_cross, scale);
+  launch.branches = 2;
+  launch.branch[0] = cross.branch(fg.set(false), fg.set(true));
+  launch.branch[1] = self.branch(fg.set(false), fg.set(false));
+  C10_CUDA_CHECK(ma::launch_forward(launch, c10::cuda::getCurrentCUDAStream()));
+  return {cross.out, cross.lse, self.out, self.lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+dual_masked_attention_bwd_cuda(const at::Tensor& grad_out_cross, const at::Tensor& grad_out_self,
+                               const at::Tensor& q_cross, const at::Tensor& k_cross,
+                               const at::Tensor& v_cross, const at::Tensor& q_self,
+                               const at::Tensor& k_self, const at::Tensor& v_self,
+                               const at::Tensor& out_cross, const at::Tensor& lse_cross,
+                               const at::Tensor& out_self, const at::Tensor& lse_self,
+                               const at::Tensor& foreground, double scale) {
+  constexpr const char* op = "dual_masked_attention_bwd_cuda";
+  const AttentionShape shape =
+      check_dual(op, q_cross, k_cross, v_cross, q_self, k_self, v_self, foreground);
+  check_like(op, "grad_out_cross", grad_out_cross, v_cross, "v_cross");
+  check_like(op, "grad_out_self", grad_out_self, v_self, "v_self");
+  check_like(op, "out_cross", out_cross, v_cross, "v_cross");
+  check_like(op, "out_self", out_self, v_self, "v_self");
+  check_lse(op, "lse_cross", lse_cross, q_cross);
+  check_lse(op, "lse_self", lse_self, q_self);
+  const c10::cuda::CUDAGuard guard(q_cross.device());
+  const Partition fg = partition_of(foreground);
+  BackwardTensors cross(grad_out_cross, q_cross, k_cross, v_cross, out_cross, lse_cross);
+  BackwardTensors self(grad_out_self, q_self, k_self, v_self, out_self, lse_self);
+  ma::BackwardLaunch launch;
+  fill_sizes(launch, shape, q_cross, scale);
+  launch.branches = 2;
+  launch.branch[0] = cross.branch(fg.set(false), fg.set(true));
+  launch.branch[1] = self.branch(fg.set(false), fg.set(false));
+  C10_CUDA_CHECK(ma::launch_backward(launch, c10::cuda::getCurrentCUDAStream()));
+  return {cross.grad_q, cross.grad_k, cross.grad_v, self.grad_q, self.grad_k, self.grad_v};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dsa_ops, CUDA, m) {
   m.impl("partition_indices", &partition_indices_cuda);
+  m.impl("masked_attention_fwd_cuda", &masked_attention_fwd_cuda);
+  m.impl("masked_attention_bwd_cuda", &masked_attention_bwd_cuda);
+  m.impl("dual_masked_attention_fwd_cuda", &dual_masked_attention_fwd_cuda);
+  m.impl("dual_masked_attention_bwd_cuda", &dual_masked_attention_bwd_cuda);
 }
 
 }  // namespace dsa_ops

@@ -1,0 +1,78 @@
+// Host-side entry points of the masked-attention kernels. Plain structs of pointers and
+// strides (no ATen types), so the kernels compile without torch headers; the bindings in
+// csrc/bindings.cpp check the tensors and fill these in.
+//
+// Each launch handles one or two "branches" (independent attention problems over the same
+// batch and length, e.g. the cross and self branches of Dual Spatial Attention) in a
+// single grid, so a whole DSA layer is one launch per kernel.
+#pragma once
+
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace dsa_ops {
+namespace masked_attention {
+
+// Head sizes the kernels accept (dsa_ops/ops.py FUSED_QK_DIMS / FUSED_V_DIMS mirror these).
+// Dqk is zero-padded to 16, 32 or 64 in shared memory; Dv is processed in 64-column chunks.
+constexpr int kMinQkDim = 8;
+constexpr int kMaxQkDim = 64;
+constexpr int kMinVDim = 8;
+constexpr int kMaxVDim = 512;
+constexpr int kMaxBranches = 2;
+
+enum class ScalarKind { kFloat32, kFloat16, kBFloat16 };
+
+// A (B, L, D) tensor whose last dimension has unit stride; strides in elements.
+struct MatrixArg {
+  const void* data = nullptr;
+  int64_t batch_stride = 0;
+  int64_t row_stride = 0;
+};
+
+// A set of positions per sample as a stable partition of a mask (partition_indices):
+// index (B, L) int32 contiguous, count (B,) int32. complement = the set is the mask's
+// false positions (index[b, count[b]:]) instead of its true ones.
+struct RowSetArg {
+  const int32_t* index = nullptr;
+  const int32_t* count = nullptr;
+  bool complement = false;
+};
+
+struct ForwardBranch {
+  MatrixArg q, k, v;       // inputs
+  MatrixArg out;           // (B, L, Dv) output, written entirely (zeros off the query set)
+  float* lse = nullptr;    // (B, L) contiguous, written entirely (+inf off the query set)
+  RowSetArg queries, keys;
+};
+
+struct ForwardLaunch {
+  ForwardBranch branch[kMaxBranches];
+  int branches = 1;
+  ScalarKind dtype = ScalarKind::kFloat32;
+  int batch = 0, length = 0, qk_dim = 0, v_dim = 0;
+  float scale = 1.f;
+};
+
+struct BackwardBranch {
+  MatrixArg grad_out, q, k, v, out;  // inputs
+  const float* lse = nullptr;        // (B, L) contiguous, from the forward
+  MatrixArg grad_q, grad_k, grad_v;  // outputs, written entirely (zeros off the sets)
+  float* delta = nullptr;            // (B, L) float32 workspace: rowsum(dO∘O) per query slot
+  RowSetArg queries, keys;
+};
+
+struct BackwardLaunch {
+  BackwardBranch branch[kMaxBranches];
+  int branches = 1;
+  ScalarKind dtype = ScalarKind::kFloat32;
+  int batch = 0, length = 0, qk_dim = 0, v_dim = 0;
+  float scale = 1.f;
+};
+
+// Both return the first CUDA error met while launching (cudaSuccess otherwise).
+cudaError_t launch_forward(const ForwardLaunch& launch, cudaStream_t stream);
+cudaError_t launch_backward(const BackwardLaunch& launch, cudaStream_t stream);
+
+}  // namespace masked_attention
+}  // namespace dsa_ops
