@@ -226,7 +226,7 @@ class FaceFolder(torch.utils.data.Dataset):
         return [name for name in names if not manifest[name]["ok"]]
 
     def _setup_landmarks(self, landmarks) -> None:
-        self._provider = None
+        self._provider_name, self._provider = None, None
         self._boxes = {}  # index -> (4, 4) int64, filled lazily for providers
         self.landmark_source = "canonical" if landmarks is None else landmarks
         canonical = boxes_tensor(component_boxes(canonical_landmarks(self.resolution), self.resolution))
@@ -234,7 +234,9 @@ class FaceFolder(torch.utils.data.Dataset):
         if landmarks is None or landmarks == "canonical":
             return
         if isinstance(landmarks, str) and landmarks in PROVIDERS:
-            self._provider = get_provider(landmarks)
+            # Built on first use in each process: detector objects (dlib) do not pickle to
+            # spawned DataLoader workers.
+            self._provider_name = landmarks
             return
         if not isinstance(landmarks, (str, os.PathLike)):
             raise TypeError(f"landmarks must be 'canonical', a provider name {sorted(PROVIDERS)}, "
@@ -319,8 +321,10 @@ class FaceFolder(torch.utils.data.Dataset):
         """The ``(4, 4)`` int64 component boxes of the ``index``-th image."""
         if index in self._boxes:
             return self._boxes[index]
-        if self._provider is None:
+        if self._provider_name is None:
             return self._canonical_boxes
+        if self._provider is None:
+            self._provider = get_provider(self._provider_name)
         points = self._provider(np.asarray(image if image is not None else self.load_image(index)))
         boxes = (self._canonical_boxes if points is None
                  else boxes_tensor(component_boxes(points, self.resolution)))
@@ -349,6 +353,11 @@ class FaceFolder(torch.utils.data.Dataset):
             "index": index,
             "path": self.files[index],
         }
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_provider"] = None  # rebuilt lazily in the receiving process
+        return state
 
     def __repr__(self) -> str:
         return (f"FaceFolder(root={str(self.root)!r}, split={self.split!r}, images={len(self)}, "

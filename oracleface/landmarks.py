@@ -26,6 +26,7 @@ import json
 import os
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -182,8 +183,9 @@ class FaceAlignmentProvider:
             face_alignment.LandmarksType.TWO_D, device=device, flip_input=False, compile=False)
 
     def __call__(self, image: np.ndarray) -> np.ndarray | None:
-        result = self._model.get_landmarks_from_image(_check_image(image), return_bboxes=True)
-        landmarks, _, boxes = result
+        with warnings.catch_warnings():  # "No faces were detected." is our None, not news
+            warnings.simplefilter("ignore", UserWarning)
+            landmarks, _, boxes = self._model.get_landmarks_from_image(_check_image(image), return_bboxes=True)
         if not landmarks:
             return None
         # Largest detected face, as for dlib.

@@ -17,6 +17,7 @@ state saved with a checkpoint govern it).
 """
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 from typing import Callable
@@ -165,16 +166,26 @@ def make_mask_sampler(kind: str, size: int = 256) -> MaskSampler:
     _check_size(size)
     if not isinstance(kind, str):
         raise TypeError(f"mask kind must be a str, one of {MASK_KINDS}; got {type(kind).__name__}")
+    # partials and classes, not lambdas: samplers must pickle to spawned DataLoader workers.
     if kind == "random":
-        return lambda generator=None: random_rectangle_mask(size, generator)
+        return functools.partial(random_rectangle_mask, size)
     if kind == "center":
-        mask = center_mask(size)
-        return lambda generator=None: mask.clone()
+        return _FixedMask(center_mask(size))
     if kind == "irregular":
-        return lambda generator=None: irregular_mask(size, generator)
+        return functools.partial(irregular_mask, size)
     if kind.startswith("folder:") and len(kind) > len("folder:"):
         return MaskFolder(kind[len("folder:"):], size)
     raise ValueError(f"unknown mask kind {kind!r}; expected one of {MASK_KINDS}")
+
+
+class _FixedMask:
+    """A sampler that ignores the generator and returns a copy of one mask."""
+
+    def __init__(self, mask: torch.Tensor):
+        self.mask = mask
+
+    def __call__(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.mask.clone()
 
 
 # Random draws through torch so a torch.Generator (or the global torch RNG) decides them.

@@ -219,3 +219,22 @@ def test_mask_seeds_are_stable():
     assert data.mask_seed(0, "test", 0, 1) == data.mask_seed(0, "test", 0, 1)
     assert len({data.mask_seed(0, "test", 0, i) for i in range(100)}) == 100
     assert 0 <= data.mask_seed(123, "train", 7, 99) < 2 ** 63
+
+
+def test_dataset_pickles_for_spawned_workers(face_dir):
+    import pickle
+
+    dataset = FaceFolder(face_dir, RESOLUTION, "test", test_size=3, landmarks="dlib" if _has_dlib() else None)
+    first = dataset[0]
+    clone = pickle.loads(pickle.dumps(dataset))
+    again = clone[0]
+    assert torch.equal(first["image"], again["image"]) and torch.equal(first["hole_mask"], again["hole_mask"])
+    assert torch.equal(first["boxes"], again["boxes"])
+
+
+def _has_dlib():
+    try:
+        import dlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
