@@ -1,0 +1,207 @@
+"""Inference on one photo: ``oracleface complete IMAGE --mask MASK.png|center|random
+--checkpoint CKPT --out OUT.png [--side-by-side PATH] [--align dlib|face-alignment]``.
+
+Any image size. The model works at its training resolution R (256 or 1024), so:
+
+1. Without ``--align`` the photo is taken as an aligned face (like the training data):
+   it is padded to a square by replicating its border (padding counts as known pixels,
+   so the face is never stretched), resized to R×R (Lanczos), completed, and the result
+   is resized back (Lanczos) and cropped to the original frame.
+2. With ``--align``, a landmark provider finds the face; a similarity transform maps its
+   68 landmarks onto the canonical template at R×R (least squares); the photo is warped
+   into that aligned frame, completed, and the completion is warped back with the
+   inverse transform.
+3. Either way only the hole pixels are taken from the model: every known pixel of OUT
+   equals the input's exactly. The hole is mapped to R×R conservatively (a model pixel
+   is missing if any photo pixel it covers is), so nothing of the hole leaks in as
+   "known". Hole pixels outside the aligned face crop (with ``--align``) cannot be
+   completed and are left as they are, with a warning.
+
+Mask files: any image of the photo's size; bright pixels (≥ 128 in grayscale) are the
+hole. ``center``: a centred square of half the photo's shorter side; ``random``: one of
+the paper's random rectangles, scaled to the photo (``--seed``).
+"""
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from oracleface.visualize import masked_picture, side_by_side
+
+MASK_KEYWORDS = ("center", "random")
+
+
+# ----------------------------------------------------------------------------- masks
+def load_hole(mask: str, size: tuple[int, int], seed: int = 0) -> np.ndarray:
+    """The hole ``(H, W)`` bool for ``mask`` (a file, ``center`` or ``random``) and an image
+    of ``size = (width, height)``."""
+    from oracleface.masks import center_mask, random_rectangle_mask
+
+    width, height = size
+    side = min(width, height)
+    hole = np.zeros((height, width), dtype=bool)
+    top, left = (height - side) // 2, (width - side) // 2
+    if mask == "center":
+        square = center_mask(side).numpy()[0] > 0
+    elif mask == "random":
+        square = random_rectangle_mask(side, torch.Generator().manual_seed(seed)).numpy()[0] > 0
+    else:
+        path = Path(mask)
+        if not path.is_file():
+            raise FileNotFoundError(f"--mask {mask}: no such file (or use 'center' / 'random')")
+        with Image.open(path) as picture:
+            if picture.size != (width, height):
+                raise ValueError(f"--mask {mask} is {picture.size[0]}×{picture.size[1]} but the image is "
+                                 f"{width}×{height}; the mask must have the image's size")
+            hole = np.asarray(picture.convert("L")) >= 128
+        if not hole.any():
+            raise ValueError(f"--mask {mask} marks no pixel as missing (holes are bright pixels, ≥ 128)")
+        return hole
+    hole[top:top + side, left:left + side] = square
+    return hole
+
+
+def hole_to_model(hole: np.ndarray, resolution: int) -> torch.Tensor:
+    """A ``(H, W)`` bool hole at photo resolution → ``(1, 1, R, R)`` float at model resolution,
+    conservatively (any covered photo pixel missing → missing)."""
+    coverage = Image.fromarray(hole.astype(np.uint8) * 255).resize((resolution, resolution),
+                                                                   Image.Resampling.BOX)
+    return torch.from_numpy((np.asarray(coverage) > 0).astype(np.float32))[None, None]
+
+
+# ----------------------------------------------------------------------------- completion
+@torch.no_grad()
+def run_generator(generator, square: np.ndarray, hole: torch.Tensor) -> np.ndarray:
+    """Complete an ``(R, R, 3)`` float image in [0, 1]; returns the raw output, same shape."""
+    device = next(generator.parameters()).device
+    image = torch.from_numpy(square).permute(2, 0, 1)[None].float().to(device)
+    output = generator(image, hole.to(device))
+    return output[0].permute(1, 2, 0).float().clamp(0, 1).cpu().numpy()
+
+
+def _resize_float(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize an ``(H, W, 3)`` float image in [0, 1] to ``size = (width, height)`` (Lanczos)."""
+    channels = [np.asarray(Image.fromarray(array[..., c].astype(np.float32), mode="F")
+                           .resize(size, Image.Resampling.LANCZOS)) for c in range(3)]
+    return np.clip(np.stack(channels, -1), 0, 1)
+
+
+def complete_unaligned(generator, photo: np.ndarray, hole: np.ndarray) -> np.ndarray:
+    """Model prediction for every pixel of ``photo`` ``(H, W, 3)`` float (see module docstring, 1)."""
+    height, width = hole.shape
+    side = max(height, width)
+    top, left = (side - height) // 2, (side - width) // 2
+    pad = ((top, side - height - top), (left, side - width - left))
+    square = np.pad(photo, pad + ((0, 0),), mode="edge")
+    square_hole = np.pad(hole, pad, mode="constant")
+    resolution = generator.resolution
+    small = _resize_float(square, (resolution, resolution))
+    output = run_generator(generator, small, hole_to_model(square_hole, resolution))
+    return _resize_float(output, (side, side))[top:top + height, left:left + width]
+
+
+def complete_aligned(generator, photo: np.ndarray, hole: np.ndarray, provider: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(prediction (H, W, 3), covered (H, W) bool)``: the completion through face alignment
+    (module docstring, 2); ``covered`` marks the pixels inside the aligned crop."""
+    from skimage.transform import SimilarityTransform, warp
+
+    from oracleface.landmarks import canonical_landmarks, get_provider
+
+    resolution = generator.resolution
+    points = get_provider(provider)((photo * 255).round().astype(np.uint8))
+    if points is None:
+        raise ValueError(f"--align {provider}: no face found in the image")
+    to_aligned = SimilarityTransform()
+    if not to_aligned.estimate(np.asarray(points, dtype=np.float64), canonical_landmarks(resolution)):
+        raise ValueError(f"--align {provider}: could not fit a similarity transform to the landmarks")
+    shape = (resolution, resolution)
+    # warp() takes the map from output coordinates to input coordinates.
+    aligned = warp(photo, to_aligned.inverse, output_shape=shape, order=3, mode="edge")
+    aligned_hole = warp(hole.astype(np.float64), to_aligned.inverse, output_shape=shape, order=0) > 0
+    output = run_generator(generator, np.clip(aligned, 0, 1),
+                           torch.from_numpy(aligned_hole.astype(np.float32))[None, None])
+    height, width = hole.shape
+    back = warp(output, to_aligned, output_shape=(height, width), order=3, mode="edge")
+    covered = warp(np.ones(shape), to_aligned, output_shape=(height, width), order=0, cval=0) > 0
+    return np.clip(back, 0, 1), covered
+
+
+def complete_photo(generator, photo: Image.Image, hole: np.ndarray, align: str | None = None) -> Image.Image:
+    """The completed photo: hole pixels from the model, every other pixel exactly ``photo``'s."""
+    original = np.asarray(photo.convert("RGB"))
+    if hole.shape != original.shape[:2]:
+        raise ValueError(f"hole must have the image's shape {original.shape[:2]}; got {hole.shape}")
+    values = original.astype(np.float32) / 255
+    if align is None:
+        prediction, fill = complete_unaligned(generator, values, hole), hole
+    else:
+        prediction, covered = complete_aligned(generator, values, hole, align)
+        fill = hole & covered
+        if (hole & ~covered).any():
+            warnings.warn(f"{int((hole & ~covered).sum())} hole pixels lie outside the aligned face "
+                          "crop and are left unchanged", UserWarning, stacklevel=2)
+    result = original.copy()
+    result[fill] = (prediction[fill] * 255).round().clip(0, 255).astype(np.uint8)
+    return Image.fromarray(result)
+
+
+def complete_file(image, mask: str, checkpoint, out, side_by_side_path=None, align: str | None = None,
+                  device: str = "auto", seed: int = 0) -> Path:
+    """The ``complete`` command as a function; returns the written path."""
+    from oracleface.checkpoint import generator_from_checkpoint
+    from oracleface.train import resolve_device
+
+    image = Path(image)
+    if not image.is_file():
+        raise FileNotFoundError(f"IMAGE {image}: no such file")
+    with Image.open(image) as picture:
+        photo = picture.convert("RGB")
+    hole = load_hole(mask, photo.size, seed)
+    generator, _ = generator_from_checkpoint(checkpoint, resolve_device(device))
+    result = complete_photo(generator, photo, hole, align)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result.save(out)
+    if side_by_side_path is not None:
+        Path(side_by_side_path).parent.mkdir(parents=True, exist_ok=True)
+        side_by_side([photo, masked_picture(photo, hole), result]).save(side_by_side_path)
+    return out
+
+
+# ----------------------------------------------------------------------------- command line
+def configure_parser(parser) -> None:
+    parser.add_argument("image", metavar="IMAGE", help="photo to complete (any size)")
+    parser.add_argument("--mask", required=True, metavar="MASK.png|center|random",
+                        help="hole: an image of the photo's size (bright = missing), center or random")
+    parser.add_argument("--checkpoint", required=True, metavar="CKPT")
+    parser.add_argument("--out", required=True, metavar="OUT.png")
+    parser.add_argument("--side-by-side", metavar="PATH", default=None,
+                        help="also write input | masked | output")
+    parser.add_argument("--align", choices=("dlib", "face-alignment"), default=None,
+                        help="align an unaligned photo with this landmark detector first")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--seed", type=int, default=0, help="for --mask random")
+
+
+def run_command(args) -> int:
+    try:
+        out = complete_file(args.image, args.mask, args.checkpoint, args.out, args.side_by_side,
+                            args.align, args.device, args.seed)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"oracleface complete: error: {error}", file=sys.stderr)
+        return 2
+    print(f"completed image written to {out}" +
+          (f"; side by side: {args.side_by_side}" if args.side_by_side else ""))
+    return 0
+
+
+def command():
+    from oracleface.cli import Command
+
+    return Command("complete", "complete the masked region of one photo with a trained checkpoint",
+                   configure_parser, run_command)

@@ -1,0 +1,172 @@
+"""Evaluation (Section 4.2): ``oracleface eval --data DIR --checkpoint CKPT --masks random|center``.
+
+Metrics on the held-out split at the model's resolution, with the valid pixels copied
+into the output (the composite ``image·(1−M) + output·M``), as the paper reports them:
+
+- L1 (%): mean absolute error over all pixels and channels, ×100 (images in [0, 1]);
+- PSNR (dB) and SSIM: ``torchmetrics`` with ``data_range=1``, per image, then averaged;
+- LPIPS: the ``lpips`` package, ``net="vgg"`` (v0.1 linear layers, which ship in its
+  wheel). Its VGG-16 backbone comes from torchvision's ``vgg16-397923af.pth`` found the
+  way the perceptual loss finds it (``oracleface.losses.resolve_vgg16_weights``); nothing
+  is downloaded. Without that file LPIPS is reported as unavailable (``null`` in the
+  JSON, ``n/a`` in the table, with the reason), never as a number.
+
+The test split and its masks are those of training (the checkpoint's seed and test
+size): masks are a pure function of ``(seed, image index)``, so two runs give the same
+numbers.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+METRICS = ("l1_percent", "psnr", "ssim", "lpips")
+MASK_CHOICES = ("random", "center")
+
+
+def load_lpips(device) -> tuple[torch.nn.Module | None, str | None]:
+    """``(LPIPS-VGG module, None)``, or ``(None, reason)`` when the VGG-16 weights are absent."""
+    import lpips
+
+    from oracleface.losses import resolve_vgg16_weights
+
+    try:
+        path = resolve_vgg16_weights()
+    except FileNotFoundError as error:
+        return None, f"LPIPS unavailable: {error}"
+    # pnet_rand=True: build the backbone without torchvision's download; the ImageNet
+    # features are loaded from the local file below, the linear layers from the wheel.
+    model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
+    features = torch.load(path, map_location="cpu", weights_only=True)
+    loaded = 0
+    for slice_index in range(1, model.net.N_slices + 1):
+        for name, layer in getattr(model.net, f"slice{slice_index}").named_children():
+            if isinstance(layer, torch.nn.Conv2d):
+                layer.weight.data.copy_(features[f"features.{name}.weight"])
+                layer.bias.data.copy_(features[f"features.{name}.bias"])
+                loaded += 1
+    if loaded != 13:
+        raise ValueError(f"{path}: expected 13 VGG-16 conv layers for LPIPS, loaded {loaded}")
+    return model.eval().requires_grad_(False).to(device), None
+
+
+def composite(image: torch.Tensor, output: torch.Tensor, hole_mask: torch.Tensor) -> torch.Tensor:
+    """Valid pixels from ``image``, hole pixels from ``output`` (all ``(B, C, H, W)``)."""
+    hole = hole_mask.to(image.dtype)
+    return image * (1 - hole) + output.to(image.dtype) * hole
+
+
+def image_metrics(prediction: torch.Tensor, target: torch.Tensor, lpips_model=None) -> dict[str, torch.Tensor]:
+    """Per-image metrics ``(B,)`` of ``prediction`` vs ``target`` (``(B, 3, H, W)`` in [0, 1])."""
+    from torchmetrics.functional.image import (
+        peak_signal_noise_ratio,
+        structural_similarity_index_measure,
+    )
+
+    prediction, target = prediction.float().clamp(0, 1), target.float()
+    metrics = {
+        "l1_percent": (prediction - target).abs().flatten(1).mean(1) * 100,
+        "psnr": peak_signal_noise_ratio(prediction, target, data_range=1.0, reduction="none",
+                                        dim=(1, 2, 3)),
+        "ssim": structural_similarity_index_measure(prediction, target, data_range=1.0, reduction="none"),
+    }
+    if lpips_model is not None:
+        metrics["lpips"] = lpips_model(prediction * 2 - 1, target * 2 - 1).flatten()
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(generator: torch.nn.Module, dataset, batch_size: int = 8, device="cpu",
+             lpips_model=None, progress: bool = True) -> dict[str, float | None]:
+    """Mean metrics of ``generator`` (eval mode) over ``dataset`` (``FaceFolder`` items)."""
+    from tqdm import tqdm
+
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+    generator.eval()
+    sums: dict[str, float] = {}
+    count = 0
+    for batch in tqdm(loader, desc="eval", unit="batch", disable=not progress):
+        image, hole_mask = batch["image"].to(device), batch["hole_mask"].to(device)
+        completed = composite(image, generator(image, hole_mask), hole_mask)
+        for name, values in image_metrics(completed, image, lpips_model).items():
+            sums[name] = sums.get(name, 0.0) + float(values.sum())
+        count += image.shape[0]
+    return {name: (sums[name] / count if name in sums else None) for name in METRICS} | {"images": count}
+
+
+def format_table(results: dict) -> str:
+    """A small text table of ``results`` (``n/a`` for unavailable metrics)."""
+    header = f"{'masks':<8} {'images':>6} {'L1 (%)':>8} {'PSNR':>8} {'SSIM':>8} {'LPIPS':>8}"
+
+    def cell(value, digits):
+        return f"{value:>8.{digits}f}" if value is not None else f"{'n/a':>8}"
+
+    row = (f"{results['masks']:<8} {results['images']:>6} {cell(results['l1_percent'], 3)} "
+           f"{cell(results['psnr'], 3)} {cell(results['ssim'], 4)} {cell(results['lpips'], 4)}")
+    lines = [header, row]
+    if results.get("lpips_unavailable"):
+        lines.append(results["lpips_unavailable"])
+    return "\n".join(lines)
+
+
+def run_evaluation(data, checkpoint, masks: str = "random", batch_size: int = 8, device: str = "auto",
+                   limit: int | None = None, progress: bool = True) -> dict:
+    """Load ``checkpoint``, evaluate on the test split of ``data``; returns the results dict."""
+    from oracleface.checkpoint import generator_from_checkpoint
+    from oracleface.data import FaceFolder
+    from oracleface.train import resolve_device
+
+    if masks not in MASK_CHOICES:
+        raise ValueError(f"masks must be one of {MASK_CHOICES}; got {masks!r}")
+    if not Path(data).is_dir():
+        raise FileNotFoundError(f"--data {data}: no such folder")
+    device = resolve_device(device)
+    generator, state = generator_from_checkpoint(checkpoint, device)
+    config = state["config"]
+    dataset = FaceFolder(data, resolution=generator.resolution, split="test",
+                         test_size=config.get("test_size"), seed=config.get("seed", 0), masks=masks)
+    if limit is not None:
+        dataset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
+    lpips_model, reason = load_lpips(device)
+    metrics = evaluate(generator, dataset, batch_size, device, lpips_model, progress)
+    return {"checkpoint": str(checkpoint), "step": state["step"], "data": str(data), "masks": masks,
+            "resolution": generator.resolution, **metrics, "lpips_unavailable": reason}
+
+
+# ----------------------------------------------------------------------------- command line
+def configure_parser(parser) -> None:
+    parser.add_argument("--data", metavar="DIR", required=True, help="the dataset folder used in training")
+    parser.add_argument("--checkpoint", metavar="CKPT", required=True, help="a training checkpoint")
+    parser.add_argument("--masks", choices=MASK_CHOICES, default="random",
+                        help="random rectangles (default) or the 128×128 centre hole")
+    parser.add_argument("--out", metavar="metrics.json", default=None, help="also write the results as JSON")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N test images")
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def run_command(args) -> int:
+    from oracleface.checkpoint import write_json_atomic
+
+    try:
+        results = run_evaluation(args.data, args.checkpoint, args.masks, args.batch_size, args.device,
+                                 args.limit, args.progress)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"oracleface eval: error: {error}", file=sys.stderr)
+        return 2
+    print(format_table(results))
+    if args.out:
+        write_json_atomic(results, args.out)
+        print(f"metrics written to {args.out}")
+    return 0
+
+
+def command():
+    from oracleface.cli import Command
+
+    return Command("eval", "L1, PSNR, SSIM and LPIPS of a checkpoint on the held-out split",
+                   configure_parser, run_command)
