@@ -84,5 +84,16 @@ register(Command("landmarks", "compute 68-point landmarks for every image once, 
                  _configure_landmarks, _run_landmarks))
 
 
+
+# ----------------------------------------------------------------------------- train, eval, complete, demo
+def _register_pipeline_commands() -> None:
+    from oracleface import complete, demo, evaluate, train
+
+    for module in (train, evaluate, complete, demo):
+        register(module.command())
+
+
+_register_pipeline_commands()
+
 if __name__ == "__main__":
     sys.exit(main())
