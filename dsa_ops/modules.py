@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsa_ops.ops import BACKENDS, masked_attention
+from dsa_ops.ops import BACKENDS, dual_masked_attention
 
 Tensor = torch.Tensor
 
@@ -83,14 +83,14 @@ class DualSpatialAttention(nn.Module):
         features = self.projection(x).flatten(2).transpose(1, 2)
         q_cross, k_cross, v_cross, q_self, k_self, v_self = features.split(
             [self.qk_dim, self.qk_dim, channels] * 2, dim=2)
-        options = dict(scale=self.scale, return_attention=return_attention, backend=self.backend)
-        cross = masked_attention(q_cross, k_cross, v_cross, foreground, ~foreground, **options)
-        self_ = masked_attention(q_self, k_self, v_self, foreground, foreground, **options)
-        if return_attention:
-            (cross, cross_map), (self_, self_map) = cross, self_
+        # Both branches in one call: on the "cuda" backend one fused launch per kernel.
+        branches = dual_masked_attention(q_cross, k_cross, v_cross, q_self, k_self, v_self,
+                                         foreground, scale=self.scale,
+                                         return_attention=return_attention, backend=self.backend)
+        cross, self_ = branches[:2]
         attended = self.alpha * cross + self.beta * self_
         attended = attended.transpose(1, 2).reshape(batch, channels, height, width)
         y = self.fuse(2 * x + attended)
         if return_attention:
-            return y, {"cross": cross_map, "self": self_map}
+            return y, branches[2]
         return y

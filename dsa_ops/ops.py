@@ -332,3 +332,128 @@ class MaskedAttentionFunction(torch.autograd.Function):
         grads = ctx.backward_op(grad_out.contiguous(), q, k, v, out, lse, query_mask, key_mask,
                                 ctx.scale)
         return (*grads, None, None, None, None)
+
+
+# ============================================================================= dual-branch op
+# Dual Spatial Attention runs two masked attentions that share their queries (the
+# foreground): the cross branch attends to the background, the self branch to the
+# foreground. The fused op pair computes both branches in one launch per kernel from one
+# partition of the foreground (its two halves are the two key lists), so every key row is
+# gathered by one grid. ``reference`` composes two reference calls and runs everywhere;
+# ``cuda`` comes from csrc/ (bindings.cpp) like the single-branch op.
+_DUAL_FWD_SCHEMA = ("(Tensor q_cross, Tensor k_cross, Tensor v_cross, Tensor q_self, Tensor k_self,"
+                    " Tensor v_self, Tensor foreground, float scale)"
+                    " -> (Tensor out_cross, Tensor lse_cross, Tensor out_self, Tensor lse_self)")
+_DUAL_BWD_SCHEMA = ("(Tensor grad_out_cross, Tensor grad_out_self, Tensor q_cross, Tensor k_cross,"
+                    " Tensor v_cross, Tensor q_self, Tensor k_self, Tensor v_self, Tensor out_cross,"
+                    " Tensor lse_cross, Tensor out_self, Tensor lse_self, Tensor foreground,"
+                    " float scale) -> (Tensor grad_q_cross, Tensor grad_k_cross, Tensor grad_v_cross,"
+                    " Tensor grad_q_self, Tensor grad_k_self, Tensor grad_v_self)")
+DUAL_BACKENDS = ("reference", "cuda")
+
+
+def _dual_op_names(backend: str) -> tuple[str, str]:
+    return f"dual_masked_attention_fwd_{backend}", f"dual_masked_attention_bwd_{backend}"
+
+
+def _dual_forward_reference(q_cross, k_cross, v_cross, q_self, k_self, v_self, foreground, scale):
+    out_cross, lse_cross = reference.forward(q_cross, k_cross, v_cross, foreground, ~foreground, scale)
+    out_self, lse_self = reference.forward(q_self, k_self, v_self, foreground, foreground, scale)
+    return out_cross, lse_cross, out_self, lse_self
+
+
+def _dual_backward_reference(grad_out_cross, grad_out_self, q_cross, k_cross, v_cross, q_self,
+                             k_self, v_self, out_cross, lse_cross, out_self, lse_self, foreground,
+                             scale):
+    cross = reference.backward(grad_out_cross, q_cross, k_cross, v_cross, out_cross, lse_cross,
+                               foreground, ~foreground, scale)
+    self_ = reference.backward(grad_out_self, q_self, k_self, v_self, out_self, lse_self,
+                               foreground, foreground, scale)
+    return (*cross, *self_)
+
+
+def _fake_dual_forward(q_cross, k_cross, v_cross, q_self, k_self, v_self, foreground, scale):
+    return (*_fake_forward(q_cross, k_cross, v_cross, foreground, foreground, scale),
+            *_fake_forward(q_self, k_self, v_self, foreground, foreground, scale))
+
+
+def _fake_dual_backward(grad_out_cross, grad_out_self, q_cross, k_cross, v_cross, q_self, k_self,
+                        v_self, out_cross, lse_cross, out_self, lse_self, foreground, scale):
+    return tuple(t.new_empty(t.shape) for t in (q_cross, k_cross, v_cross, q_self, k_self, v_self))
+
+
+def _dual_setup_context(ctx, inputs, output):
+    *qkv, foreground, scale = inputs
+    out_cross, lse_cross, out_self, lse_self = output
+    ctx.mark_non_differentiable(lse_cross, lse_self)
+    ctx.save_for_backward(*qkv, out_cross, lse_cross, out_self, lse_self, foreground)
+    ctx.scale = scale
+
+
+def _make_dual_backward(bwd_op):
+    def backward(ctx, grad_out_cross, _grad_lse_cross, grad_out_self, _grad_lse_self):
+        *qkv, out_cross, lse_cross, out_self, lse_self, foreground = ctx.saved_tensors
+        grads = bwd_op(grad_out_cross, grad_out_self, *qkv, out_cross, lse_cross, out_self,
+                       lse_self, foreground, ctx.scale)
+        return (*grads, None, None)
+    return backward
+
+
+for _backend in DUAL_BACKENDS:
+    _fwd, _bwd = _dual_op_names(_backend)
+    _lib.define(_fwd + _DUAL_FWD_SCHEMA)
+    _lib.define(_bwd + _DUAL_BWD_SCHEMA)
+    if _backend == "reference":  # cuda: TORCH_LIBRARY_IMPL in csrc/bindings.cpp
+        _lib.impl(_fwd, _dual_forward_reference, "CompositeExplicitAutograd")
+        _lib.impl(_bwd, _dual_backward_reference, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"dsa_ops::{_fwd}", _fake_dual_forward, lib=_lib)
+    torch.library.register_fake(f"dsa_ops::{_bwd}", _fake_dual_backward, lib=_lib)
+    torch.library.register_autograd(
+        f"dsa_ops::{_fwd}", _make_dual_backward(getattr(torch.ops.dsa_ops, _bwd).default),
+        setup_context=_dual_setup_context, lib=_lib)
+
+
+def dual_masked_attention(q_cross: Tensor, k_cross: Tensor, v_cross: Tensor, q_self: Tensor,
+                          k_self: Tensor, v_self: Tensor, foreground: Tensor, *,
+                          scale: float = 1.0, return_attention: bool = False,
+                          backend: str = "auto"):
+    """Both DSA branches: cross (foreground → background) and self (foreground → foreground).
+
+    Equal to ``masked_attention(q_cross, k_cross, v_cross, foreground, ~foreground)`` and
+    ``masked_attention(q_self, k_self, v_self, foreground, foreground)``; when the resolved
+    backend is ``"cuda"`` and both branches have the same shapes, one fused op computes
+    both (one launch per kernel for the layer).
+
+    Args:
+        q_cross, k_cross, q_self, k_self: ``(B, L, Dqk)``; v_cross, v_self: ``(B, L, Dv)``.
+        foreground: ``(B, L)`` bool, the query positions of both branches.
+        scale, return_attention, backend: as for ``masked_attention``.
+
+    Returns:
+        ``(out_cross, out_self)``, each ``(B, L, Dv)``; with ``return_attention`` also
+        ``{"cross": (B, L, L), "self": (B, L, L)}``.
+    """
+    if not isinstance(foreground, torch.Tensor) or foreground.dtype != torch.bool:
+        got = foreground.dtype if isinstance(foreground, torch.Tensor) else type(foreground).__name__
+        raise TypeError(f"foreground must be a bool tensor of shape (B, L); got {got}")
+    background = ~foreground
+    validate_inputs(q_cross, k_cross, v_cross, foreground, background, scale)
+    validate_inputs(q_self, k_self, v_self, foreground, foreground, scale)
+    cross_backend = resolve_backend(backend, q_cross, v_cross)
+    self_backend = resolve_backend(backend, q_self, v_self)
+    same_shapes = (q_self.shape == q_cross.shape and v_self.shape == v_cross.shape
+                   and q_self.dtype == q_cross.dtype)
+    if cross_backend.name == self_backend.name == "cuda" and same_shapes:
+        fused = getattr(torch.ops.dsa_ops, _dual_op_names("cuda")[0]).default
+        out_cross, _, out_self, _ = fused(q_cross, k_cross, v_cross, q_self, k_self, v_self,
+                                          foreground, float(scale))
+    else:
+        out_cross, _ = cross_backend.forward(q_cross, k_cross, v_cross, foreground, background,
+                                             float(scale))
+        out_self, _ = self_backend.forward(q_self, k_self, v_self, foreground, foreground,
+                                           float(scale))
+    if not return_attention:
+        return out_cross, out_self
+    maps = {"cross": reference.attention_probs(q_cross, k_cross, foreground, background, float(scale)),
+            "self": reference.attention_probs(q_self, k_self, foreground, foreground, float(scale))}
+    return out_cross, out_self, maps
