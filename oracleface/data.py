@@ -126,7 +126,8 @@ def mask_seed(seed: int, split: str, epoch: int, index: int) -> int:
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
     """PIL RGB image → ``(3, H, W)`` float32 in [0, 1]."""
-    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
+    pixels = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / np.float32(255)
+    return torch.from_numpy(np.ascontiguousarray(pixels))
 
 
 class FaceFolder(torch.utils.data.Dataset):
