@@ -309,7 +309,7 @@ def build_landmark_cache(data_dir, provider: str = "dlib", out=None, size: int =
     """
     from tqdm import tqdm
 
-    from oracleface.data import find_images, load_square_image
+    from oracleface.data import DECODE_ERRORS, find_images, load_square_image
 
     _check_positive_int(size, "size")
     _check_positive_int(flush_every, "flush_every")
@@ -326,7 +326,7 @@ def build_landmark_cache(data_dir, provider: str = "dlib", out=None, size: int =
     landmarks, no_face, unreadable = cache["landmarks"], cache["no_face"], cache["unreadable"]
     todo = [name for name in files if name not in landmarks and name not in unreadable]
 
-    computed = 0
+    computed, changed = 0, False
     last_flush = time.monotonic()
 
     def flush():
@@ -339,19 +339,20 @@ def build_landmark_cache(data_dir, provider: str = "dlib", out=None, size: int =
         for name in tqdm(todo, desc=f"landmarks ({provider})", unit="img", disable=not progress):
             try:
                 image = load_square_image(data_dir / name, size)
-            except OSError:
+            except DECODE_ERRORS:
                 unreadable.add(name)
+                changed = True
                 continue
             points = model(np.asarray(image))
             if points is None:
                 no_face.add(name)
                 points = canonical_landmarks(size)
             landmarks[name] = np.asarray(points, dtype=np.float64) / size
-            computed += 1
+            computed, changed = computed + 1, True
             if computed % flush_every == 0 or time.monotonic() - last_flush > flush_seconds:
                 flush()
     finally:
-        if computed or not out.exists():
+        if changed or not out.exists():
             flush()
     return {"path": out, "total": len(files), "computed": computed,
             "skipped": len(files) - len(todo), "no_face": len(no_face & set(files)),
