@@ -237,10 +237,11 @@ def test_large_map_runs_in_bounded_memory():
     before = torch.cuda.memory_allocated()
     out = dsa_ops.masked_attention(q, k, v, foreground, ~foreground, scale=qk_dim ** -0.5,
                                    backend="cuda")
-    out.float().square().sum().backward()
+    out.backward(torch.randn_like(out))
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - before
     dense_scores = batch * length * length * 4
-    assert peak < dense_scores / 1000, f"peak {peak / 2**20:.0f} MiB for a dense {dense_scores / 2**30:.0f} GiB"
+    assert peak < dense_scores / 100, (f"peak {peak / 2**20:.0f} MiB; the dense scores would "
+                                       f"take {dense_scores / 2**30:.0f} GiB")
     assert torch.isfinite(out).all() and torch.isfinite(q.grad).all()
     assert (out[~foreground] == 0).all() and (out[foreground].abs().sum(dim=-1) > 0).all()
