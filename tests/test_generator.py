@@ -1,5 +1,4 @@
 """Generator (Tables 6/8), oracle pass and contextual attention."""
-import os
 
 import pytest
 import torch
