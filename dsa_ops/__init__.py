@@ -10,6 +10,7 @@ from dsa_ops.ops import (
     MaskedAttentionFunction,
     available_backends,
     backend_unavailable_reason,
+    dual_masked_attention,
     masked_attention,
     partition_indices,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "MaskedAttentionFunction",
     "available_backends",
     "backend_unavailable_reason",
+    "dual_masked_attention",
     "masked_attention",
     "partition_indices",
     "reduce_hole_mask",
