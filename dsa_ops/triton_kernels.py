@@ -96,16 +96,22 @@ def _block_config(pass_name: str, device: torch.device, qk_dim: int, v_dim: int,
     backward      256          M 16, N 64, 8 warps, 1 stage     dV acc 64×256 fp32
     ============  ===========  ===============================  =====================
 
-    The V chunk is ``next_pow2(Dv)`` capped at 256 for 16-bit inputs and at 128 for
-    float32 (twice the registers and shared memory per element), so Dv = 512 runs as two
-    (or four) chunks. Pre-Ampere GPUs get the same tiles with one pipeline stage. Under
-    the interpreter (CPU) every tile is 16 wide: fast, and still exercises multi-tile
+    The V chunk is ``next_pow2(Dv)`` capped at 256 for 16-bit inputs; float32 inputs
+    (IEEE products on the FMA units, operands staged in shared memory) cap it at 128 in
+    the forward and 64 in the backward, which keeps every kernel within the shared memory
+    of an A100 (checked by compiling for sm_80 and sm_90 at Dqk/Dv = 64/512, 32/256,
+    16/128, 8/12). Dv = 512 thus runs as 2 (16-bit) or 4/8 (float32) chunks.
+    Pre-Ampere GPUs get the same tiles with one pipeline stage. Under the interpreter
+    (CPU) every tile is 16 wide (V chunks 64): fast, and still exercises multi-tile
     loops and partial tiles at L ≈ 35..100.
     """
     block_qk = _padded(qk_dim)
     if device.type != "cuda":
         return BlockConfig(16, 16, block_qk, min(_padded(v_dim), 64), num_warps=1, num_stages=1)
-    max_chunk = 128 if dtype == torch.float32 else 256
+    if dtype == torch.float32:  # IEEE products run on FMA units and stage operands in smem
+        max_chunk = 128 if pass_name == "forward" else 64
+    else:
+        max_chunk = 256
     block_dv = min(_padded(v_dim), max_chunk)
     if pass_name == "forward":
         if block_dv <= 64:
@@ -248,7 +254,8 @@ def _grad_probs(d_out_tile, v_tile, grad_out_b, v_b, rows, row_valid, cols, col_
         d_probs = tl.dot(d_out_tile, tl.trans(v_tile), input_precision=INPUT_PRECISION)
     else:
         d_probs = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for chunk in tl.static_range(NUM_DV_CHUNKS):
+        # A loop, not unrolled: one chunk's tiles live at a time.
+        for chunk in range(NUM_DV_CHUNKS):
             v_cols = chunk * BLOCK_DV + tl.arange(0, BLOCK_DV)
             d_out_chunk = _load_rows(grad_out_b, rows, row_valid, stride_gl, v_cols, v_dim,
                                      stride_gd)
