@@ -88,16 +88,17 @@ class OracleFaceModel(nn.Module):
         detach_oracle: the oracle maps are targets (no gradient through the oracle pass).
         perceptual: a ``PerceptualLoss``; default builds one with ``vgg_weights`` /
             ``pretrained`` (see ``oracleface.losses.PerceptualLoss``).
+        width: channel multiplier of G and the critics in (0, 1] (1 = the paper).
     """
 
     def __init__(self, resolution: int = 256, attention: str = "dsa", dsa_backend: str = "auto",
                  weights: LossWeights = LossWeights(), kl_layers=None, detach_oracle: bool = True,
                  perceptual: Optional[PerceptualLoss] = None, vgg_weights=None,
-                 pretrained: bool = True):
+                 pretrained: bool = True, width: float = 1.0):
         super().__init__()
         self.resolution = resolution
-        self.generator = Generator(resolution, attention, dsa_backend)
-        self.discriminator = MultiDiscriminator(resolution)
+        self.generator = Generator(resolution, attention, dsa_backend, width=width)
+        self.discriminator = MultiDiscriminator(resolution, width=width)
         self.perceptual = perceptual if perceptual is not None else PerceptualLoss(vgg_weights, pretrained)
         self.weights = weights
         if attention != "dsa":

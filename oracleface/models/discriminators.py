@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from oracleface.boxes import COMPONENTS, box_sizes
+from oracleface.models.generator import scaled_channels
 
 Tensor = torch.Tensor
 
@@ -141,6 +142,7 @@ class MultiDiscriminator(nn.Module):
         resolution: 256 (Table 7) or 1024 (Table 9); crop sizes scale with it.
         component_sizes: ``{component: (width, height)}`` of the component crops
             (default ``oracleface.boxes.box_sizes(resolution)``).
+        width: channel multiplier in (0, 1] (1 = the paper; narrower for smoke runs).
 
     ``forward(image (B,3,R,R), hole_mask (B,1,R,R), boxes (B,4,4) int64)`` → dict
     ``name → (N, 1, h', w')`` raw critic scores, ``N = B`` except ``local_subdivision``
@@ -148,7 +150,7 @@ class MultiDiscriminator(nn.Module):
     ``crop`` and ``score`` are the two halves, used separately by the gradient penalty.
     """
 
-    def __init__(self, resolution: int = 256, component_sizes: dict | None = None):
+    def __init__(self, resolution: int = 256, component_sizes: dict | None = None, width: float = 1.0):
         super().__init__()
         if resolution not in (256, 1024):
             raise ValueError(f"resolution must be 256 or 1024; got {resolution!r}")
@@ -161,7 +163,9 @@ class MultiDiscriminator(nn.Module):
             raise ValueError(f"component_sizes must give (width, height) for {COMPONENTS}; "
                              f"missing {missing}")
         self.component_sizes = {name: (int(sizes[name][1]), int(sizes[name][0])) for name in COMPONENTS}
-        self.critics = nn.ModuleDict({name: PatchDiscriminator(DISCRIMINATOR_CHANNELS[name], resolution)
+        self.width = width
+        self.critics = nn.ModuleDict({name: PatchDiscriminator(scaled_channels(DISCRIMINATOR_CHANNELS[name], width),
+                                                               resolution)
                                       for name in DISCRIMINATOR_NAMES})
 
     def extra_repr(self) -> str:

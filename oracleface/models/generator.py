@@ -53,17 +53,25 @@ class GeneratorLayerSpec:
     resolution: int
 
 
-def _encoder_channels(depth: int) -> list[int]:
+def scaled_channels(channels: int, width: float) -> int:
+    """``channels × width`` rounded, at least 8 (``width`` < 1: narrow models for smoke runs)."""
+    if isinstance(width, bool) or not isinstance(width, (int, float)) or not 0 < width <= 1:
+        raise ValueError(f"width must be a number in (0, 1]; got {width!r}")
+    return channels if width == 1 else max(8, round(channels * width))
+
+
+def _encoder_channels(depth: int, width: float = 1.0) -> list[int]:
     # 64, 128, 256, then 512 down to the 1×1 bottleneck (Tables 6 and 8 differ only in depth).
-    return [64, 128, 256] + [512] * (depth - 3)
+    return [scaled_channels(c, width) for c in [64, 128, 256] + [512] * (depth - 3)]
 
 
-def generator_layer_table(resolution: int = 256) -> list[GeneratorLayerSpec]:
-    """The paper's generator, one spec per layer: Table 6 (256) or Table 8 (1024)."""
+def generator_layer_table(resolution: int = 256, width: float = 1.0) -> list[GeneratorLayerSpec]:
+    """The paper's generator, one spec per layer: Table 6 (256) or Table 8 (1024).
+    ``width`` < 1 scales every hidden layer's channels (not the paper; for smoke runs)."""
     if resolution not in RESOLUTIONS:
         raise ValueError(f"resolution must be one of {RESOLUTIONS}; got {resolution!r}")
     depth = 8 if resolution == 256 else 10  # stride-2 layers down to 1×1
-    encoder = _encoder_channels(depth)
+    encoder = _encoder_channels(depth, width)
     kernels = [7, 5] + [3] * (depth - 2)
     table = []
     for i in range(depth):
@@ -140,13 +148,15 @@ class Generator(nn.Module):
         attention: ``"dsa"`` (the paper), ``"ca"`` (contextual attention, Table 3
             ablation) or ``"none"`` (identity).
         dsa_backend: forwarded to ``dsa_ops.DualSpatialAttention``.
+        width: channel multiplier in (0, 1]; 1 is the paper (narrower: smoke runs, demos).
 
     ``forward(x (B,3,R,R) in [0,1], hole_mask (B,1,R,R) 1 = missing)`` → ``(B,3,R,R)`` in
     [0, 1]; ``R = resolution``. In training mode the batch must hold at least two samples:
     BatchNorm at the 1×1 bottleneck has one value per channel and sample.
     """
 
-    def __init__(self, resolution: int = 256, attention: str = "dsa", dsa_backend: str = "auto"):
+    def __init__(self, resolution: int = 256, attention: str = "dsa", dsa_backend: str = "auto",
+                 width: float = 1.0):
         super().__init__()
         if attention not in ATTENTION_TYPES:
             raise ValueError(f"attention must be one of {ATTENTION_TYPES}; got {attention!r}")
@@ -154,7 +164,8 @@ class Generator(nn.Module):
             raise ValueError(f"dsa_backend must be 'auto' or one of {BACKENDS}; got {dsa_backend!r}")
         self.resolution = resolution
         self.attention_type = attention
-        self.table = generator_layer_table(resolution)
+        self.width = width
+        self.table = generator_layer_table(resolution, width)
         self.depth = len(self.table) // 2
         self.attention_layers = tuple(s.index for s in self.table if s.attention)
         self.last_layer = self.table[-1].index
@@ -181,7 +192,7 @@ class Generator(nn.Module):
         return NoAttention()
 
     def extra_repr(self) -> str:
-        return f"resolution={self.resolution}, attention={self.attention_type!r}"
+        return f"resolution={self.resolution}, attention={self.attention_type!r}, width={self.width}"
 
     # ------------------------------------------------------------------ validation
     def _check_inputs(self, x: Tensor, hole_mask: Tensor) -> None:
