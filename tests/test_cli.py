@@ -1,0 +1,108 @@
+"""The command line: config precedence, and clear errors that leave the run folder untouched."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from oracleface.cli import build_parser, main
+from oracleface.config import TrainConfig, load_config_file, merge_config, save_config
+from oracleface.train import Trainer, flag_values
+
+
+@pytest.fixture(scope="module")
+def faces(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("faces")
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"f{i}.png")
+    return folder
+
+
+@pytest.fixture()
+def run_dir(faces, tmp_path):
+    """A run folder at step 0 (config.yaml + checkpoints/latest.pt), made without training."""
+    run = tmp_path / "run"
+    config = TrainConfig(data=str(faces), out=str(run), width=0.125, attention="none", batch_size=2,
+                         lambda_perceptual=0.0, workers=0, device="cpu", dsa_backend="reference").validate()
+    trainer = Trainer(config)
+    trainer.save()
+    save_config(config, run / "config.yaml")
+    return run
+
+
+def snapshot(folder):
+    return {path.relative_to(folder): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def parse_train(argv):
+    return build_parser().parse_args(["train", *argv])
+
+
+def test_flags_override_the_config_file_which_overrides_defaults(tmp_path):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("batch-size: 8\nmasks: center\nsteps: 5\nlambda_kl: 1\n")
+    args = parse_train(["--data", "d", "--out", "o", "--batch-size", "4", "--epochs", "2", "--amp", "bf16"])
+    config = merge_config(load_config_file(config_file), flag_values(args))
+    assert (config.batch_size, config.masks, config.lambda_kl, config.amp) == (4, "center", 1, "bf16")
+    assert (config.steps, config.epochs) == (None, 2)  # --epochs replaces the file's steps
+    assert config.lr_generator == config.lr_discriminator == 1e-4 and config.lambda_reconstruction == 10
+    assert "resolution" not in flag_values(args)  # options not given stay out of the flag layer
+
+
+def test_config_errors_name_the_option(tmp_path):
+    config_file = tmp_path / "bad.yaml"
+    config_file.write_text("batch_sise: 8\n")
+    with pytest.raises(ValueError, match="batch_sise"):
+        load_config_file(config_file)
+    with pytest.raises(ValueError, match="amp must be one of"):
+        merge_config({"amp": "fp8"})
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        merge_config({"batch_size": 0})
+
+
+def test_missing_and_empty_data_folders_are_clear_errors(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(tmp_path / "absent"), "--out", str(out)]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["train", "--data", str(tmp_path / "empty"), "--out", str(out), "--device", "cpu"]) == 2
+    assert "holds no images" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_new_run_never_overwrites_an_existing_one(faces, run_dir, capsys):
+    before = snapshot(run_dir)
+    assert main(["train", "--data", str(faces), "--out", str(run_dir), "--device", "cpu"]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert snapshot(run_dir) == before
+
+
+def test_resuming_with_another_resolution_is_refused(faces, run_dir, capsys):
+    before = snapshot(run_dir)
+    assert main(["train", "--data", str(faces), "--out", str(run_dir), "--resume", "--resolution", "1024"]) == 2
+    assert "resolution: checkpoint 256, requested 1024" in capsys.readouterr().err
+    assert snapshot(run_dir) == before
+
+
+def test_corrupt_checkpoint_is_refused_by_train_eval_and_complete(faces, run_dir, tmp_path, capsys):
+    latest = run_dir / "checkpoints" / "latest.pt"
+    latest.write_bytes(latest.read_bytes()[:1000])
+    before = snapshot(run_dir)
+    assert main(["train", "--data", str(faces), "--out", str(run_dir), "--resume"]) == 2
+    assert main(["eval", "--data", str(faces), "--checkpoint", str(latest), "--device", "cpu"]) == 2
+    photo = tmp_path / "p.png"
+    Image.new("RGB", (40, 40)).save(photo)
+    assert main(["complete", str(photo), "--mask", "center", "--checkpoint", str(latest),
+                 "--out", str(tmp_path / "o.png"), "--device", "cpu"]) == 2
+    errors = capsys.readouterr().err
+    assert errors.count("cannot read checkpoint") == 3 and "corrupt" in errors
+    assert snapshot(run_dir) == before and not (tmp_path / "o.png").exists()
+
+
+def test_mask_of_the_wrong_size_is_refused(run_dir, tmp_path, capsys):
+    photo, mask = tmp_path / "p.png", tmp_path / "m.png"
+    Image.new("RGB", (40, 30)).save(photo)
+    Image.new("L", (30, 40), 255).save(mask)
+    assert main(["complete", str(photo), "--mask", str(mask), "--checkpoint",
+                 str(run_dir / "checkpoints" / "latest.pt"), "--out", str(tmp_path / "o.png")]) == 2
+    assert "30×40 but the image is 40×30" in capsys.readouterr().err
+    assert not (tmp_path / "o.png").exists()
