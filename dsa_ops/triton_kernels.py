@@ -105,6 +105,9 @@ def _block_config(pass_name: str, device: torch.device, qk_dim: int, v_dim: int,
     (CPU) every tile is 16 wide (V chunks 64): fast, and still exercises multi-tile
     loops and partial tiles at L ≈ 35..100.
     """
+    # Head sizes pick the tile shapes (constexprs), so they are specialised even when
+    # torch.compile traces with symbolic shapes; B and L stay symbolic in the grid.
+    qk_dim, v_dim = int(qk_dim), int(v_dim)
     block_qk = _padded(qk_dim)
     if device.type != "cuda":
         return BlockConfig(16, 16, block_qk, min(_padded(v_dim), 64), num_warps=1, num_stages=1)
@@ -424,7 +427,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, query_mask: Tensor, key_mask: Tenso
     q_index, q_count = _partition(query_mask)
     k_index, k_count = _partition(key_mask)
     config = _block_config("forward", q.device, qk_dim, v_dim, q.dtype)
-    grid = (triton.cdiv(length, config.block_m), batch, config.dv_chunks(v_dim))
+    grid = (triton.cdiv(length, config.block_m), batch, config.dv_chunks(int(v_dim)))
     torch.library.wrap_triton(_forward_kernel)[grid](
         q, k, v, out, lse,
         q_index, q_count, k_index, k_count,
@@ -454,7 +457,7 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
     q_index, q_count = _partition(query_mask)
     k_index, k_count = _partition(key_mask)
     config = _block_config("backward", q.device, qk_dim, v_dim, q.dtype)
-    num_chunks = config.dv_chunks(v_dim)
+    num_chunks = config.dv_chunks(int(v_dim))
     precision = _dot_precision(q.dtype)
     # delta in compacted order: slot s of sample b belongs to query row q_index[b, s].
     delta = torch.empty((batch, length), dtype=torch.float32, device=q.device)
