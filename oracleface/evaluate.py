@@ -17,8 +17,8 @@ numbers.
 """
 from __future__ import annotations
 
-import json
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -39,7 +39,9 @@ def load_lpips(device) -> tuple[torch.nn.Module | None, str | None]:
         return None, f"LPIPS unavailable: {error}"
     # pnet_rand=True: build the backbone without torchvision's download; the ImageNet
     # features are loaded from the local file below, the linear layers from the wheel.
-    model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
+    with warnings.catch_warnings():  # torchvision's deprecation notes about lpips' `pretrained=`
+        warnings.simplefilter("ignore", UserWarning)
+        model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
     features = torch.load(path, map_location="cpu", weights_only=True)
     loaded = 0
     for slice_index in range(1, model.net.N_slices + 1):

@@ -1,0 +1,55 @@
+"""oracleface.evaluate: metric definitions, composite, LPIPS availability, the table."""
+import math
+
+import pytest
+import torch
+
+from oracleface.evaluate import composite, format_table, image_metrics, load_lpips
+
+
+def test_composite_copies_the_valid_pixels():
+    image, output = torch.zeros(1, 3, 8, 8), torch.ones(1, 3, 8, 8)
+    hole = torch.zeros(1, 1, 8, 8)
+    hole[..., 2:4, 2:6] = 1
+    result = composite(image, output, hole)
+    assert result.sum() == 3 * 8 and torch.equal(result[..., 2:4, 2:6], torch.ones(1, 3, 2, 4))
+
+
+def test_l1_psnr_and_ssim_per_image():
+    target = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    prediction = target.clone()
+    prediction[1] = (prediction[1] + 0.1).clamp(0, 1)
+    metrics = image_metrics(prediction, target)
+    assert metrics["l1_percent"][0] == 0 and metrics["ssim"][0] == pytest.approx(1.0, abs=1e-6)
+    error = (prediction[1] - target[1])
+    assert metrics["l1_percent"][1] == pytest.approx(error.abs().mean() * 100, rel=1e-5)
+    assert metrics["psnr"][1] == pytest.approx(-10 * math.log10(error.pow(2).mean()), rel=1e-4)
+    assert metrics["ssim"][1] < 1 and "lpips" not in metrics
+
+
+def test_lpips_is_unavailable_without_vgg_weights_and_says_where_to_put_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.delenv("ORACLEFACE_VGG16_WEIGHTS", raising=False)
+    model, reason = load_lpips("cpu")
+    assert model is None
+    assert str(tmp_path / "hub" / "checkpoints" / "vgg16-397923af.pth") in reason
+
+
+def test_lpips_loads_vgg_features_from_a_local_file(tmp_path, monkeypatch):
+    from oracleface.losses import VGG16Features
+
+    features = VGG16Features()
+    torch.save({f"features.{k}": v for k, v in features.features.state_dict().items()}, tmp_path / "vgg.pth")
+    monkeypatch.setenv("ORACLEFACE_VGG16_WEIGHTS", str(tmp_path / "vgg.pth"))
+    model, reason = load_lpips("cpu")
+    assert reason is None
+    torch.testing.assert_close(getattr(model.net.slice1, "0").weight, features.features[0].weight)
+    torch.testing.assert_close(getattr(model.net.slice5, "28").bias, features.features[28].bias)
+    image = torch.rand(1, 3, 64, 64)
+    assert image_metrics(image, image, model)["lpips"].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_table_shows_na_for_unavailable_lpips():
+    table = format_table({"masks": "center", "images": 3, "l1_percent": 2.5, "psnr": 25.0, "ssim": 0.9,
+                          "lpips": None, "lpips_unavailable": "LPIPS unavailable: no weights"})
+    assert "n/a" in table and "2.500" in table and "LPIPS unavailable" in table
