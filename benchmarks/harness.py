@@ -1,0 +1,178 @@
+"""How one benchmark case is measured and recorded.
+
+``measure`` builds the contender's callable, runs it once untimed (compilation, autotuning,
+the correctness check), then times it with pytest-benchmark's pedantic mode: rounds are
+sized from the warm-up time so that cheap GPU kernels get many rounds and expensive CPU
+cases one or two. Every callable synchronises CUDA before it returns, so a round is the
+kernel time, not the launch time. Peak memory is ``torch.cuda.max_memory_allocated`` over
+the timed rounds (reset before them).
+
+What lands in ``benchmark.extra_info`` (and so in ``--benchmark-json``): family, contender,
+baseline, config, batch, mask, branch, dtype, pass, device, flops, status ("ok"),
+peak_mem_bytes, median_s, tflops (useful TFLOP/s at the median time) and max_abs_err (against the
+reference on the first sample) where it applies.
+
+A case that cannot run — ``Unsupported``, ``WouldRunOutOfMemory`` (the dense-memory
+pre-check), a real ``torch.cuda.OutOfMemoryError`` — is appended to ``NOT_RUN`` with status
+"unsupported" or "OOM" and the reason, and the test is skipped with that reason. pytest-
+benchmark keeps no entry for skipped tests, so ``conftest.py`` writes ``NOT_RUN`` into the
+JSON under ``"not_run"`` for ``benchmarks.report``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import math
+import time
+from typing import Any, Callable, Optional
+
+import pytest
+import torch
+
+from benchmarks.cases import DEVICE, LayerConfig, excluded_on_this_device
+from benchmarks.contenders import Timed, Unsupported, WouldRunOutOfMemory
+
+NOT_RUN: list[dict[str, Any]] = []
+
+# Rounds are sized so that the timed rounds of a case take about this long.
+TARGET_SECONDS = {"cuda": 1.0, "cpu": 0.3}
+ROUNDS = {"cuda": (5, 200), "cpu": (1, 10)}  # (min, max)
+WARMUP_ROUNDS = {"cuda": 2, "cpu": 0}  # besides the first, untimed call
+# Max |out − reference| on the first sample; bfloat16 keeps 8 mantissa bits.
+CHECK_TOLERANCE = {"fp32": 2e-3, "bf16": 5e-2}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One cell of the results table: which contender, on what, doing which pass."""
+
+    family: str  # "op", "module" or "training"
+    contender: str
+    baseline: str  # the contender of this family that speed-ups are relative to
+    config: str
+    batch: int
+    mask: str
+    branch: str  # "cross", "self", or "both" for the modules
+    dtype: str
+    pass_: str
+    flops: Optional[int] = None
+    paper_layer: Optional[int] = None
+
+    @classmethod
+    def of(cls, family: str, contender: str, baseline: str, config: LayerConfig, mask: str,
+           branch: str, dtype: str, pass_: str, flops: Optional[int] = None) -> "Case":
+        return cls(family, contender, baseline, config.name, config.batch, mask, branch, dtype,
+                   pass_, flops, config.paper_layer)
+
+    @property
+    def group(self) -> str:
+        """pytest-benchmark group: the contenders of one case side by side."""
+        return (f"{self.family} {self.config} b{self.batch} {self.mask} {self.branch} "
+                f"{self.dtype} {self.pass_}")
+
+    def info(self) -> dict[str, Any]:
+        info = dataclasses.asdict(self)
+        info["pass"] = info.pop("pass_")
+        info["device"] = str(DEVICE)
+        return info
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _release_memory(collect: bool = False) -> None:
+    """Hand cached CUDA blocks back, so the next case's memory pre-check sees them as free."""
+    if collect:  # only after a failure: a full collection costs ~0.2 s per case
+        gc.collect()
+    if DEVICE.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def skip_case(case: Case, status: str, reason: str) -> None:
+    """Record a case that did not run (status "OOM" or "unsupported") and skip its test."""
+    NOT_RUN.append({**case.info(), "status": status, "reason": reason})
+    pytest.skip(f"{status}: {reason}")
+
+
+def _guarded(case: Case, third_party: bool, action: Callable[[], Any]) -> Any:
+    """Run ``action``; an OOM (or a third-party failure) becomes a recorded skip."""
+    failure = None
+    try:
+        return action()
+    except (Unsupported, WouldRunOutOfMemory) as error:
+        failure = ("OOM" if isinstance(error, WouldRunOutOfMemory) else "unsupported", str(error))
+    except Exception as error:  # noqa: BLE001 — sorted below; our own failures re-raise
+        if _is_out_of_memory(error):
+            failure = ("OOM", _first_line(error))
+        elif third_party:
+            failure = ("unsupported", _first_line(error))
+        else:
+            raise
+    # Outside the except block, so the traceback's frames (and their tensors) are gone.
+    _release_memory(collect=True)
+    skip_case(case, *failure)
+
+
+def _reset_peak_memory() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(DEVICE)
+
+
+def _rounds(seconds_per_call: float) -> int:
+    low, high = ROUNDS[DEVICE.type]
+    return int(min(max(math.ceil(TARGET_SECONDS[DEVICE.type] / max(seconds_per_call, 1e-9)), low), high))
+
+
+def measure(benchmark, case: Case, build: Callable[[], Timed], *,
+            check: Optional[Callable[[Any], float]] = None, third_party: bool = False) -> None:
+    """Build, warm up, check and time one case; fill ``benchmark.extra_info``.
+
+    ``build()`` returns the timed callable (or raises ``Unsupported``/``WouldRunOutOfMemory``);
+    ``check(output)`` returns the max abs error against the reference, which must stay
+    within ``CHECK_TOLERANCE`` — a contender that computes something else is no contender.
+    """
+    benchmark.group = case.group
+    benchmark.extra_info.update(case.info())
+    excluded = excluded_on_this_device(case.dtype)
+    if excluded is not None:
+        skip_case(case, "unsupported", excluded)
+    _release_memory()
+    call = _guarded(case, third_party, build)
+
+    if benchmark.disabled:  # the smoke run: pedantic calls the target exactly once
+        first = lambda: benchmark.pedantic(call)  # noqa: E731
+    else:
+        first = call
+    _reset_peak_memory()
+    started = time.perf_counter()
+    output = _guarded(case, third_party, first)
+    seconds = time.perf_counter() - started
+
+    if check is not None:
+        error = _guarded(case, third_party, lambda: check(output))
+        benchmark.extra_info["max_abs_err"] = error
+        assert error <= CHECK_TOLERANCE[case.dtype], (
+            f"{case.contender} disagrees with the reference on {case.group}: "
+            f"max |error| {error:.3g} > {CHECK_TOLERANCE[case.dtype]}")
+    del output
+
+    if not benchmark.disabled:
+        _reset_peak_memory()
+        _guarded(case, third_party, lambda: benchmark.pedantic(
+            call, rounds=_rounds(seconds), warmup_rounds=WARMUP_ROUNDS[DEVICE.type], iterations=1))
+    benchmark.extra_info["status"] = "ok"
+    if DEVICE.type == "cuda":
+        benchmark.extra_info["peak_mem_bytes"] = torch.cuda.max_memory_allocated(DEVICE)
+    # The median resists the odd slow round (a shared host, a clock change); the report uses it too.
+    median = benchmark.stats.stats.median if benchmark.stats is not None else seconds
+    benchmark.extra_info["median_s"] = median
+    if case.flops:
+        benchmark.extra_info["tflops"] = case.flops / median / 1e12

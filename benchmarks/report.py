@@ -1,0 +1,318 @@
+"""Summarise a pytest-benchmark JSON of this suite: tables, a markdown summary, a bar chart.
+
+    python -m benchmarks.report RESULTS.json [--png OUT.png] [--markdown OUT.md]
+
+Prints one table per benchmark family (the op, the modules, the training step): rows are
+cases (configuration × batch × mask × branch × dtype × pass), columns are contenders,
+cells the median time in ms and the speed-up over the family's baseline (the reference),
+"OOM" where the contender ran out of memory or its pre-check said it would, "n/a" where it
+is unsupported, "–" where the case was not collected. ``--markdown`` writes the same
+tables plus achieved TFLOP/s and peak memory, headed by the machine (GPU, torch, CUDA,
+Triton, git commit); ``--png`` writes a grouped bar chart of the times (log scale).
+
+Timed cases come from the JSON's ``benchmarks`` (``extra_info`` as ``benchmarks.harness``
+fills it); cases that did not run come from its ``not_run`` list.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+FAMILY_TITLES = {
+    "op": "masked_attention op (per branch)",
+    "module": "attention module: DualSpatialAttention vs contextual attention",
+    "training": "generator training step (forward + backward)",
+}
+ROW_FIELDS = ("config", "batch", "mask", "branch", "dtype", "pass")
+STATUS_LABELS = {"OOM": "OOM", "unsupported": "n/a"}
+MISSING = "–"
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """One contender on one case: timed (status "ok") or not run ("OOM", "unsupported")."""
+
+    family: str
+    contender: str
+    baseline: str
+    row: tuple  # values of ROW_FIELDS
+    status: str
+    seconds: Optional[float] = None  # median
+    tflops: Optional[float] = None
+    peak_mem_bytes: Optional[int] = None
+    reason: str = ""
+
+
+@dataclasses.dataclass
+class Results:
+    results: list[Result]
+    machine_info: dict[str, Any]
+    commit_info: dict[str, Any]
+    datetime: str = ""
+
+
+def _row(info: dict[str, Any]) -> tuple:
+    return tuple(info.get(field) for field in ROW_FIELDS)
+
+
+def load_results(path: str | Path) -> Results:
+    """Parse a ``--benchmark-json`` file written by this suite."""
+    with open(path) as handle:
+        data = json.load(handle)
+    if not isinstance(data, dict) or "benchmarks" not in data:
+        raise ValueError(f"{path} is not a pytest-benchmark JSON (no 'benchmarks' key)")
+    results = []
+    for bench in data["benchmarks"]:
+        info = bench.get("extra_info", {})
+        if "family" not in info:  # not a case of this suite
+            continue
+        results.append(Result(info["family"], info["contender"], info["baseline"], _row(info),
+                              info.get("status", "ok"), bench["stats"]["median"],
+                              info.get("tflops"), info.get("peak_mem_bytes")))
+    for info in data.get("not_run", []):
+        results.append(Result(info["family"], info["contender"], info["baseline"], _row(info),
+                              info["status"], reason=info.get("reason", "")))
+    return Results(results, data.get("machine_info", {}), data.get("commit_info", {}),
+                   data.get("datetime", ""))
+
+
+# ----------------------------------------------------------------------------- tables
+@dataclasses.dataclass
+class Table:
+    """Cells of one family: ``cells[row][contender]`` → Result."""
+
+    family: str
+    baseline: str
+    rows: list[tuple]
+    contenders: list[str]
+    cells: dict[tuple, dict[str, Result]]
+
+    def baseline_seconds(self, row: tuple) -> Optional[float]:
+        result = self.cells[row].get(self.baseline)
+        return result.seconds if result is not None and result.status == "ok" else None
+
+
+def build_tables(results: Iterable[Result]) -> list[Table]:
+    """One table per family, rows and columns in the order the suite ran them, baseline first."""
+    tables: dict[str, Table] = {}
+    for result in results:
+        table = tables.setdefault(result.family, Table(result.family, result.baseline, [], [], {}))
+        if result.row not in table.cells:
+            table.rows.append(result.row)
+            table.cells[result.row] = {}
+        if result.contender not in table.contenders:
+            table.contenders.append(result.contender)
+        table.cells[result.row][result.contender] = result
+    for table in tables.values():
+        if table.baseline in table.contenders:
+            table.contenders.remove(table.baseline)
+            table.contenders.insert(0, table.baseline)
+    order = list(FAMILY_TITLES)
+    return sorted(tables.values(), key=lambda t: order.index(t.family) if t.family in order else len(order))
+
+
+def format_ms(seconds: float) -> str:
+    ms = seconds * 1e3
+    return f"{ms:.3g} ms" if ms < 1000 else f"{ms:.0f} ms"
+
+
+def time_cell(table: Table, row: tuple, contender: str) -> str:
+    """"1.23 ms (4.5×)", the time alone for the baseline, or the status label."""
+    result = table.cells[row].get(contender)
+    if result is None:
+        return MISSING
+    if result.status != "ok":
+        return STATUS_LABELS.get(result.status, result.status)
+    text = format_ms(result.seconds)
+    baseline = table.baseline_seconds(row)
+    if contender != table.baseline and baseline is not None:
+        text += f" ({baseline / result.seconds:.2g}×)" if baseline / result.seconds < 10 else \
+            f" ({baseline / result.seconds:.0f}×)"
+    return text
+
+
+def _value_cell(getter: Callable[[Result], Optional[float]], fmt: str):
+    def cell(table: Table, row: tuple, contender: str) -> str:
+        result = table.cells[row].get(contender)
+        if result is None:
+            return MISSING
+        if result.status != "ok":
+            return STATUS_LABELS.get(result.status, result.status)
+        value = getter(result)
+        return MISSING if value is None else fmt.format(value)
+    return cell
+
+
+tflops_cell = _value_cell(lambda r: r.tflops, "{:.3g}")
+memory_cell = _value_cell(lambda r: None if r.peak_mem_bytes is None else r.peak_mem_bytes / 2 ** 30, "{:.3g}")
+
+
+def row_label(row: tuple) -> list[str]:
+    config, batch, mask, branch, dtype, pass_ = row
+    return [str(config), f"b{batch}", str(mask), str(branch), str(dtype), str(pass_)]
+
+
+def _grid(table: Table, cell) -> tuple[list[str], list[list[str]]]:
+    header = ["config", "batch", "mask", "branch", "dtype", "pass", *table.contenders]
+    body = [row_label(row) + [cell(table, row, c) for c in table.contenders] for row in table.rows]
+    return header, body
+
+
+def format_text(table: Table, cell=time_cell) -> str:
+    header, body = _grid(table, cell)
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+    lines = ["  ".join(text.ljust(width) for text, width in zip(line, widths)).rstrip()
+             for line in [header, *body]]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def format_markdown_table(table: Table, cell=time_cell) -> str:
+    header, body = _grid(table, cell)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(line) + " |" for line in body]
+    return "\n".join(lines)
+
+
+def _has(table: Table, getter: Callable[[Result], Any]) -> bool:
+    return any(getter(r) is not None for cells in table.cells.values() for r in cells.values())
+
+
+def machine_lines(results: Results) -> list[str]:
+    machine, commit = results.machine_info, results.commit_info
+    dirty = " (uncommitted changes)" if commit.get("dirty") else ""
+    lines = [
+        f"- date: {results.datetime or 'unknown'}",
+        f"- device: {machine.get('gpu') or machine.get('benchmark_device') or 'unknown'}",
+        f"- torch {machine.get('torch', '?')}, CUDA {machine.get('cuda', '?')}, "
+        f"Triton {machine.get('triton', '?')}, Python {machine.get('python', machine.get('python_version', '?'))}",
+        f"- dsa_ops backends: {', '.join(machine.get('dsa_ops_backends', [])) or 'unknown'}",
+        f"- git commit: {commit.get('id', 'unknown')}{dirty}",
+    ]
+    cpu = machine.get("cpu", {})
+    if isinstance(cpu, dict) and cpu.get("brand_raw"):
+        lines.insert(2, f"- host CPU: {cpu['brand_raw']}")
+    return lines
+
+
+def not_run_lines(results: Results) -> list[str]:
+    """One line per distinct (contender, status, reason)."""
+    seen = {}
+    for result in results.results:
+        if result.status != "ok":
+            seen.setdefault((result.family, result.contender, result.status, result.reason), 0)
+            seen[(result.family, result.contender, result.status, result.reason)] += 1
+    return [f"- {contender} ({family}), {STATUS_LABELS.get(status, status)} ×{count}: {reason}"
+            for (family, contender, status, reason), count in seen.items()]
+
+
+def format_markdown(results: Results) -> str:
+    parts = ["# Benchmark results", "", *machine_lines(results), "",
+             "Cells: median time, speed-up over the family's baseline in brackets; "
+             "OOM = out of memory (or the dense-memory pre-check), n/a = unsupported.", ""]
+    for table in build_tables(results.results):
+        parts += [f"## {FAMILY_TITLES.get(table.family, table.family)}", "",
+                  f"Baseline: `{table.baseline}`.", "", format_markdown_table(table), ""]
+        if _has(table, lambda r: r.tflops):
+            parts += ["Achieved TFLOP/s (useful FLOPs):", "", format_markdown_table(table, tflops_cell), ""]
+        if _has(table, lambda r: r.peak_mem_bytes):
+            parts += ["Peak memory (GiB):", "", format_markdown_table(table, memory_cell), ""]
+    reasons = not_run_lines(results)
+    if reasons:
+        parts += ["## Cases that did not run", "", *reasons, ""]
+    return "\n".join(parts)
+
+
+# ----------------------------------------------------------------------------- chart
+def plot(results: Results, path: str | Path) -> None:
+    """Grouped bars of the median time per case (log scale), one panel per family × dtype × pass."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = []
+    for table in build_tables(results.results):
+        keys = []
+        for row in table.rows:
+            key = (row[4], row[5])  # dtype, pass
+            if key not in keys:
+                keys.append(key)
+        for dtype, pass_ in keys:
+            rows = [row for row in table.rows if (row[4], row[5]) == (dtype, pass_)]
+            panels.append((table, f"{FAMILY_TITLES.get(table.family, table.family)} — {dtype}, {pass_}", rows))
+    if not panels:
+        raise ValueError("no benchmark cases to plot")
+
+    figure, axes = plt.subplots(len(panels), 1, squeeze=False,
+                                figsize=(max(8.0, 0.22 * max(len(r) * len(t.contenders) for t, _, r in panels)),
+                                         3.6 * len(panels)))
+    colours = plt.get_cmap("tab10")
+    for axis, (table, title, rows) in zip(axes[:, 0], panels):
+        width = 0.8 / len(table.contenders)
+        times = [r.seconds for row in rows for r in table.cells[row].values() if r.status == "ok"]
+        floor = min(times) * 1e3 / 3 if times else 1e-3
+        for index, contender in enumerate(table.contenders):
+            for position, row in enumerate(rows):
+                x = position - 0.4 + width * (index + 0.5)
+                result = table.cells[row].get(contender)
+                if result is None:
+                    continue
+                if result.status == "ok":
+                    axis.bar(x, result.seconds * 1e3, width, color=colours(index % 10),
+                             label=contender if position == 0 else None)
+                else:
+                    axis.text(x, floor, STATUS_LABELS.get(result.status, result.status), rotation=90,
+                              ha="center", va="bottom", fontsize=6, color=colours(index % 10))
+        # Label every contender once, even one that never ran in this panel.
+        for index, contender in enumerate(table.contenders):
+            if not any(table.cells[row].get(contender) and table.cells[row][contender].status == "ok"
+                       for row in rows):
+                axis.bar([], [], color=colours(index % 10), label=contender)
+        axis.set_yscale("log")
+        axis.set_ylim(bottom=floor)
+        axis.set_ylabel("median time (ms)")
+        axis.set_title(title, fontsize=10)
+        axis.set_xticks(range(len(rows)))
+        axis.set_xticklabels([" ".join(row_label(row)[:4]) for row in rows], rotation=30, ha="right",
+                             fontsize=7)
+        axis.grid(axis="y", which="both", alpha=0.3)
+        axis.legend(fontsize=7, ncol=min(len(table.contenders), 6), loc="upper left")
+    device = results.machine_info.get("gpu") or results.machine_info.get("benchmark_device") or ""
+    figure.suptitle(f"dsa_ops benchmarks {device}".strip(), fontsize=12)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+# ----------------------------------------------------------------------------- CLI
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.split("\n")[0])
+    parser.add_argument("results", type=Path, help="JSON written by pytest --benchmark-json")
+    parser.add_argument("--png", type=Path, help="write a bar chart of the times here")
+    parser.add_argument("--markdown", type=Path, help="write a markdown summary here")
+    args = parser.parse_args(argv)
+    if not args.results.is_file():
+        parser.error(f"{args.results} does not exist")
+    results = load_results(args.results)
+    tables = build_tables(results.results)
+    if not tables:
+        parser.error(f"{args.results} holds no case of this suite (was it run with --benchmark-disable?)")
+    for table in tables:
+        print(f"\n{FAMILY_TITLES.get(table.family, table.family)} — speed-up over {table.baseline}\n")
+        print(format_text(table))
+    if args.markdown:
+        args.markdown.write_text(format_markdown(results))
+        print(f"\nwrote {args.markdown}")
+    if args.png:
+        plot(results, args.png)
+        print(f"wrote {args.png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""benchmarks.report on a small synthetic pytest-benchmark JSON (timed, OOM and n/a cells)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import report
+
+
+def _bench(contender: str, median: float, mask: str = "centre", *, family: str = "op",
+           baseline: str = "reference", tflops=None, peak=None) -> dict:
+    info = {"family": family, "contender": contender, "baseline": baseline, "config": "64x64x128",
+            "batch": 16, "mask": mask, "branch": "cross", "dtype": "bf16", "pass": "fwd",
+            "status": "ok", "median_s": median}
+    if tflops is not None:
+        info["tflops"] = tflops
+    if peak is not None:
+        info["peak_mem_bytes"] = peak
+    return {"name": f"test[{contender}-{mask}]", "group": "g", "extra_info": info,
+            "stats": {"median": median, "mean": median * 1.1, "rounds": 5}}
+
+
+def _not_run(contender: str, status: str, reason: str, mask: str = "centre") -> dict:
+    return {"family": "op", "contender": contender, "baseline": "reference", "config": "64x64x128",
+            "batch": 16, "mask": mask, "branch": "cross", "dtype": "bf16", "pass": "fwd",
+            "status": status, "reason": reason}
+
+
+@pytest.fixture
+def results_json(tmp_path):
+    data = {
+        "machine_info": {"gpu": "Test GPU 80GB", "torch": "2.x", "cuda": "13.0", "triton": "3.x",
+                         "dsa_ops_backends": ["reference", "cuda"]},
+        "commit_info": {"id": "abc1234", "dirty": True},
+        "datetime": "2026-01-01T00:00:00",
+        "benchmarks": [
+            _bench("reference", 0.010, tflops=1.5, peak=3 * 2 ** 30),
+            _bench("dsa_ops[cuda]", 0.002, tflops=7.5, peak=2 ** 30),
+            _bench("sdpa-mask", 0.004),
+            _bench("dsa_ops[cuda]", 0.003, mask="random"),
+            {"name": "unrelated", "group": None, "extra_info": {}, "stats": {"median": 1.0}},
+        ],
+        "not_run": [
+            _not_run("flex", "unsupported", "FlexAttention is benchmarked on CUDA only"),
+            _not_run("reference", "OOM", "reference O(L²) memory: ~68 GiB", mask="random"),
+        ],
+    }
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_tables_place_times_speedups_and_statuses(results_json):
+    results = report.load_results(results_json)
+    (table,) = report.build_tables(results.results)
+    assert table.contenders[0] == "reference"  # the baseline leads
+    assert set(table.contenders) == {"reference", "dsa_ops[cuda]", "sdpa-mask", "flex"}
+    centre, random = table.rows
+    assert report.time_cell(table, centre, "reference") == "10 ms"
+    assert report.time_cell(table, centre, "dsa_ops[cuda]") == "2 ms (5×)"
+    assert report.time_cell(table, centre, "sdpa-mask") == "4 ms (2.5×)"
+    assert report.time_cell(table, centre, "flex") == "n/a"
+    assert report.time_cell(table, random, "reference") == "OOM"
+    # No baseline time on this row: the time stands alone, without a speed-up.
+    assert report.time_cell(table, random, "dsa_ops[cuda]") == "3 ms"
+    assert report.time_cell(table, random, "sdpa-mask") == report.MISSING
+    assert report.tflops_cell(table, centre, "dsa_ops[cuda]") == "7.5"
+    assert report.memory_cell(table, centre, "reference") == "3"
+
+
+def test_cli_prints_table_and_writes_markdown_and_png(results_json, tmp_path, capsys):
+    markdown, png = tmp_path / "summary.md", tmp_path / "chart.png"
+    assert report.main([str(results_json), "--markdown", str(markdown), "--png", str(png)]) == 0
+    printed = capsys.readouterr().out
+    assert "2 ms (5×)" in printed and "OOM" in printed and "n/a" in printed
+    text = markdown.read_text()
+    for expected in ("Test GPU 80GB", "abc1234 (uncommitted changes)", "| 64x64x128 |",
+                     "FlexAttention is benchmarked on CUDA only", "Achieved TFLOP/s", "Peak memory"):
+        assert expected in text
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png.stat().st_size > 10_000
+
+
+def test_cli_rejects_a_json_without_cases(tmp_path):
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({"benchmarks": []}))
+    with pytest.raises(SystemExit):
+        report.main([str(empty)])
+    with pytest.raises(ValueError, match="not a pytest-benchmark JSON"):
+        report.load_results(_write(tmp_path / "bad.json", {"rows": []}))
+
+
+def _write(path, data):
+    path.write_text(json.dumps(data))
+    return path
