@@ -74,10 +74,9 @@ def memory_budget(device: torch.device) -> tuple[int, str]:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(0.9 * free), f"{free / GIB:.1f} GiB free on the GPU"
-    available = _available_host_memory()
-    return min(available // 2, CPU_DENSE_BYTES_LIMIT), (
-        f"the CPU run caps dense buffers at {CPU_DENSE_BYTES_LIMIT / GIB:.0f} GiB "
-        f"({available / GIB:.1f} GiB available) to stay within its time budget")
+    budget = min(_available_host_memory() // 2, CPU_DENSE_BYTES_LIMIT)
+    return budget, (f"the CPU run allows {budget / GIB:.1f} GiB (at most half the available memory, "
+                    f"at most {CPU_DENSE_BYTES_LIMIT / GIB:.0f} GiB, to stay within its time budget)")
 
 
 def _available_host_memory() -> int:
@@ -370,6 +369,9 @@ def generator_step(attention: str, backend: str = "auto") -> Callable[[TrainingP
 
     def contender(problem: TrainingProblem) -> Timed:
         device = problem.images.device
+        if attention != "dsa" and device.type == "cpu":
+            raise Unsupported("the CPU run times the DSA generator only (a CPU step takes seconds); "
+                              "the CA and attention-free generators run on the GPU")
         if attention == "dsa":
             if backend == "triton" and device.type == "cpu":
                 raise Unsupported("triton on the CPU only runs under TRITON_INTERPRET=1: far too "

@@ -2,8 +2,9 @@
 
 ``measure`` builds the contender's callable, runs it once untimed (compilation, autotuning,
 the correctness check), then times it with pytest-benchmark's pedantic mode: rounds are
-sized from the warm-up time so that cheap GPU kernels get many rounds and expensive CPU
-cases one or two. Every callable synchronises CUDA before it returns, so a round is the
+sized from the warm-up time so that cheap GPU kernels get many rounds. On the CPU, maps
+larger than 32×32 (and the generator) get one timed call instead, as in the
+``--benchmark-disable`` smoke run. Every callable synchronises CUDA before it returns, so a round is the
 kernel time, not the launch time. Peak memory is ``torch.cuda.max_memory_allocated`` over
 the timed rounds (reset before them).
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import itertools
 import math
 import time
 from typing import Any, Callable, Optional
@@ -33,11 +35,16 @@ from benchmarks.cases import DEVICE, LayerConfig, excluded_on_this_device
 from benchmarks.contenders import Timed, Unsupported, WouldRunOutOfMemory
 
 NOT_RUN: list[dict[str, Any]] = []
+_sequence = itertools.count()
 
 # Rounds are sized so that the timed rounds of a case take about this long.
 TARGET_SECONDS = {"cuda": 1.0, "cpu": 0.3}
 ROUNDS = {"cuda": (5, 200), "cpu": (1, 10)}  # (min, max)
 WARMUP_ROUNDS = {"cuda": 2, "cpu": 0}  # besides the first, untimed call
+# On the CPU, larger maps get a single timed call: one call of the 64×64 layer takes about a
+# second on 2 cores, and the CPU run (indicative numbers only; the GPU run is the
+# measurement) has to stay within a few minutes.
+CPU_REPEAT_MAX_LENGTH = 32 * 32
 # Max |out − reference| on the first sample; bfloat16 keeps 8 mantissa bits.
 CHECK_TOLERANCE = {"fp32": 2e-3, "bf16": 5e-2}
 
@@ -57,12 +64,13 @@ class Case:
     pass_: str
     flops: Optional[int] = None
     paper_layer: Optional[int] = None
+    length: Optional[int] = None  # pixels of the feature map, L
 
     @classmethod
     def of(cls, family: str, contender: str, baseline: str, config: LayerConfig, mask: str,
            branch: str, dtype: str, pass_: str, flops: Optional[int] = None) -> "Case":
         return cls(family, contender, baseline, config.name, config.batch, mask, branch, dtype,
-                   pass_, flops, config.paper_layer)
+                   pass_, flops, config.paper_layer, config.length)
 
     @property
     def group(self) -> str:
@@ -98,32 +106,35 @@ def _release_memory(collect: bool = False) -> None:
 
 def skip_case(case: Case, status: str, reason: str) -> None:
     """Record a case that did not run (status "OOM" or "unsupported") and skip its test."""
-    NOT_RUN.append({**case.info(), "status": status, "reason": reason})
+    NOT_RUN.append({**case.info(), "sequence": next(_sequence), "status": status, "reason": reason})
     pytest.skip(f"{status}: {reason}")
 
 
 def _guarded(case: Case, third_party: bool, action: Callable[[], Any]) -> Any:
     """Run ``action``; an OOM (or a third-party failure) becomes a recorded skip."""
-    failure = None
     try:
         return action()
     except (Unsupported, WouldRunOutOfMemory) as error:
         failure = ("OOM" if isinstance(error, WouldRunOutOfMemory) else "unsupported", str(error))
+        ran_out = False
     except Exception as error:  # noqa: BLE001 — sorted below; our own failures re-raise
-        if _is_out_of_memory(error):
-            failure = ("OOM", _first_line(error))
-        elif third_party:
-            failure = ("unsupported", _first_line(error))
-        else:
+        ran_out = _is_out_of_memory(error)
+        if not (ran_out or third_party):
             raise
+        failure = ("OOM" if ran_out else "unsupported", _first_line(error))
     # Outside the except block, so the traceback's frames (and their tensors) are gone.
-    _release_memory(collect=True)
+    _release_memory(collect=ran_out)
     skip_case(case, *failure)
 
 
 def _reset_peak_memory() -> None:
     if DEVICE.type == "cuda":
         torch.cuda.reset_peak_memory_stats(DEVICE)
+
+
+def _worth_repeating(case: Case) -> bool:
+    """On the CPU only maps up to 32×32 (calls of milliseconds) get a warm-up and rounds."""
+    return DEVICE.type == "cuda" or (case.length is not None and case.length <= CPU_REPEAT_MAX_LENGTH)
 
 
 def _rounds(seconds_per_call: float) -> int:
@@ -141,14 +152,18 @@ def measure(benchmark, case: Case, build: Callable[[], Timed], *,
     """
     benchmark.group = case.group
     benchmark.extra_info.update(case.info())
+    benchmark.extra_info["sequence"] = next(_sequence)  # lets the report restore the run order
     excluded = excluded_on_this_device(case.dtype)
     if excluded is not None:
         skip_case(case, "unsupported", excluded)
     _release_memory()
     call = _guarded(case, third_party, build)
 
-    if benchmark.disabled:  # the smoke run: pedantic calls the target exactly once
-        first = lambda: benchmark.pedantic(call)  # noqa: E731
+    # The smoke run (--benchmark-disable: pedantic calls the target once) and the expensive
+    # CPU cases get one timed call; everything else an untimed first call, then the rounds.
+    single_call = benchmark.disabled or not _worth_repeating(case)
+    if single_call:
+        first = lambda: benchmark.pedantic(call, rounds=1, iterations=1)  # noqa: E731
     else:
         first = call
     _reset_peak_memory()
@@ -164,7 +179,7 @@ def measure(benchmark, case: Case, build: Callable[[], Timed], *,
             f"max |error| {error:.3g} > {CHECK_TOLERANCE[case.dtype]}")
     del output
 
-    if not benchmark.disabled:
+    if not single_call:
         _reset_peak_memory()
         _guarded(case, third_party, lambda: benchmark.pedantic(
             call, rounds=_rounds(seconds), warmup_rounds=WARMUP_ROUNDS[DEVICE.type], iterations=1))

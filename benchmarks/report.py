@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
@@ -41,6 +42,7 @@ class Result:
     baseline: str
     row: tuple  # values of ROW_FIELDS
     status: str
+    sequence: int = 0  # order the suite ran the case in: rows and columns follow it
     seconds: Optional[float] = None  # median
     tflops: Optional[float] = None
     peak_mem_bytes: Optional[int] = None
@@ -71,11 +73,12 @@ def load_results(path: str | Path) -> Results:
         if "family" not in info:  # not a case of this suite
             continue
         results.append(Result(info["family"], info["contender"], info["baseline"], _row(info),
-                              info.get("status", "ok"), bench["stats"]["median"],
-                              info.get("tflops"), info.get("peak_mem_bytes")))
+                              info.get("status", "ok"), info.get("sequence", 0),
+                              bench["stats"]["median"], info.get("tflops"), info.get("peak_mem_bytes")))
     for info in data.get("not_run", []):
         results.append(Result(info["family"], info["contender"], info["baseline"], _row(info),
-                              info["status"], reason=info.get("reason", "")))
+                              info["status"], info.get("sequence", 0), reason=info.get("reason", "")))
+    results.sort(key=lambda result: result.sequence)
     return Results(results, data.get("machine_info", {}), data.get("commit_info", {}),
                    data.get("datetime", ""))
 
@@ -90,6 +93,12 @@ class Table:
     rows: list[tuple]
     contenders: list[str]
     cells: dict[tuple, dict[str, Result]]
+
+    @property
+    def shown_rows(self) -> list[tuple]:
+        """Rows where some contender ran or ran out of memory (all-"n/a" rows say nothing)."""
+        return [row for row in self.rows
+                if any(result.status != "unsupported" for result in self.cells[row].values())]
 
     def baseline_seconds(self, row: tuple) -> Optional[float]:
         result = self.cells[row].get(self.baseline)
@@ -158,8 +167,13 @@ def row_label(row: tuple) -> list[str]:
 
 def _grid(table: Table, cell) -> tuple[list[str], list[list[str]]]:
     header = ["config", "batch", "mask", "branch", "dtype", "pass", *table.contenders]
-    body = [row_label(row) + [cell(table, row, c) for c in table.contenders] for row in table.rows]
+    body = [row_label(row) + [cell(table, row, c) for c in table.contenders] for row in table.shown_rows]
     return header, body
+
+
+def _omitted_note(table: Table) -> str:
+    omitted = len(table.rows) - len(table.shown_rows)
+    return f"({omitted} cases where every contender is n/a are not shown)" if omitted else ""
 
 
 def format_text(table: Table, cell=time_cell) -> str:
@@ -168,6 +182,8 @@ def format_text(table: Table, cell=time_cell) -> str:
     lines = ["  ".join(text.ljust(width) for text, width in zip(line, widths)).rstrip()
              for line in [header, *body]]
     lines.insert(1, "  ".join("-" * width for width in widths))
+    if _omitted_note(table):
+        lines.append(_omitted_note(table))
     return "\n".join(lines)
 
 
@@ -200,14 +216,20 @@ def machine_lines(results: Results) -> list[str]:
 
 
 def not_run_lines(results: Results) -> list[str]:
-    """One line per distinct (contender, status, reason)."""
-    seen = {}
+    """One line per contender and kind of reason (numbers aside): how many cases, and why."""
+    groups: dict[tuple, list[str]] = {}
     for result in results.results:
         if result.status != "ok":
-            seen.setdefault((result.family, result.contender, result.status, result.reason), 0)
-            seen[(result.family, result.contender, result.status, result.reason)] += 1
-    return [f"- {contender} ({family}), {STATUS_LABELS.get(status, status)} ×{count}: {reason}"
-            for (family, contender, status, reason), count in seen.items()]
+            template = re.sub(r"\d+(\.\d+)?", "#", result.reason)
+            groups.setdefault((result.family, result.contender, result.status, template), []).append(
+                result.reason)
+    lines = []
+    for (family, contender, status, _), reasons in groups.items():
+        cases = f"{len(reasons)} case{'s' if len(reasons) > 1 else ''}"
+        example = ", e.g." if len(set(reasons)) > 1 else ""
+        lines.append(f"- `{contender}` ({family}), {STATUS_LABELS.get(status, status)} in {cases}"
+                     f"{example}: {reasons[0]}")
+    return lines
 
 
 def format_markdown(results: Results) -> str:
@@ -216,7 +238,8 @@ def format_markdown(results: Results) -> str:
              "OOM = out of memory (or the dense-memory pre-check), n/a = unsupported.", ""]
     for table in build_tables(results.results):
         parts += [f"## {FAMILY_TITLES.get(table.family, table.family)}", "",
-                  f"Baseline: `{table.baseline}`.", "", format_markdown_table(table), ""]
+                  f"Baseline: `{table.baseline}`. {_omitted_note(table)}".rstrip(), "",
+                  format_markdown_table(table), ""]
         if _has(table, lambda r: r.tflops):
             parts += ["Achieved TFLOP/s (useful FLOPs):", "", format_markdown_table(table, tflops_cell), ""]
         if _has(table, lambda r: r.peak_mem_bytes):
@@ -229,33 +252,35 @@ def format_markdown(results: Results) -> str:
 
 # ----------------------------------------------------------------------------- chart
 def plot(results: Results, path: str | Path) -> None:
-    """Grouped bars of the median time per case (log scale), one panel per family × dtype × pass."""
+    """Grouped bars of the median time per case (log scale), one panel per family × dtype × pass.
+
+    Cases that did not run show their label ("OOM", "n/a") where the bar would be; panels
+    where nothing ran are left out.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     panels = []
     for table in build_tables(results.results):
-        keys = []
-        for row in table.rows:
-            key = (row[4], row[5])  # dtype, pass
-            if key not in keys:
-                keys.append(key)
-        for dtype, pass_ in keys:
-            rows = [row for row in table.rows if (row[4], row[5]) == (dtype, pass_)]
-            panels.append((table, f"{FAMILY_TITLES.get(table.family, table.family)} — {dtype}, {pass_}", rows))
+        for key in dict.fromkeys((row[4], row[5]) for row in table.shown_rows):  # (dtype, pass)
+            rows = [row for row in table.shown_rows if (row[4], row[5]) == key]
+            if any(result.status == "ok" for row in rows for result in table.cells[row].values()):
+                title = f"{FAMILY_TITLES.get(table.family, table.family)} — {key[0]}, {key[1]}"
+                panels.append((table, title, rows))
     if not panels:
-        raise ValueError("no benchmark cases to plot")
+        raise ValueError("no timed benchmark case to plot")
 
+    widest = max(len(rows) * (len(table.contenders) + 1) for table, _, rows in panels)
     figure, axes = plt.subplots(len(panels), 1, squeeze=False,
-                                figsize=(max(8.0, 0.22 * max(len(r) * len(t.contenders) for t, _, r in panels)),
-                                         3.6 * len(panels)))
+                                figsize=(min(max(8.0, 0.13 * widest), 40.0), 3.8 * len(panels)))
     colours = plt.get_cmap("tab10")
     for axis, (table, title, rows) in zip(axes[:, 0], panels):
         width = 0.8 / len(table.contenders)
         times = [r.seconds for row in rows for r in table.cells[row].values() if r.status == "ok"]
-        floor = min(times) * 1e3 / 3 if times else 1e-3
+        floor = min(times) * 1e3 / 4
         for index, contender in enumerate(table.contenders):
             for position, row in enumerate(rows):
                 x = position - 0.4 + width * (index + 0.5)
@@ -263,28 +288,25 @@ def plot(results: Results, path: str | Path) -> None:
                 if result is None:
                     continue
                 if result.status == "ok":
-                    axis.bar(x, result.seconds * 1e3, width, color=colours(index % 10),
-                             label=contender if position == 0 else None)
+                    axis.bar(x, result.seconds * 1e3, width, color=colours(index % 10))
                 else:
-                    axis.text(x, floor, STATUS_LABELS.get(result.status, result.status), rotation=90,
-                              ha="center", va="bottom", fontsize=6, color=colours(index % 10))
-        # Label every contender once, even one that never ran in this panel.
-        for index, contender in enumerate(table.contenders):
-            if not any(table.cells[row].get(contender) and table.cells[row][contender].status == "ok"
-                       for row in rows):
-                axis.bar([], [], color=colours(index % 10), label=contender)
+                    axis.text(x, floor * 1.1, STATUS_LABELS.get(result.status, result.status),
+                              rotation=90, ha="center", va="bottom", fontsize=6, color=colours(index % 10))
         axis.set_yscale("log")
-        axis.set_ylim(bottom=floor)
+        axis.set_ylim(bottom=floor, top=max(times) * 1e3 * 3)
+        axis.set_xlim(-0.5, len(rows) - 0.5)
         axis.set_ylabel("median time (ms)")
         axis.set_title(title, fontsize=10)
         axis.set_xticks(range(len(rows)))
-        axis.set_xticklabels([" ".join(row_label(row)[:4]) for row in rows], rotation=30, ha="right",
+        axis.set_xticklabels([" ".join(row_label(row)[:4]) for row in rows], rotation=25, ha="right",
                              fontsize=7)
         axis.grid(axis="y", which="both", alpha=0.3)
-        axis.legend(fontsize=7, ncol=min(len(table.contenders), 6), loc="upper left")
+        handles = [Patch(color=colours(index % 10), label=contender)
+                   for index, contender in enumerate(table.contenders)]
+        axis.legend(handles=handles, fontsize=7, ncol=min(len(handles), 6), loc="upper left")
     device = results.machine_info.get("gpu") or results.machine_info.get("benchmark_device") or ""
-    figure.suptitle(f"dsa_ops benchmarks {device}".strip(), fontsize=12)
-    figure.tight_layout()
+    figure.suptitle(f"dsa_ops benchmarks — {device}" if device else "dsa_ops benchmarks", fontsize=12)
+    figure.tight_layout(rect=(0, 0, 1, 1 - 0.35 / figure.get_figheight()))  # room for the title
     figure.savefig(path, dpi=110)
     plt.close(figure)
 

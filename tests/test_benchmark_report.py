@@ -82,6 +82,25 @@ def test_cli_prints_table_and_writes_markdown_and_png(results_json, tmp_path, ca
     assert png.stat().st_size > 10_000
 
 
+def test_run_order_sets_columns_and_all_na_rows_are_left_out(tmp_path):
+    timed = [_bench("sdpa-mask", 0.004), _bench("reference", 0.010), _bench("dsa_ops[cuda]", 0.002)]
+    for sequence, bench in zip((3, 1, 2), timed):
+        bench["extra_info"]["sequence"] = sequence
+    not_run = [_not_run("flex", "unsupported", "no GPU", mask=mask) for mask in ("centre", "random")]
+    not_run += [_not_run("reference", "unsupported", "no GPU", mask="random")]
+    for sequence, entry in zip((4, 5, 6), not_run):
+        entry["sequence"] = sequence
+    results = report.load_results(_write(tmp_path / "r.json", {"benchmarks": timed, "not_run": not_run}))
+    (table,) = report.build_tables(results.results)
+    assert table.contenders == ["reference", "dsa_ops[cuda]", "sdpa-mask", "flex"]
+    assert [row[2] for row in table.rows] == ["centre", "random"]
+    assert [row[2] for row in table.shown_rows] == ["centre"]
+    text = report.format_text(table)
+    assert "random" not in text and "1 cases where every contender is n/a" in text
+    lines = report.not_run_lines(results)
+    assert lines == ["- `flex` (op), n/a in 2 cases: no GPU", "- `reference` (op), n/a in 1 case: no GPU"]
+
+
 def test_cli_rejects_a_json_without_cases(tmp_path):
     empty = tmp_path / "empty.json"
     empty.write_text(json.dumps({"benchmarks": []}))
