@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 DEMO_RESOLUTION = 256
-DEFAULT_STEPS = 60
+DEFAULT_STEPS = 30
 DEFAULT_WIDTH = 0.125
 
 
