@@ -132,6 +132,10 @@ def _reset_peak_memory() -> None:
         torch.cuda.reset_peak_memory_stats(DEVICE)
 
 
+def _peak_memory() -> Optional[int]:
+    return torch.cuda.max_memory_allocated(DEVICE) if DEVICE.type == "cuda" else None
+
+
 def _worth_repeating(case: Case) -> bool:
     """On the CPU only maps up to 32×32 (calls of milliseconds) get a warm-up and rounds."""
     return DEVICE.type == "cuda" or (case.length is not None and case.length <= CPU_REPEAT_MAX_LENGTH)
@@ -143,12 +147,13 @@ def _rounds(seconds_per_call: float) -> int:
 
 
 def measure(benchmark, case: Case, build: Callable[[], Timed], *,
-            check: Optional[Callable[[Any], float]] = None, third_party: bool = False) -> None:
+            check: Optional[Callable[[Any], Optional[float]]] = None, third_party: bool = False) -> None:
     """Build, warm up, check and time one case; fill ``benchmark.extra_info``.
 
     ``build()`` returns the timed callable (or raises ``Unsupported``/``WouldRunOutOfMemory``);
-    ``check(output)`` returns the max abs error against the reference, which must stay
-    within ``CHECK_TOLERANCE`` — a contender that computes something else is no contender.
+    ``check(output)`` returns the max abs error against the reference (None where the
+    reference does not fit), which must stay within ``CHECK_TOLERANCE`` — a contender that
+    computes something else is no contender.
     """
     benchmark.group = case.group
     benchmark.extra_info.update(case.info())
@@ -170,9 +175,10 @@ def measure(benchmark, case: Case, build: Callable[[], Timed], *,
     started = time.perf_counter()
     output = _guarded(case, third_party, first)
     seconds = time.perf_counter() - started
+    peak = _peak_memory()  # before the check, which allocates its own reference
 
-    if check is not None:
-        error = _guarded(case, third_party, lambda: check(output))
+    error = _guarded(case, third_party, lambda: check(output)) if check is not None else None
+    if error is not None:
         benchmark.extra_info["max_abs_err"] = error
         assert error <= CHECK_TOLERANCE[case.dtype], (
             f"{case.contender} disagrees with the reference on {case.group}: "
@@ -183,9 +189,10 @@ def measure(benchmark, case: Case, build: Callable[[], Timed], *,
         _reset_peak_memory()
         _guarded(case, third_party, lambda: benchmark.pedantic(
             call, rounds=_rounds(seconds), warmup_rounds=WARMUP_ROUNDS[DEVICE.type], iterations=1))
+        peak = _peak_memory()
     benchmark.extra_info["status"] = "ok"
-    if DEVICE.type == "cuda":
-        benchmark.extra_info["peak_mem_bytes"] = torch.cuda.max_memory_allocated(DEVICE)
+    if peak is not None:
+        benchmark.extra_info["peak_mem_bytes"] = peak
     # The median resists the odd slow round (a shared host, a clock change); the report uses it too.
     median = benchmark.stats.stats.median if benchmark.stats is not None else seconds
     benchmark.extra_info["median_s"] = median

@@ -157,7 +157,8 @@ def _value_cell(getter: Callable[[Result], Optional[float]], fmt: str):
 
 
 tflops_cell = _value_cell(lambda r: r.tflops, "{:.3g}")
-memory_cell = _value_cell(lambda r: None if r.peak_mem_bytes is None else r.peak_mem_bytes / 2 ** 30, "{:.3g}")
+memory_cell = _value_cell(
+    lambda r: None if r.peak_mem_bytes is None else r.peak_mem_bytes / 2 ** 30, "{:.3g}")
 
 
 def row_label(row: tuple) -> list[str]:
@@ -205,7 +206,8 @@ def machine_lines(results: Results) -> list[str]:
         f"- date: {results.datetime or 'unknown'}",
         f"- device: {machine.get('gpu') or machine.get('benchmark_device') or 'unknown'}",
         f"- torch {machine.get('torch', '?')}, CUDA {machine.get('cuda', '?')}, "
-        f"Triton {machine.get('triton', '?')}, Python {machine.get('python', machine.get('python_version', '?'))}",
+        f"Triton {machine.get('triton', '?')}, "
+        f"Python {machine.get('python', machine.get('python_version', '?'))}",
         f"- dsa_ops backends: {', '.join(machine.get('dsa_ops_backends', [])) or 'unknown'}",
         f"- git commit: {commit.get('id', 'unknown')}{dirty}",
     ]

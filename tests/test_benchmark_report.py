@@ -2,10 +2,18 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 
-from benchmarks import report
+# benchmarks/ is a top-level folder of the repository, not an installed package: make it
+# importable when pytest is started as `pytest tests/` rather than `python -m pytest`.
+_REPOSITORY = str(Path(__file__).resolve().parents[1])
+if _REPOSITORY not in sys.path:
+    sys.path.insert(0, _REPOSITORY)
+
+from benchmarks import report  # noqa: E402
 
 
 def _bench(contender: str, median: float, mask: str = "centre", *, family: str = "op",
