@@ -2,18 +2,10 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-# benchmarks/ is a top-level folder of the repository, not an installed package: make it
-# importable when pytest is started as `pytest tests/` rather than `python -m pytest`.
-_REPOSITORY = str(Path(__file__).resolve().parents[1])
-if _REPOSITORY not in sys.path:
-    sys.path.insert(0, _REPOSITORY)
-
-from benchmarks import report  # noqa: E402
+from benchmarks import report  # importable from the repo root: pyproject sets pythonpath
 
 
 def _bench(contender: str, median: float, mask: str = "centre", *, family: str = "op",
