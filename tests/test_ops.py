@@ -91,17 +91,38 @@ def test_available_backends_always_has_the_reference():
     assert set(dsa_ops.available_backends()) <= set(dsa_ops.BACKENDS)
 
 
-@pytest.mark.parametrize("form", ["cross", "self"])
-def test_opcheck_reference_ops(form):
-    case = make_case(batch=4, height=3, width=5, qk_dim=4, v_dim=6, form=form, noncontiguous=True)
-    q, k, v = (t.detach().requires_grad_() for t in case.inputs[:3])
-    torch.library.opcheck(torch.ops.dsa_ops.masked_attention_fwd_reference.default,
-                          (q, k, v, case.query_mask, case.key_mask, 0.5))
-    out, lse = torch.ops.dsa_ops.masked_attention_fwd_reference(
-        *[t.detach() for t in (q, k, v)], case.query_mask, case.key_mask, 0.5)
-    torch.library.opcheck(torch.ops.dsa_ops.masked_attention_bwd_reference.default,
-                          (case.grad_out, q.detach(), k.detach(), v.detach(), out, lse,
-                           case.query_mask, case.key_mask, 0.5))
+def _dual_case():
+    """Two branches' q, k, v (non-contiguous, as the module slices them) and a foreground."""
+    cross = make_case(batch=4, height=3, width=5, qk_dim=4, v_dim=6, form="cross",
+                      noncontiguous=True, seed=11)
+    self_ = make_case(batch=4, height=3, width=5, qk_dim=4, v_dim=6, form="cross",
+                      noncontiguous=True, seed=12)
+    return cross, self_, cross.query_mask
+
+
+def test_dual_reference_op_equals_two_single_ops_and_passes_opcheck():
+    """The reference dual op defines the fused dual op's semantics; its fake impl and
+    autograd registration are the ones the CUDA dual op uses."""
+    cross, self_, foreground = _dual_case()
+    qkv = [t.detach().requires_grad_() for t in (*cross.inputs[:3], *self_.inputs[:3])]
+    fwd = torch.ops.dsa_ops.dual_masked_attention_fwd_reference
+    torch.library.opcheck(fwd.default, (*qkv, foreground, 0.5))
+    out_cross, _, out_self, _ = fwd(*qkv, foreground, 0.5)
+    (out_cross * cross.grad_out).sum().add((out_self * self_.grad_out).sum()).backward()
+    singles = [t.detach().requires_grad_() for t in qkv]
+    expected_cross = dsa_ops.masked_attention(*singles[:3], foreground, ~foreground, scale=0.5)
+    expected_self = dsa_ops.masked_attention(*singles[3:], foreground, foreground, scale=0.5)
+    (expected_cross * cross.grad_out).sum().add((expected_self * self_.grad_out).sum()).backward()
+    torch.testing.assert_close(out_cross, expected_cross)
+    torch.testing.assert_close(out_self, expected_self)
+    for fused, single in zip(qkv, singles):
+        torch.testing.assert_close(fused.grad, single.grad)
+
+
+def test_dual_masked_attention_validates_foreground():
+    cross, self_, foreground = _dual_case()
+    with pytest.raises(TypeError, match="foreground must be a bool tensor"):
+        dsa_ops.dual_masked_attention(*cross.inputs[:3], *self_.inputs[:3], foreground.float())
 
 
 def test_opcheck_partition_indices():
