@@ -105,6 +105,16 @@ def complete_unaligned(generator, photo: np.ndarray, hole: np.ndarray) -> np.nda
     return _resize_float(output, (side, side))[top:top + height, left:left + width]
 
 
+def _fit_similarity(source: np.ndarray, target: np.ndarray):
+    """Least-squares similarity transform source → target, or None when it cannot be fitted
+    (scikit-image ≥ 0.26 has ``from_estimate``; older releases only the in-place ``estimate``)."""
+    if hasattr(SimilarityTransform, "from_estimate"):
+        transform = SimilarityTransform.from_estimate(source, target)
+        return transform if transform else None
+    transform = SimilarityTransform()
+    return transform if transform.estimate(source, target) else None
+
+
 def complete_aligned(generator, photo: np.ndarray, hole: np.ndarray, provider: str) -> tuple[np.ndarray, np.ndarray]:
     """``(prediction (H, W, 3), covered (H, W) bool)``: the completion through face alignment
     (module docstring, 2); ``covered`` marks the pixels inside the aligned crop."""
@@ -116,8 +126,8 @@ def complete_aligned(generator, photo: np.ndarray, hole: np.ndarray, provider: s
     points = get_provider(provider)((photo * 255).round().astype(np.uint8))
     if points is None:
         raise ValueError(f"--align {provider}: no face found in the image")
-    to_aligned = SimilarityTransform()
-    if not to_aligned.estimate(np.asarray(points, dtype=np.float64), canonical_landmarks(resolution)):
+    to_aligned = _fit_similarity(np.asarray(points, dtype=np.float64), canonical_landmarks(resolution))
+    if to_aligned is None:
         raise ValueError(f"--align {provider}: could not fit a similarity transform to the landmarks")
     shape = (resolution, resolution)
     # warp() takes the map from output coordinates to input coordinates.
