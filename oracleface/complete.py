@@ -108,6 +108,8 @@ def complete_unaligned(generator, photo: np.ndarray, hole: np.ndarray) -> np.nda
 def _fit_similarity(source: np.ndarray, target: np.ndarray):
     """Least-squares similarity transform source → target, or None when it cannot be fitted
     (scikit-image ≥ 0.26 has ``from_estimate``; older releases only the in-place ``estimate``)."""
+    from skimage.transform import SimilarityTransform
+
     if hasattr(SimilarityTransform, "from_estimate"):
         transform = SimilarityTransform.from_estimate(source, target)
         return transform if transform else None
