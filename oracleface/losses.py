@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dsa_ops import reduce_hole_mask

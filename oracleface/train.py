@@ -35,7 +35,6 @@ Design decisions:
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os

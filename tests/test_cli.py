@@ -1,20 +1,10 @@
 """The command line: config precedence, and clear errors that leave the run folder untouched."""
-import numpy as np
 import pytest
 from PIL import Image
 
 from oracleface.cli import build_parser, main
 from oracleface.config import TrainConfig, load_config_file, merge_config, save_config
 from oracleface.train import Trainer, flag_values
-
-
-@pytest.fixture(scope="module")
-def faces(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("faces")
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"f{i}.png")
-    return folder
 
 
 @pytest.fixture()

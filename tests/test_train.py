@@ -20,16 +20,6 @@ FAST = ["--batch-size", "2", "--workers", "0", "--width", "0.125", "--device", "
 CHEAP = ["--attention", "none", "--lambda-perceptual", "0"]
 
 
-@pytest.fixture(scope="module")
-def faces(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("faces")
-    rng = np.random.default_rng(0)
-    for i in range(6):  # smooth random colour fields, like blurry faces: 4×4 noise upsampled
-        coarse = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
-        Image.fromarray(coarse).resize((64, 64), Image.Resampling.BICUBIC).save(folder / f"face{i}.png")
-    return folder
-
-
 def scalars(run_dir, tag):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -8,12 +8,11 @@ import time
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from oracleface.checkpoint import load_checkpoint
 from oracleface.cli import main
-from tests.test_train import CHEAP, FAST, faces, scalars  # noqa: F401  (fixture)
+from tests.test_train import CHEAP, FAST, scalars
 
 
 def _latest_step(run_dir):
@@ -22,7 +21,7 @@ def _latest_step(run_dir):
 
 @pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM is a POSIX signal")
-def test_sigterm_finishes_the_step_saves_and_resume_continues(faces, tmp_path):  # noqa: F811
+def test_sigterm_finishes_the_step_saves_and_resume_continues(faces, tmp_path):
     run = tmp_path / "run"
     with_progress = [arg for arg in FAST if arg != "--no-progress"]  # the bar tells us it trains
     command = [sys.executable, "-m", "oracleface", "train", "--data", str(faces), "--out", str(run),
@@ -57,7 +56,7 @@ def test_sigterm_finishes_the_step_saves_and_resume_continues(faces, tmp_path): 
 
 
 @pytest.mark.slow
-def test_bfloat16_autocast_trains_with_finite_losses(faces, tmp_path):  # noqa: F811
+def test_bfloat16_autocast_trains_with_finite_losses(faces, tmp_path):
     run = tmp_path / "run"
     assert main(["train", "--data", str(faces), "--out", str(run), "--steps", "2", "--amp", "bf16",
                  "--attention", "dsa", "--lambda-perceptual", "0", *FAST]) == 0
@@ -66,7 +65,7 @@ def test_bfloat16_autocast_trains_with_finite_losses(faces, tmp_path):  # noqa: 
 
 
 @pytest.mark.slow
-def test_complete_aligns_an_unaligned_face_with_dlib(faces, tmp_path):  # noqa: F811
+def test_complete_aligns_an_unaligned_face_with_dlib(faces, tmp_path):
     pytest.importorskip("dlib", reason="the dlib provider needs dlib-bin")
     skimage_data = pytest.importorskip("skimage.data")
     run = tmp_path / "run"
