@@ -120,7 +120,7 @@ def _fit_similarity(source: np.ndarray, target: np.ndarray):
 def complete_aligned(generator, photo: np.ndarray, hole: np.ndarray, provider: str) -> tuple[np.ndarray, np.ndarray]:
     """``(prediction (H, W, 3), covered (H, W) bool)``: the completion through face alignment
     (module docstring, 2); ``covered`` marks the pixels inside the aligned crop."""
-    from skimage.transform import SimilarityTransform, warp
+    from skimage.transform import warp
 
     from oracleface.landmarks import canonical_landmarks, get_provider
 
