@@ -1,11 +1,12 @@
 # Two entry points that set everything up themselves on a fresh machine:
 #   make test    install, build the CUDA extension when nvcc is there, run the test suite
 #   make bench   install, build, run the benchmarks on their default configurations
+#   make gpu-check  on a GPU machine: build, GPU tests, compute-sanitizer, benchmarks (benchmarks/gpu_check.sh)
 PYTHON ?= python3
 TORCH_VERSION ?= 2.14.1
 PIP := $(PYTHON) -m pip install --disable-pip-version-check -q
 
-.PHONY: install test bench
+.PHONY: install test bench gpu-check
 install:
 	$(PIP) "torch==$(TORCH_VERSION)" ninja pybind11 setuptools wheel
 	$(PIP) --no-build-isolation -e ".[test,dlib]"
@@ -17,3 +18,6 @@ test: install
 
 bench: install
 	$(PYTHON) -m pytest benchmarks/ --benchmark-only
+
+gpu-check:
+	bash benchmarks/gpu_check.sh
