@@ -102,8 +102,10 @@ AttentionShape check_qkv(const char* op, const at::Tensor& q, const at::Tensor& 
               "; use backend='reference' or 'triton' for other sizes");
   TORCH_CHECK(shape.batch <= 65535, op, ": batch size must be at most 65535 (grid limit), got ",
               shape.batch);
-  TORCH_CHECK(shape.length <= std::numeric_limits<int32_t>::max(), op,
-              ": L must fit in int32, got ", shape.length);
+  // Slot arithmetic (tile ends, rotated complement lists) is int32: keep L well clear of
+  // its limit. 2^30 positions is far beyond any map that fits in memory.
+  TORCH_CHECK(shape.length <= (int64_t{1} << 30), op, ": L must be at most 2^30, got ",
+              shape.length);
   return shape;
 }
 
