@@ -138,9 +138,14 @@ def _block_config(pass_name: str, device: torch.device, qk_dim: int, v_dim: int,
 
 def _dot_precision(dtype: torch.dtype) -> str:
     """IEEE float32 products unless the user allowed TF32 the PyTorch way."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+    if dtype != torch.float32:
+        return "ieee"
+    matmul = torch.backends.cuda.matmul
+    # torch >= 2.9: reading the legacy allow_tf32 raises once the new fp32_precision API
+    # was used; fp32_precision also reflects the legacy flag, so read it when it exists.
+    precision = getattr(matmul, "fp32_precision", None)
+    allow_tf32 = matmul.allow_tf32 if precision is None else precision == "tf32"
+    return "tf32" if allow_tf32 else "ieee"
 
 
 # ----------------------------------------------------------------------------- kernels
