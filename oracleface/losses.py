@@ -222,7 +222,9 @@ def gradient_penalty(critic, crops: Tensor, scaler=None) -> Tensor:
     so float16 cannot underflow it.
     """
     crops = crops.detach().requires_grad_(True)
-    value = critic_value(critic(crops)).sum()
+    # float32 before reducing: the scaled gradient then enters the float16 graph as
+    # scale/(h'·w') per score, not as the bare scale (2^16 by default), which is inf in float16.
+    value = critic_value(critic(crops).float()).sum()
     if scaler is not None:
         (grad,) = torch.autograd.grad(scaler.scale(value), crops, create_graph=True)
         grad = grad / scaler.get_scale()

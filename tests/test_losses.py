@@ -104,6 +104,21 @@ def test_gradient_penalty_on_a_critic_with_known_gradient_norm():
     torch.testing.assert_close(critic.weight.grad, 2 * 2 * weight / 3)
 
 
+def test_gradient_penalty_is_finite_under_float16_autocast_with_a_default_grad_scaler():
+    # GradScaler starts at 2^16 = inf in float16: the inner gradient must not enter the
+    # float16 graph unreduced (it did, and every fp16 critic step's penalty was NaN).
+    torch.manual_seed(0)
+    critic = nn.Sequential(nn.Conv2d(3, 8, 4, 2, 1), nn.LeakyReLU(0.2), nn.Conv2d(8, 1, 4, 1, 1))
+    crops = torch.rand(4, 3, 16, 16)
+    expected = gradient_penalty(critic, crops)
+    scaler = torch.amp.GradScaler("cpu")
+    assert scaler.get_scale() == 2.0 ** 16
+    with torch.autocast("cpu", dtype=torch.float16):
+        penalty = gradient_penalty(critic, crops, scaler)
+    assert torch.isfinite(penalty)
+    torch.testing.assert_close(penalty, expected, rtol=2e-2, atol=2e-3)
+
+
 def test_perceptual_loss_needs_weights_or_explicit_opt_out(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.delenv("ORACLEFACE_VGG16_WEIGHTS", raising=False)
