@@ -393,6 +393,7 @@ class Trainer:
                 for batch in self._loader():
                     batch = self._to_device(batch)
                     started = time.perf_counter()
+                    scale_before = self.scaler.get_scale() if self.scaler is not None else None
                     terms = model.training_step(batch, self.g_optimizer, self.d_optimizer,
                                                 scaler=self.scaler, autocast=autocast,
                                                 gradient_sync=gradient_sync)
@@ -406,7 +407,10 @@ class Trainer:
                         self.epoch, self.batch_in_epoch = self.epoch + 1, 0
                     terms, stop_requested = self._synchronise(terms, stop_request.requested)
                     stop = stop_requested or self._finished()
-                    _check_finite(terms, self.step)
+                    # fp16: a step the GradScaler skipped (overflow, scale lowered) has
+                    # non-finite losses by design; every applied step must be finite.
+                    if scale_before is None or self.scaler.get_scale() >= scale_before:
+                        _check_finite(terms, self.step)
                     if group.is_main:
                         progress.update(1)
                         progress.set_postfix(G=f"{terms['g_total']:.3f}", D=f"{terms['d_total']:.3f}",
