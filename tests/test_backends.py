@@ -242,8 +242,9 @@ def test_torch_compile_fullgraph_smoke(backend):
     q, k, v = (t.detach().requires_grad_() for t in case.inputs[:3])
 
     def loss_fn(q, k, v, query_mask, key_mask):
-        out = dsa_ops.masked_attention(q, k, v, query_mask, key_mask, scale=0.5, backend=backend)
-        return out.square().sum()
+        out, attn = dsa_ops.masked_attention(q, k, v, query_mask, key_mask, scale=0.5,
+                                             return_attention=True, backend=backend)
+        return out.square().sum() + attn.square().sum()
 
     torch._dynamo.reset()
     compiled = torch.compile(loss_fn, fullgraph=True,
