@@ -129,13 +129,21 @@ def format_ms(seconds: float) -> str:
     return f"{ms:.3g} ms" if ms < 1000 else f"{ms:.0f} ms"
 
 
-def time_cell(table: Table, row: tuple, contender: str) -> str:
-    """"1.23 ms (4.5×)", the time alone for the baseline, or the status label."""
-    result = table.cells[row].get(contender)
+def _not_timed_label(result: Optional[Result]) -> Optional[str]:
+    """The cell text of a case that has no timing ("n/a", "OOM", …), or None when it has one."""
     if result is None:
         return MISSING
     if result.status != "ok":
         return STATUS_LABELS.get(result.status, result.status)
+    return None
+
+
+def time_cell(table: Table, row: tuple, contender: str) -> str:
+    """"1.23 ms (4.5×)", the time alone for the baseline, or the status label."""
+    result = table.cells[row].get(contender)
+    label = _not_timed_label(result)
+    if label is not None:
+        return label
     text = format_ms(result.seconds)
     baseline = table.baseline_seconds(row)
     if contender != table.baseline and baseline is not None:
@@ -147,10 +155,9 @@ def time_cell(table: Table, row: tuple, contender: str) -> str:
 def _value_cell(getter: Callable[[Result], Optional[float]], fmt: str):
     def cell(table: Table, row: tuple, contender: str) -> str:
         result = table.cells[row].get(contender)
-        if result is None:
-            return MISSING
-        if result.status != "ok":
-            return STATUS_LABELS.get(result.status, result.status)
+        label = _not_timed_label(result)
+        if label is not None:
+            return label
         value = getter(result)
         return MISSING if value is None else fmt.format(value)
     return cell
