@@ -60,7 +60,7 @@ __global__ void __launch_bounds__(kThreads) delta_kernel(const __grid_constant__
     sum = fmaf(Traits::to_float(grad_out[c]), Traits::to_float(out[c]), sum);
   }
 #pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+  for (int offset = 16; offset > 0; offset /= 2) sum += device::shfl_xor(sum, offset);
   if (lane == 0) branch.delta[static_cast<int64_t>(sample) * launch.length + slot] = sum;
 }
 
@@ -92,7 +92,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const __grid_constant__ Ba
   using Smem = BackwardSmem<T, D>;
   constexpr int kScoreTiles = kBlockCols / 8;
   constexpr int kGradTiles = D / 8;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  DSA_DYNAMIC_SHARED_MEMORY(smem_raw);
   T* const smem = reinterpret_cast<T*>(smem_raw);
   T* const q_s = smem + Smem::kRowQk;
   T* const k_s = smem + Smem::kColQk;
@@ -143,10 +143,10 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const __grid_constant__ Ba
   zero_fill(acc);
   for (int key0 = 0; key0 < keys.size; key0 += kBlockCols) {
     const int key_cols = min(kBlockCols, keys.size - key0);
-    __syncthreads();
+    device::block_barrier();
     load_tile<T, kBlockCols, D>(k_s, Smem::kQkPitch, k, keys, sample, key0, key_cols, 0,
                                 launch.qk_dim);
-    __syncthreads();
+    device::block_barrier();
     float p[kScoreTiles][4];
     zero_fill(p);
     warp_gemm<T, D, kScoreTiles, BLayout::kNK>(p, q_warp, Smem::kQkPitch, k_s, Smem::kQkPitch);
@@ -160,12 +160,12 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const __grid_constant__ Ba
     float dp[kScoreTiles][4];
     zero_fill(dp);
     for (int col0 = 0; col0 < launch.v_dim; col0 += kVChunk) {
-      __syncthreads();
+      device::block_barrier();
       load_tile<T, kBlockRows, kVChunk>(do_s, Smem::kVPitch, grad_out, queries, sample, slot0,
                                         query_rows, col0, launch.v_dim);
       load_tile<T, kBlockCols, kVChunk>(v_s, Smem::kVPitch, v, keys, sample, key0, key_cols, col0,
                                         launch.v_dim);
-      __syncthreads();
+      device::block_barrier();
       warp_gemm<T, kVChunk, kScoreTiles, BLayout::kNK>(dp, do_warp, Smem::kVPitch, v_s,
                                                        Smem::kVPitch);
     }
@@ -175,7 +175,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const __grid_constant__ Ba
       for (int e = 0; e < 4; ++e) p[j][e] *= dp[j][e] - delta[e / 2];  // now dS / scale
     }
     store_strip<T>(ds_warp, Smem::kSPitch, p);
-    __syncwarp();
+    device::warp_barrier();
     warp_gemm<T, kBlockCols, kGradTiles, BLayout::kKN>(acc, ds_warp, Smem::kSPitch, k_s,
                                                        Smem::kQkPitch);
   }
@@ -217,7 +217,7 @@ __global__ void __launch_bounds__(kThreads) dk_kernel(const __grid_constant__ Ba
   using Smem = BackwardSmem<T, D>;
   constexpr int kScoreTiles = kBlockCols / 8;
   constexpr int kGradTiles = D / 8;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  DSA_DYNAMIC_SHARED_MEMORY(smem_raw);
   T* const smem = reinterpret_cast<T*>(smem_raw);
   T* const k_s = smem + Smem::kRowQk;
   T* const q_s = smem + Smem::kColQk;
@@ -258,22 +258,22 @@ __global__ void __launch_bounds__(kThreads) dk_kernel(const __grid_constant__ Ba
   zero_fill(acc);
   for (int query0 = 0; query0 < queries.size; query0 += kBlockCols) {
     const int query_cols = min(kBlockCols, queries.size - query0);
-    __syncthreads();
+    device::block_barrier();
     load_tile<T, kBlockCols, D>(q_s, Smem::kQkPitch, q, queries, sample, query0, query_cols, 0,
                                 launch.qk_dim);
     load_query_stats(lse_s, delta_s, branch, queries, sample, length, query0);
-    __syncthreads();
+    device::block_barrier();
     float p[kScoreTiles][4];
     transposed_probs<T, D>(p, k_warp, q_s, lse_s, scale_log2);
     float dp[kScoreTiles][4];
     zero_fill(dp);
     for (int col0 = 0; col0 < launch.v_dim; col0 += kVChunk) {
-      __syncthreads();
+      device::block_barrier();
       load_tile<T, kBlockRows, kVChunk>(v_s, Smem::kVPitch, v, keys, sample, slot0, key_rows, col0,
                                         launch.v_dim);
       load_tile<T, kBlockCols, kVChunk>(do_s, Smem::kVPitch, grad_out, queries, sample, query0,
                                         query_cols, col0, launch.v_dim);
-      __syncthreads();
+      device::block_barrier();
       warp_gemm<T, kVChunk, kScoreTiles, BLayout::kNK>(dp, v_warp, Smem::kVPitch, do_s,
                                                        Smem::kVPitch);
     }
@@ -283,7 +283,7 @@ __global__ void __launch_bounds__(kThreads) dk_kernel(const __grid_constant__ Ba
       for (int e = 0; e < 4; ++e) p[j][e] *= dp[j][e] - delta_s[lane.col(j, e)];  // dSᵀ / scale
     }
     store_strip<T>(ds_warp, Smem::kSPitch, p);
-    __syncwarp();
+    device::warp_barrier();
     warp_gemm<T, kBlockCols, kGradTiles, BLayout::kKN>(acc, ds_warp, Smem::kSPitch, q_s,
                                                        Smem::kQkPitch);
   }
@@ -296,7 +296,7 @@ __global__ void __launch_bounds__(kThreads) dv_kernel(const __grid_constant__ Ba
   using Smem = BackwardSmem<T, D>;
   constexpr int kScoreTiles = kBlockCols / 8;
   constexpr int kGradTiles = kVChunk / 8;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  DSA_DYNAMIC_SHARED_MEMORY(smem_raw);
   T* const smem = reinterpret_cast<T*>(smem_raw);
   T* const k_s = smem + Smem::kRowQk;
   T* const q_s = smem + Smem::kColQk;
@@ -335,17 +335,17 @@ __global__ void __launch_bounds__(kThreads) dv_kernel(const __grid_constant__ Ba
   zero_fill(acc);
   for (int query0 = 0; query0 < queries.size; query0 += kBlockCols) {
     const int query_cols = min(kBlockCols, queries.size - query0);
-    __syncthreads();
+    device::block_barrier();
     load_tile<T, kBlockCols, D>(q_s, Smem::kQkPitch, q, queries, sample, query0, query_cols, 0,
                                 launch.qk_dim);
     load_tile<T, kBlockCols, kVChunk>(do_s, Smem::kVPitch, grad_out, queries, sample, query0,
                                       query_cols, col0, launch.v_dim);
     load_query_stats(lse_s, delta_s, branch, queries, sample, length, query0);
-    __syncthreads();
+    device::block_barrier();
     float p[kScoreTiles][4];
     transposed_probs<T, D>(p, k_warp, q_s, lse_s, scale_log2);
     store_strip<T>(p_warp, Smem::kSPitch, p);
-    __syncwarp();
+    device::warp_barrier();
     warp_gemm<T, kBlockCols, kGradTiles, BLayout::kKN>(acc, p_warp, Smem::kSPitch, do_s,
                                                        Smem::kVPitch);
   }
@@ -355,8 +355,7 @@ __global__ void __launch_bounds__(kThreads) dv_kernel(const __grid_constant__ Ba
 template <typename Kernel>
 cudaError_t launch_plain(Kernel kernel, dim3 grid, cudaStream_t stream,
                          const BackwardLaunch& launch) {
-  kernel<<<grid, kThreads, 0, stream>>>(launch);
-  return cudaGetLastError();
+  return device::launch(kernel, grid, kThreads, 0, stream, launch);
 }
 
 }  // namespace

@@ -34,7 +34,7 @@ forward_kernel(const __grid_constant__ ForwardLaunch launch) {
   using Smem = ForwardSmem<T, D>;
   constexpr int kScoreTiles = kBlockCols / 8;
   constexpr int kOutTiles = kVChunk / 8;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  DSA_DYNAMIC_SHARED_MEMORY(smem_raw);
   T* const smem = reinterpret_cast<T*>(smem_raw);
   T* const q_s = smem + Smem::kQ;
   T* const k_s = smem + Smem::kK;
@@ -85,12 +85,12 @@ forward_kernel(const __grid_constant__ ForwardLaunch launch) {
 
   for (int key0 = 0; key0 < keys.size; key0 += kBlockCols) {
     const int key_cols = min(kBlockCols, keys.size - key0);
-    __syncthreads();  // every warp is done with the previous K, V tiles
+    device::block_barrier();  // every warp is done with the previous K, V tiles
     load_tile<T, kBlockCols, D>(k_s, Smem::kQkPitch, k, keys, sample, key0, key_cols, 0,
                                 launch.qk_dim);
     load_tile<T, kBlockCols, kVChunk>(v_s, Smem::kVPitch, v, keys, sample, key0, key_cols, col0,
                                       launch.v_dim);
-    __syncthreads();
+    device::block_barrier();
 
     float s[kScoreTiles][4];
     zero_fill(s);
@@ -130,7 +130,7 @@ forward_kernel(const __grid_constant__ ForwardLaunch launch) {
       for (int e = 0; e < 4; ++e) acc[j][e] *= rescale[e / 2];
     }
     store_strip<T>(p_warp, Smem::kPPitch, s);
-    __syncwarp();
+    device::warp_barrier();
     warp_gemm<T, kBlockCols, kOutTiles, BLayout::kKN>(acc, p_warp, Smem::kPPitch, v_s,
                                                       Smem::kVPitch);
   }
