@@ -2,15 +2,20 @@
 // cp.async groups, and the PTX fragment tables of ldmatrix and mma.sync (see emulation.h).
 #include "emulation/emulation.h"
 
-#include <barrier>
 #include <cstdio>
 #include <cstdlib>
 #include <deque>
 #include <map>
 #include <memory>
 #include <mutex>
-#include <thread>
 #include <vector>
+
+#ifdef DSA_OPS_EMULATION_OS_THREADS
+#include <barrier>
+#include <thread>
+#else
+#include <ucontext.h>
+#endif
 
 namespace dsa_ops {
 namespace emulation {
@@ -18,10 +23,149 @@ namespace {
 
 constexpr unsigned char kPoison = 0xFF;  // NaN in float32, float16 and bfloat16
 
+struct ThreadState;
+thread_local ThreadState* current = nullptr;  // the emulated thread running on this OS thread
+
+// ----------------------------------------------------------------------------- scheduling
+// Two ways to run the threads of a block, same semantics:
+//  - fibers (default): every CUDA thread is a ucontext fiber on the launching thread; a
+//    fiber runs until it waits at a barrier, so a thread reads shared memory as early as
+//    the missing barriers let it (the poison shows) and runs are deterministic; fast.
+//  - OS threads (-DDSA_OPS_EMULATION_OS_THREADS, the sanitizer builds): one std::thread
+//    per CUDA thread and std::barrier, so ThreadSanitizer sees the races between them and
+//    AddressSanitizer needs no stack-switch annotations.
+#ifdef DSA_OPS_EMULATION_OS_THREADS
+using Barrier = std::barrier<>;
+
+template <typename Body>
+bool run_block_threads(int count, Body body) {
+  std::vector<std::thread> threads;
+  threads.reserve(static_cast<size_t>(count));
+  for (int t = 0; t < count; ++t) threads.emplace_back([&body, t] { body(t); });
+  for (std::thread& thread : threads) thread.join();
+  return true;
+}
+#else
+class FiberScheduler {
+ public:
+  // Runs body(t), t = 0..count-1, as fibers until all return; false when every unfinished
+  // fiber waits (a deadlock: threads at different barriers).
+  template <typename Body>
+  bool run(int count, Body& body) {
+    static_assert(std::is_invocable_v<Body&, int>);
+    body_ = &body;
+    call_ = [](void* b, int t) { (*static_cast<Body*>(b))(t); };
+    while (fibers_.size() < static_cast<size_t>(count)) fibers_.push_back(std::make_unique<Fiber>());
+    for (int t = 0; t < count; ++t) {
+      Fiber& fiber = *fibers_[static_cast<size_t>(t)];
+      getcontext(&fiber.context);
+      fiber.context.uc_stack.ss_sp = fiber.stack.get();
+      fiber.context.uc_stack.ss_size = kStackBytes;
+      fiber.context.uc_link = &scheduler_;
+      makecontext(&fiber.context, &FiberScheduler::trampoline, 0);
+      fiber.finished = false;
+      fiber.wait_phase = nullptr;
+    }
+    FiberScheduler* const outer = active_;
+    active_ = this;
+    int finished = 0;
+    bool deadlock = false;
+    while (finished < count && !deadlock) {
+      deadlock = true;
+      for (int t = 0; t < count; ++t) {
+        Fiber& fiber = *fibers_[static_cast<size_t>(t)];
+        if (fiber.finished || (fiber.wait_phase != nullptr && *fiber.wait_phase == fiber.wait_seen)) {
+          continue;
+        }
+        fiber.wait_phase = nullptr;
+        running_ = t;
+        threadIdx = {static_cast<unsigned>(t), 0, 0};
+        swapcontext(&scheduler_, &fiber.context);
+        deadlock = false;
+        if (fiber.finished) ++finished;
+      }
+    }
+    active_ = outer;
+    return !deadlock;
+  }
+
+  // Suspends the running fiber until *phase differs from seen.
+  static void wait_while(const uint64_t* phase, uint64_t seen) {
+    FiberScheduler& self = *active_;
+    Fiber& fiber = *self.fibers_[static_cast<size_t>(self.running_)];
+    fiber.wait_phase = phase;
+    fiber.wait_seen = seen;
+    // Fibers share the OS thread's thread_locals: each keeps its own across the switch.
+    ThreadState* const state = current;
+    const Index3 thread = threadIdx;
+    swapcontext(&fiber.context, &self.scheduler_);
+    current = state;
+    threadIdx = thread;
+  }
+
+ private:
+  static constexpr size_t kStackBytes = 256 * 1024;
+  struct Fiber {
+    ucontext_t context;
+    std::unique_ptr<char[]> stack{new char[kStackBytes]};
+    bool finished = false;
+    const uint64_t* wait_phase = nullptr;
+    uint64_t wait_seen = 0;
+  };
+
+  static void trampoline() {
+    FiberScheduler& self = *active_;
+    const int t = self.running_;
+    self.call_(self.body_, t);
+    self.fibers_[static_cast<size_t>(t)]->finished = true;
+  }  // returns to uc_link: the scheduler
+
+  static thread_local FiberScheduler* active_;
+  std::vector<std::unique_ptr<Fiber>> fibers_;  // stacks reused from block to block
+  ucontext_t scheduler_;
+  int running_ = -1;
+  void* body_ = nullptr;
+  void (*call_)(void*, int) = nullptr;
+};
+thread_local FiberScheduler* FiberScheduler::active_ = nullptr;
+
+// std::barrier's interface, for fibers.
+class Barrier {
+ public:
+  explicit Barrier(int expected) : expected_(expected) {}
+  void arrive_and_wait() {
+    if (++arrived_ == expected_) {
+      complete_phase();
+      return;
+    }
+    FiberScheduler::wait_while(&phase_, phase_);
+  }
+  void arrive_and_drop() {
+    --expected_;
+    if (arrived_ > 0 && arrived_ == expected_) complete_phase();
+  }
+
+ private:
+  void complete_phase() {
+    arrived_ = 0;
+    ++phase_;
+  }
+  int expected_;
+  int arrived_ = 0;
+  uint64_t phase_ = 0;
+};
+
+template <typename Body>
+bool run_block_threads(int count, Body body) {
+  static thread_local FiberScheduler scheduler;
+  return scheduler.run(count, body);
+}
+#endif
+
 struct Warp {
   explicit Warp(int lanes_) : lanes(lanes_), barrier(lanes_) {}
   int lanes;
-  std::barrier<> barrier;
+  Barrier barrier;
   ExchangeSlot slots[2][kWarpSize];  // alternate by parity of the collective count
 };
 
@@ -38,7 +182,7 @@ struct Block {
       warps.push_back(std::make_unique<Warp>(std::min(kWarpSize, threads - first)));
     }
   }
-  std::barrier<> barrier;
+  Barrier barrier;
   std::vector<std::unique_ptr<Warp>> warps;
   std::vector<unsigned char> dynamic_shared;
   std::mutex static_mutex;
@@ -60,8 +204,6 @@ struct ThreadState {
   std::vector<PendingCopy> open_group;
   std::deque<std::vector<PendingCopy>> committed_groups;
 };
-
-thread_local ThreadState* current = nullptr;
 
 std::mutex launch_mutex;       // one launch at a time (gridDim / blockDim are global)
 std::mutex failure_mutex;
@@ -401,28 +543,26 @@ cudaError_t run_grid(const void* kernel, dim3 grid, int threads, int shared_byte
     for (unsigned y = 0; y < grid.y; ++y) {
       for (unsigned x = 0; x < grid.x; ++x) {
         Block block(threads, shared_bytes);
-        std::vector<std::thread> pool;
-        pool.reserve(static_cast<size_t>(threads));
-        for (int t = 0; t < threads; ++t) {
-          pool.emplace_back([&block, &body, t, x, y, z] {
-            ThreadState self;
-            self.block = &block;
-            self.warp = block.warps[static_cast<size_t>(t / kWarpSize)].get();
-            self.lane = t % kWarpSize;
-            current = &self;
-            threadIdx = {static_cast<unsigned>(t), 0, 0};
-            blockIdx = {x, y, z};
-            body.run();
-            if (!self.open_group.empty() || !self.committed_groups.empty()) {
-              fail("thread exited with cp.async copies it never waited for");
-            }
-            // Exited threads no longer take part in barriers, as on the GPU.
-            self.warp->barrier.arrive_and_drop();
-            block.barrier.arrive_and_drop();
-            current = nullptr;
-          });
-        }
-        for (std::thread& thread : pool) thread.join();
+        std::vector<ThreadState> states(static_cast<size_t>(threads));
+        blockIdx = {x, y, z};
+        const bool finished = run_block_threads(threads, [&](int t) {
+          ThreadState& self = states[static_cast<size_t>(t)];
+          self.block = &block;
+          self.warp = block.warps[static_cast<size_t>(t / kWarpSize)].get();
+          self.lane = t % kWarpSize;
+          current = &self;
+          threadIdx = {static_cast<unsigned>(t), 0, 0};
+          blockIdx = {x, y, z};
+          body.run();
+          if (!self.open_group.empty() || !self.committed_groups.empty()) {
+            fail("thread exited with cp.async copies it never waited for");
+          }
+          // Exited threads no longer take part in barriers, as on the GPU.
+          self.warp->barrier.arrive_and_drop();
+          block.barrier.arrive_and_drop();
+          current = nullptr;
+        });
+        if (!finished) fail("deadlock: the block's threads wait at different barriers");
         const std::lock_guard<std::mutex> failure_lock(failure_mutex);
         if (launch_failed) return report(cudaErrorLaunchFailure, failure_message);
       }
