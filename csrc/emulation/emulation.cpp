@@ -163,7 +163,11 @@ bool run_block_threads(int count, Body body) {
 #endif
 
 struct Warp {
-  explicit Warp(int lanes_) : lanes(lanes_), barrier(lanes_) {}
+  explicit Warp(int lanes_) : lanes(lanes_), barrier(lanes_) {
+    for (auto& parity : slots) {
+      for (ExchangeSlot& slot : parity) slot.sequence = ~uint64_t{0};  // no collective yet
+    }
+  }
   int lanes;
   Barrier barrier;
   ExchangeSlot slots[2][kWarpSize];  // alternate by parity of the collective count
