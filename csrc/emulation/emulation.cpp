@@ -314,7 +314,7 @@ const ExchangeSlot* exchange(const void* offer, size_t bytes) {
   const int parity = static_cast<int>(self.collectives & 1);
   ExchangeSlot& mine = warp.slots[parity][self.lane];
   mine.sequence = self.collectives;
-  std::memcpy(mine.bytes, offer, bytes);
+  if (bytes > 0) std::memcpy(mine.bytes, offer, bytes);
   warp.barrier.arrive_and_wait();
   // A lane that sits at another collective, or has exited, left a different count here.
   if (warp.lanes != kWarpSize) {
