@@ -43,22 +43,12 @@ constexpr unsigned kFullWarp = 0xffffffffu;
 __device__ __forceinline__ void block_barrier() { __syncthreads(); }
 __device__ __forceinline__ void warp_barrier() { __syncwarp(kFullWarp); }
 
-template <typename T>
-__device__ __forceinline__ T shfl_xor(T value, int lane_mask) {
-  return __shfl_xor_sync(kFullWarp, value, lane_mask);
-}
-template <typename T>
-__device__ __forceinline__ T shfl_idx(T value, int source_lane) {
-  return __shfl_sync(kFullWarp, value, source_lane);
-}
-template <typename T>
-__device__ __forceinline__ T shfl_up(T value, unsigned delta) {
-  return __shfl_up_sync(kFullWarp, value, delta);
-}
-template <typename T>
-__device__ __forceinline__ T shfl_down(T value, unsigned delta) {
-  return __shfl_down_sync(kFullWarp, value, delta);
-}
+// clang-format off
+template <typename T> __device__ T shfl_xor(T v, int lane_mask) { return __shfl_xor_sync(kFullWarp, v, lane_mask); }
+template <typename T> __device__ T shfl_idx(T v, int source) { return __shfl_sync(kFullWarp, v, source); }
+template <typename T> __device__ T shfl_up(T v, unsigned delta) { return __shfl_up_sync(kFullWarp, v, delta); }
+template <typename T> __device__ T shfl_down(T v, unsigned delta) { return __shfl_down_sync(kFullWarp, v, delta); }
+// clang-format on
 __device__ __forceinline__ unsigned ballot(bool predicate) {
   return __ballot_sync(kFullWarp, predicate);
 }
