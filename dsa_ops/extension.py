@@ -111,8 +111,10 @@ def emulation_sources(build_directory: pathlib.Path) -> list[str]:
 
 
 def emulation_flags(include_dir: str) -> list[str]:
-    return ["-std=c++20", "-O2", "-DDSA_OPS_HOST_EMULATION", "-Wno-unknown-pragmas",
-            f"-I{_CSRC}", f"-I{include_dir}"]
+    # Hidden visibility: the kernels' launchers bind within this library even when the CUDA
+    # build dsa_ops._C, which has the same symbols, is loaded in the same process.
+    return ["-std=c++20", "-O2", "-fvisibility=hidden", "-DDSA_OPS_HOST_EMULATION",
+            "-Wno-unknown-pragmas", f"-I{_CSRC}", f"-I{include_dir}"]
 
 
 def load_emulation() -> None:
