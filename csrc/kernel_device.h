@@ -8,7 +8,11 @@
 #include <torch/types.h>
 
 #ifdef DSA_OPS_HOST_EMULATION
-#include "emulation/emulation.h"
+#include <cuda_runtime.h>
+
+namespace dsa_ops::emulation {
+const char* last_error_message();  // emulation/emulation.h, without its CUDA-keyword macros
+}
 #else
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
