@@ -182,7 +182,7 @@ __global__ void empty_kernel(int*) {}
 #ifdef DSA_OPS_HOST_EMULATION  // nvcc rejects it at compile time
 __global__ void large_static_kernel(int* out) {
   DSA_STATIC_SHARED_ARRAY(int, big, 13 * 1024);  // 52 KiB > 48 KiB
-  out[0] = big[0];
+  if (threadIdx.x == 0) out[0] = big[0];
 }
 #endif
 
