@@ -2,7 +2,7 @@
 
 The numerical tests run on a GPU, or on CPU tensors through the host emulation of the same
 kernels when ``DSA_OPS_CUDA_EMULATE=1`` was set before the import (``make test`` runs this
-file that way too; the emulated shapes are smaller: one std::thread per CUDA thread). With
+file that way too, on smaller shapes: the emulation runs every CUDA thread). With
 neither they skip with the reason. Cases come from ``attention_cases``: per-sample masks
 cycle through a rectangle, random pixels, an empty and a full hole, so every batch has
 samples without queries and without keys.

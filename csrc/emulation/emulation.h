@@ -1,10 +1,11 @@
 // Host emulation of the CUDA execution model, for csrc/device/primitives.cuh built with
 // -DDSA_OPS_HOST_EMULATION: the kernels of csrc/ compiled by g++ and run on the CPU.
 //
-// Model: blocks run one after another; each CUDA thread of a block is a std::thread.
-// __syncthreads is a std::barrier over the block, and every warp collective (shuffles,
-// ballot, __syncwarp, ldmatrix, mma.sync) is an exchange through per-warp slots between
-// two phases of a std::barrier over the warp. Where bugs hide it is strict:
+// Model: blocks run one after another; each CUDA thread of a block is a fiber (default:
+// runs until it waits, deterministic) or a std::thread (-DDSA_OPS_EMULATION_OS_THREADS, for
+// the sanitizers). __syncthreads is a barrier over the block, and every warp collective
+// (shuffles, ballot, __syncwarp, ldmatrix, mma.sync) is an exchange through per-warp slots
+// at a barrier over the warp. Where bugs hide it is strict:
 //  - shared memory (static and dynamic) is filled with 0xFF bytes, NaN in every float
 //    type, at block start; each static array and the dynamic area are separate heap
 //    blocks, so AddressSanitizer sees overruns;
