@@ -34,16 +34,35 @@ thread_local ThreadState* current = nullptr;  // the emulated thread running on 
 //  - OS threads (-DDSA_OPS_EMULATION_OS_THREADS, the sanitizer builds): one std::thread
 //    per CUDA thread and std::barrier, so ThreadSanitizer sees the races between them and
 //    AddressSanitizer needs no stack-switch annotations.
+// run_blocks(blocks, threads, set_up, body): for each block b in order, set_up(b) (false:
+// stop), then body(t) for every thread t; false when a block deadlocked.
 #ifdef DSA_OPS_EMULATION_OS_THREADS
 using Barrier = std::barrier<>;
 
-template <typename Body>
-bool run_block_threads(int count, Body body) {
+// The OS threads live for the whole grid (creating them per block would dominate): they
+// meet at a barrier between blocks, whose completion step sets up the next block.
+template <typename SetUp, typename Body>
+bool run_blocks(uint64_t blocks, int count, SetUp set_up, Body body) {
+  uint64_t next = 0;
+  bool more = false;
+  auto advance = [&]() noexcept {
+    more = next < blocks && set_up(next);
+    ++next;
+  };
+  advance();
+  std::barrier between(count, advance);
   std::vector<std::thread> threads;
   threads.reserve(static_cast<size_t>(count));
-  for (int t = 0; t < count; ++t) threads.emplace_back([&body, t] { body(t); });
+  for (int t = 0; t < count; ++t) {
+    threads.emplace_back([&, t] {
+      while (more) {
+        body(t);
+        between.arrive_and_wait();
+      }
+    });
+  }
   for (std::thread& thread : threads) thread.join();
-  return true;
+  return true;  // a deadlock hangs here
 }
 #else
 class FiberScheduler {
@@ -155,10 +174,13 @@ class Barrier {
   uint64_t phase_ = 0;
 };
 
-template <typename Body>
-bool run_block_threads(int count, Body body) {
+template <typename SetUp, typename Body>
+bool run_blocks(uint64_t blocks, int count, SetUp set_up, Body body) {
   static thread_local FiberScheduler scheduler;
-  return scheduler.run(count, body);
+  for (uint64_t b = 0; b < blocks && set_up(b); ++b) {
+    if (!scheduler.run(count, body)) return false;
+  }
+  return true;
 }
 #endif
 
@@ -543,36 +565,42 @@ cudaError_t run_grid(const void* kernel, dim3 grid, int threads, int shared_byte
   }
   gridDim = {grid.x, grid.y, grid.z};
   blockDim = {static_cast<unsigned>(threads), 1, 1};
-  for (unsigned z = 0; z < grid.z; ++z) {
-    for (unsigned y = 0; y < grid.y; ++y) {
-      for (unsigned x = 0; x < grid.x; ++x) {
-        Block block(threads, shared_bytes);
-        std::vector<ThreadState> states(static_cast<size_t>(threads));
-        blockIdx = {x, y, z};
-        const bool finished = run_block_threads(threads, [&](int t) {
-          ThreadState& self = states[static_cast<size_t>(t)];
-          self.block = &block;
-          self.warp = block.warps[static_cast<size_t>(t / kWarpSize)].get();
-          self.lane = t % kWarpSize;
-          current = &self;
-          threadIdx = {static_cast<unsigned>(t), 0, 0};
-          blockIdx = {x, y, z};
-          body.run();
-          if (!self.open_group.empty() || !self.committed_groups.empty()) {
-            fail("thread exited with cp.async copies it never waited for");
-          }
-          // Exited threads no longer take part in barriers, as on the GPU.
-          self.warp->barrier.arrive_and_drop();
-          block.barrier.arrive_and_drop();
-          current = nullptr;
-        });
-        if (!finished) fail("deadlock: the block's threads wait at different barriers");
-        const std::lock_guard<std::mutex> failure_lock(failure_mutex);
-        if (launch_failed) return report(cudaErrorLaunchFailure, failure_message);
-      }
+  const auto failed = [] {
+    const std::lock_guard<std::mutex> failure_lock(failure_mutex);
+    return launch_failed;
+  };
+  std::unique_ptr<Block> block;
+  std::vector<ThreadState> states;
+  Index3 block_index;
+  // Blocks in order x, then y, then z; a failed block ends the launch.
+  const auto set_up = [&](uint64_t b) {
+    if (failed()) return false;
+    block_index = {static_cast<unsigned>(b % grid.x), static_cast<unsigned>(b / grid.x % grid.y),
+                   static_cast<unsigned>(b / grid.x / grid.y)};
+    block.reset();
+    block = std::make_unique<Block>(threads, shared_bytes);
+    states.assign(static_cast<size_t>(threads), ThreadState{});
+    return true;
+  };
+  const bool finished = run_blocks(uint64_t{grid.x} * grid.y * grid.z, threads, set_up, [&](int t) {
+    ThreadState& self = states[static_cast<size_t>(t)];
+    self.block = block.get();
+    self.warp = block->warps[static_cast<size_t>(t / kWarpSize)].get();
+    self.lane = t % kWarpSize;
+    current = &self;
+    threadIdx = {static_cast<unsigned>(t), 0, 0};
+    blockIdx = block_index;
+    body.run();
+    if (!self.open_group.empty() || !self.committed_groups.empty()) {
+      fail("thread exited with cp.async copies it never waited for");
     }
-  }
-  return cudaSuccess;
+    // Exited threads no longer take part in barriers, as on the GPU.
+    self.warp->barrier.arrive_and_drop();
+    self.block->barrier.arrive_and_drop();
+    current = nullptr;
+  });
+  if (!finished) fail("deadlock: the block's threads wait at different barriers");
+  return failed() ? report(cudaErrorLaunchFailure, failure_message) : cudaSuccess;
 }
 
 }  // namespace emulation
