@@ -71,10 +71,11 @@ Tensor = torch.Tensor
 LOG2_E = math.log2(math.e)
 # tl.dot needs every dimension to be at least 16.
 _MIN_DOT_SIZE = 16
-# The most shared memory any launch of the GPU table needs per block (checked by
-# tests/test_triton_compile.py on sm_80 and sm_90); GPUs that cannot give a block this
-# much (sm_75: 64 KiB) are not served, and "auto" skips Triton there with the reason.
-SHARED_MEMORY_PER_BLOCK = 128 * 1024
+# The most shared memory any launch of the GPU table may need per block (checked by
+# tests/test_triton_compile.py on sm_80 and sm_90). GPUs that cannot give a block this
+# much (sm_75: 64 KiB; sm_86/sm_89 give 99 KiB) are not served: "auto" skips Triton
+# there with the reason.
+SHARED_MEMORY_PER_BLOCK = 96 * 1024
 MIN_CAPABILITY = (8, 0)
 # Grid axis 0 holds batch × tiles; its limit is 2³¹ − 1 programs.
 _MAX_GRID_X = 2 ** 31 - 1

@@ -51,7 +51,8 @@ SHAPES = [
     Shape("cross-40x100-strided", "cross", 40, 100, 5, 7, noncontiguous=True, scale=0.3),
     # Large score magnitudes (|scale·q·k| up to ~1000): the softmax statistics must keep
     # float32 precision through forward and backward to stay within 2× the reference.
-    Shape("large-magnitude-8x12", "cross", 8, 12, 5, 7, scale=10.0, qk_std=3.0),
+    # (A log2 ↔ ln round trip of the saved lse fails dv here in float32.)
+    Shape("large-magnitude-32x32", "self", 32, 32, 5, 7, scale=10.0, qk_std=3.0),
     # The paper's DSA layers 12 and 14 (DESIGN §2), lightly: one batch of every hole kind.
     Shape("paper-16x16-64x512", "cross", 64, 512, 16, 16, gpu_only=True),
     Shape("paper-64x64-16x128", "self", 16, 128, 64, 64, noncontiguous=True, gpu_only=True),
