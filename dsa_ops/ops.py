@@ -340,7 +340,8 @@ class MaskedAttentionFunction(torch.autograd.Function):
 # foreground. The fused op pair computes both branches in one launch per kernel from one
 # partition of the foreground (its two halves are the two key lists), so every key row is
 # gathered by one grid. ``reference`` composes two reference calls and runs everywhere;
-# ``cuda`` comes from csrc/ (bindings.cpp) like the single-branch op.
+# ``cuda`` comes from csrc/ (bindings.cpp) like the single-branch op; ``triton`` is a
+# ``triton_op`` around ``triton_kernels.dual_forward`` / ``dual_backward``.
 _DUAL_FWD_SCHEMA = ("(Tensor q_cross, Tensor k_cross, Tensor v_cross, Tensor q_self, Tensor k_self,"
                     " Tensor v_self, Tensor foreground, float scale)"
                     " -> (Tensor out_cross, Tensor lse_cross, Tensor out_self, Tensor lse_self)")

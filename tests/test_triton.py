@@ -203,14 +203,15 @@ def test_float32_follows_the_matmul_precision_setting(setting, expected):
         torch.set_float32_matmul_precision(saved)
 
 
-def test_float32_tiles_depend_on_the_precision():
-    """IEEE products run on the FMA units with their own (smaller) tiles."""
-    configs = {precision: triton_kernels._block_config("forward", (9, 0), 64, 512, torch.float32,
-                                                       precision)
-               for precision in ("ieee", "tf32", "tf32x3")}
-    assert configs["tf32"] == configs["tf32x3"]
-    assert configs["ieee"].block_m * configs["ieee"].block_dv < \
-        configs["tf32"].block_m * configs["tf32"].block_dv or configs["ieee"] != configs["tf32"]
+def test_ieee_float32_gets_its_own_smaller_tiles():
+    """IEEE products run on the FMA units: smaller V chunks than the tensor-core paths."""
+    def config(pass_name, dtype, precision):
+        return triton_kernels._block_config(pass_name, (9, 0), 64, 512, dtype, precision)
+
+    for pass_name in ("forward", "grad_kv", "grad_q"):
+        assert config(pass_name, torch.float32, "tf32") == config(pass_name, torch.float32, "tf32x3")
+        assert (config(pass_name, torch.float32, "ieee").block_dv
+                < config(pass_name, torch.float16, "ieee").block_dv)
 
 
 # ----------------------------------------------------------------------------- devices
