@@ -68,7 +68,7 @@ import triton.language as tl
 
 Tensor = torch.Tensor
 
-LOG2_E = math.log2(math.e)
+LOG2_E = tl.constexpr(math.log2(math.e))
 # tl.dot needs every dimension to be at least 16.
 _MIN_DOT_SIZE = 16
 # The most shared memory any launch of the GPU table may need per block (checked by
@@ -168,8 +168,8 @@ def _block_config(pass_name: str, capability: Optional[tuple[int, int]], qk_dim:
     """Tiles of ``pass_name`` ("forward", "grad_kv", "grad_q") from ``_GPU_TABLE``.
 
     The V chunk is ``next_pow2(Dv)`` (at least the table's smallest entry); wider V is
-    split (``_SPLIT_TABLE`` or the widest entry); Dqk ≤ 64 always fits one tile. ``capability`` None (the interpreter)
-    gives 16-wide tiles with 64-wide V chunks: fast, and still multi-tile at L ≈ 35..100.
+    split (``_SPLIT_TABLE`` or the widest entry); Dqk ≤ 64 always fits one tile.
+    ``capability`` None (the interpreter) gives 16-wide tiles with 64-wide V chunks: fast, and still multi-tile at L ≈ 35..100.
     """
     # Head sizes pick the tile shapes (constexprs), so they are specialised even when
     # torch.compile traces with symbolic shapes; B and L stay symbolic in the grid.
@@ -258,7 +258,7 @@ def _key_list(batch, branch, num_queries, k_count, length, DUAL: tl.constexpr):
 @triton.jit
 def _exp(x):
     """exp(x) for small x in natural units (a difference of scaled scores) via exp2."""
-    return tl.exp2(x * 1.4426950408889634)
+    return tl.exp2(x * LOG2_E)
 
 
 # ----------------------------------------------------------------------------- kernels
