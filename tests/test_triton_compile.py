@@ -4,8 +4,8 @@ No GPU needed: ``tests/triton_aot.py`` records the launches of a dual forward + 
 on the model's layout and compiles each with Triton's own toolchain (``ptxas -v`` for
 registers and spills). Asserted: no register spills for 16-bit and IEEE float32 kernels,
 shared memory within ``SHARED_MEMORY_PER_BLOCK`` (what ``auto`` requires of a GPU) and
-the architecture's per-block limit, and cp.async gathers of the unit-stride channels the
-module hands over.
+the architecture's per-block limit, cp.async gathers of the unit-stride channels the
+module hands over, and warps running along the rows of unit-stride-row tensors.
 """
 from __future__ import annotations
 
@@ -73,3 +73,18 @@ def test_rows_with_unit_stride_channels_are_gathered_with_cp_async(capability):
     forwards = [r for r in compiled(capability)
                 if r["kernel"] == "_forward_kernel" and r["dtype"] == "float16"]
     assert forwards and all(r["cp_async"] for r in forwards), [describe(r) for r in forwards]
+
+
+@pytest.mark.parametrize("capability", [80, 90])
+def test_unit_stride_rows_are_read_by_neighbouring_threads(capability):
+    """grad_out reaches the backward with unit-stride rows (channel stride L): the delta
+    kernel loads it as channels × rows with the threads of a warp along the rows, and the
+    contiguous out rows as rows × channels with vectors along the channels."""
+    delta = next(r for r in compiled(capability)
+                 if r["kernel"] == "_delta_kernel" and r["dtype"] == "float16"
+                 and r["constexprs"]["BLOCK_M"] != r["constexprs"]["BLOCK_DV"])
+    rows, channels = delta["constexprs"]["BLOCK_M"], delta["constexprs"]["BLOCK_DV"]
+    by_shape = {tuple(load["shape"]): load for load in delta["loads"]}
+    grad_out, out = by_shape[channels, rows], by_shape[rows, channels]
+    assert grad_out["order"][0] == 1 and grad_out["threadsPerWarp"][1] >= 8, grad_out
+    assert out["order"][0] == 1 and out["sizePerThread"][1] >= 4, out

@@ -82,6 +82,20 @@ def _ptxas_report(ptx: str, capability: int) -> dict:
                 spill_bytes=int(spills.group(1)) + int(spills.group(2)))
 
 
+def _load_layouts(ttgir: str) -> list[dict]:
+    """Shape and thread arrangement of every 2-D floating-point load in the TTGIR."""
+    layouts = {}
+    for name, body in re.findall(r"^(#\w+) = #ttg\.blocked<\{([^}]*)\}>", ttgir, re.M):
+        fields = dict(re.findall(r"(\w+) = \[([\d, ]*)\]", body))
+        layouts[name] = {key: [int(x) for x in value.split(",")] for key, value in fields.items()}
+    loads = []
+    for shape, element, layout in re.findall(
+            r"tt\.load .*?: tensor<(\d+x\d+)x!tt\.ptr<(f16|bf16|f32)>, (#\w+)>", ttgir):
+        if layout in layouts:
+            loads.append(dict(shape=[int(x) for x in shape.split("x")], **layouts[layout]))
+    return loads
+
+
 def compile_launches(cases, capability):
     target = GPUTarget("cuda", capability, 32)
     backend = make_backend(target)
@@ -105,6 +119,7 @@ def compile_launches(cases, capability):
                        num_warps=options.num_warps, num_stages=options.num_stages,
                        dtype=case[4], shared_bytes=kernel.metadata.shared,
                        cp_async="cp.async" in kernel.asm["ptx"],
+                       loads=_load_layouts(kernel.asm["ttgir"]),
                        **_ptxas_report(kernel.asm["ptx"], capability))
 
 
