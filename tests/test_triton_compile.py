@@ -88,3 +88,11 @@ def test_unit_stride_rows_are_read_by_neighbouring_threads(capability):
     grad_out, out = by_shape[channels, rows], by_shape[rows, channels]
     assert grad_out["order"][0] == 1 and grad_out["threadsPerWarp"][1] >= 8, grad_out
     assert out["order"][0] == 1 and out["sizePerThread"][1] >= 4, out
+
+
+def test_16bit_dk_dv_products_use_wgmma_on_sm90():
+    """The tutorial's transposed dK/dV form keeps every product on Hopper's wgmma."""
+    reports = [r for r in compiled(90) if r["kernel"] == "_grad_kv_kernel" and r["dtype"] == "float16"]
+    assert reports
+    for report in reports:
+        assert report["wgmma_dots"] >= 3 and report["other_dots"] == 0, describe(report)

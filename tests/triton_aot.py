@@ -120,6 +120,8 @@ def compile_launches(cases, capability):
                        dtype=case[4], shared_bytes=kernel.metadata.shared,
                        cp_async="cp.async" in kernel.asm["ptx"],
                        loads=_load_layouts(kernel.asm["ttgir"]),
+                       wgmma_dots=len(re.findall(r"ttng\.warp_group_dot ", kernel.asm["ttgir"])),
+                       other_dots=len(re.findall(r"= tt\.dot ", kernel.asm["ttgir"])),
                        **_ptxas_report(kernel.asm["ptx"], capability))
 
 
