@@ -71,6 +71,22 @@ class DualSpatialAttention(nn.Module):
         return (f"channels={self.channels}, qk_dim={self.qk_dim}, scale={self.scale}, "
                 f"backend={self.backend!r}")
 
+    def _project(self, x: Tensor) -> tuple[tuple[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]:
+        """``((q, k, v) cross, (q, k, v) self)`` from ``x (B, C, H, W)``: q, k ``(B, L, Dqk)``,
+        v ``(B, L, C)``, with unit-stride channels.
+
+        The 1×1 convolution runs as one batched GEMM ``Xᵀ·Wᵀ`` that writes ``(B, L, 2·(2·Dqk
+        + C))`` directly (channels last), so the attention kernels gather whole rows with
+        vector loads; the conv layout would make every row a strided gather. No copy.
+        """
+        batch = x.shape[0]
+        weight = self.projection.weight.flatten(1)  # (outputs, C)
+        pixels = x.flatten(2).transpose(1, 2)  # (B, L, C), a view
+        features = torch.baddbmm(self.projection.bias, pixels, weight.t().expand(batch, -1, -1))
+        q_cross, k_cross, v_cross, q_self, k_self, v_self = features.split(
+            [self.qk_dim, self.qk_dim, self.channels] * 2, dim=2)
+        return (q_cross, k_cross, v_cross), (q_self, k_self, v_self)
+
     def forward(self, x: Tensor, hole_mask: Tensor, return_attention: bool = False):
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(f"x must have shape (B, {self.channels}, H, W); got {tuple(x.shape)}")
@@ -79,13 +95,9 @@ class DualSpatialAttention(nn.Module):
                              f"got {tuple(hole_mask.shape)}")
         batch, channels, height, width = x.shape
         foreground = reduce_hole_mask(hole_mask.to(x.device), (height, width))
-        # (B, 2·(2·Dqk + C), H, W) → (B, L, channels): strided views, no copies.
-        features = self.projection(x).flatten(2).transpose(1, 2)
-        q_cross, k_cross, v_cross, q_self, k_self, v_self = features.split(
-            [self.qk_dim, self.qk_dim, channels] * 2, dim=2)
-        # Both branches in one call: on the "cuda" backend one fused launch per kernel.
-        branches = dual_masked_attention(q_cross, k_cross, v_cross, q_self, k_self, v_self,
-                                         foreground, scale=self.scale,
+        cross, self_ = self._project(x)
+        # Both branches in one call: on "cuda" and "triton" one fused launch per kernel.
+        branches = dual_masked_attention(*cross, *self_, foreground, scale=self.scale,
                                          return_attention=return_attention, backend=self.backend)
         cross, self_ = branches[:2]
         attended = self.alpha * cross + self.beta * self_

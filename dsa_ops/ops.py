@@ -169,7 +169,7 @@ def _triton_unavailable(device: torch.device) -> Optional[str]:
     if _TRITON_IMPORT_ERROR is not None:
         return _TRITON_IMPORT_ERROR
     if device.type == "cuda":
-        return None
+        return triton_kernels.unsupported_device_reason(device)
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
         return None
     return (f"triton runs on CUDA tensors (or on the CPU under TRITON_INTERPRET=1); "
@@ -344,7 +344,8 @@ class MaskedAttentionFunction(torch.autograd.Function):
 # foreground. The fused op pair computes both branches in one launch per kernel from one
 # partition of the foreground (its two halves are the two key lists), so every key row is
 # gathered by one grid. ``reference`` composes two reference calls and runs everywhere;
-# ``cuda`` comes from csrc/ (bindings.cpp) like the single-branch op.
+# ``cuda`` comes from csrc/ (bindings.cpp) like the single-branch op; ``triton`` is a
+# ``triton_op`` around ``triton_kernels.dual_forward`` / ``dual_backward``.
 _DUAL_FWD_SCHEMA = ("(Tensor q_cross, Tensor k_cross, Tensor v_cross, Tensor q_self, Tensor k_self,"
                     " Tensor v_self, Tensor foreground, float scale)"
                     " -> (Tensor out_cross, Tensor lse_cross, Tensor out_self, Tensor lse_self)")
@@ -403,6 +404,15 @@ def _make_dual_backward(bwd_op):
     return backward
 
 
+def _register_dual_meta_and_autograd(backend: str) -> None:
+    fwd_name, bwd_name = _dual_op_names(backend)
+    torch.library.register_fake(f"dsa_ops::{fwd_name}", _fake_dual_forward, lib=_lib)
+    torch.library.register_fake(f"dsa_ops::{bwd_name}", _fake_dual_backward, lib=_lib)
+    torch.library.register_autograd(
+        f"dsa_ops::{fwd_name}", _make_dual_backward(getattr(torch.ops.dsa_ops, bwd_name).default),
+        setup_context=_dual_setup_context, lib=_lib)
+
+
 for _backend in DUAL_BACKENDS:
     _fwd, _bwd = _dual_op_names(_backend)
     _lib.define(_fwd + _DUAL_FWD_SCHEMA)
@@ -410,11 +420,15 @@ for _backend in DUAL_BACKENDS:
     if _backend == "reference":  # cuda: TORCH_LIBRARY_IMPL in csrc/bindings.cpp
         _lib.impl(_fwd, _dual_forward_reference, "CompositeExplicitAutograd")
         _lib.impl(_bwd, _dual_backward_reference, "CompositeExplicitAutograd")
-    torch.library.register_fake(f"dsa_ops::{_fwd}", _fake_dual_forward, lib=_lib)
-    torch.library.register_fake(f"dsa_ops::{_bwd}", _fake_dual_backward, lib=_lib)
-    torch.library.register_autograd(
-        f"dsa_ops::{_fwd}", _make_dual_backward(getattr(torch.ops.dsa_ops, _bwd).default),
-        setup_context=_dual_setup_context, lib=_lib)
+    _register_dual_meta_and_autograd(_backend)
+
+# triton: both branches in one launch per kernel from one partition of the foreground.
+if _TRITON_IMPORT_ERROR is None:
+    for _name, _schema, _impl in zip(_dual_op_names("triton"), (_DUAL_FWD_SCHEMA, _DUAL_BWD_SCHEMA),
+                                     (triton_kernels.dual_forward, triton_kernels.dual_backward)):
+        torch.library.triton_op(f"dsa_ops::{_name}", _impl, mutates_args=(), schema=_schema)
+    _register_dual_meta_and_autograd("triton")
+_FUSED_DUAL = ("cuda", "triton") if _TRITON_IMPORT_ERROR is None else ("cuda",)
 
 
 def dual_masked_attention(q_cross: Tensor, k_cross: Tensor, v_cross: Tensor, q_self: Tensor,
@@ -425,8 +439,8 @@ def dual_masked_attention(q_cross: Tensor, k_cross: Tensor, v_cross: Tensor, q_s
 
     Equal to ``masked_attention(q_cross, k_cross, v_cross, foreground, ~foreground)`` and
     ``masked_attention(q_self, k_self, v_self, foreground, foreground)``; when the resolved
-    backend is ``"cuda"`` and both branches have the same shapes, one fused op computes
-    both (one launch per kernel for the layer).
+    backend is ``"cuda"`` or ``"triton"`` and both branches have the same shapes, one fused
+    op computes both (one launch per kernel for the layer).
 
     Args:
         q_cross, k_cross, q_self, k_self: ``(B, L, Dqk)``; v_cross, v_self: ``(B, L, Dv)``.
@@ -447,8 +461,8 @@ def dual_masked_attention(q_cross: Tensor, k_cross: Tensor, v_cross: Tensor, q_s
     self_backend = resolve_backend(backend, q_self, v_self)
     same_shapes = (q_self.shape == q_cross.shape and v_self.shape == v_cross.shape
                    and q_self.dtype == q_cross.dtype)
-    if cross_backend.name == self_backend.name == "cuda" and same_shapes:
-        fused = getattr(torch.ops.dsa_ops, _dual_op_names("cuda")[0]).default
+    if cross_backend.name == self_backend.name and cross_backend.name in _FUSED_DUAL and same_shapes:
+        fused = getattr(torch.ops.dsa_ops, _dual_op_names(cross_backend.name)[0]).default
         out_cross, _, out_self, _ = fused(q_cross, k_cross, v_cross, q_self, k_self, v_self,
                                           foreground, float(scale))
     else:

@@ -1,45 +1,66 @@
 """Triton kernels for masked attention: fused forward and backward (the "triton" backend).
 
 These functions know nothing of autograd or validation: ``dsa_ops.ops`` registers
-``forward`` and ``backward`` as ``torch.library.triton_op``s, validates inputs and wires
-the backward op into autograd. Semantics are those of ``dsa_ops.reference``.
+``forward``/``backward`` (one attention) and ``dual_forward``/``dual_backward`` (the two
+DSA branches) as ``torch.library.triton_op``s, validates inputs and wires the backward
+ops into autograd. Semantics are those of ``dsa_ops.reference``.
 
 How it works (flash-attention style, DESIGN §2):
 
-* **Compaction.** ``partition_indices`` turns each mask into a per-sample index list
-  (true positions first) and a count. Programs work on tiles of the *compacted* lists,
-  so no work is spent on non-query rows or non-key columns beyond the last partial
-  tile. The grid covers ``cdiv(L, BLOCK)`` tiles per sample (counts live on the device,
-  so the host cannot size the grid exactly); tiles past ``count[b]`` exit at once.
-* **Gathered loads.** Q/K/V/dO rows are loaded straight from the caller's strided
-  tensors through the index lists; outputs are scattered back the same way. Rows that
-  are no query (and, in backward, no key) are zero because outputs start zero-filled.
-* **Online softmax** over key tiles with float32 statistics; ``log2(e)`` is folded into
-  the scale so the kernels use ``exp2``. The log-sum-exp (natural log, +inf for rows
-  without keys or no query) is saved for backward, which recomputes the probabilities
-  from Q, K and it: no ``L×L`` buffer anywhere.
+* **Compaction.** ``partition_indices`` turns a mask into a per-sample index list (true
+  positions first, then the others) and a count. A program works on a tile of *slots*
+  of such a list. The grid covers all ``L`` slots of every sample (counts live on the
+  device, so the host cannot size it exactly): slots past the count are the rows that
+  get no attention, and the same program writes their zeros (and ``+inf`` lse), so no
+  output is zero-filled beforehand. Batch and tile share grid axis 0, so any batch fits.
+* **Key lists as rotations.** A key list is a partition read from slot ``offset`` on,
+  wrapping around. The single op reads its own key partition from slot 0; the dual op
+  reads both key lists from the foreground's partition: the self branch from slot 0
+  (foreground), the cross branch from slot ``count`` (background first, then the
+  foreground rows, which are its non-keys). One partition serves both branches and one
+  launch per kernel computes both (program axis 2 picks the branch).
+* **Gathered loads for both layouts.** Q/K/V/dO rows are gathered straight from the
+  caller's strided tensors. Rows ``(B, L, D)`` with unit-stride channels are loaded as
+  ``rows × channels`` tiles (threads along the channels: vector loads); tensors whose
+  *rows* are unit-stride (a conv output seen as ``(B, L, C)``) are loaded as
+  ``channels × rows`` tiles so that neighbouring threads read neighbouring rows
+  (``ROWS_UNIT_STRIDE_*``); either way no copy is made.
+* **Online softmax** over key tiles with float32 statistics kept in *natural-log units*:
+  scores are ``scale·q·k`` rounded as the reference rounds them, the running maximum and
+  the saved ``lse = max + log(sum)`` are in the same units, and only the small
+  differences ``score − max`` / ``score − lse`` are multiplied by ``log2(e)`` for
+  ``exp2``. So the natural-log lse that crosses the op boundary (the convention of every
+  backend) is used by the backward exactly as the forward produced it: no large value
+  is ever converted between bases, which is where a log2 ↔ ln round trip loses
+  precision at large score magnitudes (scale 10, |q·k| ~ 100).
 * **Head sizes.** Dqk and Dv need not be equal or powers of two: tiles are padded to the
   next power of two (at least 16, ``tl.dot``'s minimum) with masked loads. A wide V is
-  split across a grid dimension in chunks of ``BLOCK_DV`` when the accumulator would not
-  fit; each chunk recomputes QKᵀ, which is cheap since Dqk ≪ Dv.
-* **Backward** is three kernels: ``delta = rowsum(dO∘O)``; dK/dV per key tile looping
-  over query tiles; dQ per query tile looping over key tiles. Every output element is
-  written by exactly one program with a fixed summation order, so the backward is
-  **deterministic** (no atomics) — the only mode this module offers.
-* **Precision.** float32 inputs use IEEE float32 ``tl.dot`` unless the user enabled TF32
-  the PyTorch way (``torch.backends.cuda.matmul.allow_tf32 = True``); float16/bfloat16
-  inputs feed the tensor cores in their dtype and accumulate in float32.
+  split in chunks of ``BLOCK_DV`` over grid axis 1; each chunk recomputes QKᵀ, cheap
+  since Dqk ≪ Dv.
+* **Backward** is three kernels: ``delta = rowsum(dO∘O)``; dK/dV per 128-row key tile
+  looping over query tiles in the Triton tutorial's transposed form (``Sᵀ = K·Qᵀ``,
+  ``dV += Pᵀ·dO``, ``dK += dSᵀ·Q``), where the programs of the first V chunk also
+  compute dK (it needs dP over the full V width, streamed chunk by chunk); dQ per query
+  tile looping over key tiles. Each output element is written by exactly one program
+  with a fixed summation order: **deterministic** (no atomics).
+* **Precision.** float16/bfloat16 feed the tensor cores in their dtype and accumulate in
+  float32. float32 follows ``torch.get_float32_matmul_precision()``: ``"highest"`` →
+  IEEE float32 products (FMA units, smaller tiles that do not spill), ``"high"`` →
+  ``tf32x3`` (three TF32 products, about float32 accuracy on the tensor cores),
+  ``"medium"`` → ``tf32``.
 
 Block sizes come from a fixed, documented table (``_block_config``) rather than
 autotuning: launches stay deterministic and cheap to trace under ``torch.compile``.
-Under the Triton interpreter (CPU tensors, ``TRITON_INTERPRET=1``) small fixed blocks
-keep the tests fast.
+Under the Triton interpreter (CPU tensors, ``TRITON_INTERPRET=1``) small fixed tiles
+keep the tests fast; ``_capability`` decides which table applies.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
+from typing import Optional, Sequence
 
 import torch
 import triton
@@ -47,9 +68,17 @@ import triton.language as tl
 
 Tensor = torch.Tensor
 
-LOG2_E = math.log2(math.e)
+LOG2_E = tl.constexpr(math.log2(math.e))
 # tl.dot needs every dimension to be at least 16.
 _MIN_DOT_SIZE = 16
+# The most shared memory any launch of the GPU table may need per block (checked by
+# tests/test_triton_compile.py on sm_80 and sm_90). GPUs that cannot give a block this
+# much (sm_75: 64 KiB; sm_86/sm_89 give 99 KiB) are not served: "auto" skips Triton
+# there with the reason.
+SHARED_MEMORY_PER_BLOCK = 96 * 1024
+MIN_CAPABILITY = (8, 0)
+# Grid axis 0 holds batch × tiles; its limit is 2³¹ − 1 programs.
+_MAX_GRID_X = 2 ** 31 - 1
 
 
 # ----------------------------------------------------------------------------- block table
@@ -81,201 +110,295 @@ def _compute_capability(device_index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device_index)
 
 
-def _block_config(pass_name: str, device: torch.device, qk_dim: int, v_dim: int,
-                  dtype: torch.dtype) -> BlockConfig:
-    """The launch table (Dqk ≤ 64 always fits one tile; the V width decides the rest).
+def _capability(device: torch.device) -> Optional[tuple[int, int]]:
+    """The GPU generation the tile table is chosen for; None under the interpreter."""
+    if device.type != "cuda":
+        return None
+    return _compute_capability(device.index if device.index is not None
+                               else torch.cuda.current_device())
 
-    ============  ===========  ===============================  =====================
-    pass          V chunk      Hopper (sm90) / Ampere (sm80+)   why
-    ============  ===========  ===============================  =====================
-    forward       ≤ 64         M 64, N 64, 4 warps, 3 stages    small accumulator
-    forward       128          M 64, N 64, 4 warps, 2 stages    acc 64×128 fp32
-    forward       256          M 64, N 32, 8 warps, 2 stages    acc 64×256 fp32 over 8 warps
-    backward      ≤ 64         M 32, N 64, 4 warps, 2 stages    dK, dV accumulators
-    backward      128          M 32, N 64, 8 warps, 2 stages    dV acc 64×128 fp32
-    backward      256          M 16, N 64, 8 warps, 1 stage     dV acc 64×256 fp32
-    ============  ===========  ===============================  =====================
 
-    The V chunk is ``next_pow2(Dv)`` capped at 256 for 16-bit inputs; float32 inputs
-    (IEEE products on the FMA units, operands staged in shared memory) cap it at 128 in
-    the forward and 64 in the backward, which keeps every kernel within the shared memory
-    of an A100 (checked by compiling for sm_80 and sm_90 at Dqk/Dv = 64/512, 32/256,
-    16/128, 8/12). Dv = 512 thus runs as 2 (16-bit) or 4/8 (float32) chunks.
-    Pre-Ampere GPUs get the same tiles with one pipeline stage. Under the interpreter
-    (CPU) every tile is 16 wide (V chunks 64): fast, and still exercises multi-tile
-    loops and partial tiles at L ≈ 35..100.
+def unsupported_device_reason(device: torch.device) -> Optional[str]:
+    """Why the GPU table cannot run on this CUDA device, or None."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    capability = _compute_capability(index)
+    properties = torch.cuda.get_device_properties(index)
+    shared = getattr(properties, "shared_memory_per_block_optin", SHARED_MEMORY_PER_BLOCK)
+    if capability < MIN_CAPABILITY or shared < SHARED_MEMORY_PER_BLOCK:
+        return (f"the Triton kernels need compute capability >= 8.0 and "
+                f"{SHARED_MEMORY_PER_BLOCK // 1024} KiB of shared memory per block; "
+                f"{properties.name} is sm_{capability[0]}{capability[1]} with "
+                f"{shared // 1024} KiB")
+    return None
+
+
+# (pass, operands) → {V chunk width: (block_m, block_n, warps, stages)}. Operands:
+# "16bit" (tensor cores), "tf32" (tensor cores, float32 in shared memory; also tf32x3),
+# "ieee" (float32 products on the FMA units). A V wider than the widest chunk runs in
+# chunks of that width, or as _SPLIT_TABLE says where streaming the other chunks (dK
+# needs dP over the full width) costs registers. Every entry was compiled for sm_80 and
+# sm_90 on the paper shapes: no spills for 16-bit and IEEE kernels, shared memory below
+# SHARED_MEMORY_PER_BLOCK (tests/test_triton_compile.py).
+_GPU_TABLE = {
+    ("forward", "16bit"): {64: (64, 64, 4, 3), 128: (64, 64, 4, 2), 256: (64, 32, 8, 2)},
+    ("forward", "tf32"): {64: (32, 32, 4, 2)},
+    ("forward", "ieee"): {64: (32, 32, 4, 1)},
+    # The tutorial's dK/dV shape: 128 key rows per program; the query tiles shrink as the
+    # resident dV accumulator grows.
+    ("grad_kv", "16bit"): {64: (32, 128, 4, 2), 128: (16, 128, 8, 2)},
+    ("grad_kv", "tf32"): {32: (16, 32, 4, 1)},
+    ("grad_kv", "ieee"): {32: (16, 64, 4, 1)},
+    ("grad_q", "16bit"): {64: (64, 32, 4, 2), 128: (64, 32, 8, 2)},
+    ("grad_q", "tf32"): {32: (32, 32, 4, 1)},
+    ("grad_q", "ieee"): {32: (16, 32, 4, 1)},
+}
+_SPLIT_TABLE = {
+    ("grad_kv", "16bit"): (64, (16, 128, 8, 2)),
+}
+
+
+def _operands(dtype: torch.dtype, precision: str) -> str:
+    if dtype != torch.float32:
+        return "16bit"
+    return "ieee" if precision == "ieee" else "tf32"
+
+
+def _block_config(pass_name: str, capability: Optional[tuple[int, int]], qk_dim: int,
+                  v_dim: int, dtype: torch.dtype, precision: str) -> BlockConfig:
+    """Tiles of ``pass_name`` ("forward", "grad_kv", "grad_q") from ``_GPU_TABLE``.
+
+    The V chunk is ``next_pow2(Dv)`` (at least the table's smallest entry); wider V is
+    split (``_SPLIT_TABLE`` or the widest entry); Dqk ≤ 64 always fits one tile.
+    ``capability`` None (the interpreter) gives 16-wide tiles with 64-wide V chunks: fast, and still multi-tile at L ≈ 35..100.
     """
     # Head sizes pick the tile shapes (constexprs), so they are specialised even when
     # torch.compile traces with symbolic shapes; B and L stay symbolic in the grid.
     qk_dim, v_dim = int(qk_dim), int(v_dim)
     block_qk = _padded(qk_dim)
-    if device.type != "cuda":
+    if capability is None:
         return BlockConfig(16, 16, block_qk, min(_padded(v_dim), 64), num_warps=1, num_stages=1)
-    if dtype == torch.float32:  # IEEE products run on FMA units and stage operands in smem
-        max_chunk = 128 if pass_name == "forward" else 64
+    key = (pass_name, _operands(dtype, precision))
+    by_chunk = _GPU_TABLE[key]
+    block_dv = max(_padded(v_dim), min(by_chunk))
+    if block_dv in by_chunk:
+        block_m, block_n, num_warps, num_stages = by_chunk[block_dv]
+    elif key in _SPLIT_TABLE:
+        block_dv, (block_m, block_n, num_warps, num_stages) = _SPLIT_TABLE[key]
     else:
-        max_chunk = 256
-    block_dv = min(_padded(v_dim), max_chunk)
-    if pass_name == "forward":
-        if block_dv <= 64:
-            config = BlockConfig(64, 64, block_qk, block_dv, num_warps=4, num_stages=3)
-        elif block_dv <= 128:
-            config = BlockConfig(64, 64, block_qk, block_dv, num_warps=4, num_stages=2)
-        else:
-            config = BlockConfig(64, 32, block_qk, block_dv, num_warps=8, num_stages=2)
-    else:
-        if block_dv <= 64:
-            config = BlockConfig(32, 64, block_qk, block_dv, num_warps=4, num_stages=2)
-        elif block_dv <= 128:
-            config = BlockConfig(32, 64, block_qk, block_dv, num_warps=8, num_stages=2)
-        else:
-            config = BlockConfig(16, 64, block_qk, block_dv, num_warps=8, num_stages=1)
-    if _compute_capability(device.index if device.index is not None
-                           else torch.cuda.current_device())[0] < 8:
-        config = dataclasses.replace(config, num_stages=1)
-    return config
+        block_dv = max(by_chunk)
+        block_m, block_n, num_warps, num_stages = by_chunk[block_dv]
+    return BlockConfig(block_m, block_n, block_qk, block_dv, num_warps, num_stages)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    """IEEE float32 products unless the user allowed TF32 the PyTorch way."""
+    """``tl.dot``'s input_precision for float32 from PyTorch's float32 matmul setting:
+    "highest" → "ieee", "high" → "tf32x3", "medium" → "tf32"."""
     if dtype != torch.float32:
-        return "ieee"
-    matmul = torch.backends.cuda.matmul
-    # torch >= 2.9: reading the legacy allow_tf32 raises once the new fp32_precision API
-    # was used; fp32_precision also reflects the legacy flag, so read it when it exists.
-    precision = getattr(matmul, "fp32_precision", None)
-    allow_tf32 = matmul.allow_tf32 if precision is None else precision == "tf32"
-    return "tf32" if allow_tf32 else "ieee"
+        return "ieee"  # ignored for 16-bit operands
+    try:
+        setting = torch.get_float32_matmul_precision()
+    except RuntimeError:
+        # torch >= 2.9 refuses the global query once the legacy and per-backend APIs were
+        # mixed; the CUDA matmul setting is then the one that applies.
+        setting = "medium" if torch.backends.cuda.matmul.fp32_precision == "tf32" else "highest"
+    return {"highest": "ieee", "high": "tf32x3", "medium": "tf32"}[setting]
+
+
+# ----------------------------------------------------------------------------- kernel helpers
+@triton.jit
+def _gather(base, rows, row_valid, stride_row, cols, num_cols, stride_col,
+            ROWS_UNIT_STRIDE: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """Gather rows × cols of a strided tensor (``TRANSPOSED``: as cols × rows); padding
+    reads 0. The pointer tile runs along the unit-stride dimension, so neighbouring
+    threads read neighbouring addresses whichever of rows or channels is unit-stride."""
+    if ROWS_UNIT_STRIDE:
+        tile = tl.load(base + cols[:, None] * stride_col + rows[None, :] * stride_row,
+                       mask=(cols[:, None] < num_cols) & row_valid[None, :], other=0.0)
+        if not TRANSPOSED:
+            tile = tl.trans(tile)
+    else:
+        tile = tl.load(base + rows[:, None] * stride_row + cols[None, :] * stride_col,
+                       mask=row_valid[:, None] & (cols[None, :] < num_cols), other=0.0)
+        if TRANSPOSED:
+            tile = tl.trans(tile)
+    return tile
+
+
+@triton.jit
+def _rows_at(index_b, slots, offset, length):
+    """Rows at ``slots`` of a list that starts at slot ``offset`` of a partition and wraps."""
+    at = slots + offset
+    at = tl.where(at >= length, at - length, at)
+    return tl.load(index_b + at, mask=slots < length, other=0).to(tl.int64)
+
+
+@triton.jit
+def _pick(branch, first, second, TWO_BRANCHES: tl.constexpr):
+    """Branch 0's or branch 1's pointer (single-branch launches pass None as the second)."""
+    if TWO_BRANCHES:
+        pointer = first if branch == 0 else second
+    else:
+        pointer = first
+    return pointer
+
+
+@triton.jit
+def _key_list(batch, branch, num_queries, k_count, length, DUAL: tl.constexpr):
+    """(first slot, count) of a sample's key list; see "Key lists as rotations".
+    ``branch``: 0 = cross, 1 = self for the dual op."""
+    if DUAL:  # branch 0 = cross: the background; branch 1 = self: the foreground
+        offset = tl.where(branch == 0, num_queries, 0)
+        num_keys = tl.where(branch == 0, length - num_queries, num_queries)
+    else:
+        offset = num_queries * 0
+        num_keys = tl.load(k_count + batch)
+    return offset, num_keys
+
+
+@triton.jit
+def _exp(x):
+    """exp(x) for small x in natural units (a difference of scaled scores) via exp2."""
+    return tl.exp2(x * LOG2_E)
 
 
 # ----------------------------------------------------------------------------- kernels
 @triton.jit
-def _load_rows(base, rows, row_valid, stride_row, cols, num_cols, stride_col):
-    """Gather a (len(rows), len(cols)) tile; padding rows/columns read as 0."""
-    pointers = base + rows[:, None] * stride_row + cols[None, :] * stride_col
-    return tl.load(pointers, mask=row_valid[:, None] & (cols[None, :] < num_cols), other=0.0)
-
-
-@triton.jit
 def _forward_kernel(
-    q, k, v, out, lse,
+    q0, k0, v0, out0, lse0, q1, k1, v1, out1, lse1,
     q_index, q_count, k_index, k_count,
     stride_qb, stride_ql, stride_qd,
     stride_kb, stride_kl, stride_kd,
     stride_vb, stride_vl, stride_vd,
     stride_ob, stride_ol, stride_od,
     stride_lse_b,
-    length, qk_dim, v_dim, qk_scale_log2,
+    length, qk_dim, v_dim, scale, first_branch,
+    DUAL: tl.constexpr, TWO_BRANCHES: tl.constexpr,
+    ROWS_UNIT_STRIDE_Q: tl.constexpr, ROWS_UNIT_STRIDE_K: tl.constexpr,
+    ROWS_UNIT_STRIDE_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_QK: tl.constexpr,
     BLOCK_DV: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """One program: one tile of compacted query rows × one V chunk of one sample."""
-    tile = tl.program_id(0)
-    batch = tl.program_id(1).to(tl.int64)
-    chunk = tl.program_id(2)
+    """One program: one tile of query slots × one V chunk of one sample and branch."""
+    tiles = tl.cdiv(length, BLOCK_M)
+    batch = (tl.program_id(0) // tiles).to(tl.int64)
+    tile = tl.program_id(0) % tiles
+    chunk = tl.program_id(1)
+    branch = tl.program_id(2)
+    q, k, v = _pick(branch, q0, q1, TWO_BRANCHES), _pick(branch, k0, k1, TWO_BRANCHES), \
+        _pick(branch, v0, v1, TWO_BRANCHES)
+    out, lse = _pick(branch, out0, out1, TWO_BRANCHES), _pick(branch, lse0, lse1, TWO_BRANCHES)
     num_queries = tl.load(q_count + batch)
-    num_keys = tl.load(k_count + batch)
-    # Tiles past the sample's queries have nothing to do; rows without keys stay at the
-    # zero output and +inf lse the caller allocated.
-    if (tile * BLOCK_M >= num_queries) | (num_keys == 0):
-        return
+    key_offset, num_keys = _key_list(batch, first_branch + branch, num_queries, k_count,
+                                      length, DUAL)
+    keys_b = (q_index if DUAL else k_index) + batch * length
 
     slots = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_valid = slots < num_queries
-    rows = tl.load(q_index + batch * length + slots, mask=row_valid, other=0).to(tl.int64)
+    rows = _rows_at(q_index + batch * length, slots, 0, length)
+    has_output = (slots < num_queries) & (num_keys > 0)
     qk_cols = tl.arange(0, BLOCK_QK)
     v_cols = chunk * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    q_tile = _load_rows(q + batch * stride_qb, rows, row_valid, stride_ql, qk_cols, qk_dim,
-                        stride_qd)
+    q_tile = _gather(q + batch * stride_qb, rows, has_output, stride_ql, qk_cols, qk_dim,
+                     stride_qd, ROWS_UNIT_STRIDE_Q, False)
 
-    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # in log2 units
+    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # natural units
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    for start in range(0, num_keys, BLOCK_N):
+    # Tiles without queries (or samples without keys) skip the loop and write zeros.
+    key_end = tl.where(tile * BLOCK_M < num_queries, num_keys, 0)
+    for start in range(0, key_end, BLOCK_N):
         key_slots = start + tl.arange(0, BLOCK_N)
         col_valid = key_slots < num_keys
-        cols = tl.load(k_index + batch * length + key_slots, mask=col_valid, other=0).to(tl.int64)
-        k_tile = _load_rows(k + batch * stride_kb, cols, col_valid, stride_kl, qk_cols, qk_dim,
-                            stride_kd)
-        v_tile = _load_rows(v + batch * stride_vb, cols, col_valid, stride_vl, v_cols, v_dim,
-                            stride_vd)
-        scores = tl.dot(q_tile, tl.trans(k_tile), input_precision=INPUT_PRECISION) * qk_scale_log2
+        cols = _rows_at(keys_b, key_slots, key_offset, length)
+        k_tile = _gather(k + batch * stride_kb, cols, col_valid, stride_kl, qk_cols, qk_dim,
+                         stride_kd, ROWS_UNIT_STRIDE_K, True)
+        v_tile = _gather(v + batch * stride_vb, cols, col_valid, stride_vl, v_cols, v_dim,
+                         stride_vd, ROWS_UNIT_STRIDE_V, False)
+        # Scaled like the reference (dot, then × scale) so both round the same values.
+        scores = tl.dot(q_tile, k_tile, input_precision=INPUT_PRECISION) * scale
         scores = tl.where(col_valid[None, :], scores, float("-inf"))
         # Every tile holds at least one valid key, so the new maximum is finite.
         new_max = tl.maximum(row_max, tl.max(scores, axis=1))
-        correction = tl.exp2(row_max - new_max)
-        probs = tl.exp2(scores - new_max[:, None])
+        correction = _exp(row_max - new_max)
+        probs = _exp(scores - new_max[:, None])
         row_sum = row_sum * correction + tl.sum(probs, axis=1)
         acc = acc * correction[:, None] + tl.dot(probs.to(v_tile.dtype), v_tile,
                                                  input_precision=INPUT_PRECISION)
         row_max = new_max
 
-    acc = acc / row_sum[:, None]
-    out_pointers = (out + batch * stride_ob + rows[:, None] * stride_ol
-                    + v_cols[None, :] * stride_od)
-    tl.store(out_pointers, acc.to(out.dtype.element_ty),
-             mask=row_valid[:, None] & (v_cols[None, :] < v_dim))
-    # Natural-log lse, written once per row (by the first V chunk).
-    row_lse = (row_max + tl.log2(row_sum)) / 1.4426950408889634
+    acc = tl.where(has_output[:, None], acc / tl.where(has_output, row_sum, 1.0)[:, None], 0.0)
+    row_valid = slots < length
+    tl.store(out + batch * stride_ob + rows[:, None] * stride_ol + v_cols[None, :] * stride_od,
+             acc.to(out.dtype.element_ty), mask=row_valid[:, None] & (v_cols[None, :] < v_dim))
+    # Natural-log lse (+inf without keys), written once per row by the first V chunk.
+    row_lse = tl.where(has_output, row_max + tl.log(tl.where(has_output, row_sum, 1.0)),
+                       float("inf"))
     tl.store(lse + batch * stride_lse_b + rows, row_lse, mask=row_valid & (chunk == 0))
 
 
 @triton.jit
 def _delta_kernel(
-    grad_out, out, delta, q_index, q_count,
+    grad_out0, out0, grad_out1, out1, delta, q_index, q_count,
     stride_gb, stride_gl, stride_gd,
     stride_ob, stride_ol, stride_od,
     length, v_dim,
+    TWO_BRANCHES: tl.constexpr, ROWS_UNIT_STRIDE_G: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """delta[b, slot] = Σ_d dO·O for the query row at compacted ``slot`` (float32)."""
-    tile = tl.program_id(0)
-    batch = tl.program_id(1).to(tl.int64)
+    """delta[branch, b, slot] = Σ_d dO·O of the query row at ``slot`` (float32)."""
+    tiles = tl.cdiv(length, BLOCK_M)
+    batch = (tl.program_id(0) // tiles).to(tl.int64)
+    tile = tl.program_id(0) % tiles
+    branch = tl.program_id(1)
+    grad_out = _pick(branch, grad_out0, grad_out1, TWO_BRANCHES)
+    out = _pick(branch, out0, out1, TWO_BRANCHES)
     num_queries = tl.load(q_count + batch)
     if tile * BLOCK_M >= num_queries:
         return
     slots = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     row_valid = slots < num_queries
-    rows = tl.load(q_index + batch * length + slots, mask=row_valid, other=0).to(tl.int64)
+    rows = _rows_at(q_index + batch * length, slots, 0, length)
     total = tl.zeros([BLOCK_M], dtype=tl.float32)
     for start in range(0, v_dim, BLOCK_DV):
         cols = start + tl.arange(0, BLOCK_DV)
-        d_out = _load_rows(grad_out + batch * stride_gb, rows, row_valid, stride_gl, cols, v_dim,
-                           stride_gd).to(tl.float32)
-        o = _load_rows(out + batch * stride_ob, rows, row_valid, stride_ol, cols, v_dim,
-                       stride_od).to(tl.float32)
+        d_out = _gather(grad_out + batch * stride_gb, rows, row_valid, stride_gl, cols, v_dim,
+                        stride_gd, ROWS_UNIT_STRIDE_G, False).to(tl.float32)
+        o = _gather(out + batch * stride_ob, rows, row_valid, stride_ol, cols, v_dim,
+                    stride_od, False, False).to(tl.float32)
         total += tl.sum(d_out * o, axis=1)
-    tl.store(delta + batch * length + slots, total, mask=row_valid)
+    tl.store(delta + (branch * (tl.num_programs(0) // tiles) + batch) * length + slots, total,
+             mask=row_valid)
 
 
 @triton.jit
-def _grad_probs(d_out_tile, v_tile, grad_out_b, v_b, rows, row_valid, cols, col_valid,
-                stride_gl, stride_gd, stride_vl, stride_vd, v_dim,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr,
-                NUM_DV_CHUNKS: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """dP = dO·Vᵀ (BLOCK_M, BLOCK_N) over the full V width.
+def _grad_probs_t(v_tile, d_out_t, v_b, d_out_b, cols, col_valid, rows, row_valid,
+                  stride_vl, stride_vd, stride_gl, stride_gd, v_dim,
+                  ROWS_UNIT_STRIDE_V: tl.constexpr, ROWS_UNIT_STRIDE_G: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+                  NUM_DV_CHUNKS: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """dPᵀ = V·dOᵀ (keys × queries) over the full V width.
 
     With one chunk the caller's resident tiles are used; otherwise the chunks are
-    streamed (from L2) and accumulated.
+    streamed (from L2) and accumulated, one chunk's tiles live at a time.
     """
     if NUM_DV_CHUNKS == 1:
-        d_probs = tl.dot(d_out_tile, tl.trans(v_tile), input_precision=INPUT_PRECISION)
+        d_probs_t = tl.dot(v_tile, d_out_t, input_precision=INPUT_PRECISION)
     else:
-        d_probs = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        # A loop, not unrolled: one chunk's tiles live at a time.
+        d_probs_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         for chunk in range(NUM_DV_CHUNKS):
             v_cols = chunk * BLOCK_DV + tl.arange(0, BLOCK_DV)
-            d_out_chunk = _load_rows(grad_out_b, rows, row_valid, stride_gl, v_cols, v_dim,
-                                     stride_gd)
-            v_chunk = _load_rows(v_b, cols, col_valid, stride_vl, v_cols, v_dim, stride_vd)
-            d_probs += tl.dot(d_out_chunk, tl.trans(v_chunk), input_precision=INPUT_PRECISION)
-    return d_probs
+            v_chunk = _gather(v_b, cols, col_valid, stride_vl, v_cols, v_dim, stride_vd,
+                              ROWS_UNIT_STRIDE_V, False)
+            d_out_chunk = _gather(d_out_b, rows, row_valid, stride_gl, v_cols, v_dim, stride_gd,
+                                  ROWS_UNIT_STRIDE_G, True)
+            d_probs_t += tl.dot(v_chunk, d_out_chunk, input_precision=INPUT_PRECISION)
+    return d_probs_t
 
 
 @triton.jit
 def _grad_kv_kernel(
-    grad_out, q, k, v, lse, delta, grad_k, grad_v,
-    q_index, q_count, k_index, k_count,
+    grad_out0, q0, k0, v0, lse0, grad_k0, grad_v0,
+    grad_out1, q1, k1, v1, lse1, grad_k1, grad_v1,
+    delta, q_index, q_count, k_index, k_count,
     stride_gb, stride_gl, stride_gd,
     stride_qb, stride_ql, stride_qd,
     stride_kb, stride_kl, stride_kd,
@@ -283,131 +406,157 @@ def _grad_kv_kernel(
     stride_dkb, stride_dkl, stride_dkd,
     stride_dvb, stride_dvl, stride_dvd,
     stride_lse_b,
-    length, qk_dim, v_dim, scale, qk_scale_log2,
-    FIRST_CHUNK: tl.constexpr, COMPUTE_GRAD_K: tl.constexpr, NUM_DV_CHUNKS: tl.constexpr,
+    length, qk_dim, v_dim, scale, num_chunks, first_branch,
+    DUAL: tl.constexpr, TWO_BRANCHES: tl.constexpr,
+    ROWS_UNIT_STRIDE_G: tl.constexpr, ROWS_UNIT_STRIDE_Q: tl.constexpr,
+    ROWS_UNIT_STRIDE_K: tl.constexpr, ROWS_UNIT_STRIDE_V: tl.constexpr,
+    NUM_DV_CHUNKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_QK: tl.constexpr,
     BLOCK_DV: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """One program: one tile of compacted key rows of one sample; loops over query tiles.
-
-    dV = Pᵀ·dO for V chunk ``FIRST_CHUNK + program_id(2)``; with ``COMPUTE_GRAD_K`` also
-    dK = scale·dSᵀ·Q, dS = P∘(dP − delta), which needs dP over the full V width.
-    """
-    tile = tl.program_id(0)
-    batch = tl.program_id(1).to(tl.int64)
-    chunk = FIRST_CHUNK + tl.program_id(2)
-    num_keys = tl.load(k_count + batch)
+    """One program: one tile of key slots × one V chunk of one sample and branch, looping
+    over query tiles: dV = Pᵀ·dO for its chunk; the first chunk's programs also compute
+    dK = scale·dSᵀ·Q, dS = P∘(dP − delta), which needs dP over the full V width."""
+    tiles = tl.cdiv(length, BLOCK_N)
+    batch = (tl.program_id(0) // tiles).to(tl.int64)
+    tile = tl.program_id(0) % tiles
+    chunk = tl.program_id(1) % num_chunks
+    branch = tl.program_id(1) // num_chunks
+    grad_out, q = _pick(branch, grad_out0, grad_out1, TWO_BRANCHES), _pick(branch, q0, q1, TWO_BRANCHES)
+    k, v = _pick(branch, k0, k1, TWO_BRANCHES), _pick(branch, v0, v1, TWO_BRANCHES)
+    lse = _pick(branch, lse0, lse1, TWO_BRANCHES)
+    grad_k, grad_v = _pick(branch, grad_k0, grad_k1, TWO_BRANCHES), \
+        _pick(branch, grad_v0, grad_v1, TWO_BRANCHES)
     num_queries = tl.load(q_count + batch)
-    # Keys that no query sees keep the zero gradient the caller allocated.
-    if (tile * BLOCK_N >= num_keys) | (num_queries == 0):
-        return
+    key_offset, num_keys = _key_list(batch, first_branch + branch, num_queries, k_count,
+                                      length, DUAL)
+    keys_b = (q_index if DUAL else k_index) + batch * length
+    queries_b = q_index + batch * length
+    delta_b = delta + (branch * (tl.num_programs(0) // tiles) + batch) * length
 
     key_slots = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     col_valid = key_slots < num_keys
-    cols = tl.load(k_index + batch * length + key_slots, mask=col_valid, other=0).to(tl.int64)
+    cols = _rows_at(keys_b, key_slots, key_offset, length)
     qk_cols = tl.arange(0, BLOCK_QK)
     v_cols = chunk * BLOCK_DV + tl.arange(0, BLOCK_DV)
     grad_out_b = grad_out + batch * stride_gb
     q_b = q + batch * stride_qb
     v_b = v + batch * stride_vb
-    k_tile = _load_rows(k + batch * stride_kb, cols, col_valid, stride_kl, qk_cols, qk_dim,
-                        stride_kd)
-    v_tile = _load_rows(v_b, cols, col_valid, stride_vl, v_cols, v_dim, stride_vd)
+    k_tile = _gather(k + batch * stride_kb, cols, col_valid, stride_kl, qk_cols, qk_dim,
+                     stride_kd, ROWS_UNIT_STRIDE_K, False)
+    v_tile = _gather(v_b, cols, col_valid, stride_vl, v_cols, v_dim, stride_vd,
+                     ROWS_UNIT_STRIDE_V, False)
+    computes_grad_k = chunk == 0
 
     acc_v = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     acc_k = tl.zeros([BLOCK_N, BLOCK_QK], dtype=tl.float32)
-    for start in range(0, num_queries, BLOCK_M):
+    # Key tiles without keys (or samples without queries) skip the loop and write zeros.
+    query_end = tl.where(tile * BLOCK_N < num_keys, num_queries, 0)
+    for start in range(0, query_end, BLOCK_M):
         slots = start + tl.arange(0, BLOCK_M)
         row_valid = slots < num_queries
-        rows = tl.load(q_index + batch * length + slots, mask=row_valid, other=0).to(tl.int64)
-        q_tile = _load_rows(q_b, rows, row_valid, stride_ql, qk_cols, qk_dim, stride_qd)
-        d_out_tile = _load_rows(grad_out_b, rows, row_valid, stride_gl, v_cols, v_dim, stride_gd)
+        rows = _rows_at(queries_b, slots, 0, length)
+        q_t = _gather(q_b, rows, row_valid, stride_ql, qk_cols, qk_dim, stride_qd,
+                      ROWS_UNIT_STRIDE_Q, True)
+        d_out_tile = _gather(grad_out_b, rows, row_valid, stride_gl, v_cols, v_dim, stride_gd,
+                             ROWS_UNIT_STRIDE_G, False)
         # Every query row here has keys (num_keys > 0), so its lse is finite; padding rows
         # read +inf and get probability 0.
         row_lse = tl.load(lse + batch * stride_lse_b + rows, mask=row_valid, other=float("inf"))
-        scores = tl.dot(q_tile, tl.trans(k_tile), input_precision=INPUT_PRECISION) * qk_scale_log2
-        probs = tl.exp2(scores - (row_lse * 1.4426950408889634)[:, None])
-        probs = tl.where(col_valid[None, :], probs, 0.0)
-        acc_v += tl.dot(tl.trans(probs.to(d_out_tile.dtype)), d_out_tile,
-                        input_precision=INPUT_PRECISION)
-        if COMPUTE_GRAD_K:
-            row_delta = tl.load(delta + batch * length + slots, mask=row_valid, other=0.0)
-            d_probs = _grad_probs(d_out_tile, v_tile, grad_out_b, v_b, rows, row_valid, cols,
-                                  col_valid, stride_gl, stride_gd, stride_vl, stride_vd, v_dim,
-                                  BLOCK_M, BLOCK_N, BLOCK_DV, NUM_DV_CHUNKS, INPUT_PRECISION)
-            d_scores = probs * (d_probs - row_delta[:, None])
-            acc_k += tl.dot(tl.trans(d_scores.to(q_tile.dtype)), q_tile,
+        scores_t = tl.dot(k_tile, q_t, input_precision=INPUT_PRECISION) * scale
+        probs_t = tl.where(col_valid[:, None], _exp(scores_t - row_lse[None, :]), 0.0)
+        acc_v += tl.dot(probs_t.to(d_out_tile.dtype), d_out_tile, input_precision=INPUT_PRECISION)
+        if computes_grad_k:
+            row_delta = tl.load(delta_b + slots, mask=row_valid, other=0.0)
+            d_probs_t = _grad_probs_t(v_tile, tl.trans(d_out_tile), v_b, grad_out_b, cols,
+                                      col_valid, rows, row_valid, stride_vl, stride_vd,
+                                      stride_gl, stride_gd, v_dim, ROWS_UNIT_STRIDE_V,
+                                      ROWS_UNIT_STRIDE_G, BLOCK_N, BLOCK_M, BLOCK_DV,
+                                      NUM_DV_CHUNKS, INPUT_PRECISION)
+            d_scores_t = probs_t * (d_probs_t - row_delta[None, :])
+            acc_k += tl.dot(d_scores_t.to(q_t.dtype), tl.trans(q_t),
                             input_precision=INPUT_PRECISION)
 
-    v_pointers = (grad_v + batch * stride_dvb + cols[:, None] * stride_dvl
-                  + v_cols[None, :] * stride_dvd)
-    tl.store(v_pointers, acc_v.to(grad_v.dtype.element_ty),
-             mask=col_valid[:, None] & (v_cols[None, :] < v_dim))
-    if COMPUTE_GRAD_K:
-        k_pointers = (grad_k + batch * stride_dkb + cols[:, None] * stride_dkl
-                      + qk_cols[None, :] * stride_dkd)
-        tl.store(k_pointers, (acc_k * scale).to(grad_k.dtype.element_ty),
-                 mask=col_valid[:, None] & (qk_cols[None, :] < qk_dim))
+    row_valid_k = key_slots < length
+    tl.store(grad_v + batch * stride_dvb + cols[:, None] * stride_dvl + v_cols[None, :] * stride_dvd,
+             acc_v.to(grad_v.dtype.element_ty),
+             mask=row_valid_k[:, None] & (v_cols[None, :] < v_dim))
+    tl.store(grad_k + batch * stride_dkb + cols[:, None] * stride_dkl + qk_cols[None, :] * stride_dkd,
+             (acc_k * scale).to(grad_k.dtype.element_ty),
+             mask=(row_valid_k & computes_grad_k)[:, None] & (qk_cols[None, :] < qk_dim))
 
 
 @triton.jit
 def _grad_q_kernel(
-    grad_out, q, k, v, lse, delta, grad_q,
-    q_index, q_count, k_index, k_count,
+    grad_out0, q0, k0, v0, lse0, grad_q0,
+    grad_out1, q1, k1, v1, lse1, grad_q1,
+    delta, q_index, q_count, k_index, k_count,
     stride_gb, stride_gl, stride_gd,
     stride_qb, stride_ql, stride_qd,
     stride_kb, stride_kl, stride_kd,
     stride_vb, stride_vl, stride_vd,
     stride_dqb, stride_dql, stride_dqd,
     stride_lse_b,
-    length, qk_dim, v_dim, scale, qk_scale_log2,
+    length, qk_dim, v_dim, scale, first_branch,
+    DUAL: tl.constexpr, TWO_BRANCHES: tl.constexpr,
+    ROWS_UNIT_STRIDE_G: tl.constexpr, ROWS_UNIT_STRIDE_Q: tl.constexpr,
+    ROWS_UNIT_STRIDE_K: tl.constexpr, ROWS_UNIT_STRIDE_V: tl.constexpr,
     NUM_DV_CHUNKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_QK: tl.constexpr,
     BLOCK_DV: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """One program: one tile of compacted query rows; dQ = scale·dS·K over all key tiles."""
-    tile = tl.program_id(0)
-    batch = tl.program_id(1).to(tl.int64)
+    """One program: one tile of query slots of one sample and branch;
+    dQ = scale·dS·K over all key tiles (zeros for non-query rows)."""
+    tiles = tl.cdiv(length, BLOCK_M)
+    batch = (tl.program_id(0) // tiles).to(tl.int64)
+    tile = tl.program_id(0) % tiles
+    branch = tl.program_id(1)
+    grad_out, q = _pick(branch, grad_out0, grad_out1, TWO_BRANCHES), _pick(branch, q0, q1, TWO_BRANCHES)
+    k, v = _pick(branch, k0, k1, TWO_BRANCHES), _pick(branch, v0, v1, TWO_BRANCHES)
+    lse, grad_q = _pick(branch, lse0, lse1, TWO_BRANCHES), _pick(branch, grad_q0, grad_q1, TWO_BRANCHES)
     num_queries = tl.load(q_count + batch)
-    num_keys = tl.load(k_count + batch)
-    if (tile * BLOCK_M >= num_queries) | (num_keys == 0):
-        return
+    key_offset, num_keys = _key_list(batch, first_branch + branch, num_queries, k_count,
+                                      length, DUAL)
+    keys_b = (q_index if DUAL else k_index) + batch * length
 
     slots = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     row_valid = slots < num_queries
-    rows = tl.load(q_index + batch * length + slots, mask=row_valid, other=0).to(tl.int64)
+    rows = _rows_at(q_index + batch * length, slots, 0, length)
     qk_cols = tl.arange(0, BLOCK_QK)
     v_cols = tl.arange(0, BLOCK_DV)
     grad_out_b = grad_out + batch * stride_gb
     k_b = k + batch * stride_kb
     v_b = v + batch * stride_vb
-    q_tile = _load_rows(q + batch * stride_qb, rows, row_valid, stride_ql, qk_cols, qk_dim,
-                        stride_qd)
-    d_out_tile = _load_rows(grad_out_b, rows, row_valid, stride_gl, v_cols, v_dim, stride_gd)
-    row_lse_log2 = tl.load(lse + batch * stride_lse_b + rows, mask=row_valid,
-                           other=float("inf")) * 1.4426950408889634
-    row_delta = tl.load(delta + batch * length + slots, mask=row_valid, other=0.0)
+    q_tile = _gather(q + batch * stride_qb, rows, row_valid, stride_ql, qk_cols, qk_dim,
+                     stride_qd, ROWS_UNIT_STRIDE_Q, False)
+    d_out_t = _gather(grad_out_b, rows, row_valid, stride_gl, v_cols, v_dim, stride_gd,
+                      ROWS_UNIT_STRIDE_G, True)
+    row_lse = tl.load(lse + batch * stride_lse_b + rows, mask=row_valid, other=float("inf"))
+    delta_b = delta + (branch * (tl.num_programs(0) // tiles) + batch) * length
+    row_delta = tl.load(delta_b + slots, mask=row_valid, other=0.0)
 
     acc_q = tl.zeros([BLOCK_M, BLOCK_QK], dtype=tl.float32)
-    for start in range(0, num_keys, BLOCK_N):
+    key_end = tl.where(tile * BLOCK_M < num_queries, num_keys, 0)
+    for start in range(0, key_end, BLOCK_N):
         key_slots = start + tl.arange(0, BLOCK_N)
         col_valid = key_slots < num_keys
-        cols = tl.load(k_index + batch * length + key_slots, mask=col_valid, other=0).to(tl.int64)
-        k_tile = _load_rows(k_b, cols, col_valid, stride_kl, qk_cols, qk_dim, stride_kd)
-        v_tile = _load_rows(v_b, cols, col_valid, stride_vl, v_cols, v_dim, stride_vd)
-        scores = tl.dot(q_tile, tl.trans(k_tile), input_precision=INPUT_PRECISION) * qk_scale_log2
-        probs = tl.exp2(scores - row_lse_log2[:, None])
-        probs = tl.where(col_valid[None, :], probs, 0.0)
-        d_probs = _grad_probs(d_out_tile, v_tile, grad_out_b, v_b, rows, row_valid, cols,
-                              col_valid, stride_gl, stride_gd, stride_vl, stride_vd, v_dim,
-                              BLOCK_M, BLOCK_N, BLOCK_DV, NUM_DV_CHUNKS, INPUT_PRECISION)
+        cols = _rows_at(keys_b, key_slots, key_offset, length)
+        k_tile = _gather(k_b, cols, col_valid, stride_kl, qk_cols, qk_dim, stride_kd,
+                         ROWS_UNIT_STRIDE_K, False)
+        v_tile = _gather(v_b, cols, col_valid, stride_vl, v_cols, v_dim, stride_vd,
+                         ROWS_UNIT_STRIDE_V, False)
+        scores = tl.dot(q_tile, tl.trans(k_tile), input_precision=INPUT_PRECISION) * scale
+        probs = tl.where(col_valid[None, :], _exp(scores - row_lse[:, None]), 0.0)
+        d_probs = tl.trans(_grad_probs_t(v_tile, d_out_t, v_b, grad_out_b, cols, col_valid, rows,
+                                         row_valid, stride_vl, stride_vd, stride_gl, stride_gd,
+                                         v_dim, ROWS_UNIT_STRIDE_V, ROWS_UNIT_STRIDE_G, BLOCK_N,
+                                         BLOCK_M, BLOCK_DV, NUM_DV_CHUNKS, INPUT_PRECISION))
         d_scores = probs * (d_probs - row_delta[:, None])
         acc_q += tl.dot(d_scores.to(k_tile.dtype), k_tile, input_precision=INPUT_PRECISION)
 
-    q_pointers = (grad_q + batch * stride_dqb + rows[:, None] * stride_dql
-                  + qk_cols[None, :] * stride_dqd)
-    tl.store(q_pointers, (acc_q * scale).to(grad_q.dtype.element_ty),
-             mask=row_valid[:, None] & (qk_cols[None, :] < qk_dim))
+    tl.store(grad_q + batch * stride_dqb + rows[:, None] * stride_dql + qk_cols[None, :] * stride_dqd,
+             (acc_q * scale).to(grad_q.dtype.element_ty),
+             mask=(slots < length)[:, None] & (qk_cols[None, :] < qk_dim))
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -417,85 +566,203 @@ def _partition(mask: Tensor) -> tuple[Tensor, Tensor]:
     return torch.ops.dsa_ops.partition_indices(mask)
 
 
-def forward(q: Tensor, k: Tensor, v: Tensor, query_mask: Tensor, key_mask: Tensor,
-            scale: float) -> tuple[Tensor, Tensor]:
-    """Fused forward: ``(out (B, L, Dv) in v.dtype, lse (B, L) float32)``.
+@dataclasses.dataclass(frozen=True)
+class Lists:
+    """The compacted lists a launch reads: the query partition, and the key partition
+    (None for the dual op, whose key lists are rotations of the query partition)."""
+    q_index: Tensor
+    q_count: Tensor
+    k_index: Optional[Tensor] = None
+    k_count: Optional[Tensor] = None
 
-    q, k ``(B, L, Dqk)``, v ``(B, L, Dv)`` with any strides; masks ``(B, L)`` bool.
-    """
+    @property
+    def dual(self) -> bool:
+        return self.k_index is None
+
+    def args(self) -> tuple:
+        if self.dual:  # unused by the kernels; any tensors of the right kind
+            return self.q_index, self.q_count, self.q_index, self.q_count
+        return self.q_index, self.q_count, self.k_index, self.k_count
+
+
+def single_lists(query_mask: Tensor, key_mask: Tensor) -> Lists:
+    return Lists(*_partition(query_mask), *_partition(key_mask))
+
+
+def dual_lists(foreground: Tensor) -> Lists:
+    return Lists(*_partition(foreground))
+
+
+def _rows_unit_stride(t: Tensor) -> bool:
+    """Whether ``t (B, L, D)`` has unit-stride rows and strided channels (a conv output)."""
+    return t.stride(1) == 1 and t.shape[2] > 1 and t.stride(2) != 1
+
+
+def _same_strides(*pairs: tuple[Tensor, Tensor]) -> bool:
+    return all(a.stride() == b.stride() for a, b in pairs)
+
+
+def _tiles(batch: int, length: int, block: int) -> int:
+    programs = batch * triton.cdiv(length, block)
+    if isinstance(programs, int) and programs > _MAX_GRID_X:
+        raise ValueError(f"batch × cdiv(L, {block}) = {programs} programs exceed the grid limit "
+                         f"{_MAX_GRID_X}; split the batch (B = {batch}, L = {length})")
+    return programs
+
+
+def _device_guard(t: Tensor):
+    """Launch on the tensors' device, not the current one."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _second(branches: Sequence[tuple]) -> tuple:
+    """Branch 1's tensors, or Nones for single-branch launches."""
+    return branches[1] if len(branches) == 2 else (None,) * len(branches[0])
+
+
+def _launch_forward(branches: Sequence[tuple[Tensor, Tensor, Tensor]], lists: Lists,
+                    scale: float, first_branch: int = 0) -> list[tuple[Tensor, Tensor]]:
+    """Forward of one or two branches ``(q, k, v)`` of equal shapes and strides in one
+    launch; returns ``(out, lse)`` per branch. ``first_branch``: the dual branch (0 cross,
+    1 self) of ``branches[0]``."""
+    q, k, v = branches[0]
     batch, length, qk_dim = q.shape
     v_dim = v.shape[2]
-    out = torch.zeros((batch, length, v_dim), dtype=v.dtype, device=v.device)
-    lse = torch.full((batch, length), float("inf"), dtype=torch.float32, device=q.device)
+    results = [(torch.empty((batch, length, v_dim), dtype=v.dtype, device=v.device),
+                torch.empty((batch, length), dtype=torch.float32, device=q.device))
+               for _ in branches]
     if batch == 0 or length == 0:
-        return out, lse
-    q_index, q_count = _partition(query_mask)
-    k_index, k_count = _partition(key_mask)
-    config = _block_config("forward", q.device, qk_dim, v_dim, q.dtype)
-    grid = (triton.cdiv(length, config.block_m), batch, config.dv_chunks(int(v_dim)))
-    torch.library.wrap_triton(_forward_kernel)[grid](
-        q, k, v, out, lse,
-        q_index, q_count, k_index, k_count,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), lse.stride(0),
-        length, qk_dim, v_dim, scale * LOG2_E,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_QK=config.block_qk,
-        BLOCK_DV=config.block_dv, INPUT_PRECISION=_dot_precision(q.dtype),
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
-    return out, lse
+        return [(out.zero_(), lse.fill_(float("inf"))) for out, lse in results]
+    precision = _dot_precision(q.dtype)
+    config = _block_config("forward", _capability(q.device), qk_dim, v_dim, q.dtype, precision)
+    out, lse = results[0]
+    grid = (_tiles(batch, length, config.block_m), config.dv_chunks(int(v_dim)), len(branches))
+    with _device_guard(q):
+        torch.library.wrap_triton(_forward_kernel)[grid](
+            q, k, v, out, lse, *_second(branches), *_second(results),
+            *lists.args(),
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), lse.stride(0),
+            length, qk_dim, v_dim, scale, first_branch,
+            DUAL=lists.dual, TWO_BRANCHES=len(branches) == 2,
+            ROWS_UNIT_STRIDE_Q=_rows_unit_stride(q), ROWS_UNIT_STRIDE_K=_rows_unit_stride(k),
+            ROWS_UNIT_STRIDE_V=_rows_unit_stride(v),
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_QK=config.block_qk,
+            BLOCK_DV=config.block_dv, INPUT_PRECISION=precision,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )
+    return results
+
+
+def _launch_backward(branches: Sequence[tuple[Tensor, ...]], lists: Lists, scale: float,
+                     first_branch: int = 0) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """Backward of one or two branches ``(grad_out, q, k, v, out, lse)`` of equal shapes
+    and strides in one launch per kernel; returns ``(grad_q, grad_k, grad_v)`` per branch."""
+    grad_out, q, k, v, out, lse = branches[0]
+    batch, length, qk_dim = q.shape
+    v_dim = v.shape[2]
+    grads = [(torch.empty_like(q, memory_format=torch.contiguous_format),
+              torch.empty_like(k, memory_format=torch.contiguous_format),
+              torch.empty_like(v, memory_format=torch.contiguous_format)) for _ in branches]
+    if batch == 0 or length == 0:
+        return grads
+    precision = _dot_precision(q.dtype)
+    capability = _capability(q.device)
+    kv_config = _block_config("grad_kv", capability, qk_dim, v_dim, q.dtype, precision)
+    q_config = _block_config("grad_q", capability, qk_dim, v_dim, q.dtype, precision)
+    num_branches = len(branches)
+    layout = dict(ROWS_UNIT_STRIDE_G=_rows_unit_stride(grad_out),
+                  ROWS_UNIT_STRIDE_Q=_rows_unit_stride(q), ROWS_UNIT_STRIDE_K=_rows_unit_stride(k),
+                  ROWS_UNIT_STRIDE_V=_rows_unit_stride(v))
+    flags = dict(DUAL=lists.dual, TWO_BRANCHES=num_branches == 2, INPUT_PRECISION=precision)
+    strides = (*grad_out.stride(), *q.stride(), *k.stride(), *v.stride())
+    # delta in compacted order: slot s of sample b belongs to query row q_index[b, s].
+    delta = torch.empty((num_branches, batch, length), dtype=torch.float32, device=q.device)
+    grad_q, grad_k, grad_v = grads[0]
+    inputs1 = _second(branches)
+    grads1 = _second(grads)
+    with _device_guard(q):
+        torch.library.wrap_triton(_delta_kernel)[
+            (_tiles(batch, length, kv_config.block_m), num_branches)](
+            grad_out, out, inputs1[0], inputs1[4], delta, lists.q_index, lists.q_count,
+            *grad_out.stride(), *out.stride(), length, v_dim,
+            TWO_BRANCHES=num_branches == 2, ROWS_UNIT_STRIDE_G=layout["ROWS_UNIT_STRIDE_G"],
+            BLOCK_M=kv_config.block_m, BLOCK_DV=q_config.block_dv,
+        )
+        num_chunks = kv_config.dv_chunks(int(v_dim))
+        torch.library.wrap_triton(_grad_kv_kernel)[
+            (_tiles(batch, length, kv_config.block_n), num_chunks * num_branches)](
+            grad_out, q, k, v, lse, grad_k, grad_v,
+            *inputs1[:4], inputs1[5], *grads1[1:],
+            delta, *lists.args(), *strides, *grad_k.stride(), *grad_v.stride(), lse.stride(0),
+            length, qk_dim, v_dim, scale, num_chunks, first_branch,
+            **flags, **layout, NUM_DV_CHUNKS=num_chunks,
+            BLOCK_M=kv_config.block_m, BLOCK_N=kv_config.block_n, BLOCK_QK=kv_config.block_qk,
+            BLOCK_DV=kv_config.block_dv,
+            num_warps=kv_config.num_warps, num_stages=kv_config.num_stages,
+        )
+        torch.library.wrap_triton(_grad_q_kernel)[
+            (_tiles(batch, length, q_config.block_m), num_branches)](
+            grad_out, q, k, v, lse, grad_q,
+            *inputs1[:4], inputs1[5], grads1[0],
+            delta, *lists.args(), *strides, *grad_q.stride(), lse.stride(0),
+            length, qk_dim, v_dim, scale, first_branch,
+            **flags, **layout, NUM_DV_CHUNKS=q_config.dv_chunks(int(v_dim)),
+            BLOCK_M=q_config.block_m, BLOCK_N=q_config.block_n, BLOCK_QK=q_config.block_qk,
+            BLOCK_DV=q_config.block_dv,
+            num_warps=q_config.num_warps, num_stages=q_config.num_stages,
+        )
+    return grads
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, query_mask: Tensor, key_mask: Tensor,
+            scale: float, lists: Optional[Lists] = None) -> tuple[Tensor, Tensor]:
+    """Fused forward: ``(out (B, L, Dv) in v.dtype, lse (B, L) float32, natural log)``.
+
+    q, k ``(B, L, Dqk)``, v ``(B, L, Dv)`` with any strides; masks ``(B, L)`` bool.
+    ``lists``: the masks' partitions when the caller has them already.
+    """
+    lists = lists if lists is not None else single_lists(query_mask, key_mask)
+    return _launch_forward([(q, k, v)], lists, scale)[0]
 
 
 def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-             query_mask: Tensor, key_mask: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+             query_mask: Tensor, key_mask: Tensor, scale: float,
+             lists: Optional[Lists] = None) -> tuple[Tensor, Tensor, Tensor]:
     """Fused, deterministic backward: ``(grad_q, grad_k, grad_v)`` shaped like q, k, v.
 
     ``out`` and ``lse`` are the forward's outputs; ``grad_out`` ``(B, L, Dv)`` any strides.
     Gradients are exactly zero outside the query rows (dQ) and key rows (dK, dV).
     """
-    batch, length, qk_dim = q.shape
-    v_dim = v.shape[2]
-    grad_q = torch.zeros((batch, length, qk_dim), dtype=q.dtype, device=q.device)
-    grad_k = torch.zeros((batch, length, qk_dim), dtype=k.dtype, device=k.device)
-    grad_v = torch.zeros((batch, length, v_dim), dtype=v.dtype, device=v.device)
-    if batch == 0 or length == 0:
-        return grad_q, grad_k, grad_v
-    q_index, q_count = _partition(query_mask)
-    k_index, k_count = _partition(key_mask)
-    config = _block_config("backward", q.device, qk_dim, v_dim, q.dtype)
-    num_chunks = config.dv_chunks(int(v_dim))
-    precision = _dot_precision(q.dtype)
-    # delta in compacted order: slot s of sample b belongs to query row q_index[b, s].
-    delta = torch.empty((batch, length), dtype=torch.float32, device=q.device)
+    lists = lists if lists is not None else single_lists(query_mask, key_mask)
+    return _launch_backward([(grad_out, q, k, v, out, lse)], lists, scale)[0]
 
-    torch.library.wrap_triton(_delta_kernel)[(triton.cdiv(length, config.block_m), batch)](
-        grad_out, out, delta, q_index, q_count,
-        *grad_out.stride(), *out.stride(),
-        length, v_dim,
-        BLOCK_M=config.block_m, BLOCK_DV=config.block_dv,
-    )
-    common = (*grad_out.stride(), *q.stride(), *k.stride(), *v.stride())
-    blocks = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_QK=config.block_qk,
-                  BLOCK_DV=config.block_dv, INPUT_PRECISION=precision,
-                  num_warps=config.num_warps, num_stages=config.num_stages)
-    key_tiles = triton.cdiv(length, config.block_n)
-    # dK with dV of the first V chunk; the other chunks' dV need only P, not dP.
-    launches = [(0, True, 1)]
-    if num_chunks > 1:
-        launches.append((1, False, num_chunks - 1))
-    for first_chunk, compute_grad_k, chunks in launches:
-        torch.library.wrap_triton(_grad_kv_kernel)[(key_tiles, batch, chunks)](
-            grad_out, q, k, v, lse, delta, grad_k, grad_v,
-            q_index, q_count, k_index, k_count,
-            *common, *grad_k.stride(), *grad_v.stride(), lse.stride(0),
-            length, qk_dim, v_dim, scale, scale * LOG2_E,
-            FIRST_CHUNK=first_chunk, COMPUTE_GRAD_K=compute_grad_k, NUM_DV_CHUNKS=num_chunks,
-            **blocks,
-        )
-    torch.library.wrap_triton(_grad_q_kernel)[(triton.cdiv(length, config.block_m), batch)](
-        grad_out, q, k, v, lse, delta, grad_q,
-        q_index, q_count, k_index, k_count,
-        *common, *grad_q.stride(), lse.stride(0),
-        length, qk_dim, v_dim, scale, scale * LOG2_E,
-        NUM_DV_CHUNKS=num_chunks, **blocks,
-    )
-    return grad_q, grad_k, grad_v
+
+def dual_forward(q_cross: Tensor, k_cross: Tensor, v_cross: Tensor, q_self: Tensor,
+                 k_self: Tensor, v_self: Tensor, foreground: Tensor, scale: float,
+                 lists: Optional[Lists] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Both DSA branches from one partition of ``foreground (B, L)``:
+    ``(out_cross, lse_cross, out_self, lse_self)``; one launch when the branches' tensors
+    have equal strides (as ``DualSpatialAttention`` produces them), else one per branch."""
+    lists = lists if lists is not None else dual_lists(foreground)
+    cross, self_ = (q_cross, k_cross, v_cross), (q_self, k_self, v_self)
+    if _same_strides(*zip(cross, self_)):
+        results = _launch_forward([cross, self_], lists, scale)
+    else:
+        results = [_launch_forward([branch], lists, scale, first_branch)[0]
+                   for first_branch, branch in enumerate((cross, self_))]
+    return (*results[0], *results[1])
+
+
+def dual_backward(grad_out_cross: Tensor, grad_out_self: Tensor, q_cross: Tensor,
+                  k_cross: Tensor, v_cross: Tensor, q_self: Tensor, k_self: Tensor,
+                  v_self: Tensor, out_cross: Tensor, lse_cross: Tensor, out_self: Tensor,
+                  lse_self: Tensor, foreground: Tensor, scale: float,
+                  lists: Optional[Lists] = None) -> tuple[Tensor, ...]:
+    """Gradients of both branches: ``(dq, dk, dv)`` of cross, then of self."""
+    lists = lists if lists is not None else dual_lists(foreground)
+    cross = (grad_out_cross, q_cross, k_cross, v_cross, out_cross, lse_cross)
+    self_ = (grad_out_self, q_self, k_self, v_self, out_self, lse_self)
+    grads = _launch_backward([cross, self_], lists, scale) if _same_strides(*zip(cross, self_)) \
+        else [_launch_backward([branch], lists, scale, first_branch)[0]
+              for first_branch, branch in enumerate((cross, self_))]
+    return (*grads[0], *grads[1])

@@ -70,9 +70,11 @@ class Case:
 
 def make_case(batch: int = 4, height: int = 5, width: int = 7, qk_dim: int = 8, v_dim: int = 12, *,
               form: str = "cross", dtype: torch.dtype = torch.float32, device="cpu",
-              noncontiguous: bool = False, scale: float | None = None, seed: int = 0) -> Case:
+              noncontiguous: bool = False, scale: float | None = None, qk_std: float = 1.0,
+              seed: int = 0) -> Case:
     """Random inputs; ``noncontiguous`` gives q, k, v as channel slices of a (B, C, L)
-    conv-like output viewed as (B, L, C), as DualSpatialAttention produces them."""
+    conv-like output viewed as (B, L, C); ``qk_std`` scales q and k (large values give
+    large score magnitudes, where the softmax statistics need full float32 care)."""
     generator = torch.Generator().manual_seed(seed)
     length = height * width
     channels = 2 * qk_dim + v_dim
@@ -80,6 +82,7 @@ def make_case(batch: int = 4, height: int = 5, width: int = 7, qk_dim: int = 8, 
         packed = torch.randn(batch, channels, length, generator=generator).transpose(1, 2)
     else:
         packed = torch.randn(batch, length, channels, generator=generator)
+    packed[..., :2 * qk_dim] *= qk_std
     q, k, v = packed.to(dtype).split([qk_dim, qk_dim, v_dim], dim=2)
     if not noncontiguous:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()

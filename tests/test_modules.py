@@ -131,3 +131,41 @@ def test_bad_forward_arguments(module):
         module(torch.randn(2, 16, 4, 4), torch.zeros(2, 4, 4))
     with pytest.raises(ValueError, match="batch size 2"):
         module(torch.randn(2, 16, 4, 4), centre_hole(3, 4, 2))
+
+
+def test_projection_gives_unit_stride_channels_without_copies(module):
+    """q/k/v of both branches are channel slices of one channels-last buffer (what the
+    fused kernels gather fastest), equal to the 1×1 convolution."""
+    x = torch.randn(2, 16, 5, 6)
+    cross, self_ = module._project(x)
+    base = cross[0].untyped_storage().data_ptr()
+    for tensor in (*cross, *self_):
+        assert tensor.stride(2) == 1
+        assert tensor.untyped_storage().data_ptr() == base
+    expected = module.projection(x).flatten(2).transpose(1, 2).split([8, 8, 16] * 2, dim=2)
+    for actual, reference_value in zip((*cross, *self_), expected):
+        torch.testing.assert_close(actual, reference_value)
+
+
+@pytest.mark.skipif(dsa_ops.backend_unavailable_reason("triton", "cpu") is not None,
+                    reason="triton needs CUDA tensors or TRITON_INTERPRET=1")
+def test_triton_module_matches_the_reference_module(module):
+    """The dual Triton op (both branches, one launch per kernel) inside the module."""
+    with torch.no_grad():
+        module.alpha.fill_(0.6)
+        module.beta.fill_(-0.3)
+    x = torch.randn(4, 16, 5, 6)
+    hole = torch.zeros(4, 1, 5, 6)
+    hole[0, :, 1:3, 2:5] = 1
+    hole[1, :, ::2] = 1
+    hole[3] = 1  # sample 2 has no hole, sample 3 no background
+    results = []
+    for backend in ("reference", "triton"):
+        module.backend = backend
+        module.zero_grad()
+        inputs = x.clone().requires_grad_()
+        y = module(inputs, hole)
+        y.square().sum().backward()
+        results.append((y, inputs.grad, module.projection.weight.grad.clone()))
+    for actual, expected in zip(*results[::-1]):
+        torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,227 @@
+"""Triton backend specifics: the dual-branch op, the GPU tile table, launch counts,
+float32 precision settings, grid limits and unsupported GPUs.
+
+The values of the single op are tested by the shared suite (tests/test_backends.py). On
+the CPU these run under the Triton interpreter (conftest.py) with the harness's bfloat16
+dot (tests/triton_interpreter.py).
+"""
+from __future__ import annotations
+
+import os
+import types
+
+import pytest
+import torch
+
+import dsa_ops
+from dsa_ops import ops, reference, triton_kernels
+from tests.attention_cases import assert_close_by_dtype, hole_masks
+from tests.triton_interpreter import install_bfloat16_dot
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+INTERPRETED = DEVICE.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+pytestmark = pytest.mark.skipif(dsa_ops.backend_unavailable_reason("triton", DEVICE) is not None,
+                                reason=f"triton unavailable: "
+                                       f"{dsa_ops.backend_unavailable_reason('triton', DEVICE)}")
+if INTERPRETED:
+    assert install_bfloat16_dot() is None
+
+
+def dual_inputs(batch, height, width, qk_dim, v_dim, dtype, *, seed=0, qk_std=1.0):
+    """Both branches as DualSpatialAttention makes them: channel slices of one
+    channels-last buffer; grad_outs with unit-stride rows (as autograd hands them over)."""
+    generator = torch.Generator().manual_seed(seed)
+    length = height * width
+    packed = torch.randn(batch, length, 2 * (2 * qk_dim + v_dim), generator=generator)
+    for start in (0, 2 * qk_dim + v_dim):
+        packed[..., start:start + 2 * qk_dim] *= qk_std
+    branches = packed.to(dtype).to(DEVICE).split([qk_dim, qk_dim, v_dim] * 2, dim=2)
+    foreground = hole_masks(batch, height, width, generator).to(DEVICE)
+    grad_outs = [torch.randn(batch, v_dim, length, generator=generator).to(dtype).to(DEVICE)
+                 .transpose(1, 2) for _ in range(2)]
+    return branches, foreground, grad_outs
+
+
+def reference_branches(branches, foreground, grad_outs, scale, *, exact):
+    """``[(out, dq, dk, dv) cross, (...) self]`` of the reference, in float64 when ``exact``,
+    else entirely in the input dtype (the baseline of the 2× rule)."""
+    results = []
+    for (q, k, v), grad_out, key_mask in zip((branches[:3], branches[3:]), grad_outs,
+                                             (~foreground, foreground)):
+        dtype = torch.float64 if exact else q.dtype
+        q, k, v, grad_out = (t.to(dtype) for t in (q, k, v, grad_out))
+        out, lse = reference.forward(q, k, v, foreground, key_mask, scale, upcast=exact)
+        results.append((out, *reference.backward(grad_out, q, k, v, out, lse, foreground,
+                                                 key_mask, scale, upcast=exact)))
+    return results
+
+
+def assert_dual_matches_reference(branches, foreground, grad_outs, scale):
+    branches = [t.detach().requires_grad_() for t in branches]
+    out_cross, _, out_self, _ = torch.ops.dsa_ops.dual_masked_attention_fwd_triton(
+        *branches, foreground, scale)
+    torch.autograd.backward((out_cross, out_self), grad_outs)
+    exact = reference_branches(branches, foreground, grad_outs, scale, exact=True)
+    baseline = reference_branches(branches, foreground, grad_outs, scale, exact=False)
+    for name, out, grads, exact_branch, baseline_branch in (
+            ("cross", out_cross, [t.grad for t in branches[:3]], exact[0], baseline[0]),
+            ("self", out_self, [t.grad for t in branches[3:]], exact[1], baseline[1])):
+        for what, actual, expected, base in zip(("out", "dq", "dk", "dv"), (out, *grads),
+                                                exact_branch, baseline_branch):
+            assert actual.dtype == branches[0].dtype
+            assert_close_by_dtype(actual, expected, base, f"{name} {what}")
+        assert (out[~foreground] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_dual_op_matches_the_reference_on_the_module_layout(dtype):
+    branches, foreground, grad_outs = dual_inputs(4, 6, 7, 8, 20, dtype)
+    assert_dual_matches_reference(branches, foreground, grad_outs, 0.4)
+
+
+def test_dual_op_with_branches_of_different_layouts():
+    """Branches whose strides differ run as one launch each; same results."""
+    branches, foreground, grad_outs = dual_inputs(4, 5, 6, 8, 12, torch.float32, seed=1)
+    branches = (*branches[:3], *(t.contiguous() for t in branches[3:]))
+    grad_outs = [grad_outs[0], grad_outs[1].contiguous()]
+    assert_dual_matches_reference(branches, foreground, grad_outs, 0.7)
+
+
+def test_dual_op_large_magnitudes_float32():
+    branches, foreground, grad_outs = dual_inputs(4, 5, 7, 8, 12, torch.float32, seed=2,
+                                                  qk_std=3.0)
+    assert_dual_matches_reference(branches, foreground, grad_outs, 10.0)
+
+
+def test_dual_op_passes_opcheck():
+    branches, foreground, grad_outs = dual_inputs(2, 4, 5, 8, 12, torch.float32, seed=3)
+    utils = ({"test_utils": ("test_schema", "test_autograd_registration", "test_faketensor")}
+             if INTERPRETED else {})
+    fwd, bwd = (getattr(torch.ops.dsa_ops, name).default for name in ops._dual_op_names("triton"))
+    inputs = [t.detach().requires_grad_() for t in branches]
+    torch.library.opcheck(fwd, (*inputs, foreground, 0.5), **utils)
+    out_cross, lse_cross, out_self, lse_self = fwd(*branches, foreground, 0.5)
+    torch.library.opcheck(bwd, (*grad_outs, *branches, out_cross, lse_cross, out_self, lse_self,
+                                foreground, 0.5), **utils)
+
+
+# ----------------------------------------------------------------------------- GPU tile table
+GPU_TABLE_CASES = [
+    # (B, H, W, Dqk, Dv, dtype, form): wide V in several chunks, odd sizes, the paper's
+    # layer 14 head sizes; L = 256 holds several 64-/128-row tiles.
+    pytest.param(2, 16, 16, 64, 320, torch.float16, "cross", id="fp16-64x320-chunks"),
+    pytest.param(2, 16, 16, 16, 128, torch.bfloat16, "self", id="bf16-16x128"),
+    pytest.param(2, 13, 11, 24, 72, torch.float32, "cross", id="fp32-24x72-chunks"),
+]
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="on a GPU every test already runs the GPU table")
+@pytest.mark.parametrize("batch, height, width, qk_dim, v_dim, dtype, form", GPU_TABLE_CASES)
+def test_gpu_tile_table_under_the_interpreter(monkeypatch, batch, height, width, qk_dim, v_dim,
+                                              dtype, form):
+    monkeypatch.setattr(triton_kernels, "_capability", lambda device: (9, 0))
+    branches, foreground, grad_outs = dual_inputs(batch, height, width, qk_dim, v_dim, dtype,
+                                                  seed=4)
+    if form == "self":
+        branches = branches[3:] * 2  # self-attention in both branches' tensors
+    assert_dual_matches_reference(branches, foreground, grad_outs, qk_dim ** -0.5)
+
+
+# ----------------------------------------------------------------------------- launches
+class LaunchRecorder:
+    """Counts kernel launches (and partitions) while running the real kernels."""
+
+    def __init__(self, monkeypatch):
+        self.kernels, self.partitions = [], 0
+        wrap, partition = torch.library.wrap_triton, triton_kernels._partition
+
+        def recording_wrap(kernel):
+            self.kernels.append(kernel.__name__ if hasattr(kernel, "__name__") else kernel.fn.__name__)
+            return wrap(kernel)
+
+        def recording_partition(mask):
+            self.partitions += 1
+            return partition(mask)
+
+        monkeypatch.setattr(torch.library, "wrap_triton", recording_wrap)
+        monkeypatch.setattr(triton_kernels, "_partition", recording_partition)
+
+
+def test_dual_module_launches_one_kernel_per_pass_for_both_branches(monkeypatch):
+    torch.manual_seed(0)
+    module = dsa_ops.DualSpatialAttention(16, backend="triton").to(DEVICE)
+    with torch.no_grad():
+        module.alpha.fill_(0.5)
+        module.beta.fill_(0.5)
+    x = torch.randn(2, 16, 6, 6, device=DEVICE)
+    hole = torch.zeros(2, 1, 6, 6, device=DEVICE)
+    hole[:, :, 1:4, 2:5] = 1
+    recorder = LaunchRecorder(monkeypatch)
+    y = module(x, hole)
+    assert (recorder.kernels, recorder.partitions) == (["_forward_kernel"], 1)
+    recorder.kernels.clear()
+    recorder.partitions = 0
+    y.square().sum().backward()
+    assert recorder.kernels == ["_delta_kernel", "_grad_kv_kernel", "_grad_q_kernel"]
+    assert recorder.partitions == 1
+
+
+def test_batch_shares_grid_axis_0_with_the_tiles(monkeypatch):
+    """No batch limit from grid axis 1/2 (65 535): the launch for B = 100 000 is recorded,
+    not run."""
+    grids = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            pass
+
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(torch.library, "wrap_triton", Recorder)
+    batch = 100_000
+    q = torch.zeros(batch, 4, 8)
+    mask = torch.ones(batch, 4, dtype=torch.bool)
+    triton_kernels.forward(q, q, q, mask, mask, 1.0)
+    (grid,) = grids
+    assert grid[0] == batch * 1 and grid[1] == 1 and grid[2] == 1
+    with pytest.raises(ValueError, match="exceed the grid limit"):
+        triton_kernels._tiles(2 ** 31, 16, 16)
+
+
+# ----------------------------------------------------------------------------- precision
+@pytest.mark.parametrize("setting, expected", [("highest", "ieee"), ("high", "tf32x3"),
+                                               ("medium", "tf32")])
+def test_float32_follows_the_matmul_precision_setting(setting, expected):
+    saved = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision(setting)
+        assert triton_kernels._dot_precision(torch.float32) == expected
+        assert triton_kernels._dot_precision(torch.float16) == "ieee"  # ignored for 16-bit
+    finally:
+        torch.set_float32_matmul_precision(saved)
+
+
+def test_ieee_float32_gets_its_own_smaller_tiles():
+    """IEEE products run on the FMA units: smaller V chunks than the tensor-core paths."""
+    def config(pass_name, dtype, precision):
+        return triton_kernels._block_config(pass_name, (9, 0), 64, 512, dtype, precision)
+
+    for pass_name in ("forward", "grad_kv", "grad_q"):
+        assert config(pass_name, torch.float32, "tf32") == config(pass_name, torch.float32, "tf32x3")
+        assert (config(pass_name, torch.float32, "ieee").block_dv
+                < config(pass_name, torch.float16, "ieee").block_dv)
+
+
+# ----------------------------------------------------------------------------- devices
+def test_gpus_without_enough_shared_memory_are_declined_with_the_reason(monkeypatch):
+    turing = types.SimpleNamespace(name="Tesla T4", shared_memory_per_block_optin=64 * 1024)
+    monkeypatch.setattr(triton_kernels, "_compute_capability", lambda index: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: turing)
+    reason = ops._triton_unavailable(torch.device("cuda", 0))
+    assert "sm_75" in reason and "64 KiB" in reason and "Tesla T4" in reason
+    ampere = types.SimpleNamespace(name="A100", shared_memory_per_block_optin=163 * 1024)
+    monkeypatch.setattr(triton_kernels, "_compute_capability", lambda index: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: ampere)
+    assert ops._triton_unavailable(torch.device("cuda", 0)) is None
