@@ -25,7 +25,12 @@ constexpr int kBlockCols = 64;                  // key columns (forward, dQ) or 
 constexpr int kVChunk = 64;                     // columns of V / dO handled per pass
 
 constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
+
+// exp(x) for a difference x of scaled scores, through exp2. Softmax statistics (row max,
+// lse) stay in natural units and only these small differences are scaled by log2 e: the
+// lse that crosses the op boundary is then used by the backward exactly as the forward
+// produced it (converting a large lse between bases loses float32 precision).
+__device__ inline float exp_difference(float x) { return exp2f(x * kLog2e); }
 
 // ----------------------------------------------------------------------------- dtypes
 template <typename T>
