@@ -50,50 +50,18 @@ from oracleface.landmarks import (
     get_provider,
     read_landmark_cache,
 )
+from oracleface.images import (
+    DECODE_ERRORS,
+    IMAGE_EXTENSIONS,
+    check_decodable,
+    find_images,
+    image_to_tensor,
+    load_square_image,
+)
 from oracleface.masks import make_mask_sampler
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
-# What PIL raises for files that are not images, truncated or corrupt.
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 PAPER_TEST_SIZES = ((70_000, 10_000), (30_000, 2_000))  # (folder size at least, test images)
 SMALL_FOLDER_TEST_FRACTION = 0.1
-
-
-def find_images(root, exclude=()) -> list[str]:
-    """Relative POSIX paths of the images under ``root``, sorted; hidden folders and
-    anything under the ``exclude`` folders are skipped."""
-    root = Path(root)
-    excluded = [Path(path).resolve() for path in exclude]
-    found = []
-    for directory, subdirectories, files in os.walk(root):
-        here = Path(directory)
-        subdirectories[:] = [name for name in subdirectories if not name.startswith(".")
-                             and (here / name).resolve() not in excluded]
-        found += [(here / name).relative_to(root).as_posix() for name in files
-                  if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")]
-    return sorted(found)
-
-
-def load_square_image(path, size: int) -> Image.Image:
-    """Decode ``path`` fully as RGB, centre-crop to a square and resize (antialiased) to ``size``².
-
-    Raises one of ``DECODE_ERRORS`` for unreadable or truncated files.
-    """
-    with Image.open(path) as image:
-        image.draft("RGB", (2 * size, 2 * size))  # JPEG only: DCT-domain downscale, still ≥ 2× target
-        image = image.convert("RGB")  # forces the full decode, so truncation raises here
-    width, height = image.size
-    side = min(width, height)
-    left, top = (width - side) // 2, (height - side) // 2
-    return image.resize((size, size), Image.Resampling.LANCZOS, box=(left, top, left + side, top + side))
-
-
-def check_decodable(path) -> None:
-    """Decode ``path`` as cheaply as possible (JPEG at 1/8 scale), raising ``DECODE_ERRORS``."""
-    with Image.open(path) as image:
-        image.draft("RGB", (1, 1))
-        image.load()
 
 
 def default_test_size(num_images: int) -> int:
@@ -122,12 +90,6 @@ def mask_seed(seed: int, split: str, epoch: int, index: int) -> int:
     """A 63-bit generator seed that is a pure function of its arguments (stable across runs)."""
     digest = hashlib.sha256(f"{seed}/{split}/{epoch}/{index}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
-
-
-def image_to_tensor(image: Image.Image) -> torch.Tensor:
-    """PIL RGB image → ``(3, H, W)`` float32 in [0, 1]."""
-    pixels = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / np.float32(255)
-    return torch.from_numpy(np.ascontiguousarray(pixels))
 
 
 class FaceFolder(torch.utils.data.Dataset):

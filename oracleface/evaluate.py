@@ -119,7 +119,7 @@ def run_evaluation(data, checkpoint, masks: str = "random", batch_size: int = 8,
     """Load ``checkpoint``, evaluate on the test split of ``data``; returns the results dict."""
     from oracleface.checkpoint import generator_from_checkpoint
     from oracleface.data import FaceFolder
-    from oracleface.train import resolve_device
+    from oracleface.runtime import resolve_device
 
     if masks not in MASK_CHOICES:
         raise ValueError(f"masks must be one of {MASK_CHOICES}; got {masks!r}")
@@ -168,7 +168,7 @@ def run_command(args) -> int:
 
 
 def command():
-    from oracleface.cli import Command
+    from oracleface.command import Command
 
     return Command("eval", "L1, PSNR, SSIM and LPIPS of a checkpoint on the held-out split",
                    configure_parser, run_command)

@@ -4,7 +4,8 @@ from PIL import Image
 
 from oracleface.cli import build_parser, main
 from oracleface.config import TrainConfig, load_config_file, merge_config, save_config
-from oracleface.train import Trainer, flag_values
+from oracleface.train import flag_values
+from oracleface.trainer import Trainer
 
 
 @pytest.fixture()

@@ -131,7 +131,7 @@ def test_oracle_pass_stops_at_the_last_supervised_layer():
     from oracleface.landmarks import boxes_tensor, canonical_landmarks, component_boxes
     from oracleface.masks import center_mask
     from oracleface.step import OracleFaceModel
-    from oracleface.train import ZeroPerceptual
+    from oracleface.trainer import ZeroPerceptual
 
     torch.manual_seed(0)
     model = OracleFaceModel(256, dsa_backend="reference", width=0.125, perceptual=ZeroPerceptual())
