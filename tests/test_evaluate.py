@@ -20,11 +20,13 @@ def test_l1_psnr_and_ssim_per_image():
     prediction = target.clone()
     prediction[1] = (prediction[1] + 0.1).clamp(0, 1)
     metrics = image_metrics(prediction, target)
-    assert metrics["l1_percent"][0] == 0 and metrics["ssim"][0] == pytest.approx(1.0, abs=1e-6)
+    # Plain floats on both sides: pytest >= 9.2 rejects approx() against 0-d tensors.
+    values = {name: metric.tolist() for name, metric in metrics.items()}
+    assert values["l1_percent"][0] == 0 and values["ssim"][0] == pytest.approx(1.0, abs=1e-6)
     error = (prediction[1] - target[1])
-    assert metrics["l1_percent"][1] == pytest.approx(error.abs().mean() * 100, rel=1e-5)
-    assert metrics["psnr"][1] == pytest.approx(-10 * math.log10(error.pow(2).mean()), rel=1e-4)
-    assert metrics["ssim"][1] < 1 and "lpips" not in metrics
+    assert values["l1_percent"][1] == pytest.approx(error.abs().mean().item() * 100, rel=1e-5)
+    assert values["psnr"][1] == pytest.approx(-10 * math.log10(error.pow(2).mean().item()), rel=1e-4)
+    assert values["ssim"][1] < 1 and "lpips" not in metrics
 
 
 def test_lpips_is_unavailable_without_vgg_weights_and_says_where_to_put_them(tmp_path, monkeypatch):
