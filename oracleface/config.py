@@ -54,7 +54,7 @@ class TrainConfig:
     landmarks: str = "canonical"          # canonical | dlib | face-alignment | CACHE_FILE
     test_size: Optional[float] = None     # held-out images (None: paper counts / 10 %)
     cache_dir: Optional[str] = None       # resized-image cache (FaceFolder)
-    workers: int = 4
+    workers: Optional[int] = None         # DataLoader workers per process (None: oracleface.runtime.default_workers)
     seed: int = 0
     # Length: whichever is given; neither trains until interrupted (SIGTERM/Ctrl-C save).
     steps: Optional[int] = None           # total optimisation steps (a target: resuming continues to it)
@@ -83,6 +83,8 @@ class TrainConfig:
             raise ValueError(f"give steps or epochs, not both (steps={self.steps}, epochs={self.epochs})")
         for name in ("workers", "keep_checkpoints", "seed"):
             value = getattr(self, name)
+            if name == "workers" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative int; got {value!r}")
         for name in ("lr_generator", "lr_discriminator", "lambda_reconstruction", "lambda_kl",

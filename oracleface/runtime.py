@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -65,3 +66,30 @@ def teardown_processes(group: ProcessGroup) -> None:
     if group.distributed and dist.is_initialized():
         dist.destroy_process_group()
 
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask: what containers and ``taskset``
+    allow), not the machine's count."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def default_workers(most: int = 4) -> int:
+    """DataLoader workers that fit this process: its usable CPUs shared among the processes
+    of this node (``LOCAL_WORLD_SIZE`` under torchrun), at most ``most``. PyTorch warns when
+    a loader has more workers than the usable CPUs."""
+    processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return min(most, usable_cpus() // processes)
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun launch, or a single process (before the process group exists)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def announce(message: str) -> None:
+    """One line on stdout from rank 0 only."""
+    if is_main_process():
+        print(message, file=sys.stdout, flush=True)

@@ -3,9 +3,8 @@
 """
 from __future__ import annotations
 
-import os
-
 from oracleface.command import Command
+from oracleface.runtime import announce
 
 
 def configure_parser(parser) -> None:
@@ -21,8 +20,10 @@ def configure_parser(parser) -> None:
                         help="run folder: config.yaml, checkpoints/, tensorboard/, samples/")
     parser.add_argument("--config", metavar="FILE", default=None,
                         help="YAML file of options (names as the flags, - or _); flags override it")
-    parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT",
-                        help="continue RUN_DIR/checkpoints/latest.pt, or the checkpoint CKPT")
+    parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT|if-any",
+                        help="continue RUN_DIR/checkpoints/latest.pt (an error when there is none), "
+                             "the checkpoint CKPT, or with 'if-any' latest.pt when it exists and a "
+                             "fresh run otherwise")
     model = parser.add_argument_group("model")
     model.add_argument("--resolution", type=int, default=keep, help="image side: 256 (default) or 1024")
     model.add_argument("--attention", choices=("dsa", "ca", "none"), default=keep,
@@ -58,7 +59,9 @@ def configure_parser(parser) -> None:
     data.add_argument("--test-size", type=float, default=keep,
                       help="held-out images: a count or a fraction (default: paper counts / 10 %%)")
     data.add_argument("--cache-dir", default=keep, help="cache of resized images")
-    data.add_argument("--workers", type=int, default=keep, help="DataLoader workers per process (default 4)")
+    data.add_argument("--workers", type=int, default=keep,
+                      help="DataLoader workers per process (default: 4, at most the CPUs this process "
+                           "may use, shared among torchrun's processes on the node)")
     data.add_argument("--seed", type=int, default=keep, help="split, masks, data order, init (default 0)")
     runtime = parser.add_argument_group("runtime")
     runtime.add_argument("--device", default=keep, help="auto (default) | cpu | cuda | cuda:N")
@@ -100,9 +103,8 @@ def run_command(args) -> int:
     except (FileNotFoundError, ValueError) as error:
         print(f"oracleface train: error: {error}", file=sys.stderr)
         return 2
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"trained to step {summary['step']} (epoch {summary['epoch']}); "
-              f"checkpoint: {summary['checkpoint']}", flush=True)
+    announce(f"trained to step {summary['step']} (epoch {summary['epoch']}); "
+             f"checkpoint: {summary['checkpoint']}")
     return 0
 
 

@@ -58,7 +58,7 @@ from oracleface.checkpoint import (
     save_checkpoint,
 )
 from oracleface.config import TrainConfig, save_config
-from oracleface.runtime import setup_processes, teardown_processes
+from oracleface.runtime import announce, default_workers, setup_processes, teardown_processes
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -199,6 +199,8 @@ class Trainer:
             from oracleface.step import broadcast_parameters
             broadcast_parameters(self.model)
         self.last_saved_step = self.step if checkpoint is not None else -1
+        # The machine decides when the config does not (resumed runs may move machines).
+        self.workers = config.workers if config.workers is not None else default_workers()
         self.writer = None
 
     # ------------------------------------------------------------------ state
@@ -264,7 +266,7 @@ class Trainer:
         self.sampler.start_batch = self.batch_in_epoch
         return torch.utils.data.DataLoader(
             self.dataset, batch_size=self.local_batch, sampler=self.sampler, drop_last=True,
-            num_workers=self.config.workers, pin_memory=self.group.device.type == "cuda",
+            num_workers=self.workers, pin_memory=self.group.device.type == "cuda",
             # Worker seeds from a private generator: the global RNG (saved in checkpoints)
             # is then consumed by the training step alone.
             generator=torch.Generator().manual_seed(self.config.seed + self.epoch),
@@ -397,11 +399,13 @@ def _check_finite(terms: dict[str, float], step: int) -> None:
 
 
 # ----------------------------------------------------------------------------- entry point
-def prepare_run(config_layers: list[dict], resume) -> tuple[TrainConfig, dict | None]:
+def prepare_run(config_layers: list[dict], resume) -> tuple[TrainConfig, dict | None, Path | None]:
     """Merge the config and load the checkpoint to resume, before anything is written.
 
     ``config_layers``: the config file's values then the flags given (lowest first).
-    ``resume``: None, ``"latest"`` (RUN_DIR/checkpoints/latest.pt) or a checkpoint path.
+    ``resume``: None (a fresh run), ``"latest"`` (RUN_DIR/checkpoints/latest.pt, which must
+    exist), ``"if-any"`` (latest.pt when there is one, else a fresh run, said so) or a
+    checkpoint path. Returns ``(config, checkpoint state or None, its path or None)``.
     Raises FileNotFoundError/ValueError/CheckpointError with the reason; on error
     nothing in the run folder has been touched.
     """
@@ -414,12 +418,23 @@ def prepare_run(config_layers: list[dict], resume) -> tuple[TrainConfig, dict | 
     data = Path(config.data)
     if not data.is_dir():
         raise FileNotFoundError(f"--data {data}: no such folder")
+    latest = latest_checkpoint(config.out)
+    if resume == "if-any":
+        if latest.exists():
+            resume = "latest"
+        else:
+            announce(f"nothing to resume in {config.out} (no {latest}): starting a fresh run")
+            resume = None
     if resume is None:
-        if latest_checkpoint(config.out).exists():
-            raise ValueError(f"{config.out} already holds a run ({latest_checkpoint(config.out)}); "
+        if latest.exists():
+            raise ValueError(f"{config.out} already holds a run ({latest}); "
                              "pass --resume to continue it or choose another --out")
-        return config, None
-    path = latest_checkpoint(config.out) if resume == "latest" else Path(resume)
+        return config, None, None
+    if resume == "latest" and not latest.exists():
+        raise FileNotFoundError(f"nothing to resume: {latest} does not exist. Leave out --resume to "
+                                f"start a fresh run in {config.out}, or pass --resume if-any to start "
+                                "fresh whenever there is nothing to resume")
+    path = latest if resume == "latest" else Path(resume)
     state = load_checkpoint(path)
     saved = state["config"]
     if not isinstance(saved, dict):
@@ -428,15 +443,16 @@ def prepare_run(config_layers: list[dict], resume) -> tuple[TrainConfig, dict | 
     saved = {key: value for key, value in saved.items() if key in TrainConfig.__dataclass_fields__}
     config = merge_config(saved, *config_layers)
     check_compatible(state, config.to_dict(), path, ARCHITECTURE_FIELDS)
-    return config, state
+    return config, state, path
 
 
 def train(config_layers: list[dict], resume=None) -> dict:
     """Prepare (see ``prepare_run``), train, tear down; returns ``Trainer.run``'s summary."""
-    config, state = prepare_run(config_layers, resume)
+    config, state, path = prepare_run(config_layers, resume)
     trainer = Trainer(config, state)
     try:
+        if state is not None:
+            announce(f"resuming from step {trainer.step} (epoch {trainer.epoch}) — {path}")
         return trainer.run()
     finally:
         trainer.close()
-

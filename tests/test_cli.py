@@ -97,3 +97,45 @@ def test_mask_of_the_wrong_size_is_refused(run_dir, tmp_path, capsys):
                  str(run_dir / "checkpoints" / "latest.pt"), "--out", str(tmp_path / "o.png")]) == 2
     assert "30×40 but the image is 40×30" in capsys.readouterr().err
     assert not (tmp_path / "o.png").exists()
+
+
+def test_resume_with_nothing_to_resume_says_so_and_starts_nothing(faces, tmp_path, capsys):
+    out = tmp_path / "empty"
+    assert main(["train", "--data", str(faces), "--out", str(out), "--resume", "--device", "cpu"]) == 2
+    error = capsys.readouterr().err
+    assert "nothing to resume" in error and str(out / "checkpoints" / "latest.pt") in error
+    assert "--resume if-any" in error and not out.exists()
+
+
+def test_default_workers_fit_the_cpus_this_process_may_use(monkeypatch):
+    from oracleface import runtime
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert runtime.default_workers() == 2
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert runtime.default_workers() == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # torchrun: 8 processes share the node's CPUs
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: set(range(12)), raising=False)
+    assert runtime.default_workers() == 1
+
+
+@pytest.mark.parametrize("flag, expected", [([], 2), (["--workers", "1"], 1)])
+def test_the_trainer_loader_fits_a_two_cpu_machine_without_pytorch_warnings(faces, tmp_path, monkeypatch,
+                                                                            flag, expected):
+    import os
+    import warnings
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    # DataLoader compares its workers with the same affinity mask.
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    args = parse_train(["--data", str(faces), "--out", str(tmp_path / "run"), "--width", "0.125",
+                        "--attention", "none", "--batch-size", "2", "--lambda-perceptual", "0",
+                        "--device", "cpu", "--landmarks", "canonical", *flag])
+    trainer = Trainer(merge_config(flag_values(args)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loader = trainer._loader()
+        next(iter(loader))
+    assert loader.num_workers == trainer.workers == expected
+    assert not [w for w in caught if "worker" in str(w.message)], [str(w.message) for w in caught]

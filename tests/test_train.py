@@ -55,11 +55,14 @@ def test_run_folder_holds_config_checkpoints_events_and_samples(straight_run):
 
 
 @pytest.mark.slow
-def test_resume_replays_the_uninterrupted_run(faces, straight_run, tmp_path):
+def test_resume_replays_the_uninterrupted_run(faces, straight_run, tmp_path, capsys):
     run = tmp_path / "interrupted"
     common = ["--data", str(faces), "--out", str(run), "--sample-every", "100", *FAST, *CHEAP]
-    assert main(["train", *common, "--steps", "2"]) == 0
+    assert main(["train", *common, "--steps", "2", "--resume", "if-any"]) == 0
+    assert "nothing to resume in" in capsys.readouterr().out  # if-any: a fresh run, said so
     assert main(["train", *common, "--steps", "4", "--resume"]) == 0
+    latest = run / "checkpoints" / "latest.pt"
+    assert f"resuming from step 2 (epoch 1) — {latest}" in capsys.readouterr().out
     straight = {tag: scalars(straight_run, tag) for tag in ("generator/g_total", "discriminator/d_total")}
     resumed = {tag: scalars(run, tag) for tag in straight}
     for tag in straight:
