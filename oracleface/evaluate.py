@@ -114,9 +114,27 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def recorded_test_list(checkpoint, test_list=None) -> list[str] | None:
+    """The run's held-out files: ``test_list`` (a ``split.json``), else the ``split.json`` of
+    the run folder holding ``checkpoint`` (``RUN_DIR/checkpoints/*.pt``); None (with a
+    warning) when there is none."""
+    from oracleface.data import TEST_LIST_FILE, read_test_list
+
+    if test_list is not None:
+        return read_test_list(test_list)
+    beside = Path(checkpoint).resolve().parent.parent / TEST_LIST_FILE
+    if beside.is_file():
+        return read_test_list(beside)
+    warnings.warn(f"no recorded test list ({beside} does not exist): evaluating on the files the "
+                  "split rule holds out of the folder as it is now, which may include files the run "
+                  "trained on; pass --test-list RUN_DIR/split.json", UserWarning, stacklevel=2)
+    return None
+
+
 def run_evaluation(data, checkpoint, masks: str = "random", batch_size: int = 8, device: str = "auto",
-                   limit: int | None = None, progress: bool = True) -> dict:
-    """Load ``checkpoint``, evaluate on the test split of ``data``; returns the results dict."""
+                   limit: int | None = None, progress: bool = True, test_list=None) -> dict:
+    """Load ``checkpoint``, evaluate on the run's held-out images of ``data`` (see
+    ``recorded_test_list``); returns the results dict."""
     from oracleface.checkpoint import generator_from_checkpoint
     from oracleface.data import FaceFolder
     from oracleface.runtime import resolve_device
@@ -129,7 +147,8 @@ def run_evaluation(data, checkpoint, masks: str = "random", batch_size: int = 8,
     generator, state = generator_from_checkpoint(checkpoint, device)
     config = state["config"]
     dataset = FaceFolder(data, resolution=generator.resolution, split="test",
-                         test_size=config.get("test_size"), seed=config.get("seed", 0), masks=masks)
+                         test_size=config.get("test_size"), seed=config.get("seed", 0), masks=masks,
+                         test_files=recorded_test_list(checkpoint, test_list))
     if limit is not None:
         dataset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
     lpips_model, reason = load_lpips(device)
@@ -149,6 +168,8 @@ def configure_parser(parser) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N test images")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.add_argument("--test-list", metavar="SPLIT_JSON", default=None,
+                        help="the run's held-out files (default: RUN_DIR/split.json beside the checkpoint)")
 
 
 def run_command(args) -> int:
@@ -156,7 +177,7 @@ def run_command(args) -> int:
 
     try:
         results = run_evaluation(args.data, args.checkpoint, args.masks, args.batch_size, args.device,
-                                 args.limit, args.progress)
+                                 args.limit, args.progress, args.test_list)
     except (FileNotFoundError, ValueError) as error:
         print(f"oracleface eval: error: {error}", file=sys.stderr)
         return 2

@@ -12,18 +12,23 @@ import torch
 from PIL import Image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+CACHE_MARKER = ".oracleface-cache"  # in every dataset cache folder: never scanned as images
 # What PIL raises for files that are not images, truncated or corrupt.
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 def find_images(root, exclude=()) -> list[str]:
-    """Relative POSIX paths of the images under ``root``, sorted; hidden folders and
-    anything under the ``exclude`` folders are skipped."""
+    """Relative POSIX paths of the images under ``root``, sorted; hidden folders, anything
+    under the ``exclude`` folders and dataset caches (folders holding ``CACHE_MARKER``) are
+    skipped."""
     root = Path(root)
     excluded = [Path(path).resolve() for path in exclude]
     found = []
     for directory, subdirectories, files in os.walk(root):
         here = Path(directory)
+        if CACHE_MARKER in files:
+            subdirectories[:] = []
+            continue
         subdirectories[:] = [name for name in subdirectories if not name.startswith(".")
                              and (here / name).resolve() not in excluded]
         found += [(here / name).relative_to(root).as_posix() for name in files

@@ -160,7 +160,7 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig, checkpoint: dict | None = None):
-        from oracleface.data import FaceFolder
+        from oracleface.data import TEST_LIST_FILE, FaceFolder, read_test_list
 
         self.config = config
         self.out = Path(config.out)
@@ -170,9 +170,12 @@ class Trainer:
             raise ValueError(f"batch_size ({config.batch_size}) must split evenly into at least 2 "
                              f"samples for each of the {group.world_size} processes (BatchNorm)")
         self.local_batch = config.batch_size // group.world_size
+        # A run's held-out files stay held out when the folder changes (see oracleface.data).
+        recorded = read_test_list(self.out) if (self.out / TEST_LIST_FILE).is_file() else None
         self.dataset = FaceFolder(config.data, resolution=config.resolution, split="train",
                                   test_size=config.test_size, seed=config.seed, masks=config.masks,
-                                  landmarks=config.landmarks, cache_dir=config.cache_dir)
+                                  landmarks=config.landmarks, cache_dir=config.cache_dir,
+                                  test_files=recorded)
         self.sampler = ResumableSampler(self.dataset, group.world_size, group.rank, config.seed,
                                         self.local_batch)
         if self.sampler.batches_per_epoch == 0:
@@ -322,7 +325,10 @@ class Trainer:
 
         config, group = self.config, self.group
         if group.is_main:
+            from oracleface.data import write_test_list
+
             save_config(config, self.out / "config.yaml")
+            write_test_list(self.out, self.dataset.test_files, config.seed)
             self.writer = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.step + 1)
         model, autocast = self.model, self._autocast()
         gradient_sync = None

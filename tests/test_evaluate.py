@@ -55,3 +55,16 @@ def test_table_shows_na_for_unavailable_lpips():
     table = format_table({"masks": "center", "images": 3, "l1_percent": 2.5, "psnr": 25.0, "ssim": 0.9,
                           "lpips": None, "lpips_unavailable": "LPIPS unavailable: no weights"})
     assert "n/a" in table and "2.500" in table and "LPIPS unavailable" in table
+
+
+def test_eval_uses_the_runs_recorded_test_list(tmp_path):
+    from oracleface.data import write_test_list
+    from oracleface.evaluate import recorded_test_list
+
+    checkpoint = tmp_path / "run" / "checkpoints" / "latest.pt"
+    with pytest.warns(UserWarning, match="no recorded test list"):
+        assert recorded_test_list(checkpoint) is None
+    write_test_list(tmp_path / "run", ["b.png", "a.png"], seed=0)
+    assert recorded_test_list(checkpoint) == ["a.png", "b.png"]
+    other = write_test_list(tmp_path / "other", ["c.png"], seed=0)
+    assert recorded_test_list(checkpoint, test_list=other) == ["c.png"]
