@@ -38,6 +38,7 @@ class TrainConfig:
     width: float = 1.0                    # channel multiplier (1 = the paper; < 1 for smoke runs)
     dsa_backend: str = "auto"
     kl_layers: Optional[list] = None      # None: the first DSA layer (12 at 256²)
+    sync_bn: bool = True                  # multi-process: BatchNorm over the global batch
     # Optimisation (Section 4.1, Eq. 8 and 10).
     batch_size: int = 16                  # global batch, split evenly across processes
     lr_generator: float = 1e-4            # RMSprop

@@ -42,6 +42,9 @@ def configure_parser(parser) -> None:
     for name, default in (("reconstruction", 10), ("kl", 2), ("perceptual", 1), ("adversarial", 1)):
         optim.add_argument(f"--lambda-{name}", type=float, default=keep,
                            help=f"weight of the {name} loss (default {default})")
+    optim.add_argument("--no-sync-bn", dest="sync_bn", action="store_false", default=keep,
+                       help="under torchrun, BatchNorm statistics per process instead of over the "
+                            "global batch (default: global)")
     optim.add_argument("--gradient-penalty", type=float, default=keep, help="WGAN-GP γ (default 10)")
     optim.add_argument("--no-perceptual-pretrained", dest="perceptual_pretrained", action="store_false",
                        default=keep, help="VGG-16 with random weights (smoke runs without the weights; warns)")

@@ -22,7 +22,8 @@ Design decisions:
   are broadcast once, and gradients are averaged by one all-reduce after each backward
   (``all_reduce_gradients``) — numerically what DDP does. ``--batch-size`` is the global
   batch, split evenly across processes (each needs ≥ 2 for BatchNorm); BatchNorm
-  statistics are per process. Only rank 0 logs, samples and writes checkpoints.
+  normalises over the global batch (``oracleface.sync_batchnorm``; ``--no-sync-bn``: per
+  process). Only rank 0 logs, samples and writes checkpoints.
 - Exact resume: the data order is a ``DistributedSampler`` permutation of
   ``(seed, epoch)`` started at the saved batch; masks depend on ``(seed, epoch, index)``
   (``FaceFolder.set_epoch``); the DataLoader draws its worker seeds from its own
@@ -191,6 +192,10 @@ class Trainer:
 
         seed_everything(config.seed + group.rank)
         self.model = build_model(config, group.device)
+        if group.distributed and config.sync_bn:
+            from oracleface.sync_batchnorm import synchronise_batchnorm
+
+            synchronise_batchnorm(self.model.generator, group.device)
         self.g_optimizer = torch.optim.RMSprop(self.model.generator.parameters(), lr=config.lr_generator)
         self.d_optimizer = torch.optim.RMSprop(self.model.discriminator.parameters(),
                                                lr=config.lr_discriminator)
@@ -304,6 +309,8 @@ class Trainer:
         generator = self.model.generator
         with torch.no_grad(), batchnorm_statistics_frozen(generator):
             output = generator(batch["image"], batch["hole_mask"])
+        if not self.group.is_main:
+            return
         grid = sample_grid(batch["image"].float().cpu(), batch["hole_mask"].cpu(), output.float().cpu(),
                            batch["boxes"].cpu())
         save_png(grid, self.out / "samples" / f"step_{self.step:08d}.png")
@@ -370,8 +377,8 @@ class Trainer:
                                              img_s=f"{speed:.3g}", refresh=False)
                         if self.step % config.log_every == 0 or stop:
                             self._log(terms, images_per_second)
-                        if self.step % config.sample_every == 0:
-                            self._write_sample(batch)
+                    if self.step % config.sample_every == 0:
+                        self._write_sample(batch)  # every process: synchronised BatchNorm is collective
                     if self.step % config.checkpoint_every == 0 or stop:
                         checkpoint_path = self.save()
                     if stop:
