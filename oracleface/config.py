@@ -55,6 +55,7 @@ class TrainConfig:
     landmarks: str = "canonical"          # canonical | dlib | face-alignment | CACHE_FILE
     test_size: Optional[float] = None     # held-out images (None: paper counts / 10 %)
     cache_dir: Optional[str] = None       # resized-image cache (FaceFolder)
+    flip: bool = True                     # random horizontal flips of training images
     workers: Optional[int] = None         # DataLoader workers per process (None: oracleface.runtime.default_workers)
     seed: int = 0
     # Length: whichever is given; neither trains until interrupted (SIGTERM/Ctrl-C save).

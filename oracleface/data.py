@@ -29,6 +29,10 @@ Design decisions:
   says "N of M") and never moves other files between splits. With ``cache_dir`` the
   check is the resize into the cache and is remembered there: later constructions
   decode nothing and read small PNGs.
+- Augmentation: with ``flip`` (train split only; the trainer's default) an image is
+  mirrored horizontally with probability 1/2, decided by ``(seed, epoch, index)`` like its
+  mask (so resuming replays it); its component boxes are mirrored and the eyes swapped.
+  The test split is never flipped.
 - Masks: test masks depend only on ``(seed, index)``, so evaluation is reproducible.
   Train masks depend on ``(seed, epoch, index)``: call ``set_epoch(epoch)`` before each
   epoch (like ``DistributedSampler``); resuming at an epoch replays its masks exactly,
@@ -49,6 +53,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from oracleface.boxes import mirror_boxes
 from oracleface.landmarks import (
     PROVIDERS,
     boxes_tensor,
@@ -168,10 +173,12 @@ class FaceFolder(torch.utils.data.Dataset):
             (marked with ``CACHE_MARKER``, so it is never scanned as images).
         test_files: a run's recorded test list: always held out, and with
             ``split="test"`` exactly the files served (see module docstring).
+        flip: random horizontal flips of training images (ignored for ``split="test"``).
     """
 
     def __init__(self, root, resolution: int = 256, split: str = "train", test_size=None,
-                 seed: int = 0, masks="random", landmarks="canonical", cache_dir=None, test_files=None):
+                 seed: int = 0, masks="random", landmarks="canonical", cache_dir=None, test_files=None,
+                 flip: bool = False):
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"dataset folder {root} does not exist or is not a directory")
@@ -182,6 +189,7 @@ class FaceFolder(torch.utils.data.Dataset):
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int; got {type(seed).__name__}")
         self.root, self.resolution, self.split, self.seed = root, resolution, split, seed
+        self.flip = bool(flip) and split == "train"
         self.epoch = 0
         self.cache_dir = Path(cache_dir) / f"{resolution}px" if cache_dir is not None else None
 
@@ -373,15 +381,23 @@ class FaceFolder(torch.utils.data.Dataset):
                              f"(1, {self.resolution}, {self.resolution})")
         return mask.float()
 
+    def flipped(self, index: int) -> bool:
+        """Whether the ``index``-th training image is mirrored this epoch."""
+        return self.flip and mask_seed(self.seed, "flip", self.epoch, index) % 2 == 1
+
     def __getitem__(self, index: int) -> dict:
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} images")
         index = index % len(self)
         image = self.load_image(index)
+        boxes = self.boxes(index, image)  # landmarks are found on the image as stored
+        if self.flipped(index):
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            boxes = mirror_boxes(boxes, self.resolution)
         return {
             "image": image_to_tensor(image),
             "hole_mask": self.hole_mask(index),
-            "boxes": self.boxes(index, image),
+            "boxes": boxes,
             "index": index,
             "path": self.files[index],
         }

@@ -62,6 +62,8 @@ def configure_parser(parser) -> None:
     data.add_argument("--test-size", type=float, default=keep,
                       help="held-out images: a count or a fraction (default: paper counts / 10 %%)")
     data.add_argument("--cache-dir", default=keep, help="cache of resized images")
+    data.add_argument("--no-flip", dest="flip", action="store_false", default=keep,
+                      help="no random horizontal flips of training images (default: flip)")
     data.add_argument("--workers", type=int, default=keep,
                       help="DataLoader workers per process (default: 4, at most the CPUs this process "
                            "may use, shared among torchrun's processes on the node)")

@@ -176,7 +176,7 @@ class Trainer:
         self.dataset = FaceFolder(config.data, resolution=config.resolution, split="train",
                                   test_size=config.test_size, seed=config.seed, masks=config.masks,
                                   landmarks=config.landmarks, cache_dir=config.cache_dir,
-                                  test_files=recorded)
+                                  test_files=recorded, flip=config.flip)
         self.sampler = ResumableSampler(self.dataset, group.world_size, group.rank, config.seed,
                                         self.local_batch)
         if self.sampler.batches_per_epoch == 0:

@@ -287,3 +287,36 @@ def test_dataset_pickles_for_spawned_workers(face_dir, monkeypatch):
     again = clone[0]
     for key in ("image", "hole_mask", "boxes"):
         assert torch.equal(first[key], again[key])
+
+
+def test_flip_mirrors_half_the_training_images_with_their_boxes_and_never_the_test_split(face_dir):
+    from oracleface.boxes import mirror_boxes
+
+    landmarks_file = face_dir.parent / "landmarks.json"
+    points = canonical_landmarks(1).copy()
+    points[:, 0] = points[:, 0] * 0.6  # a face off to the left: its boxes are not symmetric
+    landmarks._write_landmark_cache(landmarks_file, "dlib", {name: points for name in find_images(face_dir)},
+                                    set(), set())
+    plain = FaceFolder(face_dir, 64, "train", test_size=2, landmarks=landmarks_file)
+    flipping = FaceFolder(face_dir, 64, "train", test_size=2, landmarks=landmarks_file, flip=True)
+    flipped = [flipping.flipped(i) for i in range(len(flipping))]
+    assert 0 < sum(flipped) < len(flipped)
+    for index, is_flipped in enumerate(flipped):
+        a, b = plain[index], flipping[index]
+        assert torch.equal(a["hole_mask"], b["hole_mask"])
+        if is_flipped:
+            assert torch.equal(b["image"], a["image"].flip(-1))
+            assert torch.equal(b["boxes"], mirror_boxes(a["boxes"], 64))
+        else:
+            assert torch.equal(b["image"], a["image"]) and torch.equal(b["boxes"], a["boxes"])
+    boxes = plain[0]["boxes"]
+    mirrored = mirror_boxes(boxes, 64)
+    left, right = COMPONENTS.index("left_eye"), COMPONENTS.index("right_eye")
+    assert mirrored[left].tolist() == [64 - boxes[right, 2], boxes[right, 1], 64 - boxes[right, 0], boxes[right, 3]]
+    assert torch.equal(mirror_boxes(mirrored, 64), boxes)
+    flipping.set_epoch(1)  # another epoch, other flips; the same epoch, the same flips
+    assert [flipping.flipped(i) for i in range(len(flipping))] != flipped
+    flipping.set_epoch(0)
+    assert [flipping.flipped(i) for i in range(len(flipping))] == flipped
+    test = FaceFolder(face_dir, 64, "test", test_size=2, flip=True)
+    assert not any(test.flipped(i) for i in range(len(test)))
