@@ -90,8 +90,9 @@ def test_eval_prints_every_metric_and_repeats_exactly(faces, straight_run, tmp_p
     first, second = outputs
     assert first == second and first["images"] == 1
     assert 0 < first["l1_percent"] < 100 and first["psnr"] > 0 and -1 <= first["ssim"] <= 1
+    assert first["lpips_net"] == "alex" and "LPIPS-alex" in table
     if first["lpips"] is None:
-        assert "n/a" in table and "vgg16-397923af.pth" in first["lpips_unavailable"]
+        assert "n/a" in table and "alexnet-owt-7be5be79.pth" in first["lpips_unavailable"]
 
 
 @pytest.mark.slow
