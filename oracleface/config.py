@@ -52,7 +52,7 @@ class TrainConfig:
     vgg_weights: Optional[str] = None     # default: $ORACLEFACE_VGG16_WEIGHTS or the torch hub cache
     # Data.
     masks: str = "random"                 # random | center | irregular | folder:PATH
-    landmarks: str = "canonical"          # canonical | dlib | face-alignment | CACHE_FILE
+    landmarks: str = "dlib"               # dlib | face-alignment | CACHE_FILE | canonical (template)
     test_size: Optional[float] = None     # held-out images (None: paper counts / 10 %)
     cache_dir: Optional[str] = None       # resized-image cache (FaceFolder)
     flip: bool = True                     # random horizontal flips of training images

@@ -58,7 +58,9 @@ def configure_parser(parser) -> None:
     data.add_argument("--masks", default=keep,
                       help="random (default, the paper's rectangles) | center | irregular | folder:PATH")
     data.add_argument("--landmarks", default=keep,
-                      help="canonical (default, aligned faces) | dlib | face-alignment | CACHE_FILE")
+                      help="dlib (default: per-image landmarks, computed once into a cache file) | "
+                           "face-alignment | CACHE_FILE (from `oracleface landmarks`) | canonical "
+                           "(one template for aligned faces; warns)")
     data.add_argument("--test-size", type=float, default=keep,
                       help="held-out images: a count or a fraction (default: paper counts / 10 %%)")
     data.add_argument("--cache-dir", default=keep, help="cache of resized images")

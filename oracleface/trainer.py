@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import random
 import signal
 import threading
@@ -171,11 +172,12 @@ class Trainer:
             raise ValueError(f"batch_size ({config.batch_size}) must split evenly into at least 2 "
                              f"samples for each of the {group.world_size} processes (BatchNorm)")
         self.local_batch = config.batch_size // group.world_size
+        landmarks = self._landmark_source()
         # A run's held-out files stay held out when the folder changes (see oracleface.data).
         recorded = read_test_list(self.out) if (self.out / TEST_LIST_FILE).is_file() else None
         self.dataset = FaceFolder(config.data, resolution=config.resolution, split="train",
                                   test_size=config.test_size, seed=config.seed, masks=config.masks,
-                                  landmarks=config.landmarks, cache_dir=config.cache_dir,
+                                  landmarks=landmarks, cache_dir=config.cache_dir,
                                   test_files=recorded, flip=config.flip)
         self.sampler = ResumableSampler(self.dataset, group.world_size, group.rank, config.seed,
                                         self.local_batch)
@@ -210,6 +212,36 @@ class Trainer:
         # The machine decides when the config does not (resumed runs may move machines).
         self.workers = config.workers if config.workers is not None else default_workers()
         self.writer = None
+
+    def _landmark_source(self):
+        """What ``FaceFolder`` gets as ``landmarks``: for a provider (``dlib``, the default) its
+        cache file, computed on first use by rank 0 (progress bar, resumable: an interrupted
+        run continues it) while the other processes wait; ``canonical`` with a warning."""
+        from oracleface.landmarks import PROVIDERS, build_landmark_cache
+
+        config, group = self.config, self.group
+        if config.landmarks == "canonical":
+            if group.is_main:
+                print("oracleface train: warning: --landmarks canonical: one template for every face "
+                      "(2-6 px off per face on CelebA-HQ, the nose up to 14 px); the paper uses "
+                      "per-image landmarks (the default, dlib)", file=sys.stderr, flush=True)
+            return "canonical"
+        if config.landmarks not in PROVIDERS:
+            return config.landmarks  # a cache file written by `oracleface landmarks`
+        path = landmark_cache_path(config)
+        if group.is_main:
+            try:
+                summary = build_landmark_cache(config.data, provider=config.landmarks, out=path,
+                                               progress=config.progress)
+            except RuntimeError as error:  # the provider's package or weights are missing
+                raise ValueError(f"--landmarks {config.landmarks}: {error}; or pass --landmarks "
+                                 "canonical") from error
+            announce(f"landmarks ({config.landmarks}): {summary['path']}: {summary['total']} images, "
+                     f"{summary['computed']} computed now; no face found in {summary['no_face']} "
+                     "(canonical boxes used)")
+        if group.distributed:
+            dist.barrier()
+        return path
 
     # ------------------------------------------------------------------ state
     def _restore(self, state: dict) -> None:
@@ -396,6 +428,22 @@ class Trainer:
 
     def close(self) -> None:
         teardown_processes(self.group)
+
+
+def landmark_cache_path(config: TrainConfig) -> Path:
+    """Where training keeps the landmarks of ``config.landmarks`` (a provider): in
+    ``--cache-dir`` when given, else where ``oracleface landmarks DATA_DIR`` writes
+    (``DATA_DIR/landmarks_<provider>.json``) when that folder is writable, else in the run
+    folder."""
+    from oracleface.landmarks import default_cache_path
+
+    name = default_cache_path(config.data, config.landmarks).name
+    if config.cache_dir is not None:
+        return Path(config.cache_dir) / name
+    in_data = default_cache_path(config.data, config.landmarks)
+    if in_data.is_file() or os.access(config.data, os.W_OK):
+        return in_data
+    return Path(config.out) / name
 
 
 def _collate(items: list[dict]) -> dict:

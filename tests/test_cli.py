@@ -139,3 +139,52 @@ def test_the_trainer_loader_fits_a_two_cpu_machine_without_pytorch_warnings(face
         next(iter(loader))
     assert loader.num_workers == trainer.workers == expected
     assert not [w for w in caught if "worker" in str(w.message)], [str(w.message) for w in caught]
+
+
+def _trainer_config(data, out, *flags):
+    args = parse_train(["--data", str(data), "--out", str(out), "--width", "0.125", "--attention", "none",
+                        "--batch-size", "2", "--lambda-perceptual", "0", "--device", "cpu", "--workers", "0",
+                        "--no-progress", *flags])
+    return merge_config(flag_values(args))
+
+
+def test_train_defaults_to_dlib_landmarks_computed_once_into_a_cache(celeba_hq, tmp_path, capsys):
+    import shutil
+
+    from oracleface.landmarks import read_landmark_cache
+
+    data = tmp_path / "faces"
+    data.mkdir()
+    for photo in sorted(celeba_hq.glob("*.jpg"))[:4]:
+        shutil.copy(photo, data / photo.name)
+    trainer = Trainer(_trainer_config(data, tmp_path / "run"))
+    captured = capsys.readouterr()
+    assert trainer.config.landmarks == "dlib" and "canonical" not in captured.err
+    cache = data / "landmarks_dlib.json"
+    assert f"landmarks (dlib): {cache}: 4 images, 4 computed now; no face found in 0" in captured.out
+    assert len(read_landmark_cache(cache)["landmarks"]) == 4
+    boxes = {tuple(trainer.dataset[i]["boxes"].flatten().tolist()) for i in range(len(trainer.dataset))}
+    canonical = trainer.dataset._canonical_boxes.flatten().tolist()
+    assert tuple(canonical) not in boxes and len(boxes) == len(trainer.dataset)  # one set per face
+    Trainer(_trainer_config(data, tmp_path / "again"))
+    assert "4 images, 0 computed now" in capsys.readouterr().out  # reused, not recomputed
+
+
+def test_canonical_landmarks_only_when_asked_with_a_one_line_warning(faces, tmp_path, capsys):
+    Trainer(_trainer_config(faces, tmp_path / "run", "--landmarks", "canonical"))
+    error_lines = [line for line in capsys.readouterr().err.splitlines() if "canonical" in line]
+    assert len(error_lines) == 1 and "warning" in error_lines[0] and "dlib" in error_lines[0]
+
+
+def test_the_landmark_cache_is_kept_in_the_run_folder_when_the_data_is_read_only(faces, tmp_path, monkeypatch):
+    import os
+    import shutil
+
+    from oracleface.trainer import landmark_cache_path
+
+    data = shutil.copytree(faces, tmp_path / "faces", ignore=shutil.ignore_patterns("*.json"))
+    assert landmark_cache_path(_trainer_config(data, tmp_path / "run")) == data / "landmarks_dlib.json"
+    with_cache_dir = _trainer_config(data, tmp_path / "run", "--cache-dir", str(tmp_path / "c"))
+    assert landmark_cache_path(with_cache_dir) == tmp_path / "c" / "landmarks_dlib.json"
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    assert landmark_cache_path(_trainer_config(data, tmp_path / "run")) == tmp_path / "run" / "landmarks_dlib.json"
