@@ -1,4 +1,5 @@
-"""Where a command runs: the device, the ``torchrun`` process group, the DataLoader workers.
+"""Where a command runs: the device, the ``torchrun`` process group, the DataLoader workers,
+stop signals.
 
 Shared by the trainer and the inference commands (``eval``, ``complete``), so none of
 them imports another command's module.
@@ -7,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import sys
+import threading
 
 import torch
 import torch.distributed as dist
@@ -93,3 +96,28 @@ def announce(message: str) -> None:
     """One line on stdout from rank 0 only."""
     if is_main_process():
         print(message, file=sys.stdout, flush=True)
+
+
+class StopRequest:
+    """SIGTERM / SIGINT set a flag instead of killing the process mid-step (main thread only)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: the user really wants out
+        self.requested = True
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

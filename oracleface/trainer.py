@@ -40,8 +40,6 @@ import math
 import os
 import sys
 import random
-import signal
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -60,7 +58,13 @@ from oracleface.checkpoint import (
     save_checkpoint,
 )
 from oracleface.config import TrainConfig, save_config
-from oracleface.runtime import announce, default_workers, setup_processes, teardown_processes
+from oracleface.runtime import (
+    StopRequest,
+    announce,
+    default_workers,
+    setup_processes,
+    teardown_processes,
+)
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -129,31 +133,6 @@ def seed_everything(seed: int) -> None:
 
 
 # ----------------------------------------------------------------------------- trainer
-class StopRequest:
-    """SIGTERM / SIGINT set a flag instead of killing the process mid-step (main thread only)."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: the user really wants out
-        self.requested = True
-
-    def __enter__(self) -> "StopRequest":
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 class Trainer:
     """One training run; ``run()`` trains until the configured length or a stop signal.
 
