@@ -54,14 +54,6 @@ import torch
 from PIL import Image
 
 from oracleface.boxes import mirror_boxes
-from oracleface.landmarks import (
-    PROVIDERS,
-    boxes_tensor,
-    canonical_landmarks,
-    component_boxes,
-    get_provider,
-    read_landmark_cache,
-)
 from oracleface.images import (
     CACHE_MARKER,
     DECODE_ERRORS,
@@ -70,6 +62,14 @@ from oracleface.images import (
     find_images,
     image_to_tensor,
     load_square_image,
+)
+from oracleface.landmarks import (
+    PROVIDERS,
+    boxes_tensor,
+    canonical_landmarks,
+    component_boxes,
+    get_provider,
+    read_landmark_cache,
 )
 from oracleface.masks import make_mask_sampler
 
@@ -85,7 +85,7 @@ def default_test_size(num_images: int) -> int:
     return max(1, round(num_images * SMALL_FOLDER_TEST_FRACTION))
 
 
-def test_fraction(count: int, test_size) -> float:
+def held_out_fraction(count: int, test_size) -> float:
     """The held-out fraction for ``test_size`` (None, a fraction in (0, 1) or a count in
     0..``count``) in a folder of ``count`` images."""
     if test_size is None:
@@ -107,7 +107,9 @@ def file_rank(seed: int, name: str) -> float:
 def split_files(files: list[str], seed: int, test_size, test_files=()) -> tuple[list[str], list[str]]:
     """``(train, test)`` relative paths, each sorted; see the module docstring for the rule.
     ``test_files``: files held out whatever their rank (a run's recorded test list)."""
-    fraction = test_fraction(len(files), test_size)
+    if not files:
+        return [], []
+    fraction = held_out_fraction(len(files), test_size)
     ranks = {name: file_rank(seed, name) for name in files}
     test = {name for name, rank in ranks.items() if rank < fraction} | (set(test_files) & set(ranks))
     if not test and fraction > 0:
