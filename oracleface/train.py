@@ -42,9 +42,6 @@ def configure_parser(parser) -> None:
     for name, default in (("reconstruction", 10), ("kl", 2), ("perceptual", 1), ("adversarial", 1)):
         optim.add_argument(f"--lambda-{name}", type=float, default=keep,
                            help=f"weight of the {name} loss (default {default})")
-    optim.add_argument("--no-sync-bn", dest="sync_bn", action="store_false", default=keep,
-                       help="under torchrun, BatchNorm statistics per process instead of over the "
-                            "global batch (default: global)")
     optim.add_argument("--gradient-penalty", type=float, default=keep, help="WGAN-GP γ (default 10)")
     optim.add_argument("--no-perceptual-pretrained", dest="perceptual_pretrained", action="store_false",
                        default=keep, help="VGG-16 with random weights (smoke runs without the weights; warns)")
@@ -72,6 +69,9 @@ def configure_parser(parser) -> None:
     data.add_argument("--seed", type=int, default=keep, help="split, masks, data order, init (default 0)")
     runtime = parser.add_argument_group("runtime")
     runtime.add_argument("--device", default=keep, help="auto (default) | cpu | cuda | cuda:N")
+    runtime.add_argument("--no-sync-bn", dest="sync_bn", action="store_false", default=keep,
+                         help="under torchrun, BatchNorm statistics per process instead of over the "
+                              "global batch (default: global)")
     runtime.add_argument("--amp", choices=AMP_MODES, default=keep, help="mixed precision (default off)")
     runtime.add_argument("--checkpoint-every", type=int, default=keep, metavar="N", help="default 1000")
     runtime.add_argument("--keep-checkpoints", type=int, default=keep, metavar="K",
