@@ -188,3 +188,12 @@ def test_the_landmark_cache_is_kept_in_the_run_folder_when_the_data_is_read_only
     assert landmark_cache_path(with_cache_dir) == tmp_path / "c" / "landmarks_dlib.json"
     monkeypatch.setattr(os, "access", lambda path, mode: False)
     assert landmark_cache_path(_trainer_config(data, tmp_path / "run")) == tmp_path / "run" / "landmarks_dlib.json"
+
+
+def test_new_train_defaults_and_their_opt_out_flags():
+    defaults = merge_config(flag_values(parse_train(["--data", "d", "--out", "o"])))
+    assert (defaults.landmarks, defaults.flip, defaults.sync_bn, defaults.workers) == ("dlib", True, True, None)
+    changed = merge_config(flag_values(parse_train(["--data", "d", "--out", "o", "--no-flip", "--no-sync-bn",
+                                                    "--landmarks", "canonical", "--workers", "3"])))
+    assert (changed.landmarks, changed.flip, changed.sync_bn, changed.workers) == ("canonical", False, False, 3)
+    assert parse_train(["--resume", "if-any"]).resume == "if-any" and parse_train(["--resume"]).resume == "latest"
