@@ -37,3 +37,19 @@ def component_masks(boxes: torch.Tensor, height: int, width: int) -> torch.Tenso
     xs = torch.arange(width, device=boxes.device).view(1, 1, 1, width)
     x0, y0, x1, y1 = (boxes[..., i].view(*boxes.shape[:2], 1, 1) for i in range(4))
     return ((xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1)).float()
+
+
+def mirror_boxes(boxes: torch.Tensor, width: int) -> torch.Tensor:
+    """The boxes ``(..., 4, 4)`` of the horizontally flipped image of width ``width``: x is
+    mirrored, and the eyes swap rows (the flipped image's left eye is the original's right)."""
+    if boxes.shape[-2:] != (len(COMPONENTS), 4):
+        raise ValueError(f"boxes must have shape (..., {len(COMPONENTS)}, 4); got {tuple(boxes.shape)}")
+    x0, y0, x1, y1 = boxes.unbind(-1)
+    mirrored = torch.stack([width - x1, y0, width - x0, y1], dim=-1)
+    order = [COMPONENTS.index(name) for name in _MIRRORED_COMPONENTS]
+    return mirrored[..., order, :]
+
+
+# Which original component each component of the flipped image is.
+_MIRRORED_COMPONENTS = {"left_eye": "right_eye", "right_eye": "left_eye", "nose": "nose", "mouth": "mouth"}
+_MIRRORED_COMPONENTS = tuple(_MIRRORED_COMPONENTS[name] for name in COMPONENTS)

@@ -94,6 +94,19 @@ _READ_ERRORS = (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile
                 ValueError, KeyError, AttributeError, TypeError, IndexError)
 
 
+def _read_error_reason(error: Exception) -> str:
+    """One line on why ``torch.load(weights_only=True)`` failed. PyTorch's own messages run
+    over several lines and advise ``weights_only=False``, which would run the file's code."""
+    message = str(error)
+    if "Unsupported global" in message:
+        return ("it holds Python objects besides tensors and plain values (not an oracleface "
+                "checkpoint; such files are never unpickled)")
+    detail = ""
+    if message and "weights only" not in message.lower():  # PyTorch's own detail, first line only
+        detail = f" ({type(error).__name__}: {message.splitlines()[0][:100]})"
+    return f"the file is corrupt, truncated or not a PyTorch checkpoint{detail}"
+
+
 def load_checkpoint(path, map_location="cpu") -> dict:
     """Read and check an oracleface checkpoint with ``torch.load(weights_only=True)``.
 
@@ -106,8 +119,7 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except _READ_ERRORS as error:
-        raise CheckpointError(f"cannot read checkpoint {path}: the file is corrupt, truncated or "
-                              f"not a PyTorch checkpoint ({type(error).__name__}: {error})") from error
+        raise CheckpointError(f"cannot read checkpoint {path}: {_read_error_reason(error)}") from error
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an oracleface training checkpoint "
                               f"(no format={FORMAT!r} marker)")

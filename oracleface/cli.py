@@ -1,24 +1,18 @@
 """The ``oracleface`` command line: ``oracleface <command> ...`` (also ``python -m oracleface``).
 
-Each subcommand is a ``Command``: ``configure(parser)`` adds its arguments and
-``run(args) -> exit status`` does the work, importing heavy modules only when it runs.
-Adding a subcommand (train, eval, complete, demo, ...) is one ``register(Command(...))``
-call; ``build_parser`` picks up everything registered, in registration order.
+Each subcommand is an ``oracleface.command.Command``: ``configure(parser)`` adds its
+arguments and ``run(args) -> exit status`` does the work, importing heavy modules only
+when it runs. Command modules expose ``command()`` and never import this module; adding
+a subcommand is one ``register(...)`` call here; ``build_parser`` picks up everything
+registered, in registration order.
 """
 from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
-
-@dataclass(frozen=True)
-class Command:
-    name: str
-    help: str
-    configure: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], "int | None"]
+from oracleface.command import Command
 
 
 COMMANDS: dict[str, Command] = {}

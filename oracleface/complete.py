@@ -166,7 +166,7 @@ def complete_file(image, mask: str, checkpoint, out, side_by_side_path=None, ali
                   device: str = "auto", seed: int = 0) -> Path:
     """The ``complete`` command as a function; returns the written path."""
     from oracleface.checkpoint import generator_from_checkpoint
-    from oracleface.train import resolve_device
+    from oracleface.runtime import resolve_device
 
     image = Path(image)
     if not image.is_file():
@@ -213,7 +213,7 @@ def run_command(args) -> int:
 
 
 def command():
-    from oracleface.cli import Command
+    from oracleface.command import Command
 
     return Command("complete", "complete the masked region of one photo with a trained checkpoint",
                    configure_parser, run_command)

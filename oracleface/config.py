@@ -38,6 +38,7 @@ class TrainConfig:
     width: float = 1.0                    # channel multiplier (1 = the paper; < 1 for smoke runs)
     dsa_backend: str = "auto"
     kl_layers: Optional[list] = None      # None: the first DSA layer (12 at 256²)
+    sync_bn: bool = True                  # multi-process: BatchNorm over the global batch
     # Optimisation (Section 4.1, Eq. 8 and 10).
     batch_size: int = 16                  # global batch, split evenly across processes
     lr_generator: float = 1e-4            # RMSprop
@@ -51,10 +52,11 @@ class TrainConfig:
     vgg_weights: Optional[str] = None     # default: $ORACLEFACE_VGG16_WEIGHTS or the torch hub cache
     # Data.
     masks: str = "random"                 # random | center | irregular | folder:PATH
-    landmarks: str = "canonical"          # canonical | dlib | face-alignment | CACHE_FILE
+    landmarks: str = "dlib"               # dlib | face-alignment | CACHE_FILE | canonical (template)
     test_size: Optional[float] = None     # held-out images (None: paper counts / 10 %)
     cache_dir: Optional[str] = None       # resized-image cache (FaceFolder)
-    workers: int = 4
+    flip: bool = True                     # random horizontal flips of training images
+    workers: Optional[int] = None         # DataLoader workers per process (None: oracleface.runtime.default_workers)
     seed: int = 0
     # Length: whichever is given; neither trains until interrupted (SIGTERM/Ctrl-C save).
     steps: Optional[int] = None           # total optimisation steps (a target: resuming continues to it)
@@ -83,6 +85,8 @@ class TrainConfig:
             raise ValueError(f"give steps or epochs, not both (steps={self.steps}, epochs={self.epochs})")
         for name in ("workers", "keep_checkpoints", "seed"):
             value = getattr(self, name)
+            if name == "workers" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative int; got {value!r}")
         for name in ("lr_generator", "lr_discriminator", "lambda_reconstruction", "lambda_kl",

@@ -11,17 +11,28 @@ Design decisions:
 - Images are centre-cropped to a square (a no-op for face datasets) and resized with
   PIL's antialiased Lanczos filter. JPEGs are decoded with libjpeg's DCT scaling to the
   smallest size of at least 2× the target first, which is 4× less work for 1024² → 256².
-- The train/test split orders files by ``sha256(seed, relative path)`` and puts the first
-  ``test_size`` in the test split: deterministic, independent of file-system order, and
-  a file keeps its split when others are added. Default ``test_size`` follows the paper:
-  2 000 for CelebA-HQ-sized folders (≥ 30 000 images), 10 000 for FFHQ-sized ones
-  (≥ 70 000); smaller folders hold out 10 % (at least 1).
+- The train/test split is a property of each file: a file is held out when
+  ``sha256(seed, relative path)``, read as a number in [0, 1), is below the test fraction
+  (``test_size`` as a fraction; a count means ``count / number of images``). So adding
+  files never moves existing ones between splits; the test split holds about
+  ``test_size`` images (at least 1: if no file falls below the fraction, the lowest-ranked
+  one). Default ``test_size`` follows the paper: 2 000 for CelebA-HQ-sized folders
+  (≥ 30 000 images), 10 000 for FFHQ-sized ones (≥ 70 000); smaller folders hold out 10 %.
+  ``test_files`` (a run's recorded test list, ``RUN_DIR/split.json``) pins the held-out
+  files: they stay held out whatever the folder holds now, and the test split is exactly
+  them (files that are gone are named in a warning).
+- Dataset caches are never scanned as images: a folder holding ``CACHE_MARKER`` (every
+  ``cache_dir`` does) is skipped, wherever it lies.
 - Every file of the split is decoded once at construction; files that fail (truncated,
   not an image) are skipped with one warning naming them, and listed in ``skipped``.
   The split is decided before that, so a bad file shrinks its split visibly (the warning
   says "N of M") and never moves other files between splits. With ``cache_dir`` the
   check is the resize into the cache and is remembered there: later constructions
   decode nothing and read small PNGs.
+- Augmentation: with ``flip`` (train split only; the trainer's default) an image is
+  mirrored horizontally with probability 1/2, decided by ``(seed, epoch, index)`` like its
+  mask (so resuming replays it); its component boxes are mirrored and the eyes swapped.
+  The test split is never flipped.
 - Masks: test masks depend only on ``(seed, index)``, so evaluation is reproducible.
   Train masks depend on ``(seed, epoch, index)``: call ``set_epoch(epoch)`` before each
   epoch (like ``DistributedSampler``); resuming at an epoch replays its masks exactly,
@@ -42,6 +53,16 @@ import numpy as np
 import torch
 from PIL import Image
 
+from oracleface.boxes import mirror_boxes
+from oracleface.images import (
+    CACHE_MARKER,
+    DECODE_ERRORS,
+    IMAGE_EXTENSIONS,
+    check_decodable,
+    find_images,
+    image_to_tensor,
+    load_square_image,
+)
 from oracleface.landmarks import (
     PROVIDERS,
     boxes_tensor,
@@ -52,48 +73,8 @@ from oracleface.landmarks import (
 )
 from oracleface.masks import make_mask_sampler
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
-# What PIL raises for files that are not images, truncated or corrupt.
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
-
 PAPER_TEST_SIZES = ((70_000, 10_000), (30_000, 2_000))  # (folder size at least, test images)
 SMALL_FOLDER_TEST_FRACTION = 0.1
-
-
-def find_images(root, exclude=()) -> list[str]:
-    """Relative POSIX paths of the images under ``root``, sorted; hidden folders and
-    anything under the ``exclude`` folders are skipped."""
-    root = Path(root)
-    excluded = [Path(path).resolve() for path in exclude]
-    found = []
-    for directory, subdirectories, files in os.walk(root):
-        here = Path(directory)
-        subdirectories[:] = [name for name in subdirectories if not name.startswith(".")
-                             and (here / name).resolve() not in excluded]
-        found += [(here / name).relative_to(root).as_posix() for name in files
-                  if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")]
-    return sorted(found)
-
-
-def load_square_image(path, size: int) -> Image.Image:
-    """Decode ``path`` fully as RGB, centre-crop to a square and resize (antialiased) to ``size``².
-
-    Raises one of ``DECODE_ERRORS`` for unreadable or truncated files.
-    """
-    with Image.open(path) as image:
-        image.draft("RGB", (2 * size, 2 * size))  # JPEG only: DCT-domain downscale, still ≥ 2× target
-        image = image.convert("RGB")  # forces the full decode, so truncation raises here
-    width, height = image.size
-    side = min(width, height)
-    left, top = (width - side) // 2, (height - side) // 2
-    return image.resize((size, size), Image.Resampling.LANCZOS, box=(left, top, left + side, top + side))
-
-
-def check_decodable(path) -> None:
-    """Decode ``path`` as cheaply as possible (JPEG at 1/8 scale), raising ``DECODE_ERRORS``."""
-    with Image.open(path) as image:
-        image.draft("RGB", (1, 1))
-        image.load()
 
 
 def default_test_size(num_images: int) -> int:
@@ -104,30 +85,74 @@ def default_test_size(num_images: int) -> int:
     return max(1, round(num_images * SMALL_FOLDER_TEST_FRACTION))
 
 
-def split_files(files: list[str], seed: int, test_size) -> tuple[list[str], list[str]]:
-    """``(train, test)`` relative paths, each sorted; see the module docstring for the rule."""
-    count = len(files)
+def held_out_fraction(count: int, test_size) -> float:
+    """The held-out fraction for ``test_size`` (None, a fraction in (0, 1) or a count in
+    0..``count``) in a folder of ``count`` images."""
     if test_size is None:
-        test_size = default_test_size(count)
-    elif isinstance(test_size, float) and 0.0 < test_size < 1.0:
-        test_size = max(1, round(count * test_size))
+        return default_test_size(count) / count
+    if isinstance(test_size, float) and 0.0 < test_size < 1.0:
+        return test_size
     if isinstance(test_size, bool) or not isinstance(test_size, int) or not 0 <= test_size <= count:
         raise ValueError(f"test_size must be None, a fraction in (0, 1) or an int in 0..{count} "
                          f"(the number of images); got {test_size!r}")
-    ranked = sorted(files, key=lambda name: hashlib.sha256(f"{seed}/{name}".encode()).digest())
-    return sorted(ranked[test_size:]), sorted(ranked[:test_size])
+    return test_size / count
+
+
+def file_rank(seed: int, name: str) -> float:
+    """Where ``name`` falls in [0, 1) for ``seed``: a pure function of the two."""
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def split_files(files: list[str], seed: int, test_size, test_files=()) -> tuple[list[str], list[str]]:
+    """``(train, test)`` relative paths, each sorted; see the module docstring for the rule.
+    ``test_files``: files held out whatever their rank (a run's recorded test list)."""
+    if not files:
+        return [], []
+    fraction = held_out_fraction(len(files), test_size)
+    ranks = {name: file_rank(seed, name) for name in files}
+    test = {name for name, rank in ranks.items() if rank < fraction} | (set(test_files) & set(ranks))
+    if not test and fraction > 0:
+        test = {min(ranks, key=ranks.get)}
+    return sorted(set(files) - test), sorted(test)
+
+
+TEST_LIST_FILE = "split.json"  # in the run folder: the files a run holds out
+
+
+def write_test_list(run_dir, files: list[str], seed: int) -> Path:
+    """Record a run's held-out files in ``RUN_DIR/split.json`` (atomically)."""
+    from oracleface.checkpoint import write_json_atomic
+
+    return write_json_atomic({"seed": seed, "test": sorted(files)}, Path(run_dir) / TEST_LIST_FILE)
+
+
+def read_test_list(path) -> list[str]:
+    """The held-out files recorded in ``path`` (a ``split.json``, or the run folder holding one)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / TEST_LIST_FILE
+    try:
+        with open(path) as handle:
+            files = json.load(handle)["test"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path} is not a readable test list (a run's {TEST_LIST_FILE}): {error}") from error
+    if not isinstance(files, list) or not all(isinstance(name, str) for name in files):
+        raise ValueError(f"{path}: 'test' must be a list of relative image paths")
+    return files
+
+
+def mark_cache_folder(folder) -> None:
+    """Create ``folder`` with its ``CACHE_MARKER``, so image listings skip it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / CACHE_MARKER).touch(exist_ok=True)
 
 
 def mask_seed(seed: int, split: str, epoch: int, index: int) -> int:
     """A 63-bit generator seed that is a pure function of its arguments (stable across runs)."""
     digest = hashlib.sha256(f"{seed}/{split}/{epoch}/{index}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
-
-
-def image_to_tensor(image: Image.Image) -> torch.Tensor:
-    """PIL RGB image → ``(3, H, W)`` float32 in [0, 1]."""
-    pixels = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / np.float32(255)
-    return torch.from_numpy(np.ascontiguousarray(pixels))
 
 
 class FaceFolder(torch.utils.data.Dataset):
@@ -146,11 +171,16 @@ class FaceFolder(torch.utils.data.Dataset):
             template for aligned faces), a provider name (``"dlib"``, ``"face-alignment"``;
             run lazily on the resized image, remembered in memory), or the path of a cache
             file written by ``oracleface landmarks``.
-        cache_dir: folder for resized copies of the images (PNG) and their manifest.
+        cache_dir: folder for resized copies of the images (PNG) and their manifest
+            (marked with ``CACHE_MARKER``, so it is never scanned as images).
+        test_files: a run's recorded test list: always held out, and with
+            ``split="test"`` exactly the files served (see module docstring).
+        flip: random horizontal flips of training images (ignored for ``split="test"``).
     """
 
     def __init__(self, root, resolution: int = 256, split: str = "train", test_size=None,
-                 seed: int = 0, masks="random", landmarks="canonical", cache_dir=None):
+                 seed: int = 0, masks="random", landmarks="canonical", cache_dir=None, test_files=None,
+                 flip: bool = False):
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"dataset folder {root} does not exist or is not a directory")
@@ -161,14 +191,25 @@ class FaceFolder(torch.utils.data.Dataset):
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int; got {type(seed).__name__}")
         self.root, self.resolution, self.split, self.seed = root, resolution, split, seed
+        self.flip = bool(flip) and split == "train"
         self.epoch = 0
         self.cache_dir = Path(cache_dir) / f"{resolution}px" if cache_dir is not None else None
 
-        all_files = find_images(root, exclude=[cache_dir] if cache_dir is not None else ())
+        if cache_dir is not None:
+            mark_cache_folder(cache_dir)
+        all_files = find_images(root)
         if not all_files:
             raise ValueError(f"dataset folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-        train, test = split_files(all_files, seed, test_size)
-        candidates = test if split == "test" else train
+        train, test = split_files(all_files, seed, test_size, test_files or ())
+        self.test_files = test  # every held-out file of the folder, for the run's record
+        candidates = train
+        if split == "test":
+            candidates = test if test_files is None else sorted(set(test_files) & set(all_files))
+            gone = sorted(set(test_files or ()) - set(all_files))
+            if gone:
+                warnings.warn(f"FaceFolder({root}): {len(gone)} of the {len(test_files)} recorded test "
+                              f"images are gone from the folder: {', '.join(gone[:10])}"
+                              f"{' …' if len(gone) > 10 else ''}", stacklevel=2)
         if not candidates:
             raise ValueError(f"the {split} split of {root} is empty ({len(all_files)} images, "
                              f"test_size={len(test)})")
@@ -342,15 +383,23 @@ class FaceFolder(torch.utils.data.Dataset):
                              f"(1, {self.resolution}, {self.resolution})")
         return mask.float()
 
+    def flipped(self, index: int) -> bool:
+        """Whether the ``index``-th training image is mirrored this epoch."""
+        return self.flip and mask_seed(self.seed, "flip", self.epoch, index) % 2 == 1
+
     def __getitem__(self, index: int) -> dict:
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} images")
         index = index % len(self)
         image = self.load_image(index)
+        boxes = self.boxes(index, image)  # landmarks are found on the image as stored
+        if self.flipped(index):
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            boxes = mirror_boxes(boxes, self.resolution)
         return {
             "image": image_to_tensor(image),
             "hole_mask": self.hole_mask(index),
-            "boxes": self.boxes(index, image),
+            "boxes": boxes,
             "index": index,
             "path": self.files[index],
         }

@@ -56,7 +56,7 @@ def run_demo(out="oracleface-demo", steps: int = DEFAULT_STEPS, device: str = "c
              width: float = DEFAULT_WIDTH, batch_size: int = 4) -> Path:
     """Train, complete, write ``OUT/before_after.png``; returns its path."""
     from oracleface.complete import complete_file
-    from oracleface.train import train
+    from oracleface.trainer import train
 
     out = Path(out)
     train_folder, held_out = write_demo_photos(out / "photos")
@@ -94,7 +94,7 @@ def run_command(args) -> int:
 
 
 def command():
-    from oracleface.cli import Command
+    from oracleface.command import Command
 
     return Command("demo", "train a tiny model on photos shipped with scikit-image and complete a held-out face",
                    configure_parser, run_command)

@@ -5,15 +5,19 @@ into the output (the composite ``image·(1−M) + output·M``), as the paper rep
 
 - L1 (%): mean absolute error over all pixels and channels, ×100 (images in [0, 1]);
 - PSNR (dB) and SSIM: ``torchmetrics`` with ``data_range=1``, per image, then averaged;
-- LPIPS: the ``lpips`` package, ``net="vgg"`` (v0.1 linear layers, which ship in its
-  wheel). Its VGG-16 backbone comes from torchvision's ``vgg16-397923af.pth`` found the
-  way the perceptual loss finds it (``oracleface.losses.resolve_vgg16_weights``); nothing
-  is downloaded. Without that file LPIPS is reported as unavailable (``null`` in the
-  JSON, ``n/a`` in the table, with the reason), never as a number.
+- LPIPS: the ``lpips`` package (v0.1 linear layers, which ship in its wheel), backbone
+  ``--lpips-net alex`` (default, the LPIPS authors' choice) or ``vgg``. The backbone's
+  ImageNet weights are torchvision's files in the torch hub cache
+  (``$TORCH_HOME/hub/checkpoints/alexnet-owt-7be5be79.pth`` / ``vgg16-397923af.pth``, the
+  latter also via ``$ORACLEFACE_VGG16_WEIGHTS``); nothing is downloaded. Without the file
+  LPIPS is reported as unavailable (``null`` in the JSON, ``n/a`` in the table, with the
+  reason naming the file), never as a number. The backbone is recorded in the JSON
+  (``lpips_net``) and in the table's column name.
 
-The test split and its masks are those of training (the checkpoint's seed and test
-size): masks are a pure function of ``(seed, image index)``, so two runs give the same
-numbers.
+The test images are the run's held-out files (``RUN_DIR/split.json``, written by the
+trainer; ``--test-list`` to name another), so files added to the folder since, or a
+dataset cache inside it, never enter the test set; masks are a pure function of
+``(seed, image index)``, so two runs give the same numbers.
 """
 from __future__ import annotations
 
@@ -27,21 +31,44 @@ METRICS = ("l1_percent", "psnr", "ssim", "lpips")
 MASK_CHOICES = ("random", "center")
 
 
-def load_lpips(device) -> tuple[torch.nn.Module | None, str | None]:
-    """``(LPIPS-VGG module, None)``, or ``(None, reason)`` when the VGG-16 weights are absent."""
-    import lpips
+# LPIPS backbones: torchvision's weight file (found in the torch hub cache, never
+# downloaded) and how many conv layers of it LPIPS uses.
+LPIPS_BACKBONES = {"alex": ("alexnet-owt-7be5be79.pth", 5), "vgg": ("vgg16-397923af.pth", 13)}
+DEFAULT_LPIPS_NET = "alex"  # the LPIPS authors' default
 
+
+def lpips_backbone_weights(net: str) -> Path:
+    """torchvision's ImageNet weights of the LPIPS backbone ``net``: for ``vgg`` the file the
+    perceptual loss uses (``oracleface.losses.resolve_vgg16_weights``), for ``alex``
+    ``$TORCH_HOME/hub/checkpoints/alexnet-owt-7be5be79.pth``. A missing file raises
+    FileNotFoundError naming it."""
     from oracleface.losses import resolve_vgg16_weights
 
+    if net not in LPIPS_BACKBONES:
+        raise ValueError(f"LPIPS backbone must be one of {sorted(LPIPS_BACKBONES)}; got {net!r}")
+    if net == "vgg":
+        return resolve_vgg16_weights()
+    path = Path(torch.hub.get_dir()) / "checkpoints" / LPIPS_BACKBONES[net][0]
+    if not path.is_file():
+        raise FileNotFoundError(f"LPIPS-{net} needs torchvision's {path.name} at {path} (nothing is "
+                                "downloaded; copy the file there or set TORCH_HOME)")
+    return path
+
+
+def load_lpips(device, net: str = DEFAULT_LPIPS_NET) -> tuple[torch.nn.Module | None, str | None]:
+    """``(LPIPS module with backbone net, None)``, or ``(None, reason)`` when the backbone's
+    weights are absent (the reason names the file)."""
+    import lpips
+
     try:
-        path = resolve_vgg16_weights()
+        path = lpips_backbone_weights(net)
     except FileNotFoundError as error:
         return None, f"LPIPS unavailable: {error}"
     # pnet_rand=True: build the backbone without torchvision's download; the ImageNet
     # features are loaded from the local file below, the linear layers from the wheel.
     with warnings.catch_warnings():  # torchvision's deprecation notes about lpips' `pretrained=`
         warnings.simplefilter("ignore", UserWarning)
-        model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
+        model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
     features = torch.load(path, map_location="cpu", weights_only=True)
     loaded = 0
     for slice_index in range(1, model.net.N_slices + 1):
@@ -50,8 +77,9 @@ def load_lpips(device) -> tuple[torch.nn.Module | None, str | None]:
                 layer.weight.data.copy_(features[f"features.{name}.weight"])
                 layer.bias.data.copy_(features[f"features.{name}.bias"])
                 loaded += 1
-    if loaded != 13:
-        raise ValueError(f"{path}: expected 13 VGG-16 conv layers for LPIPS, loaded {loaded}")
+    expected = LPIPS_BACKBONES[net][1]
+    if loaded != expected:
+        raise ValueError(f"{path}: expected {expected} conv layers for LPIPS-{net}, loaded {loaded}")
     return model.eval().requires_grad_(False).to(device), None
 
 
@@ -101,25 +129,45 @@ def evaluate(generator: torch.nn.Module, dataset, batch_size: int = 8, device="c
 
 def format_table(results: dict) -> str:
     """A small text table of ``results`` (``n/a`` for unavailable metrics)."""
-    header = f"{'masks':<8} {'images':>6} {'L1 (%)':>8} {'PSNR':>8} {'SSIM':>8} {'LPIPS':>8}"
+    lpips_column = f"LPIPS-{results.get('lpips_net', DEFAULT_LPIPS_NET)}"
+    header = f"{'masks':<8} {'images':>6} {'L1 (%)':>8} {'PSNR':>8} {'SSIM':>8} {lpips_column:>10}"
 
-    def cell(value, digits):
-        return f"{value:>8.{digits}f}" if value is not None else f"{'n/a':>8}"
+    def cell(value, digits, width=8):
+        return f"{value:>{width}.{digits}f}" if value is not None else f"{'n/a':>{width}}"
 
     row = (f"{results['masks']:<8} {results['images']:>6} {cell(results['l1_percent'], 3)} "
-           f"{cell(results['psnr'], 3)} {cell(results['ssim'], 4)} {cell(results['lpips'], 4)}")
+           f"{cell(results['psnr'], 3)} {cell(results['ssim'], 4)} {cell(results['lpips'], 4, 10)}")
     lines = [header, row]
     if results.get("lpips_unavailable"):
         lines.append(results["lpips_unavailable"])
     return "\n".join(lines)
 
 
+def recorded_test_list(checkpoint, test_list=None) -> list[str] | None:
+    """The run's held-out files: ``test_list`` (a ``split.json``), else the ``split.json`` of
+    the run folder holding ``checkpoint`` (``RUN_DIR/checkpoints/*.pt``); None (with a
+    warning) when there is none."""
+    from oracleface.data import TEST_LIST_FILE, read_test_list
+
+    if test_list is not None:
+        return read_test_list(test_list)
+    beside = Path(checkpoint).resolve().parent.parent / TEST_LIST_FILE
+    if beside.is_file():
+        return read_test_list(beside)
+    warnings.warn(f"no recorded test list ({beside} does not exist): evaluating on the files the "
+                  "split rule holds out of the folder as it is now, which may include files the run "
+                  "trained on; pass --test-list RUN_DIR/split.json", UserWarning, stacklevel=2)
+    return None
+
+
 def run_evaluation(data, checkpoint, masks: str = "random", batch_size: int = 8, device: str = "auto",
-                   limit: int | None = None, progress: bool = True) -> dict:
-    """Load ``checkpoint``, evaluate on the test split of ``data``; returns the results dict."""
+                   limit: int | None = None, progress: bool = True, test_list=None,
+                   lpips_net: str = DEFAULT_LPIPS_NET) -> dict:
+    """Load ``checkpoint``, evaluate on the run's held-out images of ``data`` (see
+    ``recorded_test_list``); returns the results dict."""
     from oracleface.checkpoint import generator_from_checkpoint
     from oracleface.data import FaceFolder
-    from oracleface.train import resolve_device
+    from oracleface.runtime import resolve_device
 
     if masks not in MASK_CHOICES:
         raise ValueError(f"masks must be one of {MASK_CHOICES}; got {masks!r}")
@@ -129,13 +177,15 @@ def run_evaluation(data, checkpoint, masks: str = "random", batch_size: int = 8,
     generator, state = generator_from_checkpoint(checkpoint, device)
     config = state["config"]
     dataset = FaceFolder(data, resolution=generator.resolution, split="test",
-                         test_size=config.get("test_size"), seed=config.get("seed", 0), masks=masks)
+                         test_size=config.get("test_size"), seed=config.get("seed", 0), masks=masks,
+                         test_files=recorded_test_list(checkpoint, test_list))
     if limit is not None:
         dataset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
-    lpips_model, reason = load_lpips(device)
+    lpips_model, reason = load_lpips(device, lpips_net)
     metrics = evaluate(generator, dataset, batch_size, device, lpips_model, progress)
     return {"checkpoint": str(checkpoint), "step": state["step"], "data": str(data), "masks": masks,
-            "resolution": generator.resolution, **metrics, "lpips_unavailable": reason}
+            "resolution": generator.resolution, **metrics, "lpips_net": lpips_net,
+            "lpips_unavailable": reason}
 
 
 # ----------------------------------------------------------------------------- command line
@@ -149,6 +199,11 @@ def configure_parser(parser) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N test images")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.add_argument("--lpips-net", choices=sorted(LPIPS_BACKBONES), default=DEFAULT_LPIPS_NET,
+                        help="LPIPS backbone (default: alex, the LPIPS authors' default); its torchvision "
+                             "weights must be in the torch hub cache")
+    parser.add_argument("--test-list", metavar="SPLIT_JSON", default=None,
+                        help="the run's held-out files (default: RUN_DIR/split.json beside the checkpoint)")
 
 
 def run_command(args) -> int:
@@ -156,7 +211,7 @@ def run_command(args) -> int:
 
     try:
         results = run_evaluation(args.data, args.checkpoint, args.masks, args.batch_size, args.device,
-                                 args.limit, args.progress)
+                                 args.limit, args.progress, args.test_list, args.lpips_net)
     except (FileNotFoundError, ValueError) as error:
         print(f"oracleface eval: error: {error}", file=sys.stderr)
         return 2
@@ -168,7 +223,7 @@ def run_command(args) -> int:
 
 
 def command():
-    from oracleface.cli import Command
+    from oracleface.command import Command
 
     return Command("eval", "L1, PSNR, SSIM and LPIPS of a checkpoint on the held-out split",
                    configure_parser, run_command)

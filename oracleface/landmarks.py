@@ -309,7 +309,7 @@ def build_landmark_cache(data_dir, provider: str = "dlib", out=None, size: int =
     """
     from tqdm import tqdm
 
-    from oracleface.data import DECODE_ERRORS, find_images, load_square_image
+    from oracleface.images import DECODE_ERRORS, find_images, load_square_image
 
     _check_positive_int(size, "size")
     _check_positive_int(flush_every, "flush_every")

@@ -33,7 +33,6 @@ VGG16_WEIGHTS_ENV = "ORACLEFACE_VGG16_WEIGHTS"
 VGG16_WEIGHTS_FILE = "vgg16-397923af.pth"  # torchvision's file name in the hub cache
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_LOG_EPS = 1e-12
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +171,37 @@ class PerceptualLoss(nn.Module):
 
 
 # ----------------------------------------------------------------------------- Eq. 5
+class _LogOfProbabilities(torch.autograd.Function):
+    """``ln E`` for probabilities ``E`` with the exact gradient ``1/E``.
+
+    ``log(clamp(E, eps))`` has a zero gradient wherever ``E < eps``: exactly where a
+    prediction is confidently wrong (the KL loss then freezes). Here only ``E`` below the
+    smallest normal float (≈ 1.2e-38 in float32: an underflowed map entry) is clamped,
+    in value and gradient, so ``1/E`` stays finite and ``E · (1/E)`` recovers the factor
+    the softmax backward needs.
+    """
+
+    @staticmethod
+    def forward(ctx, probabilities: Tensor) -> Tensor:
+        tiny = torch.finfo(probabilities.dtype).tiny
+        representable = probabilities >= tiny
+        ctx.save_for_backward(probabilities, representable)
+        return probabilities.clamp_min(tiny).log()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        probabilities, representable = ctx.saved_tensors
+        return torch.where(representable, grad / probabilities.clamp_min(torch.finfo(grad.dtype).tiny),
+                           torch.zeros_like(grad))
+
+
+def log_of_probabilities(probabilities: Tensor) -> Tensor:
+    """``ln E`` of a probability map, elementwise, with the exact gradient ``1/E`` (no
+    ``eps`` that zeroes it); entries below the dtype's smallest normal number count as
+    that number and get no gradient."""
+    return _LogOfProbabilities.apply(probabilities)
+
+
 def attention_kl_loss(predicted: Mapping[int, Mapping[str, Tensor]],
                       oracle: Mapping[int, Mapping[str, Tensor]], hole_mask: Tensor) -> Tensor:
     """Eq. 5 summed over layers: KL(E_gt‖E) + KL(E'_gt‖E'), each averaged over query×key pairs.
@@ -180,8 +210,11 @@ def attention_kl_loss(predicted: Mapping[int, Mapping[str, Tensor]],
     same layers (maps as returned by the generator; probabilities on valid pairs, 0
     elsewhere). Only valid pairs count: queries are hole pixels at the map's resolution,
     keys the background (cross) or the hole (self). A row without keys contributes 0.
-    ``E_gt·ln E_gt`` uses xlogy (0·ln 0 = 0) and ``ln E`` is clamped at 1e-12, so the loss
-    is never NaN/inf. Computed in float32.
+    ``E_gt·ln E_gt`` uses xlogy (0·ln 0 = 0); ``ln E`` is ``log_of_probabilities``, whose
+    gradient ``1/E`` is exact for every representable ``E`` (through the softmax this is
+    the analytic ``(E − E_gt)/pairs`` per score at any logit gap where the float32 map
+    has not underflowed, i.e. below ≈ 87), so a confidently wrong prediction keeps its
+    gradient. Never NaN/inf. Computed in float32.
     """
     if set(predicted) != set(oracle) or not predicted:
         raise ValueError(f"predicted and oracle must hold the same non-empty set of layers; got "
@@ -201,7 +234,7 @@ def attention_kl_loss(predicted: Mapping[int, Mapping[str, Tensor]],
             if p.shape != q.shape:
                 raise ValueError(f"layer {layer} {branch}: oracle {tuple(p.shape)} and predicted "
                                  f"{tuple(q.shape)} maps differ in shape")
-            divergence = (torch.xlogy(p, p) - p * q.clamp_min(_LOG_EPS).log()).sum()
+            divergence = (torch.xlogy(p, p) - p * log_of_probabilities(q)).sum()
             pairs = (queries * keys[branch]).sum().clamp_min(1)
             term = divergence / pairs
             total = term if total is None else total + term

@@ -1,502 +1,12 @@
-"""The trainer: ``oracleface train --data DIR --out RUN_DIR`` (one process, or one per GPU
-under ``torchrun``).
-
-The per-batch logic (critic update, generator update, every loss) lives in
-``oracleface.step.OracleFaceModel.training_step``; this module owns everything around
-it: devices and processes, the data stream, checkpoints, resuming, signals, logging.
-
-Run folder::
-
-    RUN_DIR/config.yaml              the merged config (see oracleface.config)
-    RUN_DIR/checkpoints/latest.pt    newest checkpoint (what --resume continues)
-    RUN_DIR/checkpoints/step_*.pt    the last ``keep_checkpoints`` numbered ones
-    RUN_DIR/tensorboard/             scalars: every loss term, images/s
-    RUN_DIR/samples/step_*.png       input | output | ground truth, component boxes drawn
-
-Design decisions:
-
-- Multi-process: one process per GPU (``torchrun``), or any number on the CPU (gloo).
-  The GAN step runs several forwards per backward and a double backward (gradient
-  penalty), which ``DistributedDataParallel``'s reducer does not support; so, as
-  ``oracleface.step`` recommends, every process holds a full model, rank 0's weights
-  are broadcast once, and gradients are averaged by one all-reduce after each backward
-  (``all_reduce_gradients``) — numerically what DDP does. ``--batch-size`` is the global
-  batch, split evenly across processes (each needs ≥ 2 for BatchNorm); BatchNorm
-  statistics are per process. Only rank 0 logs, samples and writes checkpoints.
-- Exact resume: the data order is a ``DistributedSampler`` permutation of
-  ``(seed, epoch)`` started at the saved batch; masks depend on ``(seed, epoch, index)``
-  (``FaceFolder.set_epoch``); the DataLoader draws its worker seeds from its own
-  generator, never from the global RNG; the checkpoint holds every process's RNG states.
-  So a resumed run computes the same next batch, masks and losses as an uninterrupted one.
-- Stopping: SIGTERM and Ctrl-C set a flag; the current step finishes, a checkpoint is
-  written and training returns. Across processes the flag is all-reduced with the
-  logged losses (one small all-reduce per step).
-- A perceptual weight of 0 skips the VGG-16 pass entirely (its term is logged as 0).
+"""``oracleface train --data DIR --out RUN_DIR``: the command line of the trainer
+(``oracleface.trainer``), which does the work.
 """
 from __future__ import annotations
 
-import dataclasses
-import math
-import os
-import random
-import signal
-import threading
-import time
-import warnings
-from pathlib import Path
+from oracleface.command import Command
+from oracleface.runtime import announce
 
-import numpy as np
-import torch
-import torch.distributed as dist
-from torch import nn
 
-from oracleface.checkpoint import (
-    CheckpointError,
-    capture_rng_state,
-    latest_checkpoint,
-    prune_numbered,
-    restore_rng_state,
-    save_checkpoint,
-)
-from oracleface.config import TrainConfig, save_config
-
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-# ----------------------------------------------------------------------------- processes
-@dataclasses.dataclass(frozen=True)
-class ProcessGroup:
-    """This process's place in the run: ``world_size`` processes, this one ``rank``."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` → ``cuda:LOCAL_RANK`` when CUDA is available, else ``cpu``; ``cuda`` under
-    torchrun → ``cuda:LOCAL_RANK``. Unavailable devices raise ValueError."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {name!r}") from error
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} requested but CUDA is not available on this machine")
-        if device.index is None:
-            device = torch.device("cuda", local_rank % torch.cuda.device_count())
-    return device
-
-
-def setup_processes(device_name: str) -> ProcessGroup:
-    """Join the ``torchrun`` process group when launched by it (``WORLD_SIZE`` > 1);
-    otherwise a single process. Backend: nccl on CUDA, gloo on the CPU."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_name, local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank,
-                                world_size=world_size, device_id=device if device.type == "cuda" else None)
-    return ProcessGroup(rank, world_size, local_rank, device)
-
-
-def teardown_processes(group: ProcessGroup) -> None:
-    if group.distributed and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-# ----------------------------------------------------------------------------- data stream
-class ResumableSampler(torch.utils.data.distributed.DistributedSampler):
-    """``DistributedSampler`` (shuffled by ``seed + epoch``) that can start mid-epoch:
-    ``start_batch`` skips this process's first batches, so a resumed run sees exactly the
-    batches an uninterrupted one would have seen next."""
-
-    def __init__(self, dataset, num_replicas: int, rank: int, seed: int, batch_size: int):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
-                         drop_last=False)
-        self.batch_size = batch_size
-        self.start_batch = 0
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return self.num_samples // self.batch_size  # the DataLoader drops the partial batch
-
-    def __iter__(self):
-        indices = list(super().__iter__())
-        return iter(indices[self.start_batch * self.batch_size:])
-
-    def __len__(self) -> int:
-        return max(0, self.num_samples - self.start_batch * self.batch_size)
-
-
-class ZeroPerceptual(nn.Module):
-    """Stands in for the VGG-16 perceptual loss when its weight is 0: costs nothing."""
-
-    def forward(self, output: torch.Tensor, composite: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return output.new_zeros((), dtype=torch.float32)
-
-
-def build_model(config: TrainConfig, device: torch.device) -> nn.Module:
-    """``OracleFaceModel`` (generator, seven critics, losses) for ``config``, on ``device``."""
-    from oracleface.losses import LossWeights, PerceptualLoss
-    from oracleface.step import OracleFaceModel
-
-    weights = LossWeights(reconstruction=config.lambda_reconstruction, kl=config.lambda_kl,
-                          perceptual=config.lambda_perceptual, adversarial=config.lambda_adversarial,
-                          gradient_penalty=config.gradient_penalty)
-    if config.lambda_perceptual == 0:
-        perceptual = ZeroPerceptual()
-    else:
-        if not config.perceptual_pretrained:
-            warnings.warn("\n" + "!" * 78 + "\n--no-perceptual-pretrained: the perceptual loss uses a "
-                          "VGG-16 with RANDOM weights.\nThe model will not learn what the paper's model "
-                          "learns; use this for smoke runs only.\n" + "!" * 78, UserWarning, stacklevel=2)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # warned above, once, loudly
-            perceptual = PerceptualLoss(config.vgg_weights, pretrained=config.perceptual_pretrained)
-    extra = {"width": config.width} if config.width != 1 else {}
-    model = OracleFaceModel(resolution=config.resolution, attention=config.attention,
-                            dsa_backend=config.dsa_backend, weights=weights,
-                            kl_layers=None if config.kl_layers is None else tuple(config.kl_layers),
-                            perceptual=perceptual, **extra)
-    return model.to(device)
-
-
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-
-
-# ----------------------------------------------------------------------------- trainer
-class StopRequest:
-    """SIGTERM / SIGINT set a flag instead of killing the process mid-step (main thread only)."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: the user really wants out
-        self.requested = True
-
-    def __enter__(self) -> "StopRequest":
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-class Trainer:
-    """One training run; ``run()`` trains until the configured length or a stop signal.
-
-    ``checkpoint``: a loaded checkpoint (``oracleface.checkpoint.load_checkpoint``) to
-    continue from, already checked against ``config`` by the caller.
-    """
-
-    def __init__(self, config: TrainConfig, checkpoint: dict | None = None):
-        from oracleface.data import FaceFolder
-
-        self.config = config
-        self.out = Path(config.out)
-        self.group = setup_processes(config.device)
-        group = self.group
-        if config.batch_size % group.world_size or config.batch_size // group.world_size < 2:
-            raise ValueError(f"batch_size ({config.batch_size}) must split evenly into at least 2 "
-                             f"samples for each of the {group.world_size} processes (BatchNorm)")
-        self.local_batch = config.batch_size // group.world_size
-        self.dataset = FaceFolder(config.data, resolution=config.resolution, split="train",
-                                  test_size=config.test_size, seed=config.seed, masks=config.masks,
-                                  landmarks=config.landmarks, cache_dir=config.cache_dir)
-        self.sampler = ResumableSampler(self.dataset, group.world_size, group.rank, config.seed,
-                                        self.local_batch)
-        if self.sampler.batches_per_epoch == 0:
-            raise ValueError(f"the train split of {config.data} has {len(self.dataset)} images, fewer "
-                             f"than one batch of {config.batch_size}; lower --batch-size")
-        self.batches_per_epoch = self.sampler.batches_per_epoch
-        if config.steps is not None:
-            self.total_steps = config.steps
-        elif config.epochs is not None:
-            self.total_steps = config.epochs * self.batches_per_epoch
-        else:
-            self.total_steps = None  # until SIGTERM / Ctrl-C
-
-        seed_everything(config.seed + group.rank)
-        self.model = build_model(config, group.device)
-        self.g_optimizer = torch.optim.RMSprop(self.model.generator.parameters(), lr=config.lr_generator)
-        self.d_optimizer = torch.optim.RMSprop(self.model.discriminator.parameters(),
-                                               lr=config.lr_discriminator)
-        self.scaler = torch.amp.GradScaler(group.device.type) if config.amp == "fp16" else None
-        self.step = self.epoch = self.batch_in_epoch = 0
-        if checkpoint is not None:
-            self._restore(checkpoint)
-        if group.distributed:
-            from oracleface.step import broadcast_parameters
-            broadcast_parameters(self.model)
-        self.last_saved_step = self.step if checkpoint is not None else -1
-        self.writer = None
-
-    # ------------------------------------------------------------------ state
-    def _restore(self, state: dict) -> None:
-        try:
-            self.model.generator.load_state_dict(state["generator"])
-            self.model.discriminator.load_state_dict(state["discriminator"])
-            self.g_optimizer.load_state_dict(state["optimizer_generator"])
-            self.d_optimizer.load_state_dict(state["optimizer_discriminator"])
-        except (RuntimeError, ValueError, KeyError) as error:
-            raise CheckpointError(f"the checkpoint's weights do not fit the configured model: {error}") from error
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        rng = state.get("rng") or []
-        if self.group.rank < len(rng):
-            restore_rng_state(rng[self.group.rank])
-        else:
-            warnings.warn(f"the checkpoint holds RNG states for {len(rng)} processes, not for rank "
-                          f"{self.group.rank}: this process reseeds, so the run continues but does "
-                          "not replay the uninterrupted one exactly", stacklevel=2)
-            seed_everything(self.config.seed + self.group.rank + 7919 * self.step)
-
-    def state(self) -> dict:
-        """The checkpoint contents; collective: every process must call it."""
-        rng = capture_rng_state()
-        if self.group.distributed:
-            states = [None] * self.group.world_size
-            dist.all_gather_object(states, rng)
-            rng = states
-        else:
-            rng = [rng]
-        return {
-            "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-            "config": self.config.to_dict(),
-            "generator": self.model.generator.state_dict(),
-            "discriminator": self.model.discriminator.state_dict(),
-            "optimizer_generator": self.g_optimizer.state_dict(),
-            "optimizer_discriminator": self.d_optimizer.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "rng": rng,
-        }
-
-    def save(self) -> Path | None:
-        """Write ``latest.pt`` and ``step_N.pt`` (rank 0); collective."""
-        state = self.state()
-        self.last_saved_step = self.step
-        if not self.group.is_main:
-            return None
-        directory = self.out / "checkpoints"
-        path = save_checkpoint(state, latest_checkpoint(self.out))
-        numbered = directory / f"step_{self.step:08d}.pt"
-        if self.config.keep_checkpoints > 0:
-            numbered.unlink(missing_ok=True)
-            os.link(path, numbered)  # the same bytes, no second write
-            prune_numbered(directory, self.config.keep_checkpoints)
-        return path
-
-    # ------------------------------------------------------------------ loop pieces
-    def _loader(self) -> torch.utils.data.DataLoader:
-        self.dataset.set_epoch(self.epoch)
-        self.sampler.set_epoch(self.epoch)
-        self.sampler.start_batch = self.batch_in_epoch
-        return torch.utils.data.DataLoader(
-            self.dataset, batch_size=self.local_batch, sampler=self.sampler, drop_last=True,
-            num_workers=self.config.workers, pin_memory=self.group.device.type == "cuda",
-            # Worker seeds from a private generator: the global RNG (saved in checkpoints)
-            # is then consumed by the training step alone.
-            generator=torch.Generator().manual_seed(self.config.seed + self.epoch),
-            collate_fn=_collate)
-
-    def _to_device(self, batch: dict) -> dict:
-        device = self.group.device
-        return {"image": batch["image"].to(device, non_blocking=True),
-                "hole_mask": batch["hole_mask"].to(device, non_blocking=True),
-                "boxes": batch["boxes"].to(device, non_blocking=True)}
-
-    def _autocast(self):
-        if self.config.amp == "off":
-            return None
-        dtype = AMP_DTYPES[self.config.amp]
-        return lambda: torch.autocast(self.group.device.type, dtype=dtype)
-
-    def _synchronise(self, terms: dict[str, float], stop: bool) -> tuple[dict[str, float], bool]:
-        """Average the logged terms over processes and agree on stopping (one all-reduce)."""
-        if not self.group.distributed:
-            return terms, stop
-        packed = torch.tensor([float(stop), *terms.values()], dtype=torch.float64,
-                              device=self.group.device)
-        dist.all_reduce(packed)
-        values = (packed[1:] / self.group.world_size).tolist()
-        return dict(zip(terms, values)), bool(packed[0].item() > 0)
-
-    def _write_sample(self, batch: dict) -> None:
-        from oracleface.models import batchnorm_statistics_frozen
-        from oracleface.visualize import sample_grid, save_png
-
-        generator = self.model.generator
-        with torch.no_grad(), batchnorm_statistics_frozen(generator):
-            output = generator(batch["image"], batch["hole_mask"])
-        grid = sample_grid(batch["image"].float().cpu(), batch["hole_mask"].cpu(), output.float().cpu(),
-                           batch["boxes"].cpu())
-        save_png(grid, self.out / "samples" / f"step_{self.step:08d}.png")
-
-    def _log(self, terms: dict[str, float], images_per_second: float) -> None:
-        for name, value in terms.items():
-            group = "discriminator" if name.startswith("d_") else "generator"
-            self.writer.add_scalar(f"{group}/{name}", value, self.step)
-        self.writer.add_scalar("throughput/images_per_second", images_per_second, self.step)
-
-    def _finished(self) -> bool:
-        return self.total_steps is not None and self.step >= self.total_steps
-
-    # ------------------------------------------------------------------ run
-    def run(self) -> dict:
-        """Train; returns ``{"step", "epoch", "checkpoint", "stopped_by_signal", "last_terms"}``."""
-        from torch.utils.tensorboard import SummaryWriter
-        from tqdm import tqdm
-
-        config, group = self.config, self.group
-        if group.is_main:
-            save_config(config, self.out / "config.yaml")
-            self.writer = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.step + 1)
-        model, autocast = self.model, self._autocast()
-        gradient_sync = None
-        if group.distributed:
-            from oracleface.step import all_reduce_gradients
-            gradient_sync = all_reduce_gradients
-        progress = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
-                        disable=not (group.is_main and config.progress), desc="train")
-        terms: dict[str, float] = {}
-        speed = None
-        stop = self._finished()
-        checkpoint_path = None
-        with StopRequest() as stop_request:
-            while not stop:
-                for batch in self._loader():
-                    batch = self._to_device(batch)
-                    started = time.perf_counter()
-                    scale_before = self.scaler.get_scale() if self.scaler is not None else None
-                    terms = model.training_step(batch, self.g_optimizer, self.d_optimizer,
-                                                scaler=self.scaler, autocast=autocast,
-                                                gradient_sync=gradient_sync)
-                    if group.device.type == "cuda":
-                        torch.cuda.synchronize(group.device)
-                    images_per_second = config.batch_size / (time.perf_counter() - started)
-                    speed = images_per_second if speed is None else 0.9 * speed + 0.1 * images_per_second
-                    self.step += 1
-                    self.batch_in_epoch += 1
-                    if self.batch_in_epoch == self.batches_per_epoch:
-                        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-                    terms, stop_requested = self._synchronise(terms, stop_request.requested)
-                    stop = stop_requested or self._finished()
-                    # fp16: a step the GradScaler skipped (overflow, scale lowered) has
-                    # non-finite losses by design; every applied step must be finite.
-                    if scale_before is None or self.scaler.get_scale() >= scale_before:
-                        _check_finite(terms, self.step)
-                    if group.is_main:
-                        progress.update(1)
-                        progress.set_postfix(G=f"{terms['g_total']:.3f}", D=f"{terms['d_total']:.3f}",
-                                             img_s=f"{speed:.3g}", refresh=False)
-                        if self.step % config.log_every == 0 or stop:
-                            self._log(terms, images_per_second)
-                        if self.step % config.sample_every == 0:
-                            self._write_sample(batch)
-                    if self.step % config.checkpoint_every == 0 or stop:
-                        checkpoint_path = self.save()
-                    if stop:
-                        break
-            if self.last_saved_step != self.step:
-                checkpoint_path = self.save()
-            stopped_by_signal = stop_request.requested
-        progress.close()
-        if self.writer is not None:
-            self.writer.close()
-        if group.is_main and stopped_by_signal:
-            print(f"stopped by signal at step {self.step}; checkpoint: {checkpoint_path}", flush=True)
-        return {"step": self.step, "epoch": self.epoch, "checkpoint": checkpoint_path,
-                "stopped_by_signal": stopped_by_signal, "last_terms": terms}
-
-    def close(self) -> None:
-        teardown_processes(self.group)
-
-
-def _collate(items: list[dict]) -> dict:
-    return {"image": torch.stack([item["image"] for item in items]),
-            "hole_mask": torch.stack([item["hole_mask"] for item in items]),
-            "boxes": torch.stack([item["boxes"] for item in items]),
-            "index": torch.tensor([item["index"] for item in items])}
-
-
-def _check_finite(terms: dict[str, float], step: int) -> None:
-    bad = {name: value for name, value in terms.items() if not math.isfinite(value)}
-    if bad:
-        raise FloatingPointError(f"non-finite losses at step {step}: {bad} (try --amp off or a lower lr)")
-
-
-# ----------------------------------------------------------------------------- entry point
-def prepare_run(config_layers: list[dict], resume) -> tuple[TrainConfig, dict | None]:
-    """Merge the config and load the checkpoint to resume, before anything is written.
-
-    ``config_layers``: the config file's values then the flags given (lowest first).
-    ``resume``: None, ``"latest"`` (RUN_DIR/checkpoints/latest.pt) or a checkpoint path.
-    Raises FileNotFoundError/ValueError/CheckpointError with the reason; on error
-    nothing in the run folder has been touched.
-    """
-    from oracleface.checkpoint import check_compatible, load_checkpoint
-    from oracleface.config import ARCHITECTURE_FIELDS, merge_config
-
-    config = merge_config(*config_layers)
-    if config.data is None or config.out is None:
-        raise ValueError("train needs --data DIR and --out RUN_DIR (flags or config file)")
-    data = Path(config.data)
-    if not data.is_dir():
-        raise FileNotFoundError(f"--data {data}: no such folder")
-    if resume is None:
-        if latest_checkpoint(config.out).exists():
-            raise ValueError(f"{config.out} already holds a run ({latest_checkpoint(config.out)}); "
-                             "pass --resume to continue it or choose another --out")
-        return config, None
-    path = latest_checkpoint(config.out) if resume == "latest" else Path(resume)
-    state = load_checkpoint(path)
-    saved = state["config"]
-    if not isinstance(saved, dict):
-        raise CheckpointError(f"checkpoint {path} has no readable config")
-    # The resumed run's config is the base; the config file and flags override it.
-    saved = {key: value for key, value in saved.items() if key in TrainConfig.__dataclass_fields__}
-    config = merge_config(saved, *config_layers)
-    check_compatible(state, config.to_dict(), path, ARCHITECTURE_FIELDS)
-    return config, state
-
-
-def train(config_layers: list[dict], resume=None) -> dict:
-    """Prepare (see ``prepare_run``), train, tear down; returns ``Trainer.run``'s summary."""
-    config, state = prepare_run(config_layers, resume)
-    trainer = Trainer(config, state)
-    try:
-        return trainer.run()
-    finally:
-        trainer.close()
-
-
-# ----------------------------------------------------------------------------- command line
 def configure_parser(parser) -> None:
     """``oracleface train`` arguments. Every option defaults to "not given" so that only
     the flags on the command line override the config file (see ``oracleface.config``)."""
@@ -510,8 +20,10 @@ def configure_parser(parser) -> None:
                         help="run folder: config.yaml, checkpoints/, tensorboard/, samples/")
     parser.add_argument("--config", metavar="FILE", default=None,
                         help="YAML file of options (names as the flags, - or _); flags override it")
-    parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT",
-                        help="continue RUN_DIR/checkpoints/latest.pt, or the checkpoint CKPT")
+    parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT|if-any",
+                        help="continue RUN_DIR/checkpoints/latest.pt (an error when there is none), "
+                             "the checkpoint CKPT, or with 'if-any' latest.pt when it exists and a "
+                             "fresh run otherwise")
     model = parser.add_argument_group("model")
     model.add_argument("--resolution", type=int, default=keep, help="image side: 256 (default) or 1024")
     model.add_argument("--attention", choices=("dsa", "ca", "none"), default=keep,
@@ -543,14 +55,23 @@ def configure_parser(parser) -> None:
     data.add_argument("--masks", default=keep,
                       help="random (default, the paper's rectangles) | center | irregular | folder:PATH")
     data.add_argument("--landmarks", default=keep,
-                      help="canonical (default, aligned faces) | dlib | face-alignment | CACHE_FILE")
+                      help="dlib (default: per-image landmarks, computed once into a cache file) | "
+                           "face-alignment | CACHE_FILE (from `oracleface landmarks`) | canonical "
+                           "(one template for aligned faces; warns)")
     data.add_argument("--test-size", type=float, default=keep,
                       help="held-out images: a count or a fraction (default: paper counts / 10 %%)")
     data.add_argument("--cache-dir", default=keep, help="cache of resized images")
-    data.add_argument("--workers", type=int, default=keep, help="DataLoader workers per process (default 4)")
+    data.add_argument("--no-flip", dest="flip", action="store_false", default=keep,
+                      help="no random horizontal flips of training images (default: flip)")
+    data.add_argument("--workers", type=int, default=keep,
+                      help="DataLoader workers per process (default: 4, at most the CPUs this process "
+                           "may use, shared among torchrun's processes on the node)")
     data.add_argument("--seed", type=int, default=keep, help="split, masks, data order, init (default 0)")
     runtime = parser.add_argument_group("runtime")
     runtime.add_argument("--device", default=keep, help="auto (default) | cpu | cuda | cuda:N")
+    runtime.add_argument("--no-sync-bn", dest="sync_bn", action="store_false", default=keep,
+                         help="under torchrun, BatchNorm statistics per process instead of over the "
+                              "global batch (default: global)")
     runtime.add_argument("--amp", choices=AMP_MODES, default=keep, help="mixed precision (default off)")
     runtime.add_argument("--checkpoint-every", type=int, default=keep, metavar="N", help="default 1000")
     runtime.add_argument("--keep-checkpoints", type=int, default=keep, metavar="K",
@@ -580,6 +101,7 @@ def run_command(args) -> int:
     import sys
 
     from oracleface.config import load_config_file
+    from oracleface.trainer import train
 
     try:
         layers = [load_config_file(args.config)] if args.config else []
@@ -588,14 +110,11 @@ def run_command(args) -> int:
     except (FileNotFoundError, ValueError) as error:
         print(f"oracleface train: error: {error}", file=sys.stderr)
         return 2
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"trained to step {summary['step']} (epoch {summary['epoch']}); "
-              f"checkpoint: {summary['checkpoint']}", flush=True)
+    announce(f"trained to step {summary['step']} (epoch {summary['epoch']}); "
+             f"checkpoint: {summary['checkpoint']}")
     return 0
 
 
-def command():
-    from oracleface.cli import Command
-
+def command() -> Command:
     return Command("train", "train the face-completion model (one process, or one per GPU under torchrun)",
                    configure_parser, run_command)

@@ -21,3 +21,15 @@ def faces(tmp_path_factory):
         coarse = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
         Image.fromarray(coarse).resize((64, 64), Image.Resampling.BICUBIC).save(folder / f"face{i}.png")
     return folder
+
+
+@pytest.fixture(scope="session")
+def celeba_hq():
+    """The folder of real aligned CelebA-HQ photos beside the repository (../shared); tests
+    that need them skip cleanly where it is absent."""
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1].parent / "shared" / "faces" / "celeba_hq"
+    if not any(folder.glob("*.jpg")):
+        pytest.skip(f"{folder} (real aligned faces) is not available")
+    return folder

@@ -84,3 +84,23 @@ def test_prune_keeps_the_newest_numbered_checkpoints(tmp_path):
     (tmp_path / "latest.pt").write_bytes(b"x")
     prune_numbered(tmp_path, keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.pt", "step_00000003.pt", "step_00000010.pt"]
+
+
+class _NotATensor:
+    pass
+
+
+@pytest.mark.parametrize("content", ["truncated", "garbage", "python_object"])
+def test_an_unreadable_checkpoint_is_one_line_naming_the_file_and_the_problem(tmp_path, content):
+    path = tmp_path / "latest.pt"
+    if content == "python_object":  # a pickle weights_only refuses: PyTorch advises weights_only=False
+        torch.save({"step": _NotATensor()}, path)
+    else:
+        save_checkpoint(_state(), path)
+        path.write_bytes(path.read_bytes()[:300] if content == "truncated" else b"not a checkpoint " * 9)
+    with pytest.raises(CheckpointError) as caught:
+        load_checkpoint(path)
+    message = str(caught.value)
+    assert len(message.splitlines()) == 1 and str(path) in message and "cannot read checkpoint" in message
+    assert "weights_only" not in message and "\x1b" not in message
+    assert ("Python objects" in message) == (content == "python_object")

@@ -4,7 +4,8 @@ from PIL import Image
 
 from oracleface.cli import build_parser, main
 from oracleface.config import TrainConfig, load_config_file, merge_config, save_config
-from oracleface.train import Trainer, flag_values
+from oracleface.train import flag_values
+from oracleface.trainer import Trainer
 
 
 @pytest.fixture()
@@ -96,3 +97,103 @@ def test_mask_of_the_wrong_size_is_refused(run_dir, tmp_path, capsys):
                  str(run_dir / "checkpoints" / "latest.pt"), "--out", str(tmp_path / "o.png")]) == 2
     assert "30×40 but the image is 40×30" in capsys.readouterr().err
     assert not (tmp_path / "o.png").exists()
+
+
+def test_resume_with_nothing_to_resume_says_so_and_starts_nothing(faces, tmp_path, capsys):
+    out = tmp_path / "empty"
+    assert main(["train", "--data", str(faces), "--out", str(out), "--resume", "--device", "cpu"]) == 2
+    error = capsys.readouterr().err
+    assert "nothing to resume" in error and str(out / "checkpoints" / "latest.pt") in error
+    assert "--resume if-any" in error and not out.exists()
+
+
+def test_default_workers_fit_the_cpus_this_process_may_use(monkeypatch):
+    from oracleface import runtime
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert runtime.default_workers() == 2
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert runtime.default_workers() == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # torchrun: 8 processes share the node's CPUs
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: set(range(12)), raising=False)
+    assert runtime.default_workers() == 1
+
+
+@pytest.mark.parametrize("flag, expected", [([], 2), (["--workers", "1"], 1)])
+def test_the_trainer_loader_fits_a_two_cpu_machine_without_pytorch_warnings(faces, tmp_path, monkeypatch,
+                                                                            flag, expected):
+    import os
+    import warnings
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    # DataLoader compares its workers with the same affinity mask.
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    args = parse_train(["--data", str(faces), "--out", str(tmp_path / "run"), "--width", "0.125",
+                        "--attention", "none", "--batch-size", "2", "--lambda-perceptual", "0",
+                        "--device", "cpu", "--landmarks", "canonical", *flag])
+    trainer = Trainer(merge_config(flag_values(args)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loader = trainer._loader()
+        next(iter(loader))
+    assert loader.num_workers == trainer.workers == expected
+    assert not [w for w in caught if "worker" in str(w.message)], [str(w.message) for w in caught]
+
+
+def _trainer_config(data, out, *flags):
+    args = parse_train(["--data", str(data), "--out", str(out), "--width", "0.125", "--attention", "none",
+                        "--batch-size", "2", "--lambda-perceptual", "0", "--device", "cpu", "--workers", "0",
+                        "--no-progress", *flags])
+    return merge_config(flag_values(args))
+
+
+def test_train_defaults_to_dlib_landmarks_computed_once_into_a_cache(celeba_hq, tmp_path, capsys):
+    import shutil
+
+    from oracleface.landmarks import read_landmark_cache
+
+    data = tmp_path / "faces"
+    data.mkdir()
+    for photo in sorted(celeba_hq.glob("*.jpg"))[:4]:
+        shutil.copy(photo, data / photo.name)
+    trainer = Trainer(_trainer_config(data, tmp_path / "run"))
+    captured = capsys.readouterr()
+    assert trainer.config.landmarks == "dlib" and "canonical" not in captured.err
+    cache = data / "landmarks_dlib.json"
+    assert f"landmarks (dlib): {cache}: 4 images, 4 computed now; no face found in 0" in captured.out
+    assert len(read_landmark_cache(cache)["landmarks"]) == 4
+    boxes = {tuple(trainer.dataset[i]["boxes"].flatten().tolist()) for i in range(len(trainer.dataset))}
+    canonical = trainer.dataset._canonical_boxes.flatten().tolist()
+    assert tuple(canonical) not in boxes and len(boxes) == len(trainer.dataset)  # one set per face
+    Trainer(_trainer_config(data, tmp_path / "again"))
+    assert "4 images, 0 computed now" in capsys.readouterr().out  # reused, not recomputed
+
+
+def test_canonical_landmarks_only_when_asked_with_a_one_line_warning(faces, tmp_path, capsys):
+    Trainer(_trainer_config(faces, tmp_path / "run", "--landmarks", "canonical"))
+    error_lines = [line for line in capsys.readouterr().err.splitlines() if "canonical" in line]
+    assert len(error_lines) == 1 and "warning" in error_lines[0] and "dlib" in error_lines[0]
+
+
+def test_the_landmark_cache_is_kept_in_the_run_folder_when_the_data_is_read_only(faces, tmp_path, monkeypatch):
+    import os
+    import shutil
+
+    from oracleface.trainer import landmark_cache_path
+
+    data = shutil.copytree(faces, tmp_path / "faces", ignore=shutil.ignore_patterns("*.json"))
+    assert landmark_cache_path(_trainer_config(data, tmp_path / "run")) == data / "landmarks_dlib.json"
+    with_cache_dir = _trainer_config(data, tmp_path / "run", "--cache-dir", str(tmp_path / "c"))
+    assert landmark_cache_path(with_cache_dir) == tmp_path / "c" / "landmarks_dlib.json"
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    assert landmark_cache_path(_trainer_config(data, tmp_path / "run")) == tmp_path / "run" / "landmarks_dlib.json"
+
+
+def test_new_train_defaults_and_their_opt_out_flags():
+    defaults = merge_config(flag_values(parse_train(["--data", "d", "--out", "o"])))
+    assert (defaults.landmarks, defaults.flip, defaults.sync_bn, defaults.workers) == ("dlib", True, True, None)
+    changed = merge_config(flag_values(parse_train(["--data", "d", "--out", "o", "--no-flip", "--no-sync-bn",
+                                                    "--landmarks", "canonical", "--workers", "3"])))
+    assert (changed.landmarks, changed.flip, changed.sync_bn, changed.workers) == ("canonical", False, False, 3)
+    assert parse_train(["--resume", "if-any"]).resume == "if-any" and parse_train(["--resume"]).resume == "latest"

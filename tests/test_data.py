@@ -53,18 +53,57 @@ def test_finds_nested_images_only(face_dir):
 def test_split_is_deterministic_and_disjoint(face_dir):
     train = FaceFolder(face_dir, RESOLUTION, "train", test_size=4, seed=3)
     test = FaceFolder(face_dir, RESOLUTION, "test", test_size=4, seed=3)
-    assert len(test) == 4 and len(train) == 9
+    assert 1 <= len(test) < 13 and len(train) + len(test) == 13
     assert not set(train.files) & set(test.files)
     assert set(train.files) | set(test.files) == set(find_images(face_dir))
+    assert train.test_files == test.files
     assert FaceFolder(face_dir, RESOLUTION, "test", test_size=4, seed=3).files == test.files
     assert FaceFolder(face_dir, RESOLUTION, "test", test_size=4, seed=4).files != test.files
-    # Adding a file moves at most the one file it displaces (ranking is per file).
-    _make_image(face_dir / "new.png", (1, 2, 3))
-    _, test_after = split_files(find_images(face_dir), seed=3, test_size=4)
-    if "new.png" in test_after:
-        assert len(set(test.files) - set(test_after)) == 1
-    else:
-        assert test_after == test.files
+
+
+def test_adding_files_and_a_cache_never_moves_a_file_between_splits(face_dir):
+    """Membership is a property of the file: adding images (and a cache of resized copies
+    inside the data folder) keeps every earlier file in its split, and cached copies are
+    never listed as images."""
+    names = [f"x{i:03d}.png" for i in range(200)]
+    first_train, first_test = split_files(names, seed=0, test_size=0.1)
+    assert 10 <= len(first_test) <= 30  # about 10 % of 200
+    more = names + [f"new/y{i:03d}.png" for i in range(300)]
+    train, test = split_files(more, seed=0, test_size=0.1)
+    assert set(first_test) <= set(test) and set(first_train) <= set(train)
+    # A count means the same fraction: 20 of 200 holds out what 0.1 does.
+    assert split_files(names, seed=0, test_size=20) == (first_train, first_test)
+
+    before_train = FaceFolder(face_dir, RESOLUTION, "train", test_size=0.25, seed=1, cache_dir=face_dir / "cache")
+    before_test = FaceFolder(face_dir, RESOLUTION, "test", test_size=0.25, seed=1)
+    for i in range(20):
+        _make_image(face_dir / "added" / f"n{i}.png", (i, 2 * i, 3 * i))
+    assert (face_dir / "cache" / f"{RESOLUTION}px").is_dir()  # the cache lies inside the data folder
+    after_train = FaceFolder(face_dir, RESOLUTION, "train", test_size=0.25, seed=1, cache_dir=face_dir / "cache")
+    after_test = FaceFolder(face_dir, RESOLUTION, "test", test_size=0.25, seed=1)
+    assert set(before_test.files) <= set(after_test.files)
+    assert set(before_train.files) <= set(after_train.files)
+    assert not set(before_train.files) & set(after_test.files)
+    listed = find_images(face_dir)
+    assert len(listed) == 13 + 20 and not any(name.startswith("cache/") for name in listed)
+
+
+def test_a_recorded_test_list_pins_the_test_split(face_dir, tmp_path):
+    from oracleface.data import read_test_list, write_test_list
+
+    test = FaceFolder(face_dir, RESOLUTION, "test", test_size=0.25, seed=1)
+    record = write_test_list(tmp_path / "run", test.files + ["a/gone.png"], seed=1)
+    recorded = read_test_list(tmp_path / "run")
+    # A different rule (seed, size) cannot move recorded files into training ...
+    train = FaceFolder(face_dir, RESOLUTION, "train", test_size=1, seed=9, test_files=recorded)
+    assert not set(train.files) & set(test.files)
+    # ... and the test split is exactly the recorded files that are still there, the rest named.
+    with pytest.warns(UserWarning, match=r"1 of the \d+ recorded test images are gone.*a/gone.png"):
+        pinned = FaceFolder(face_dir, RESOLUTION, "test", test_size=1, seed=9, test_files=recorded)
+    assert pinned.files == test.files
+    record.write_text("{}")
+    with pytest.raises(ValueError, match="not a readable test list"):
+        read_test_list(record)
 
 
 def test_default_test_sizes_follow_the_paper():
@@ -73,8 +112,9 @@ def test_default_test_sizes_follow_the_paper():
     assert default_test_size(70_000) == 10_000
     assert default_test_size(1_000) == 100
     assert default_test_size(3) == 1
-    train, test = split_files([f"{i}.png" for i in range(20)], seed=0, test_size=0.25)
-    assert len(test) == 5 and len(train) == 15
+    train, test = split_files([f"{i}.png" for i in range(400)], seed=0, test_size=0.25)
+    assert 70 <= len(test) <= 130 and len(train) + len(test) == 400  # about a quarter
+    assert len(split_files(["a.png", "b.png"], seed=0, test_size=0.01)[1]) == 1  # at least one
     with pytest.raises(ValueError, match="test_size"):
         split_files(["a.png"], seed=0, test_size=2)
 
@@ -94,23 +134,27 @@ def test_items_have_the_documented_layout(face_dir):
 
 
 def test_images_are_centre_cropped_and_resized(face_dir):
-    dataset = FaceFolder(face_dir, RESOLUTION, "train", test_size=0.1, seed=0)
-    if "b/wide.png" not in dataset.files:
-        dataset = FaceFolder(face_dir, RESOLUTION, "test", test_size=0.1, seed=0)
-    image = dataset[dataset.files.index("b/wide.png")]["image"]
+    train = FaceFolder(face_dir, RESOLUTION, "train", test_size=0.1, seed=0)
+    test = FaceFolder(face_dir, RESOLUTION, "test", test_size=0.1, seed=0)
+
+    def item(name):
+        dataset = train if name in train.files else test
+        return dataset[dataset.files.index(name)]
+
+    image = item("b/wide.png")["image"]
     assert image.shape == (3, RESOLUTION, RESOLUTION)
     # The red side bands are cropped away: green, bar a trace of filter support at the edges.
     green = torch.tensor([0.0, 1.0, 0.0]).view(3, 1, 1)
     assert torch.allclose(image[:, :, 1:-1], green, atol=0.02)
     assert torch.allclose(image, green, atol=0.1)
-    colour = dataset[dataset.files.index("a/img01.png")]["image"][:, 5, 5]
+    colour = item("a/img01.png")["image"][:, 5, 5]
     assert torch.allclose(colour, torch.tensor([20, 100, 190]) / 255, atol=1e-6)
 
 
 def test_test_masks_are_fixed_per_index_and_train_masks_per_epoch(face_dir):
     test = FaceFolder(face_dir, RESOLUTION, "test", test_size=4, seed=1)
     rebuilt = FaceFolder(face_dir, RESOLUTION, "test", test_size=4, seed=1)
-    masks = [test[i]["hole_mask"] for i in range(4)]
+    masks = [test[i]["hole_mask"] for i in range(len(test))]
     rebuilt.set_epoch(5)
     assert all(torch.equal(m, rebuilt[i]["hole_mask"]) for i, m in enumerate(masks))
     assert any(not torch.equal(masks[0], m) for m in masks[1:])
@@ -194,10 +238,10 @@ def test_cache_is_reused_without_decoding_sources(face_dir, tmp_path, monkeypatc
 
 
 def test_cache_inside_the_dataset_folder_is_not_scanned(face_dir):
-    FaceFolder(face_dir, RESOLUTION, "train", test_size=2, cache_dir=face_dir / "cache")
-    assert not any(name.startswith("cache/") for name in find_images(face_dir, exclude=[face_dir / "cache"]))
+    first = FaceFolder(face_dir, RESOLUTION, "train", test_size=2, cache_dir=face_dir / "cache")
+    assert not any(name.startswith("cache/") for name in find_images(face_dir))
     again = FaceFolder(face_dir, RESOLUTION, "train", test_size=2, cache_dir=face_dir / "cache")
-    assert len(again) == 11
+    assert again.files == first.files
 
 
 def test_missing_or_empty_folders_raise_clear_errors(tmp_path):
@@ -243,3 +287,36 @@ def test_dataset_pickles_for_spawned_workers(face_dir, monkeypatch):
     again = clone[0]
     for key in ("image", "hole_mask", "boxes"):
         assert torch.equal(first[key], again[key])
+
+
+def test_flip_mirrors_half_the_training_images_with_their_boxes_and_never_the_test_split(face_dir):
+    from oracleface.boxes import mirror_boxes
+
+    landmarks_file = face_dir.parent / "landmarks.json"
+    points = canonical_landmarks(1).copy()
+    points[:, 0] = points[:, 0] * 0.6  # a face off to the left: its boxes are not symmetric
+    landmarks._write_landmark_cache(landmarks_file, "dlib", {name: points for name in find_images(face_dir)},
+                                    set(), set())
+    plain = FaceFolder(face_dir, 64, "train", test_size=2, landmarks=landmarks_file)
+    flipping = FaceFolder(face_dir, 64, "train", test_size=2, landmarks=landmarks_file, flip=True)
+    flipped = [flipping.flipped(i) for i in range(len(flipping))]
+    assert 0 < sum(flipped) < len(flipped)
+    for index, is_flipped in enumerate(flipped):
+        a, b = plain[index], flipping[index]
+        assert torch.equal(a["hole_mask"], b["hole_mask"])
+        if is_flipped:
+            assert torch.equal(b["image"], a["image"].flip(-1))
+            assert torch.equal(b["boxes"], mirror_boxes(a["boxes"], 64))
+        else:
+            assert torch.equal(b["image"], a["image"]) and torch.equal(b["boxes"], a["boxes"])
+    boxes = plain[0]["boxes"]
+    mirrored = mirror_boxes(boxes, 64)
+    left, right = COMPONENTS.index("left_eye"), COMPONENTS.index("right_eye")
+    assert mirrored[left].tolist() == [64 - boxes[right, 2], boxes[right, 1], 64 - boxes[right, 0], boxes[right, 3]]
+    assert torch.equal(mirror_boxes(mirrored, 64), boxes)
+    flipping.set_epoch(1)  # another epoch, other flips; the same epoch, the same flips
+    assert [flipping.flipped(i) for i in range(len(flipping))] != flipped
+    flipping.set_epoch(0)
+    assert [flipping.flipped(i) for i in range(len(flipping))] == flipped
+    test = FaceFolder(face_dir, 64, "test", test_size=2, flip=True)
+    assert not any(test.flipped(i) for i in range(len(test)))

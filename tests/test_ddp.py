@@ -34,3 +34,72 @@ def test_two_process_training_on_the_cpu(tmp_path):
     assert (state["epoch"], state["batch_in_epoch"]) == (1, 0)  # 8 images / (2 ranks × 2) = 2 batches
     assert len(list((run / "tensorboard").iterdir())) == 1  # rank 0 logs alone
     assert (run / "samples" / "step_00000002.png").is_file()
+
+
+def _one_training_step(rank: int, world_size: int, port: int, sync_bn: bool, out: str) -> None:
+    """One ``training_step`` of a narrow model on this process's slice of a fixed global
+    batch of 4; rank 0 saves the resulting state. SGD(lr=1): the parameter change is the
+    gradient itself (RMSprop's first step is ≈ lr·sign(g), which hides small differences)."""
+    import torch.distributed as dist
+
+    from oracleface.landmarks import boxes_tensor, canonical_landmarks, component_boxes
+    from oracleface.losses import LossWeights
+    from oracleface.masks import random_rectangle_mask
+    from oracleface.step import OracleFaceModel, all_reduce_gradients
+    from oracleface.sync_batchnorm import synchronise_batchnorm
+    from oracleface.trainer import ZeroPerceptual
+
+    torch.set_num_threads(1)
+    if world_size > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world_size)
+    generator = torch.Generator().manual_seed(0)
+    boxes = boxes_tensor(component_boxes(canonical_landmarks(256), 256))
+    batch = {"image": torch.rand(4, 3, 256, 256, generator=generator),
+             "hole_mask": torch.stack([random_rectangle_mask(256, generator) for _ in range(4)]),
+             "boxes": torch.stack([boxes] * 4)}
+    local = {name: value.chunk(world_size)[rank] for name, value in batch.items()}
+    torch.manual_seed(0)
+    # γ = 0: the gradient penalty's random interpolation (drawn per process) has no effect.
+    model = OracleFaceModel(256, attention="none", width=0.125, perceptual=ZeroPerceptual(),
+                            weights=LossWeights(gradient_penalty=0.0))
+    if world_size > 1 and sync_bn:
+        synchronise_batchnorm(model.generator, torch.device("cpu"))
+    g_optimizer = torch.optim.SGD(model.generator.parameters(), lr=1.0)
+    d_optimizer = torch.optim.SGD(model.discriminator.parameters(), lr=1.0)
+    model.training_step(local, g_optimizer, d_optimizer,
+                        gradient_sync=all_reduce_gradients if world_size > 1 else None)
+    if rank == 0:
+        torch.save(model.state_dict(), out)
+    if world_size > 1:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_with_synchronised_batchnorm_step_like_one_process(tmp_path):
+    """The global batch of 4 as 2 gloo processes × 2 samples gives the parameters (and
+    BatchNorm running statistics) of one process on all 4, to float32 rounding
+    (atol 2e-5, rtol 1e-4 on SGD(lr=1) steps); per-process BatchNorm does not."""
+    import torch.multiprocessing as mp
+
+    _one_training_step(0, 1, 0, True, str(tmp_path / "one.pt"))
+    for sync_bn in (True, False):
+        mp.spawn(_one_training_step, args=(2, _free_port(), sync_bn, str(tmp_path / f"two_{sync_bn}.pt")),
+                 nprocs=2)
+    one = torch.load(tmp_path / "one.pt", weights_only=True)
+    synchronised = torch.load(tmp_path / "two_True.pt", weights_only=True)
+    per_process = torch.load(tmp_path / "two_False.pt", weights_only=True)
+    assert one.keys() == synchronised.keys()
+    for name in one:
+        torch.testing.assert_close(synchronised[name], one[name], atol=2e-5, rtol=1e-4, msg=name)
+    differing = [name for name in one if name.startswith("generator.")
+                 and not torch.allclose(per_process[name].float(), one[name].float(), atol=2e-5, rtol=1e-4)]
+    assert any("running_mean" in name for name in differing) and any(name.endswith("weight") for name in differing)

@@ -70,6 +70,37 @@ def test_kl_is_zero_for_equal_maps_and_matches_a_hand_computation():
     assert loss.item() == pytest.approx(float(expected), rel=1e-5)
 
 
+@pytest.mark.parametrize("gap", [20.0, 40.0, 80.0])
+def test_kl_gradient_is_the_analytic_one_for_confidently_wrong_predictions(gap):
+    """∂L/∂s = (E − E_gt)/pairs per valid score: the prediction puts a logit ``gap`` on the
+    key the oracle does not attend to (at 40, E on the oracle's key is ≈ 4e-18)."""
+    hole = torch.tensor([[[[1.0, 1.0], [0.0, 0.0]]], [[[1.0, 0.0], [0.0, 0.0]]]])
+    fg = dsa_ops.reduce_hole_mask(hole, (2, 2))
+    generator = torch.Generator().manual_seed(0)
+    oracle_logits = {name: torch.randn(2, 4, 4, generator=generator, dtype=torch.float64).float() * 0.1
+                     for name in ("cross", "self")}
+    predicted_logits = {name: torch.zeros(2, 4, 4) for name in ("cross", "self")}
+    keys = {"cross": ~fg, "self": fg}
+    for name, key_mask in keys.items():
+        for b in range(2):
+            valid = key_mask[b].nonzero().flatten()
+            oracle_logits[name][b, :, valid[0]] += 10.0      # the oracle looks at its first key,
+            predicted_logits[name][b, :, valid[-1]] += gap  # the prediction confidently elsewhere
+    for logits in predicted_logits.values():
+        logits.requires_grad_(True)
+    predicted = {12: {name: _maps(predicted_logits[name], fg, keys[name]) for name in keys}}
+    oracle = {12: {name: _maps(oracle_logits[name], fg, keys[name]) for name in keys}}
+    loss = attention_kl_loss(predicted, oracle, hole)
+    loss.backward()
+    assert torch.isfinite(loss)
+    for name in keys:
+        e, e_gt = predicted[12][name].detach(), oracle[12][name]
+        pairs = (fg.sum(1) * keys[name].sum(1)).sum()
+        assert (e[e_gt > 0.5] < 1e-8).any()  # (a sample with one key has nowhere else to look)
+        expected = (e - e_gt) / pairs  # zero outside the valid query×key pairs
+        torch.testing.assert_close(predicted_logits[name].grad, expected, rtol=1e-5, atol=1e-9)
+
+
 def test_kl_never_nan_for_rows_without_keys_or_underflow():
     hole = torch.ones(1, 1, 2, 2)  # every pixel is a hole: the cross branch has no keys
     a = _layer_maps(torch.randn(1, 4, 4), torch.randn(1, 4, 4), hole)

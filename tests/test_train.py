@@ -55,11 +55,14 @@ def test_run_folder_holds_config_checkpoints_events_and_samples(straight_run):
 
 
 @pytest.mark.slow
-def test_resume_replays_the_uninterrupted_run(faces, straight_run, tmp_path):
+def test_resume_replays_the_uninterrupted_run(faces, straight_run, tmp_path, capsys):
     run = tmp_path / "interrupted"
     common = ["--data", str(faces), "--out", str(run), "--sample-every", "100", *FAST, *CHEAP]
-    assert main(["train", *common, "--steps", "2"]) == 0
+    assert main(["train", *common, "--steps", "2", "--resume", "if-any"]) == 0
+    assert "nothing to resume in" in capsys.readouterr().out  # if-any: a fresh run, said so
     assert main(["train", *common, "--steps", "4", "--resume"]) == 0
+    latest = run / "checkpoints" / "latest.pt"
+    assert f"resuming from step 2 (epoch 1) — {latest}" in capsys.readouterr().out
     straight = {tag: scalars(straight_run, tag) for tag in ("generator/g_total", "discriminator/d_total")}
     resumed = {tag: scalars(run, tag) for tag in straight}
     for tag in straight:
@@ -87,8 +90,9 @@ def test_eval_prints_every_metric_and_repeats_exactly(faces, straight_run, tmp_p
     first, second = outputs
     assert first == second and first["images"] == 1
     assert 0 < first["l1_percent"] < 100 and first["psnr"] > 0 and -1 <= first["ssim"] <= 1
+    assert first["lpips_net"] == "alex" and "LPIPS-alex" in table
     if first["lpips"] is None:
-        assert "n/a" in table and "vgg16-397923af.pth" in first["lpips_unavailable"]
+        assert "n/a" in table and "alexnet-owt-7be5be79.pth" in first["lpips_unavailable"]
 
 
 @pytest.mark.slow
@@ -131,7 +135,7 @@ def test_oracle_pass_stops_at_the_last_supervised_layer():
     from oracleface.landmarks import boxes_tensor, canonical_landmarks, component_boxes
     from oracleface.masks import center_mask
     from oracleface.step import OracleFaceModel
-    from oracleface.train import ZeroPerceptual
+    from oracleface.trainer import ZeroPerceptual
 
     torch.manual_seed(0)
     model = OracleFaceModel(256, dsa_backend="reference", width=0.125, perceptual=ZeroPerceptual())
