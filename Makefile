@@ -2,11 +2,12 @@
 #   make test    install, build the CUDA extension when nvcc is there, run the test suite
 #   make bench   install, build, run the benchmarks on their default configurations
 #   make gpu-check  on a GPU machine: build, GPU tests, compute-sanitizer, benchmarks (benchmarks/gpu_check.sh)
+#   make emulate-sanitize  the CUDA kernels' host emulation under ASan+UBSan and TSan (before any kernel change lands)
 PYTHON ?= python3
 TORCH_VERSION ?= 2.14.1
 PIP := $(PYTHON) -m pip install --disable-pip-version-check -q
 
-.PHONY: install test bench gpu-check
+.PHONY: install test bench gpu-check emulate-sanitize
 install:
 	$(PIP) "torch==$(TORCH_VERSION)" ninja pybind11 setuptools wheel
 	$(PIP) --no-build-isolation -e ".[test,dlib]"
@@ -14,6 +15,7 @@ install:
 
 test: install
 	$(PYTHON) -m pytest tests/ -q
+	DSA_OPS_CUDA_EMULATE=1 $(PYTHON) -m pytest tests/test_backends.py tests/test_cuda_backend.py tests/test_cuda_emulation.py -q -k cuda
 	$(PYTHON) -m pytest benchmarks/ -q --benchmark-disable
 
 bench: install
@@ -21,3 +23,6 @@ bench: install
 
 gpu-check:
 	bash benchmarks/gpu_check.sh
+
+emulate-sanitize:
+	$(PYTHON) tests/emulation/harness.py --sanitize

@@ -53,8 +53,11 @@ def _extension_build():
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
 
-    sources = sorted(glob.glob("csrc/**/*.cu", recursive=True) +
-                     glob.glob("csrc/**/*.cpp", recursive=True))
+    # csrc/emulation/ is the host emulation of the kernels (dsa_ops/extension.py builds it on
+    # demand); the CUDA extension never contains it.
+    sources = sorted(path for path in glob.glob("csrc/**/*.cu", recursive=True) +
+                     glob.glob("csrc/**/*.cpp", recursive=True)
+                     if not path.startswith(os.path.join("csrc", "emulation", "")))
     # Some toolkits lack the cuBLAS headers that ATen's CUDA headers pull in; the pip
     # wheels of the CUDA libraries carry them. -idirafter: they only fill gaps and never
     # shadow the toolkit's own runtime headers. Only host code may need them: kernels

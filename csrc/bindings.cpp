@@ -1,14 +1,14 @@
 // CUDA implementations of the ops whose schemas dsa_ops/ops.py defines. Each binding
 // checks what its kernel assumes, allocates outputs and launches on the current stream.
+// Built twice: by nvcc's toolchain for the CUDA dispatch key, and with the host emulation
+// of the kernels for the CPU dispatch key (kernel_device.h says which).
 #include <limits>
 #include <utility>
 
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 #include <torch/types.h>
 
+#include "kernel_device.h"
 #include "masked_attention/launch.cuh"
 #include "partition.cuh"
 
@@ -16,19 +16,20 @@ namespace dsa_ops {
 namespace {
 
 std::tuple<at::Tensor, at::Tensor> partition_indices_cuda(const at::Tensor& mask) {
-  TORCH_CHECK(mask.is_cuda(), "partition_indices: mask must be a CUDA tensor, got ", mask.device());
+  TORCH_CHECK(on_kernel_device(mask), "partition_indices: mask must be ", kKernelTensors, ", got ",
+              mask.device());
   TORCH_CHECK(mask.scalar_type() == at::kBool, "partition_indices: mask must be bool, got ",
               mask.scalar_type());
   TORCH_CHECK(mask.dim() == 2, "partition_indices: mask must have shape (B, L), got ", mask.sizes());
   TORCH_CHECK(mask.size(1) <= std::numeric_limits<int32_t>::max(),
               "partition_indices: L must fit in int32, got ", mask.size(1));
-  const c10::cuda::CUDAGuard guard(mask.device());
-  auto index = at::empty(mask.sizes(), mask.options().dtype(at::kInt));
-  auto count = at::empty({mask.size(0)}, mask.options().dtype(at::kInt));
-  launch_partition_indices(mask.data_ptr<bool>(), mask.stride(0), mask.stride(1),
-                           index.data_ptr<int32_t>(), count.data_ptr<int32_t>(), mask.size(0),
-                           mask.size(1), c10::cuda::getCurrentCUDAStream());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const KernelDeviceGuard guard(mask.device());
+  auto index = kernel_output(at::empty(mask.sizes(), mask.options().dtype(at::kInt)));
+  auto count = kernel_output(at::empty({mask.size(0)}, mask.options().dtype(at::kInt)));
+  check_launch(launch_partition_indices(mask.data_ptr<bool>(), mask.stride(0), mask.stride(1),
+                                        index.data_ptr<int32_t>(), count.data_ptr<int32_t>(),
+                                        mask.size(0), mask.size(1), kernel_stream()),
+               "partition_indices");
   return {index, count};
 }
 
@@ -75,7 +76,8 @@ struct AttentionShape {
 AttentionShape check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k,
                          const at::Tensor& v, const char* q_name = "q", const char* k_name = "k",
                          const char* v_name = "v") {
-  TORCH_CHECK(q.is_cuda(), op, ": ", q_name, " must be a CUDA tensor, got ", q.device());
+  TORCH_CHECK(on_kernel_device(q), op, ": ", q_name, " must be ", kKernelTensors, ", got ",
+              q.device());
   TORCH_CHECK(q.dim() == 3, op, ": ", q_name, " must have shape (B, L, Dqk), got ", q.sizes());
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kHalf ||
                   q.scalar_type() == at::kBFloat16,
@@ -144,8 +146,9 @@ struct ForwardTensors {
   at::Tensor q, k, v, out, lse;
   ForwardTensors(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_)
       : q(with_unit_last_stride(q_)), k(with_unit_last_stride(k_)), v(with_unit_last_stride(v_)),
-        out(at::empty(v_.sizes(), v_.options().memory_format(at::MemoryFormat::Contiguous))),
-        lse(at::empty({q_.size(0), q_.size(1)}, q_.options().dtype(at::kFloat))) {}
+        out(kernel_output(
+            at::empty(v_.sizes(), v_.options().memory_format(at::MemoryFormat::Contiguous)))),
+        lse(kernel_output(at::empty({q_.size(0), q_.size(1)}, q_.options().dtype(at::kFloat)))) {}
 
   ma::ForwardBranch branch(ma::RowSetArg queries, ma::RowSetArg keys) {
     ma::ForwardBranch b;
@@ -167,10 +170,13 @@ struct BackwardTensors {
       : grad_out(with_unit_last_stride(grad_out_)), q(with_unit_last_stride(q_)),
         k(with_unit_last_stride(k_)), v(with_unit_last_stride(v_)),
         out(with_unit_last_stride(out_)), lse(lse_.contiguous()),
-        grad_q(at::empty(q_.sizes(), q_.options().memory_format(at::MemoryFormat::Contiguous))),
-        grad_k(at::empty(k_.sizes(), k_.options().memory_format(at::MemoryFormat::Contiguous))),
-        grad_v(at::empty(v_.sizes(), v_.options().memory_format(at::MemoryFormat::Contiguous))),
-        delta(at::empty({q_.size(0), q_.size(1)}, q_.options().dtype(at::kFloat))) {}
+        grad_q(kernel_output(
+            at::empty(q_.sizes(), q_.options().memory_format(at::MemoryFormat::Contiguous)))),
+        grad_k(kernel_output(
+            at::empty(k_.sizes(), k_.options().memory_format(at::MemoryFormat::Contiguous)))),
+        grad_v(kernel_output(
+            at::empty(v_.sizes(), v_.options().memory_format(at::MemoryFormat::Contiguous)))),
+        delta(kernel_output(at::empty({q_.size(0), q_.size(1)}, q_.options().dtype(at::kFloat)))) {}
 
   ma::BackwardBranch branch(ma::RowSetArg queries, ma::RowSetArg keys) {
     ma::BackwardBranch b;
@@ -207,13 +213,13 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_fwd_cuda(
   const AttentionShape shape = check_qkv(op, q, k, v);
   check_mask(op, "query_mask", query_mask, q);
   check_mask(op, "key_mask", key_mask, q);
-  const c10::cuda::CUDAGuard guard(q.device());
+  const KernelDeviceGuard guard(q.device());
   const Partition queries = partition_of(query_mask), keys = partition_of(key_mask);
   ForwardTensors tensors(q, k, v);
   ma::ForwardLaunch launch;
   fill_sizes(launch, shape, q, scale);
   launch.branch[0] = tensors.branch(queries.set(false), keys.set(false));
-  C10_CUDA_CHECK(ma::launch_forward(launch, c10::cuda::getCurrentCUDAStream()));
+  check_launch(ma::launch_forward(launch, kernel_stream()), op);
   return {tensors.out, tensors.lse};
 }
 
@@ -228,13 +234,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_bwd_cuda(
   check_lse(op, "lse", lse, q);
   check_mask(op, "query_mask", query_mask, q);
   check_mask(op, "key_mask", key_mask, q);
-  const c10::cuda::CUDAGuard guard(q.device());
+  const KernelDeviceGuard guard(q.device());
   const Partition queries = partition_of(query_mask), keys = partition_of(key_mask);
   BackwardTensors tensors(grad_out, q, k, v, out, lse);
   ma::BackwardLaunch launch;
   fill_sizes(launch, shape, q, scale);
   launch.branch[0] = tensors.branch(queries.set(false), keys.set(false));
-  C10_CUDA_CHECK(ma::launch_backward(launch, c10::cuda::getCurrentCUDAStream()));
+  check_launch(ma::launch_backward(launch, kernel_stream()), op);
   return {tensors.grad_q, tensors.grad_k, tensors.grad_v};
 }
 
@@ -263,7 +269,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_masked_attention
   constexpr const char* op = "dual_masked_attention_fwd_cuda";
   const AttentionShape shape =
       check_dual(op, q_cross, k_cross, v_cross, q_self, k_self, v_self, foreground);
-  const c10::cuda::CUDAGuard guard(q_cross.device());
+  const KernelDeviceGuard guard(q_cross.device());
   const Partition fg = partition_of(foreground);
   ForwardTensors cross(q_cross, k_cross, v_cross), self(q_self, k_self, v_self);
   ma::ForwardLaunch launch;
@@ -271,7 +277,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_masked_attention
   launch.branches = 2;
   launch.branch[0] = cross.branch(fg.set(false), fg.set(true));
   launch.branch[1] = self.branch(fg.set(false), fg.set(false));
-  C10_CUDA_CHECK(ma::launch_forward(launch, c10::cuda::getCurrentCUDAStream()));
+  check_launch(ma::launch_forward(launch, kernel_stream()), op);
   return {cross.out, cross.lse, self.out, self.lse};
 }
 
@@ -292,7 +298,7 @@ dual_masked_attention_bwd_cuda(const at::Tensor& grad_out_cross, const at::Tenso
   check_like(op, "out_self", out_self, v_self, "v_self");
   check_lse(op, "lse_cross", lse_cross, q_cross);
   check_lse(op, "lse_self", lse_self, q_self);
-  const c10::cuda::CUDAGuard guard(q_cross.device());
+  const KernelDeviceGuard guard(q_cross.device());
   const Partition fg = partition_of(foreground);
   BackwardTensors cross(grad_out_cross, q_cross, k_cross, v_cross, out_cross, lse_cross);
   BackwardTensors self(grad_out_self, q_self, k_self, v_self, out_self, lse_self);
@@ -301,13 +307,13 @@ dual_masked_attention_bwd_cuda(const at::Tensor& grad_out_cross, const at::Tenso
   launch.branches = 2;
   launch.branch[0] = cross.branch(fg.set(false), fg.set(true));
   launch.branch[1] = self.branch(fg.set(false), fg.set(false));
-  C10_CUDA_CHECK(ma::launch_backward(launch, c10::cuda::getCurrentCUDAStream()));
+  check_launch(ma::launch_backward(launch, kernel_stream()), op);
   return {cross.grad_q, cross.grad_k, cross.grad_v, self.grad_q, self.grad_k, self.grad_v};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dsa_ops, CUDA, m) {
+TORCH_LIBRARY_IMPL(dsa_ops, DSA_OPS_KERNEL_DISPATCH_KEY, m) {
   m.impl("partition_indices", &partition_indices_cuda);
   m.impl("masked_attention_fwd_cuda", &masked_attention_fwd_cuda);
   m.impl("masked_attention_bwd_cuda", &masked_attention_bwd_cuda);

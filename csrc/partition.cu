@@ -4,6 +4,8 @@
 // ballots, so the order of positions within each part is kept (a stable partition).
 #include "partition.cuh"
 
+#include "device/primitives.cuh"
+
 namespace dsa_ops {
 namespace {
 
@@ -14,7 +16,7 @@ constexpr int kThreads = kWarps * kWarpSize;
 __global__ void partition_indices_kernel(const bool* __restrict__ mask, int64_t row_stride,
                                          int64_t col_stride, int32_t* __restrict__ index,
                                          int32_t* __restrict__ count, int64_t length) {
-  __shared__ int32_t warp_true[kWarps];
+  DSA_STATIC_SHARED_ARRAY(int32_t, warp_true, kWarps);
   const int64_t row = blockIdx.x;
   const int warp = threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
@@ -31,10 +33,10 @@ __global__ void partition_indices_kernel(const bool* __restrict__ mask, int64_t 
   for (int64_t base = begin; base < end; base += kWarpSize) {
     const int64_t pos = base + lane;
     const bool flag = pos < end && row_mask[pos * col_stride];
-    trues += __popc(__ballot_sync(0xffffffffu, flag));
+    trues += device::popcount(device::ballot(flag));
   }
   if (lane == 0) warp_true[warp] = trues;
-  __syncthreads();
+  device::block_barrier();
 
   int32_t true_before = 0, total_true = 0;
   for (int w = 0; w < kWarps; ++w) {
@@ -49,27 +51,27 @@ __global__ void partition_indices_kernel(const bool* __restrict__ mask, int64_t 
     const int64_t pos = base + lane;
     const bool in_range = pos < end;
     const bool flag = in_range && row_mask[pos * col_stride];
-    const unsigned true_ballot = __ballot_sync(0xffffffffu, flag);
-    const unsigned false_ballot = __ballot_sync(0xffffffffu, in_range && !flag);
+    const unsigned true_ballot = device::ballot(flag);
+    const unsigned false_ballot = device::ballot(in_range && !flag);
     if (in_range) {
-      const int32_t slot = flag ? next_true + __popc(true_ballot & lanes_below)
-                                : next_false + __popc(false_ballot & lanes_below);
+      const int32_t slot = flag ? next_true + device::popcount(true_ballot & lanes_below)
+                                : next_false + device::popcount(false_ballot & lanes_below);
       row_index[slot] = static_cast<int32_t>(pos);
     }
-    next_true += __popc(true_ballot);
-    next_false += __popc(false_ballot);
+    next_true += device::popcount(true_ballot);
+    next_false += device::popcount(false_ballot);
   }
   if (threadIdx.x == 0) count[row] = total_true;
 }
 
 }  // namespace
 
-void launch_partition_indices(const bool* mask, int64_t mask_row_stride, int64_t mask_col_stride,
-                              int32_t* index, int32_t* count, int64_t batch, int64_t length,
-                              cudaStream_t stream) {
-  if (batch == 0) return;
-  partition_indices_kernel<<<static_cast<unsigned>(batch), kThreads, 0, stream>>>(
-      mask, mask_row_stride, mask_col_stride, index, count, length);
+cudaError_t launch_partition_indices(const bool* mask, int64_t mask_row_stride,
+                                     int64_t mask_col_stride, int32_t* index, int32_t* count,
+                                     int64_t batch, int64_t length, cudaStream_t stream) {
+  if (batch == 0) return cudaSuccess;
+  return device::launch(partition_indices_kernel, dim3(static_cast<unsigned>(batch)), kThreads, 0,
+                        stream, mask, mask_row_stride, mask_col_stride, index, count, length);
 }
 
 }  // namespace dsa_ops

@@ -11,8 +11,9 @@ namespace dsa_ops {
 // index: (batch, length) int32, contiguous: the true positions of each row in
 //        increasing order, then the false positions in increasing order.
 // count: (batch,) int32: the number of true positions per row.
-void launch_partition_indices(const bool* mask, int64_t mask_row_stride, int64_t mask_col_stride,
-                              int32_t* index, int32_t* count, int64_t batch, int64_t length,
-                              cudaStream_t stream);
+// Returns the launch's CUDA error (cudaSuccess otherwise).
+cudaError_t launch_partition_indices(const bool* mask, int64_t mask_row_stride,
+                                     int64_t mask_col_stride, int32_t* index, int32_t* count,
+                                     int64_t batch, int64_t length, cudaStream_t stream);
 
 }  // namespace dsa_ops

@@ -1,11 +1,18 @@
-"""Finding and loading the compiled CUDA library ``dsa_ops._C``.
+"""Finding and loading the compiled CUDA library ``dsa_ops._C``, and its host emulation.
 
 The library registers kernels only (``TORCH_LIBRARY_IMPL``): the op schemas live in
 ``dsa_ops.ops``, so the package works without it. It has no ``PyInit`` and is loaded
 with ``torch.ops.load_library``.
+
+With ``DSA_OPS_CUDA_EMULATE=1`` in the environment when ``dsa_ops`` is imported, the same
+kernels and bindings are also compiled by the host C++ compiler against
+``csrc/emulation/`` (JIT, cached by ``torch.utils.cpp_extension`` under
+``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) and registered for the
+CPU dispatch key: ``backend="cuda"`` then runs them on CPU tensors.
 """
 from __future__ import annotations
 
+import glob
 import importlib.machinery
 import os
 import pathlib
@@ -61,3 +68,85 @@ def load_error() -> str | None:
 def loaded_path() -> str | None:
     load()
     return _LOADED_PATH
+
+
+# ----------------------------------------------------------------------------- host emulation
+EMULATE_VARIABLE = "DSA_OPS_CUDA_EMULATE"
+_CSRC = pathlib.Path(__file__).resolve().parents[1] / "csrc"
+_EMULATION_REQUESTED = os.environ.get(EMULATE_VARIABLE) == "1"  # read once, at import
+_EMULATION_LOADED = False
+_EMULATION_ERROR: str | None = None
+
+
+def emulation_requested() -> bool:
+    return _EMULATION_REQUESTED
+
+
+def cuda_include_dir() -> str | None:
+    """A directory with the CUDA toolkit headers (for ``__half``, ``__nv_bfloat16``, ``dim3``,
+    ``cudaError_t``): ``$CUDA_HOME``, ``/usr/local/cuda`` or the pip wheel torch depends on."""
+    candidates = [os.path.join(home, "include") for home in (os.environ.get("CUDA_HOME"),
+                                                            "/usr/local/cuda") if home]
+    candidates += sorted(glob.glob(os.path.join(os.path.dirname(torch.__file__), "..", "nvidia",
+                                                "cu*", "include")))
+    for directory in candidates:
+        if os.path.isfile(os.path.join(directory, "cuda_fp16.h")):
+            return os.path.abspath(directory)
+    return None
+
+
+def emulation_sources(build_directory: pathlib.Path) -> list[str]:
+    """The bindings, the emulation runtime, and one C++ wrapper per kernel file of csrc/
+    (the JIT builder sends ``.cu`` files to nvcc; these must go to the host compiler)."""
+    build_directory.mkdir(parents=True, exist_ok=True)
+    sources = [str(_CSRC / "bindings.cpp"), str(_CSRC / "emulation" / "emulation.cpp")]
+    for kernel in sorted(_CSRC.glob("**/*.cu")):
+        stem = "_".join(kernel.relative_to(_CSRC).with_suffix("").parts)
+        wrapper = build_directory / f"kernel_{stem}.cpp"
+        text = f'#include "{kernel}"\n'
+        if not wrapper.is_file() or wrapper.read_text() != text:
+            wrapper.write_text(text)
+        sources.append(str(wrapper))
+    return sources
+
+
+def emulation_flags(include_dir: str) -> list[str]:
+    # Hidden visibility: the kernels' launchers bind within this library even when the CUDA
+    # build dsa_ops._C, which has the same symbols, is loaded in the same process.
+    return ["-std=c++20", "-O2", "-fvisibility=hidden", "-DDSA_OPS_HOST_EMULATION",
+            "-Wno-unknown-pragmas", f"-I{_CSRC}", f"-I{include_dir}"]
+
+
+def load_emulation() -> None:
+    """Build (first time, about a minute) and load the emulated kernels; remember why not."""
+    global _EMULATION_LOADED, _EMULATION_ERROR
+    if _EMULATION_LOADED or _EMULATION_ERROR is not None:
+        return
+    include_dir = cuda_include_dir()
+    if include_dir is None:
+        _EMULATION_ERROR = ("the emulated CUDA kernels need the CUDA headers (cuda_fp16.h): set "
+                            "CUDA_HOME to a CUDA toolkit")
+        return
+    from torch.utils import cpp_extension
+
+    name = "dsa_ops_cuda_emulation"
+    build_directory = pathlib.Path(cpp_extension._get_build_directory(name, verbose=False))
+    try:
+        # Loads the library too (torch.ops.load_library).
+        cpp_extension.load(name=name, sources=emulation_sources(build_directory),
+                           extra_cflags=emulation_flags(include_dir),
+                           build_directory=str(build_directory), with_cuda=False,
+                           is_python_module=False, verbose=False)
+    except (RuntimeError, OSError) as error:
+        _EMULATION_ERROR = f"building the emulated CUDA kernels failed: {error}"
+        return
+    _EMULATION_LOADED = True
+
+
+def emulation_error() -> str | None:
+    """Why ``backend="cuda"`` cannot run on CPU tensors, or None when it can."""
+    if not emulation_requested():
+        return (f"the CUDA kernels need CUDA tensors (or {EMULATE_VARIABLE}=1 before importing "
+                f"dsa_ops, for their host emulation on CPU tensors)")
+    load_emulation()
+    return _EMULATION_ERROR

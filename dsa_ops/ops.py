@@ -109,6 +109,8 @@ for _name, _schema in zip(_op_names("cuda"), (_FWD_SCHEMA, _BWD_SCHEMA)):
     _lib.define(_name + _schema)
 _register_meta_and_autograd("cuda")
 extension.load()
+if extension.emulation_requested():
+    extension.load_emulation()
 
 
 def _triton_import_error() -> Optional[str]:
@@ -175,6 +177,8 @@ def _triton_unavailable(device: torch.device) -> Optional[str]:
 
 
 def _cuda_unavailable(device: torch.device) -> Optional[str]:
+    if device.type == "cpu" and extension.emulation_requested():
+        return extension.emulation_error()  # DSA_OPS_CUDA_EMULATE=1: the kernels' host emulation
     if extension.load_error() is not None:
         return extension.load_error()
     if device.type != "cuda":

@@ -33,7 +33,7 @@ struct BackwardSmem {
   // P or dS strip of every warp, the A operand of the last product.
   static constexpr int kS = kColV + kBlockCols * kVPitch;
   static constexpr int kElements = kS + kBlockRows * kSPitch;
-  // Per-column log-sum-exp (log2 domain) and Δ of the streamed query tile (key side).
+  // Per-column log-sum-exp and Δ of the streamed query tile (key side).
   static constexpr int kBytes =
       kElements * static_cast<int>(sizeof(T)) + 2 * kBlockCols * static_cast<int>(sizeof(float));
 };
@@ -60,7 +60,7 @@ __global__ void __launch_bounds__(kThreads) delta_kernel(const __grid_constant__
     sum = fmaf(Traits::to_float(grad_out[c]), Traits::to_float(out[c]), sum);
   }
 #pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+  for (int offset = 16; offset > 0; offset /= 2) sum += device::shfl_xor(sum, offset);
   if (lane == 0) branch.delta[static_cast<int64_t>(sample) * launch.length + slot] = sum;
 }
 
@@ -92,7 +92,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const __grid_constant__ Ba
   using Smem = BackwardSmem<T, D>;
   constexpr int kScoreTiles = kBlockCols / 8;
   constexpr int kGradTiles = D / 8;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  DSA_DYNAMIC_SHARED_MEMORY(smem_raw);
   T* const smem = reinterpret_cast<T*>(smem_raw);
   T* const q_s = smem + Smem::kRowQk;
   T* const k_s = smem + Smem::kColQk;
@@ -120,17 +120,15 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const __grid_constant__ Ba
 
   const int warp = threadIdx.x / 32;
   const LaneCoords lane;
-  const float scale_log2 = launch.scale * kLog2e;
   const int warp_slot0 = slot0 + warp * kWarpRows;
   // Rows outside the set get lse = +inf, hence P = 0 and no contribution.
-  float lse_log2[2], delta[2];
+  float row_lse[2], delta[2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int slot = warp_slot0 + lane.g + 8 * i;
     const bool inside = slot < queries.size;
-    lse_log2[i] = inside ? branch.lse[static_cast<int64_t>(sample) * length +
-                                      queries.position(slot)] * kLog2e
-                         : INFINITY;
+    row_lse[i] = inside ? branch.lse[static_cast<int64_t>(sample) * length + queries.position(slot)]
+                        : INFINITY;
     delta[i] = inside ? branch.delta[static_cast<int64_t>(sample) * length + slot] : 0.f;
   }
   const T* const q_warp = q_s + warp * kWarpRows * Smem::kQkPitch;
@@ -143,10 +141,10 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const __grid_constant__ Ba
   zero_fill(acc);
   for (int key0 = 0; key0 < keys.size; key0 += kBlockCols) {
     const int key_cols = min(kBlockCols, keys.size - key0);
-    __syncthreads();
+    device::block_barrier();
     load_tile<T, kBlockCols, D>(k_s, Smem::kQkPitch, k, keys, sample, key0, key_cols, 0,
                                 launch.qk_dim);
-    __syncthreads();
+    device::block_barrier();
     float p[kScoreTiles][4];
     zero_fill(p);
     warp_gemm<T, D, kScoreTiles, BLayout::kNK>(p, q_warp, Smem::kQkPitch, k_s, Smem::kQkPitch);
@@ -154,18 +152,19 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const __grid_constant__ Ba
     for (int j = 0; j < kScoreTiles; ++j) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        p[j][e] = lane.col(j, e) < key_cols ? exp2f(p[j][e] * scale_log2 - lse_log2[e / 2]) : 0.f;
+        p[j][e] = lane.col(j, e) < key_cols
+                      ? exp_difference(p[j][e] * launch.scale - row_lse[e / 2]) : 0.f;
       }
     }
     float dp[kScoreTiles][4];
     zero_fill(dp);
     for (int col0 = 0; col0 < launch.v_dim; col0 += kVChunk) {
-      __syncthreads();
+      device::block_barrier();
       load_tile<T, kBlockRows, kVChunk>(do_s, Smem::kVPitch, grad_out, queries, sample, slot0,
                                         query_rows, col0, launch.v_dim);
       load_tile<T, kBlockCols, kVChunk>(v_s, Smem::kVPitch, v, keys, sample, key0, key_cols, col0,
                                         launch.v_dim);
-      __syncthreads();
+      device::block_barrier();
       warp_gemm<T, kVChunk, kScoreTiles, BLayout::kNK>(dp, do_warp, Smem::kVPitch, v_s,
                                                        Smem::kVPitch);
     }
@@ -175,7 +174,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const __grid_constant__ Ba
       for (int e = 0; e < 4; ++e) p[j][e] *= dp[j][e] - delta[e / 2];  // now dS / scale
     }
     store_strip<T>(ds_warp, Smem::kSPitch, p);
-    __syncwarp();
+    device::warp_barrier();
     warp_gemm<T, kBlockCols, kGradTiles, BLayout::kKN>(acc, ds_warp, Smem::kSPitch, k_s,
                                                        Smem::kQkPitch);
   }
@@ -183,7 +182,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const __grid_constant__ Ba
 }
 
 // ----------------------------------------------------------------------------- key side
-// Loads the streamed query tile's log-sum-exps (log2 domain, +inf outside the set, so that
+// Loads the streamed query tile's log-sum-exps (+inf outside the set, so that
 // Pᵀ is 0 there) and Δ into shared memory.
 __device__ inline void load_query_stats(float* lse_s, float* delta_s, const BackwardBranch& branch,
                                         const SampleRowSet& queries, int sample, int length,
@@ -192,15 +191,15 @@ __device__ inline void load_query_stats(float* lse_s, float* delta_s, const Back
     const int slot = slot0 + c;
     const bool inside = slot < queries.size;
     const int64_t base = static_cast<int64_t>(sample) * length;
-    lse_s[c] = inside ? branch.lse[base + queries.position(slot)] * kLog2e : INFINITY;
+    lse_s[c] = inside ? branch.lse[base + queries.position(slot)] : INFINITY;
     delta_s[c] = inside ? branch.delta[base + slot] : 0.f;
   }
 }
 
-// Pᵀ for the warp's 16 keys × the 64 streamed queries: exp2(scale·log2e·K Qᵀ − lse).
+// Pᵀ for the warp's 16 keys × the 64 streamed queries: exp(scale·K Qᵀ − lse).
 template <typename T, int D, int NT>
 __device__ inline void transposed_probs(float (&p)[NT][4], const T* k_warp, const T* q_s,
-                                        const float* lse_s, float scale_log2) {
+                                        const float* lse_s, float scale) {
   using Smem = BackwardSmem<T, D>;
   const LaneCoords lane;
   zero_fill(p);
@@ -208,7 +207,7 @@ __device__ inline void transposed_probs(float (&p)[NT][4], const T* k_warp, cons
 #pragma unroll
   for (int j = 0; j < NT; ++j) {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) p[j][e] = exp2f(p[j][e] * scale_log2 - lse_s[lane.col(j, e)]);
+    for (int e = 0; e < 4; ++e) p[j][e] = exp_difference(p[j][e] * scale - lse_s[lane.col(j, e)]);
   }
 }
 
@@ -217,7 +216,7 @@ __global__ void __launch_bounds__(kThreads) dk_kernel(const __grid_constant__ Ba
   using Smem = BackwardSmem<T, D>;
   constexpr int kScoreTiles = kBlockCols / 8;
   constexpr int kGradTiles = D / 8;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  DSA_DYNAMIC_SHARED_MEMORY(smem_raw);
   T* const smem = reinterpret_cast<T*>(smem_raw);
   T* const k_s = smem + Smem::kRowQk;
   T* const q_s = smem + Smem::kColQk;
@@ -247,7 +246,6 @@ __global__ void __launch_bounds__(kThreads) dk_kernel(const __grid_constant__ Ba
 
   const int warp = threadIdx.x / 32;
   const LaneCoords lane;
-  const float scale_log2 = launch.scale * kLog2e;
   const T* const k_warp = k_s + warp * kWarpRows * Smem::kQkPitch;
   const T* const v_warp = v_s + warp * kWarpRows * Smem::kVPitch;
   T* const ds_warp = ds_s + warp * kWarpRows * Smem::kSPitch;
@@ -258,22 +256,22 @@ __global__ void __launch_bounds__(kThreads) dk_kernel(const __grid_constant__ Ba
   zero_fill(acc);
   for (int query0 = 0; query0 < queries.size; query0 += kBlockCols) {
     const int query_cols = min(kBlockCols, queries.size - query0);
-    __syncthreads();
+    device::block_barrier();
     load_tile<T, kBlockCols, D>(q_s, Smem::kQkPitch, q, queries, sample, query0, query_cols, 0,
                                 launch.qk_dim);
     load_query_stats(lse_s, delta_s, branch, queries, sample, length, query0);
-    __syncthreads();
+    device::block_barrier();
     float p[kScoreTiles][4];
-    transposed_probs<T, D>(p, k_warp, q_s, lse_s, scale_log2);
+    transposed_probs<T, D>(p, k_warp, q_s, lse_s, launch.scale);
     float dp[kScoreTiles][4];
     zero_fill(dp);
     for (int col0 = 0; col0 < launch.v_dim; col0 += kVChunk) {
-      __syncthreads();
+      device::block_barrier();
       load_tile<T, kBlockRows, kVChunk>(v_s, Smem::kVPitch, v, keys, sample, slot0, key_rows, col0,
                                         launch.v_dim);
       load_tile<T, kBlockCols, kVChunk>(do_s, Smem::kVPitch, grad_out, queries, sample, query0,
                                         query_cols, col0, launch.v_dim);
-      __syncthreads();
+      device::block_barrier();
       warp_gemm<T, kVChunk, kScoreTiles, BLayout::kNK>(dp, v_warp, Smem::kVPitch, do_s,
                                                        Smem::kVPitch);
     }
@@ -283,7 +281,7 @@ __global__ void __launch_bounds__(kThreads) dk_kernel(const __grid_constant__ Ba
       for (int e = 0; e < 4; ++e) p[j][e] *= dp[j][e] - delta_s[lane.col(j, e)];  // dSᵀ / scale
     }
     store_strip<T>(ds_warp, Smem::kSPitch, p);
-    __syncwarp();
+    device::warp_barrier();
     warp_gemm<T, kBlockCols, kGradTiles, BLayout::kKN>(acc, ds_warp, Smem::kSPitch, q_s,
                                                        Smem::kQkPitch);
   }
@@ -296,7 +294,7 @@ __global__ void __launch_bounds__(kThreads) dv_kernel(const __grid_constant__ Ba
   using Smem = BackwardSmem<T, D>;
   constexpr int kScoreTiles = kBlockCols / 8;
   constexpr int kGradTiles = kVChunk / 8;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  DSA_DYNAMIC_SHARED_MEMORY(smem_raw);
   T* const smem = reinterpret_cast<T*>(smem_raw);
   T* const k_s = smem + Smem::kRowQk;
   T* const q_s = smem + Smem::kColQk;
@@ -326,7 +324,6 @@ __global__ void __launch_bounds__(kThreads) dv_kernel(const __grid_constant__ Ba
                               key_rows, 0, launch.qk_dim);
 
   const int warp = threadIdx.x / 32;
-  const float scale_log2 = launch.scale * kLog2e;
   const T* const k_warp = k_s + warp * kWarpRows * Smem::kQkPitch;
   T* const p_warp = p_s + warp * kWarpRows * Smem::kSPitch;
   const Rows<const T> q = typed<const T>(branch.q), grad_out = typed<const T>(branch.grad_out);
@@ -335,17 +332,17 @@ __global__ void __launch_bounds__(kThreads) dv_kernel(const __grid_constant__ Ba
   zero_fill(acc);
   for (int query0 = 0; query0 < queries.size; query0 += kBlockCols) {
     const int query_cols = min(kBlockCols, queries.size - query0);
-    __syncthreads();
+    device::block_barrier();
     load_tile<T, kBlockCols, D>(q_s, Smem::kQkPitch, q, queries, sample, query0, query_cols, 0,
                                 launch.qk_dim);
     load_tile<T, kBlockCols, kVChunk>(do_s, Smem::kVPitch, grad_out, queries, sample, query0,
                                       query_cols, col0, launch.v_dim);
     load_query_stats(lse_s, delta_s, branch, queries, sample, length, query0);
-    __syncthreads();
+    device::block_barrier();
     float p[kScoreTiles][4];
-    transposed_probs<T, D>(p, k_warp, q_s, lse_s, scale_log2);
+    transposed_probs<T, D>(p, k_warp, q_s, lse_s, launch.scale);
     store_strip<T>(p_warp, Smem::kSPitch, p);
-    __syncwarp();
+    device::warp_barrier();
     warp_gemm<T, kBlockCols, kGradTiles, BLayout::kKN>(acc, p_warp, Smem::kSPitch, do_s,
                                                        Smem::kVPitch);
   }
@@ -355,8 +352,7 @@ __global__ void __launch_bounds__(kThreads) dv_kernel(const __grid_constant__ Ba
 template <typename Kernel>
 cudaError_t launch_plain(Kernel kernel, dim3 grid, cudaStream_t stream,
                          const BackwardLaunch& launch) {
-  kernel<<<grid, kThreads, 0, stream>>>(launch);
-  return cudaGetLastError();
+  return device::launch(kernel, grid, kThreads, 0, stream, launch);
 }
 
 }  // namespace

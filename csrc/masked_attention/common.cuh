@@ -8,10 +8,7 @@
 #include <cstdint>
 #include <type_traits>
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
+#include "device/primitives.cuh"
 #include "masked_attention/launch.cuh"
 
 namespace dsa_ops {
@@ -28,7 +25,12 @@ constexpr int kBlockCols = 64;                  // key columns (forward, dQ) or 
 constexpr int kVChunk = 64;                     // columns of V / dO handled per pass
 
 constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
+
+// exp(x) for a difference x of scaled scores, through exp2. Softmax statistics (row max,
+// lse) stay in natural units and only these small differences are scaled by log2 e: the
+// lse that crosses the op boundary is then used by the backward exactly as the forward
+// produced it (converting a large lse between bases loses float32 precision).
+__device__ inline float exp_difference(float x) { return exp2f(x * kLog2e); }
 
 // ----------------------------------------------------------------------------- dtypes
 template <typename T>
@@ -160,24 +162,6 @@ __device__ inline uint32_t pack_pair(T lo, T hi) {
   return lo_bits | (hi_bits << 16);
 }
 
-template <typename T>
-__device__ inline void mma_16x8x16(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-  if constexpr (std::is_same_v<T, __half>) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  } else {
-    static_assert(std::is_same_v<T, __nv_bfloat16>, "tensor-core path is float16/bfloat16 only");
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  }
-}
-
 // acc (16 × 8·NT) += A (16 × K) · B (K × 8·NT), A row-major at a[row·lda + k], B in shared
 // memory with the given layout and pitch. K must be a multiple of 16. The caller's warp
 // owns the 16 rows of A; all 32 lanes must call.
@@ -211,7 +195,7 @@ __device__ inline void warp_gemm(float (&acc)[NT][4], const T* a, int lda, const
           b_frag[0] = pack_pair(b_at(k, n), b_at(k + 1, n));
           b_frag[1] = pack_pair(b_at(k + 8, n), b_at(k + 9, n));
         }
-        mma_16x8x16<T>(acc[j], a_frag, b_frag);
+        device::mma_m16n8k16<T>(acc[j], a_frag, b_frag);
       }
     }
   } else {
@@ -258,14 +242,14 @@ __device__ inline void store_strip(T* dst, int pitch, const float (&acc)[NT][4])
 
 // Sum / max over the four lanes (t = 0..3) that share a row.
 __device__ inline float row_sum(float x) {
-  x += __shfl_xor_sync(0xffffffffu, x, 1);
-  x += __shfl_xor_sync(0xffffffffu, x, 2);
+  x += device::shfl_xor(x, 1);
+  x += device::shfl_xor(x, 2);
   return x;
 }
 
 __device__ inline float row_max(float x) {
-  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
-  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+  x = fmaxf(x, device::shfl_xor(x, 1));
+  x = fmaxf(x, device::shfl_xor(x, 2));
   return x;
 }
 
@@ -299,11 +283,9 @@ void dispatch_dtype(ScalarKind dtype, F&& f) {
 template <typename Kernel, typename... Args>
 cudaError_t launch_with_smem(Kernel kernel, dim3 grid, int smem_bytes, cudaStream_t stream,
                              Args... args) {
-  cudaError_t status =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+  const cudaError_t status = device::allow_dynamic_shared_memory(kernel, smem_bytes);
   if (status != cudaSuccess) return status;
-  kernel<<<grid, kThreads, smem_bytes, stream>>>(args...);
-  return cudaGetLastError();
+  return device::launch(kernel, grid, kThreads, smem_bytes, stream, args...);
 }
 
 }  // namespace masked_attention

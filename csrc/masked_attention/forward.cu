@@ -5,9 +5,8 @@
 // query count write the zero rows and +inf log-sum-exps of the non-query positions and
 // no separate zero-fill pass is needed), y = sample, z = branch × V chunk. A block loads
 // its gathered query rows once, then streams 64-key tiles of the gathered keys: S = Q·Kᵀ
-// (tensor cores for 16-bit dtypes), running max / sum in float32 registers in the log2
-// domain (scale·log2 e folded into one multiply, exp2), P·V accumulated in float32 for its
-// 64 columns of V. Each V chunk recomputes Q·Kᵀ: Dqk ≤ 64 makes that cheap next to P·V.
+// (tensor cores for 16-bit dtypes), running max / sum in float32 registers in natural units
+// (exp2 of differences, exp_difference), P·V accumulated in float32 for its 64 columns of V. Each V chunk recomputes Q·Kᵀ: Dqk ≤ 64 makes that cheap next to P·V.
 #include "masked_attention/common.cuh"
 
 namespace dsa_ops {
@@ -34,7 +33,7 @@ forward_kernel(const __grid_constant__ ForwardLaunch launch) {
   using Smem = ForwardSmem<T, D>;
   constexpr int kScoreTiles = kBlockCols / 8;
   constexpr int kOutTiles = kVChunk / 8;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  DSA_DYNAMIC_SHARED_MEMORY(smem_raw);
   T* const smem = reinterpret_cast<T*>(smem_raw);
   T* const q_s = smem + Smem::kQ;
   T* const k_s = smem + Smem::kK;
@@ -74,23 +73,23 @@ forward_kernel(const __grid_constant__ ForwardLaunch launch) {
 
   const int warp = threadIdx.x / 32;
   const LaneCoords lane;
-  const float scale_log2 = launch.scale * kLog2e;
+  const float scale = launch.scale;
   const T* const q_warp = q_s + warp * kWarpRows * Smem::kQkPitch;
   T* const p_warp = p_s + warp * kWarpRows * Smem::kPPitch;
 
-  float row_max_log2[2] = {-INFINITY, -INFINITY};  // rows g and g + 8 of the warp's strip
+  float row_max_score[2] = {-INFINITY, -INFINITY};  // rows g and g + 8 of the warp's strip
   float row_sum_part[2] = {0.f, 0.f};              // this lane's share of the row sums
   float acc[kOutTiles][4];
   zero_fill(acc);
 
   for (int key0 = 0; key0 < keys.size; key0 += kBlockCols) {
     const int key_cols = min(kBlockCols, keys.size - key0);
-    __syncthreads();  // every warp is done with the previous K, V tiles
+    device::block_barrier();  // every warp is done with the previous K, V tiles
     load_tile<T, kBlockCols, D>(k_s, Smem::kQkPitch, k, keys, sample, key0, key_cols, 0,
                                 launch.qk_dim);
     load_tile<T, kBlockCols, kVChunk>(v_s, Smem::kVPitch, v, keys, sample, key0, key_cols, col0,
                                       launch.v_dim);
-    __syncthreads();
+    device::block_barrier();
 
     float s[kScoreTiles][4];
     zero_fill(s);
@@ -101,26 +100,26 @@ forward_kernel(const __grid_constant__ ForwardLaunch launch) {
     for (int j = 0; j < kScoreTiles; ++j) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        s[j][e] = lane.col(j, e) < key_cols ? s[j][e] * scale_log2 : -INFINITY;
+        s[j][e] = lane.col(j, e) < key_cols ? s[j][e] * scale : -INFINITY;
         tile_max[e / 2] = fmaxf(tile_max[e / 2], s[j][e]);
       }
     }
     float rescale[2], shift[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      const float new_max = fmaxf(row_max_log2[i], row_max(tile_max[i]));
+      const float new_max = fmaxf(row_max_score[i], row_max(tile_max[i]));
       // A row that has seen only -inf scores keeps a finite shift so exp2 never sees
       // (-inf) - (-inf).
       shift[i] = new_max == -INFINITY ? 0.f : new_max;
-      rescale[i] = exp2f(row_max_log2[i] - shift[i]);
-      row_max_log2[i] = new_max;
+      rescale[i] = exp_difference(row_max_score[i] - shift[i]);
+      row_max_score[i] = new_max;
       row_sum_part[i] *= rescale[i];
     }
 #pragma unroll
     for (int j = 0; j < kScoreTiles; ++j) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        s[j][e] = exp2f(s[j][e] - shift[e / 2]);
+        s[j][e] = exp_difference(s[j][e] - shift[e / 2]);
         row_sum_part[e / 2] += s[j][e];
       }
     }
@@ -130,7 +129,7 @@ forward_kernel(const __grid_constant__ ForwardLaunch launch) {
       for (int e = 0; e < 4; ++e) acc[j][e] *= rescale[e / 2];
     }
     store_strip<T>(p_warp, Smem::kPPitch, s);
-    __syncwarp();
+    device::warp_barrier();
     warp_gemm<T, kBlockCols, kOutTiles, BLayout::kKN>(acc, p_warp, Smem::kPPitch, v_s,
                                                       Smem::kVPitch);
   }
@@ -153,7 +152,7 @@ forward_kernel(const __grid_constant__ ForwardLaunch launch) {
       }
     }
     if (col0 == 0 && lane.t == 0) {
-      lse[position] = total > 0.f ? (row_max_log2[i] + log2f(total)) * kLn2 : INFINITY;
+      lse[position] = total > 0.f ? row_max_score[i] + logf(total) : INFINITY;
     }
   }
 }

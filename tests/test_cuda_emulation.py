@@ -1,0 +1,98 @@
+"""The host emulation of the CUDA kernels (csrc/device/primitives.cuh, csrc/emulation/).
+
+- the primitives against their PTX definitions (tests/emulation/primitives_test.cpp);
+- the kernels against a float64 reference, and the same harness failing when a fault is
+  planted at compile time (DSA_OPS_EMULATION_FAULT: swapped mma A-fragment registers, a
+  dropped __syncthreads);
+- the backend switch: DSA_OPS_CUDA_EMULATE=1 (read at import) makes ``backend="cuda"``
+  take CPU tensors, and without it nothing changes.
+
+``make test`` runs this file twice, without and with the variable (the second time with
+the numerical suites tests/test_backends.py and tests/test_cuda_backend.py on the emulated
+backend). Needs g++ and the CUDA headers, as the emulated build does.
+"""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+import dsa_ops
+from dsa_ops import extension, ops
+from tests.emulation import harness
+
+needs_host_build = pytest.mark.skipif(
+    shutil.which("g++") is None or extension.cuda_include_dir() is None,
+    reason="needs g++ and the CUDA headers (cuda_fp16.h)")
+# The g++-built programs do not depend on the variable: they run once, in the plain session.
+plain_session_only = pytest.mark.skipif(
+    extension.emulation_requested(), reason="runs in make test's session without the variable")
+
+CUDA_OPS = ("partition_indices", "masked_attention_fwd_cuda", "masked_attention_bwd_cuda",
+            "dual_masked_attention_fwd_cuda", "dual_masked_attention_bwd_cuda")
+
+
+def _run(program: str, *args: str, fault: int = 0, optimize: str = "-O1"):
+    result = harness.run(harness.build(program, fault=fault, optimize=optimize), *args, timeout=600)
+    return result.returncode, result.stdout + result.stderr
+
+
+@needs_host_build
+@plain_session_only
+def test_primitives_match_their_ptx_definitions():
+    returncode, output = _run("primitives_test")
+    assert returncode == 0, output
+    assert "primitives: 0 failed checks" in output
+
+
+# (fault, what it plants): the quick float16 case must pass clean and fail with each fault.
+FAULTS = [(0, "none"), (1, "mma A-fragment registers 1 and 2 swapped"),
+          (2, "second __syncthreads of every block dropped")]
+
+
+@needs_host_build
+@plain_session_only
+@pytest.mark.parametrize("fault, planted", FAULTS, ids=[name for _, name in FAULTS])
+def test_kernel_harness_catches_planted_faults(fault, planted):
+    returncode, output = _run("kernels_check", "--quick", fault=fault, optimize="-O0")
+    if fault == 0:
+        assert returncode == 0 and "FAILURES: 0" in output, output
+    else:
+        assert returncode != 0 and "FAIL" in output, f"fault not caught ({planted}):\n{output}"
+
+
+needs_emulation = pytest.mark.skipif(not extension.emulation_requested(),
+                                     reason=f"runs with {extension.EMULATE_VARIABLE}=1 (make test)")
+
+
+@pytest.mark.skipif(extension.emulation_requested(),
+                    reason=f"checks the import without {extension.EMULATE_VARIABLE}=1")
+def test_without_the_variable_cuda_takes_no_cpu_tensors():
+    assert "cuda" not in dsa_ops.available_backends("cpu")
+    assert ops.backend_unavailable_reason("cuda", "cpu") is not None
+    for name in CUDA_OPS:
+        assert not torch._C._dispatch_has_kernel_for_dispatch_key(f"dsa_ops::{name}", "CPU"), name
+
+
+@needs_emulation
+def test_with_the_variable_cuda_is_a_cpu_backend():
+    assert "cuda" in dsa_ops.available_backends("cpu")
+    assert ops.backend_unavailable_reason("cuda", "cpu") is None
+
+
+@needs_emulation
+@pytest.mark.parametrize("name", CUDA_OPS)
+def test_emulation_registers_a_cpu_kernel_for_every_cuda_op(name):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"dsa_ops::{name}", "CPU")
+
+
+@needs_emulation
+def test_emulated_bindings_reject_unsupported_inputs_naming_the_argument():
+    q = torch.randn(2, 10, 8)
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match=r"v must have shape \(B, L, Dv\)"):
+        torch.ops.dsa_ops.masked_attention_fwd_cuda(q, q, torch.randn(2, 9, 8), mask, mask, 1.0)
+    with pytest.raises(RuntimeError, match="q must be float32, float16 or bfloat16"):
+        torch.ops.dsa_ops.masked_attention_fwd_cuda(q.double(), q.double(), q.double(), mask,
+                                                    mask, 1.0)
