@@ -1,0 +1,229 @@
+"""Masked attention on the CPU: compaction, PyTorch's fused CPU flash attention, scatter.
+
+Each sample's query rows and key rows are gathered into dense blocks (compaction with
+``partition_indices``), PyTorch's flash-attention CPU kernels
+(``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward: online softmax,
+log-sum-exp saved for the backward, threads from torch's intra-op pool) run on the
+blocks, and the rows are scattered back. No work is spent on non-query rows or non-key
+columns and no ``L×L`` matrix is built.
+
+Layout of one call (``Rows``): a group of samples is padded to its largest query count
+``Nq`` and key count ``Nk``; padded key slots are masked with -inf, padded query slots
+are computed and dropped. Samples are grouped so that padding wastes little work
+(``plan_groups``): a batch of equal holes is one call, very unequal holes run apart.
+Samples without queries or without keys are left out (their outputs are 0, lse +inf).
+
+The CPU kernels need one head size for Q, K and V: the narrower side is zero-padded to
+the wider (zero channels leave q·k and P·V unchanged; the scale is passed explicitly).
+These functions know nothing of autograd; ``dsa_ops.ops`` registers them.
+
+Shapes: q, k ``(B, L, Dqk)``, v ``(B, L, Dv)``, any strides; out ``(B, L, Dv)``; lse
+``(B, L)`` float32, +inf on rows that are no query or have no keys (``reference.py``).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from dsa_ops import reference
+
+Tensor = torch.Tensor
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# A group of samples runs as one padded call while its padded query×key pairs are at most
+# this factor of the real ones (the rest of the time goes into masked work).
+MAX_PADDING_WASTE = 1.25
+
+_flash_forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+
+
+# ----------------------------------------------------------------------------- compaction
+@dataclasses.dataclass
+class Slots:
+    """One side (queries or keys) of a batch, compacted: ``positions[b, j]`` is the row of
+    sample b that slot j reads, ``valid[b, j]`` whether it is a real query/key (padding
+    slots read other, distinct rows of the same sample), ``counts`` the host-side counts."""
+
+    positions: Tensor  # (B, N) int64, distinct within a sample
+    valid: Tensor  # (B, N) bool
+    counts: list[int]
+
+
+def partition_slots(index: Tensor, count: Tensor, side: bool) -> Slots:
+    """Slots of the positions where the mask was ``side`` from its stable partition
+    ``(index (B, L), count (B,))`` (``partition_indices``): true positions come first in
+    ``index``, false positions after them. Padding slots wrap around the partition, so the
+    slots of a sample stay distinct rows and scattering them back is deterministic."""
+    length = index.shape[1]
+    counts = count.tolist() if side else [length - c for c in count.tolist()]
+    width = max(counts, default=0)
+    slot = torch.arange(width, device=index.device)
+    start = torch.zeros_like(count) if side else count
+    order = (start.long().unsqueeze(1) + slot) % max(length, 1)
+    positions = index.long().gather(1, order)
+    valid = slot < torch.tensor(counts, device=index.device).unsqueeze(1)
+    return Slots(positions, valid, counts)
+
+
+def mask_slots(mask: Tensor) -> Slots:
+    """Slots of the true positions of ``mask (B, L)`` bool."""
+    index, count = torch.ops.dsa_ops.partition_indices(mask)
+    return partition_slots(index, count, True)
+
+
+def plan_groups(query_counts: list[int], key_counts: list[int],
+                max_waste: float = MAX_PADDING_WASTE) -> list[list[int]]:
+    """Samples that have queries and keys, grouped into padded calls.
+
+    Samples are sorted by query×key pairs and a group grows while its padded pairs
+    (members × max Nq × max Nk) stay within ``max_waste`` × its real pairs. Equal holes
+    give one group; a group of several samples also gives the kernels' threads (which
+    split the backward by sample) more than one task.
+    """
+    live = [b for b, (nq, nk) in enumerate(zip(query_counts, key_counts)) if nq and nk]
+    live.sort(key=lambda b: query_counts[b] * key_counts[b])
+    groups: list[list[int]] = []
+    for b in live:
+        if groups:
+            trial = groups[-1] + [b]
+            padded = len(trial) * max(query_counts[i] for i in trial) * max(key_counts[i] for i in trial)
+            real = sum(query_counts[i] * key_counts[i] for i in trial)
+            if padded <= max_waste * real:
+                groups[-1] = trial
+                continue
+        groups.append([b])
+    return [sorted(group) for group in groups]
+
+
+@dataclasses.dataclass
+class Block:
+    """The slots of one group of samples, cut to its largest counts."""
+
+    samples: Tensor  # (G, 1) int64 sample indices
+    positions: Tensor  # (G, N) int64
+    valid: Tensor  # (G, N) bool
+
+    @classmethod
+    def of(cls, slots: Slots, group: list[int]) -> "Block":
+        width = max(slots.counts[b] for b in group)
+        samples = torch.tensor(group, device=slots.positions.device)
+        if len(group) == slots.positions.shape[0]:  # the whole batch: no selection copy
+            positions, valid = slots.positions[:, :width], slots.valid[:, :width]
+        else:
+            positions, valid = slots.positions[samples, :width], slots.valid[samples, :width]
+        return cls(samples.unsqueeze(1), positions, valid)
+
+    @property
+    def is_full(self) -> bool:
+        return bool(self.valid.all())
+
+    def gather(self, t: Tensor, width: int) -> Tensor:
+        """Rows of ``t (B, L, D)`` → ``(G, 1, N, width)``, zero-padded channels (one head)."""
+        rows = t[self.samples, self.positions]
+        if rows.shape[2] < width:
+            rows = F.pad(rows, (0, width - rows.shape[2]))
+        return rows.unsqueeze(1)
+
+    def scatter(self, into: Tensor, rows: Tensor, fill: float = 0.0) -> None:
+        """Write ``rows (G, N, ...)`` into ``into (B, L, ...)`` at the real slots; padding
+        slots write ``fill`` to rows that belong to no slot of this kind."""
+        if not self.is_full:
+            valid = self.valid.view(*self.valid.shape, *([1] * (rows.dim() - 2)))
+            rows = rows.masked_fill(~valid, fill)
+        into[self.samples, self.positions] = rows.to(into.dtype)
+
+
+def _key_padding_mask(keys: Block, dtype: torch.dtype):
+    """Additive mask ``(G, 1, 1, Nk)`` hiding padded key slots, or None when none are padded."""
+    if keys.is_full:
+        return None
+    mask = torch.zeros(keys.valid.shape, dtype=dtype, device=keys.valid.device)
+    return mask.masked_fill_(~keys.valid, float("-inf"))[:, None, None, :]
+
+
+def _head_width(q: Tensor, v: Tensor) -> int:
+    return max(q.shape[2], v.shape[2])
+
+
+# ----------------------------------------------------------------------------- forward
+def forward_slots(q: Tensor, k: Tensor, v: Tensor, queries: Slots, keys: Slots,
+                  scale: float) -> tuple[Tensor, Tensor]:
+    """Attention from the query slots to the key slots; ``(out (B, L, Dv), lse (B, L))``."""
+    batch, length, v_dim = v.shape
+    out = v.new_zeros((batch, length, v_dim))
+    lse = torch.full((batch, length), float("inf"), dtype=reference.accumulation_dtype(q.dtype),
+                     device=q.device)
+    width = _head_width(q, v)
+    for group in plan_groups(queries.counts, keys.counts):
+        query_block, key_block = Block.of(queries, group), Block.of(keys, group)
+        block_out, block_lse = _flash_forward(
+            query_block.gather(q, width), key_block.gather(k, width), key_block.gather(v, width),
+            attn_mask=_key_padding_mask(key_block, q.dtype), scale=scale)
+        query_block.scatter(out, block_out[:, 0, :, :v_dim])
+        query_block.scatter(lse, block_lse[:, 0], fill=float("inf"))
+    return out, lse
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, query_mask: Tensor, key_mask: Tensor,
+            scale: float) -> tuple[Tensor, Tensor]:
+    """The ``cpu`` backend's forward op (``ops._FWD_SCHEMA``)."""
+    return forward_slots(q, k, v, mask_slots(query_mask), mask_slots(key_mask), scale)
+
+
+# ----------------------------------------------------------------------------- backward
+def backward_slots(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                   queries: Slots, keys: Slots, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(grad_q, grad_k, grad_v)``, zero outside the query and key slots."""
+    grad_q, grad_k, grad_v = q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
+    width = _head_width(q, v)
+    qk_dim, v_dim = q.shape[2], v.shape[2]
+    for group in plan_groups(queries.counts, keys.counts):
+        query_block, key_block = Block.of(queries, group), Block.of(keys, group)
+        # Padded query slots read rows of non-queries: +inf lse makes their P = 0, so they
+        # add nothing to dK and dV whatever grad_out holds there.
+        block_lse = lse[query_block.samples, query_block.positions].float()
+        if not query_block.is_full:
+            block_lse = block_lse.masked_fill(~query_block.valid, float("inf"))
+        grads = _flash_backward(
+            query_block.gather(grad_out, width), query_block.gather(q, width),
+            key_block.gather(k, width), key_block.gather(v, width), query_block.gather(out, width),
+            block_lse.unsqueeze(1), 0.0, False, attn_mask=_key_padding_mask(key_block, q.dtype),
+            scale=scale)
+        query_block.scatter(grad_q, grads[0][:, 0, :, :qk_dim])
+        key_block.scatter(grad_k, grads[1][:, 0, :, :qk_dim])
+        key_block.scatter(grad_v, grads[2][:, 0, :, :v_dim])
+    return grad_q, grad_k, grad_v
+
+
+def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+             query_mask: Tensor, key_mask: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The ``cpu`` backend's backward op (``ops._BWD_SCHEMA``)."""
+    return backward_slots(grad_out, q, k, v, out, lse, mask_slots(query_mask), mask_slots(key_mask),
+                          scale)
+
+
+# ----------------------------------------------------------------------------- both DSA branches
+def foreground_slots(foreground: Tensor) -> tuple[Slots, Slots]:
+    """One partition of the foreground: ``(foreground slots, background slots)``. The
+    foreground slots are the queries of both branches and the keys of the self branch."""
+    index, count = torch.ops.dsa_ops.partition_indices(foreground)
+    return partition_slots(index, count, True), partition_slots(index, count, False)
+
+
+def dual_forward(q_cross, k_cross, v_cross, q_self, k_self, v_self, foreground, scale):
+    """``(out_cross, lse_cross, out_self, lse_self)``: cross = fg → bg, self = fg → fg."""
+    fg, bg = foreground_slots(foreground)
+    return (*forward_slots(q_cross, k_cross, v_cross, fg, bg, scale),
+            *forward_slots(q_self, k_self, v_self, fg, fg, scale))
+
+
+def dual_backward(grad_out_cross, grad_out_self, q_cross, k_cross, v_cross, q_self, k_self, v_self,
+                  out_cross, lse_cross, out_self, lse_self, foreground, scale):
+    """Gradients of both branches: ``(dq, dk, dv)`` of the cross branch, then of the self branch."""
+    fg, bg = foreground_slots(foreground)
+    return (*backward_slots(grad_out_cross, q_cross, k_cross, v_cross, out_cross, lse_cross, fg, bg,
+                            scale),
+            *backward_slots(grad_out_self, q_self, k_self, v_self, out_self, lse_self, fg, fg, scale))
