@@ -1,6 +1,6 @@
 """The shared backend suite: every backend against the float64 reference, on the same cases.
 
-Parametrised over ``backend`` in ("reference", "triton", "cuda") on the default device
+Parametrised over ``backend`` in ``dsa_ops.BACKENDS`` on the default device
 (CUDA when present, else the CPU). A backend that cannot run here skips with
 ``dsa_ops.backend_unavailable_reason``. On the CPU, "triton" runs under the Triton
 interpreter (``TRITON_INTERPRET=1``, set by conftest.py), which is slow: the CPU shapes
@@ -38,6 +38,7 @@ class Shape:
     noncontiguous: bool = False
     scale: float | None = None
     gpu_only: bool = False
+    too_slow_to_emulate: bool = False  # beyond the Triton interpreter's / CUDA emulation's budget
 
 
 SHAPES = [
@@ -48,6 +49,9 @@ SHAPES = [
     # Dv = 100 is two V chunks under the interpreter (64-wide chunks): the split-V paths.
     Shape("cross-40x100-strided", "cross", 40, 100, 5, 7, noncontiguous=True, scale=0.3),
     # The paper's DSA layers 12 and 14 (DESIGN §2), lightly: one batch of every hole kind.
+    # More than one query block and key block of PyTorch's CPU flash kernels (cpu backend).
+    Shape("cross-24x32-16x128-strided", "cross", 16, 128, 24, 32, noncontiguous=True,
+          too_slow_to_emulate=True),
     Shape("paper-16x16-64x512", "cross", 64, 512, 16, 16, gpu_only=True),
     Shape("paper-64x64-16x128", "self", 16, 128, 64, 64, noncontiguous=True, gpu_only=True),
 ]
@@ -64,6 +68,9 @@ def _skip_reason(backend: str, dtype: torch.dtype, shape: Shape | None = None) -
         return "the Triton interpreter's bfloat16 tl.dot returns garbage; bfloat16 runs on the GPU"
     if shape is not None and shape.gpu_only and DEVICE.type != "cuda":
         return "paper-sized shape: too slow for the CPU, runs on a GPU"
+    if (shape is not None and shape.too_slow_to_emulate and backend in ("triton", "cuda")
+            and DEVICE.type == "cpu"):
+        return "too large for the Triton interpreter and the CUDA emulation; runs on a GPU"
     return None
 
 
