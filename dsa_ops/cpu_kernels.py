@@ -50,6 +50,7 @@ class Slots:
     positions: Tensor  # (B, N) int64, distinct within a sample
     valid: Tensor  # (B, N) bool
     counts: list[int]
+    length: int  # L
 
 
 def partition_slots(index: Tensor, count: Tensor, side: bool) -> Slots:
@@ -65,7 +66,7 @@ def partition_slots(index: Tensor, count: Tensor, side: bool) -> Slots:
     order = (start.long().unsqueeze(1) + slot) % max(length, 1)
     positions = index.long().gather(1, order)
     valid = slot < torch.tensor(counts, device=index.device).unsqueeze(1)
-    return Slots(positions, valid, counts)
+    return Slots(positions, valid, counts, length)
 
 
 def mask_slots(mask: Tensor) -> Slots:
@@ -100,21 +101,32 @@ def plan_groups(query_counts: list[int], key_counts: list[int],
 
 @dataclasses.dataclass
 class Block:
-    """The slots of one group of samples, cut to its largest counts."""
+    """The slots of one group of samples, cut to its largest counts, as flat row indices
+    into ``(B·L, D)`` views: ``reads`` for gathering (every slot reads a real row),
+    ``writes`` for scattering (padding slots write to the spare row ``B·L`` of an output
+    buffer, so no pass is spent zeroing them)."""
 
-    samples: Tensor  # (G, 1) int64 sample indices
-    positions: Tensor  # (G, N) int64
+    reads: Tensor  # (G·N,) int64
+    writes: Tensor  # (G·N,) int64
     valid: Tensor  # (G, N) bool
+    rows: int  # B·L
 
     @classmethod
     def of(cls, slots: Slots, group: list[int]) -> "Block":
+        batch, length = slots.positions.shape[0], slots.length
         width = max(slots.counts[b] for b in group)
-        samples = torch.tensor(group, device=slots.positions.device)
-        if len(group) == slots.positions.shape[0]:  # the whole batch: no selection copy
+        samples = torch.tensor(group, device=slots.positions.device).unsqueeze(1)
+        if len(group) == batch:  # the whole batch: no selection copy
             positions, valid = slots.positions[:, :width], slots.valid[:, :width]
         else:
-            positions, valid = slots.positions[samples, :width], slots.valid[samples, :width]
-        return cls(samples.unsqueeze(1), positions, valid)
+            positions, valid = slots.positions[samples[:, 0], :width], slots.valid[samples[:, 0], :width]
+        reads = (samples * length + positions).flatten()
+        writes = reads.masked_fill(~valid.flatten(), batch * length)
+        return cls(reads, writes, valid, batch * length)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.valid.shape)
 
     @property
     def is_full(self) -> bool:
@@ -122,25 +134,38 @@ class Block:
 
     def gather(self, t: Tensor, width: int) -> Tensor:
         """Rows of ``t (B, L, D)`` → ``(G, 1, N, width)``, zero-padded channels (one head)."""
-        rows = t[self.samples, self.positions]
-        if rows.shape[2] < width:
-            rows = F.pad(rows, (0, width - rows.shape[2]))
-        return rows.unsqueeze(1)
+        batch, length, dim = t.shape
+        if batch == 1 or t.stride(0) == length * t.stride(1):  # (B·L, D) is a view
+            rows = t.reshape(batch * length, dim).index_select(0, self.reads)
+        else:  # e.g. a channel slice of a (B, C, L) map: one strided gather
+            rows = t[self.reads // length, self.reads % length]
+        if dim < width:
+            rows = F.pad(rows, (0, width - dim))
+        return rows.view(*self.shape, width).unsqueeze(1)
 
-    def scatter(self, into: Tensor, rows: Tensor, fill: float = 0.0) -> None:
-        """Write ``rows (G, N, ...)`` into ``into (B, L, ...)`` at the real slots; padding
-        slots write ``fill`` to rows that belong to no slot of this kind."""
-        if not self.is_full:
-            valid = self.valid.view(*self.valid.shape, *([1] * (rows.dim() - 2)))
-            rows = rows.masked_fill(~valid, fill)
-        into[self.samples, self.positions] = rows.to(into.dtype)
+    def scatter(self, into: Tensor, rows: Tensor) -> None:
+        """Write ``rows (G, N, ...)`` into ``into (B·L + 1, ...)`` at the real slots (padding
+        slots land on the spare last row)."""
+        into.index_copy_(0, self.writes, rows.reshape(self.writes.shape[0], *into.shape[1:]))
+
+
+def _output_rows(like: Tensor, dims: tuple = (), dtype=None, fill: float = 0.0) -> Tensor:
+    """``(B·L + 1, *dims)`` buffer for a result shaped like ``like (B, L, ...)``, filled with
+    ``fill``; its first B·L rows are the result, the last one takes the padding slots."""
+    rows = like.shape[0] * like.shape[1] + 1
+    return torch.full((rows, *dims), fill, dtype=dtype or like.dtype, device=like.device)
+
+
+def _result(rows: Tensor, batch: int, length: int) -> Tensor:
+    """The ``(B, L, ...)`` view of an ``_output_rows`` buffer without its spare row."""
+    return rows[:batch * length].view(batch, length, *rows.shape[1:])
 
 
 def _key_padding_mask(keys: Block, dtype: torch.dtype):
     """Additive mask ``(G, 1, 1, Nk)`` hiding padded key slots, or None when none are padded."""
     if keys.is_full:
         return None
-    mask = torch.zeros(keys.valid.shape, dtype=dtype, device=keys.valid.device)
+    mask = torch.zeros(keys.shape, dtype=dtype, device=keys.valid.device)
     return mask.masked_fill_(~keys.valid, float("-inf"))[:, None, None, :]
 
 
@@ -153,9 +178,8 @@ def forward_slots(q: Tensor, k: Tensor, v: Tensor, queries: Slots, keys: Slots,
                   scale: float) -> tuple[Tensor, Tensor]:
     """Attention from the query slots to the key slots; ``(out (B, L, Dv), lse (B, L))``."""
     batch, length, v_dim = v.shape
-    out = v.new_zeros((batch, length, v_dim))
-    lse = torch.full((batch, length), float("inf"), dtype=reference.accumulation_dtype(q.dtype),
-                     device=q.device)
+    out = _output_rows(v, (v_dim,))
+    lse = _output_rows(q, dtype=reference.accumulation_dtype(q.dtype), fill=float("inf"))
     width = _head_width(q, v)
     for group in plan_groups(queries.counts, keys.counts):
         query_block, key_block = Block.of(queries, group), Block.of(keys, group)
@@ -163,8 +187,8 @@ def forward_slots(q: Tensor, k: Tensor, v: Tensor, queries: Slots, keys: Slots,
             query_block.gather(q, width), key_block.gather(k, width), key_block.gather(v, width),
             attn_mask=_key_padding_mask(key_block, q.dtype), scale=scale)
         query_block.scatter(out, block_out[:, 0, :, :v_dim])
-        query_block.scatter(lse, block_lse[:, 0], fill=float("inf"))
-    return out, lse
+        query_block.scatter(lse, block_lse[:, 0])
+    return _result(out, batch, length), _result(lse, batch, length)
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, query_mask: Tensor, key_mask: Tensor,
@@ -177,14 +201,16 @@ def forward(q: Tensor, k: Tensor, v: Tensor, query_mask: Tensor, key_mask: Tenso
 def backward_slots(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                    queries: Slots, keys: Slots, scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """``(grad_q, grad_k, grad_v)``, zero outside the query and key slots."""
-    grad_q, grad_k, grad_v = q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
+    batch, length, _ = q.shape
+    grad_q, grad_k, grad_v = (_output_rows(t, t.shape[2:]) for t in (q, k, v))
     width = _head_width(q, v)
     qk_dim, v_dim = q.shape[2], v.shape[2]
     for group in plan_groups(queries.counts, keys.counts):
         query_block, key_block = Block.of(queries, group), Block.of(keys, group)
         # Padded query slots read rows of non-queries: +inf lse makes their P = 0, so they
         # add nothing to dK and dV whatever grad_out holds there.
-        block_lse = lse[query_block.samples, query_block.positions].float()
+        block_lse = lse.reshape(batch * length).index_select(0, query_block.reads)
+        block_lse = block_lse.view(query_block.shape).float()
         if not query_block.is_full:
             block_lse = block_lse.masked_fill(~query_block.valid, float("inf"))
         grads = _flash_backward(
@@ -195,7 +221,7 @@ def backward_slots(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
         query_block.scatter(grad_q, grads[0][:, 0, :, :qk_dim])
         key_block.scatter(grad_k, grads[1][:, 0, :, :qk_dim])
         key_block.scatter(grad_v, grads[2][:, 0, :, :v_dim])
-    return grad_q, grad_k, grad_v
+    return tuple(_result(grad, batch, length) for grad in (grad_q, grad_k, grad_v))
 
 
 def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
