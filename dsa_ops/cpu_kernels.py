@@ -198,6 +198,33 @@ def forward(q: Tensor, k: Tensor, v: Tensor, query_mask: Tensor, key_mask: Tenso
 
 
 # ----------------------------------------------------------------------------- backward
+def query_chunks(samples: int, queries: int) -> int:
+    """How many chunks each sample's queries are split into for the backward kernel.
+
+    The CPU flash backward runs one task per (sample, head); with fewer tasks than
+    intra-op threads the idle threads do not just wait, they slow the call down several
+    times. Query chunks as extra heads (K and V broadcast, their gradients summed over
+    the chunks) give every thread a task.
+    """
+    return max(1, min(-(-torch.get_num_threads() // samples), queries))
+
+
+def _as_query_heads(t: Tensor, chunks: int, fill: float = 0.0) -> Tensor:
+    """``(G, 1, N, ...)`` → ``(G, chunks, ⌈N/chunks⌉, ...)``, padding rows with ``fill``."""
+    if chunks == 1:
+        return t
+    rows = -(-t.shape[2] // chunks) * chunks
+    if rows > t.shape[2]:
+        pad = [0, 0] * (t.dim() - 3) + [0, rows - t.shape[2]]
+        t = F.pad(t, pad, value=fill)
+    return t.view(t.shape[0], chunks, rows // chunks, *t.shape[3:])
+
+
+def _from_query_heads(t: Tensor, queries: int) -> Tensor:
+    """Inverse of ``_as_query_heads``: ``(G, chunks, n, ...)`` → ``(G, N, ...)``."""
+    return t.reshape(t.shape[0], -1, *t.shape[3:])[:, :queries]
+
+
 def backward_slots(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                    queries: Slots, keys: Slots, scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """``(grad_q, grad_k, grad_v)``, zero outside the query and key slots."""
@@ -207,20 +234,24 @@ def backward_slots(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     qk_dim, v_dim = q.shape[2], v.shape[2]
     for group in plan_groups(queries.counts, keys.counts):
         query_block, key_block = Block.of(queries, group), Block.of(keys, group)
-        # Padded query slots read rows of non-queries: +inf lse makes their P = 0, so they
-        # add nothing to dK and dV whatever grad_out holds there.
+        samples, n_queries = query_block.shape
+        chunks = query_chunks(samples, n_queries)
+        # Padded query slots (and padding rows of the chunks) get +inf lse, so P = 0 there
+        # and they add nothing to dK and dV whatever grad_out holds.
         block_lse = lse.reshape(batch * length).index_select(0, query_block.reads)
         block_lse = block_lse.view(query_block.shape).float()
         if not query_block.is_full:
             block_lse = block_lse.masked_fill(~query_block.valid, float("inf"))
+        heads = [_as_query_heads(query_block.gather(t, width), chunks)
+                 for t in (grad_out, q, out)]
+        keys_values = [key_block.gather(t, width).expand(-1, chunks, -1, -1) for t in (k, v)]
         grads = _flash_backward(
-            query_block.gather(grad_out, width), query_block.gather(q, width),
-            key_block.gather(k, width), key_block.gather(v, width), query_block.gather(out, width),
-            block_lse.unsqueeze(1), 0.0, False, attn_mask=_key_padding_mask(key_block, q.dtype),
-            scale=scale)
-        query_block.scatter(grad_q, grads[0][:, 0, :, :qk_dim])
-        key_block.scatter(grad_k, grads[1][:, 0, :, :qk_dim])
-        key_block.scatter(grad_v, grads[2][:, 0, :, :v_dim])
+            heads[0], heads[1], *keys_values, heads[2],
+            _as_query_heads(block_lse.unsqueeze(1), chunks, float("inf")), 0.0, False,
+            attn_mask=_key_padding_mask(key_block, q.dtype), scale=scale)
+        query_block.scatter(grad_q, _from_query_heads(grads[0], n_queries)[..., :qk_dim])
+        key_block.scatter(grad_k, grads[1].sum(1)[..., :qk_dim])
+        key_block.scatter(grad_v, grads[2].sum(1)[..., :v_dim])
     return tuple(_result(grad, batch, length) for grad in (grad_q, grad_k, grad_v))
 
 

@@ -84,6 +84,31 @@ def test_grouped_calls_match_the_float64_reference(sizes, calls, dtype):
         assert (grad[~(case.key_mask if name != "dq" else case.query_mask)] == 0).all()
 
 
+@pytest.fixture
+def four_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("sizes", [[(3, 5)], [(8, 8), (7, 9), (2, 3)]], ids=["one", "groups"])
+def test_backward_splits_queries_across_threads(sizes, four_threads):
+    """With more threads than samples in a call, the backward splits each sample's queries
+    into chunks (extra heads, here 15 queries in 4 chunks: padded rows too)."""
+    case = _holes_case(sizes)
+    queries, keys = (cpu_kernels.mask_slots(m) for m in (case.query_mask, case.key_mask))
+    groups = cpu_kernels.plan_groups(queries.counts, keys.counts)
+    assert cpu_kernels.query_chunks(len(groups[0]), queries.counts[groups[0][0]]) > 1
+    q, k, v = (t.detach().requires_grad_() for t in case.inputs[:3])
+    dsa_ops.masked_attention(q, k, v, case.query_mask, case.key_mask, scale=case.scale,
+                             backend="cpu").backward(case.grad_out)
+    exact, baseline = reference_results(case, exact=True), reference_results(case, exact=False)
+    for name, grad, exact_grad, baseline_grad in zip(("dq", "dk", "dv"), (q.grad, k.grad, v.grad),
+                                                     exact[1], baseline[1]):
+        assert_close_by_dtype(grad, exact_grad, baseline_grad, name)
+
+
 def _dual_inputs(dtype=torch.float32, seed=0):
     cross = _holes_case([(8, 8), (8, 9), (0, 0), (20, 24)], dtype=dtype, seed=seed)
     self_ = _holes_case([(8, 8), (8, 9), (0, 0), (20, 24)], dtype=dtype, seed=seed + 1)
