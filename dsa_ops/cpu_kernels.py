@@ -225,6 +225,11 @@ def _from_query_heads(t: Tensor, queries: int) -> Tensor:
     return t.reshape(t.shape[0], -1, *t.shape[3:])[:, :queries]
 
 
+def _sum_query_heads(t: Tensor) -> Tensor:
+    """Key-side gradients ``(G, chunks, Nk, ...)`` summed over the chunks → ``(G, Nk, ...)``."""
+    return t[:, 0] if t.shape[1] == 1 else t.sum(1)
+
+
 def backward_slots(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                    queries: Slots, keys: Slots, scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """``(grad_q, grad_k, grad_v)``, zero outside the query and key slots."""
@@ -250,8 +255,8 @@ def backward_slots(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
             _as_query_heads(block_lse.unsqueeze(1), chunks, float("inf")), 0.0, False,
             attn_mask=_key_padding_mask(key_block, q.dtype), scale=scale)
         query_block.scatter(grad_q, _from_query_heads(grads[0], n_queries)[..., :qk_dim])
-        key_block.scatter(grad_k, grads[1].sum(1)[..., :qk_dim])
-        key_block.scatter(grad_v, grads[2].sum(1)[..., :v_dim])
+        key_block.scatter(grad_k, _sum_query_heads(grads[1])[..., :qk_dim])
+        key_block.scatter(grad_v, _sum_query_heads(grads[2])[..., :v_dim])
     return tuple(_result(grad, batch, length) for grad in (grad_q, grad_k, grad_v))
 
 
