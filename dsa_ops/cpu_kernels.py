@@ -136,12 +136,20 @@ class Block:
         """Rows of ``t (B, L, D)`` → ``(G, 1, N, width)``, zero-padded channels (one head)."""
         batch, length, dim = t.shape
         if batch == 1 or t.stride(0) == length * t.stride(1):  # (B·L, D) is a view
-            rows = t.reshape(batch * length, dim).index_select(0, self.reads)
-        else:  # e.g. a channel slice of a (B, C, L) map: one strided gather
-            rows = t[self.reads // length, self.reads % length]
+            rows = t.reshape(batch * length, dim).index_select(0, self.reads).view(*self.shape, dim)
+        elif t.stride(1) == 1:
+            # A channel slice of a (B, C, L) map: gather along each channel's contiguous row
+            # (a row-wise gather would touch one cache line per element).
+            reads = self.reads.view(self.shape)
+            channel_rows = t.new_empty((self.shape[0], dim, self.shape[1]))
+            for g, b in enumerate((reads[:, 0] // length).tolist()):
+                torch.index_select(t[b].t(), 1, reads[g] - b * length, out=channel_rows[g])
+            rows = channel_rows.transpose(1, 2)
+        else:  # any other strides: one strided gather
+            rows = t[self.reads // length, self.reads % length].view(*self.shape, dim)
         if dim < width:
             rows = F.pad(rows, (0, width - dim))
-        return rows.view(*self.shape, width).unsqueeze(1)
+        return rows.contiguous().unsqueeze(1)
 
     def scatter(self, into: Tensor, rows: Tensor) -> None:
         """Write ``rows (G, N, ...)`` into ``into (B·L + 1, ...)`` at the real slots (padding

@@ -109,6 +109,25 @@ def test_backward_splits_queries_across_threads(sizes, four_threads):
         assert_close_by_dtype(grad, exact_grad, baseline_grad, name)
 
 
+@pytest.mark.parametrize("layout", ["channels-first", "length-major"])
+def test_any_strides_give_the_contiguous_result(layout):
+    """Channel slices of a (B, C, L) map (the module's layout) and (L, B, D) buffers seen
+    as (B, L, D) take other gather paths than contiguous rows; the results are the same."""
+    case = _holes_case([(8, 8), (3, 4), (8, 9)])
+    if layout == "length-major":
+        q, k, v = (t.transpose(0, 1).contiguous().transpose(0, 1) for t in case.inputs[:3])
+    else:
+        q, k, v = case.inputs[:3]  # _holes_case slices a (B, C, L) map
+    assert q.stride(1) != q.shape[2] and not q.is_contiguous()
+    contiguous = [t.contiguous().requires_grad_() for t in (q, k, v)]
+    strided = [t.detach().requires_grad_() for t in (q, k, v)]
+    for leaves in (contiguous, strided):
+        dsa_ops.masked_attention(*leaves, case.query_mask, case.key_mask, scale=case.scale,
+                                 backend="cpu").backward(case.grad_out)
+    for a, b in zip(contiguous, strided):
+        assert torch.equal(a.grad, b.grad)
+
+
 def _dual_inputs(dtype=torch.float32, seed=0):
     cross = _holes_case([(8, 8), (8, 9), (0, 0), (20, 24)], dtype=dtype, seed=seed)
     self_ = _holes_case([(8, 8), (8, 9), (0, 0), (20, 24)], dtype=dtype, seed=seed + 1)
