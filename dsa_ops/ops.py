@@ -8,7 +8,8 @@ with the same schemas::
     dsa_ops::masked_attention_bwd_<backend>(grad_out, q, k, v, out, lse,
                                             query_mask, key_mask, scale) -> (grad_q, grad_k, grad_v)
 
-``reference`` is implemented in ``dsa_ops.reference`` for every device; ``triton`` is a
+``reference`` is implemented in ``dsa_ops.reference`` for every device; ``cpu`` in
+``dsa_ops.cpu_kernels`` (compaction + PyTorch's fused CPU attention); ``triton`` is a
 ``torch.library.triton_op`` around ``dsa_ops.triton_kernels``; ``cuda`` gets its CUDA
 kernels from ``csrc/`` (``TORCH_LIBRARY_IMPL(dsa_ops, CUDA, ...)``). Fake impls and the
 autograd formula (forward op → backward op) are shared by all backends, so the formula
@@ -24,7 +25,7 @@ from typing import Callable, Optional
 
 import torch
 
-from dsa_ops import extension, reference
+from dsa_ops import cpu_kernels, extension, reference
 
 Tensor = torch.Tensor
 
@@ -35,7 +36,7 @@ _BWD_SCHEMA = ("(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tens
                " -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)")
 _PARTITION_SCHEMA = "(Tensor mask) -> (Tensor index, Tensor count)"
 
-BACKENDS = ("reference", "triton", "cuda")
+BACKENDS = ("reference", "cpu", "triton", "cuda")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Head sizes the fused kernels are built for (csrc/masked_attention/launch.cuh mirrors these).
@@ -105,6 +106,12 @@ for _name, _schema, _impl in (("masked_attention_fwd_reference", _FWD_SCHEMA, re
     _lib.impl(_name, _impl, "CompositeExplicitAutograd")
 _register_meta_and_autograd("reference")
 
+for _name, _schema, _impl in zip(_op_names("cpu"), (_FWD_SCHEMA, _BWD_SCHEMA),
+                                 (cpu_kernels.forward, cpu_kernels.backward)):
+    _lib.define(_name + _schema)
+    _lib.impl(_name, _impl, "CPU")
+_register_meta_and_autograd("cpu")
+
 for _name, _schema in zip(_op_names("cuda"), (_FWD_SCHEMA, _BWD_SCHEMA)):
     _lib.define(_name + _schema)
 _register_meta_and_autograd("cuda")
@@ -165,6 +172,12 @@ def _reference_unavailable(device: torch.device) -> Optional[str]:
     return None
 
 
+def _cpu_unavailable(device: torch.device) -> Optional[str]:
+    if device.type != "cpu":
+        return f"the cpu backend runs on CPU tensors; got tensors on {device}"
+    return None
+
+
 def _triton_unavailable(device: torch.device) -> Optional[str]:
     if _TRITON_IMPORT_ERROR is not None:
         return _TRITON_IMPORT_ERROR
@@ -195,6 +208,7 @@ def _backend_ops(name: str) -> tuple[Callable, Callable]:
 
 _BACKENDS = {
     "reference": Backend("reference", *_backend_ops("reference"), _reference_unavailable, FLOAT_DTYPES),
+    "cpu": Backend("cpu", *_backend_ops("cpu"), _cpu_unavailable, cpu_kernels.DTYPES),
     "triton": Backend("triton", *_backend_ops("triton"), _triton_unavailable, FUSED_DTYPES,
                       FUSED_QK_DIMS, FUSED_V_DIMS),
     "cuda": Backend("cuda", *_backend_ops("cuda"), _cuda_unavailable, FUSED_DTYPES,
@@ -223,9 +237,8 @@ def backend_unavailable_reason(name: str, device: torch.device | str | None = No
 
 
 def resolve_backend(name: str, q: Tensor, v: Tensor) -> Backend:
-    """The backend to run: ``name`` itself, or for ``"auto"`` cuda → triton → reference.
-
-    ``"auto"`` only picks fused backends for CUDA tensors; on the CPU it is the reference.
+    """The backend to run: ``name`` itself, or for ``"auto"`` cuda → triton → reference on
+    CUDA tensors and cpu → reference on CPU tensors (float64 stays on the reference).
     """
     if not isinstance(name, str):
         raise TypeError(f"backend must be a str, one of 'auto', {', '.join(map(repr, BACKENDS))}; "
@@ -235,6 +248,8 @@ def resolve_backend(name: str, q: Tensor, v: Tensor) -> Backend:
             for candidate in _AUTO_ORDER:
                 if _BACKENDS[candidate].unsupported_reason(q, v) is None:
                     return _BACKENDS[candidate]
+        elif _BACKENDS["cpu"].unsupported_reason(q, v) is None:
+            return _BACKENDS["cpu"]
         return _BACKENDS["reference"]
     if name not in _BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {', '.join(map(repr, BACKENDS))}; "
@@ -298,7 +313,7 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, query_mask: Tensor, key_ma
         scale: multiplies ``q·k`` before the softmax.
         return_attention: also return the dense map ``(B, L, L)`` (float32, float64 for
             float64 inputs): the probabilities on query×key pairs, 0 elsewhere. O(L²).
-        backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``.
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"triton"`` or ``"cuda"``.
 
     Returns:
         ``out (B, L, Dv)`` (zero on non-query rows and on rows without keys), or
@@ -318,7 +333,7 @@ class MaskedAttentionFunction(torch.autograd.Function):
     """Classic-extension-style entry point; forward and backward are the registered ops.
 
     ``MaskedAttentionFunction.apply(q, k, v, query_mask, key_mask, scale, backend)``
-    with ``backend`` one of ``"reference"``, ``"triton"``, ``"cuda"`` or ``"auto"``.
+    with ``backend`` one of ``"reference"``, ``"cpu"``, ``"triton"``, ``"cuda"`` or ``"auto"``.
     """
 
     @staticmethod
@@ -345,7 +360,8 @@ class MaskedAttentionFunction(torch.autograd.Function):
 # partition of the foreground (its two halves are the two key lists), so every key row is
 # gathered by one grid. ``reference`` composes two reference calls and runs everywhere;
 # ``cuda`` comes from csrc/ (bindings.cpp) like the single-branch op; ``triton`` is a
-# ``triton_op`` around ``triton_kernels.dual_forward`` / ``dual_backward``.
+# ``triton_op`` around ``triton_kernels.dual_forward`` / ``dual_backward``; ``cpu`` partitions
+# the foreground once for the queries and both key lists (cpu_kernels.dual_forward).
 _DUAL_FWD_SCHEMA = ("(Tensor q_cross, Tensor k_cross, Tensor v_cross, Tensor q_self, Tensor k_self,"
                     " Tensor v_self, Tensor foreground, float scale)"
                     " -> (Tensor out_cross, Tensor lse_cross, Tensor out_self, Tensor lse_self)")
@@ -354,7 +370,7 @@ _DUAL_BWD_SCHEMA = ("(Tensor grad_out_cross, Tensor grad_out_self, Tensor q_cros
                     " Tensor lse_cross, Tensor out_self, Tensor lse_self, Tensor foreground,"
                     " float scale) -> (Tensor grad_q_cross, Tensor grad_k_cross, Tensor grad_v_cross,"
                     " Tensor grad_q_self, Tensor grad_k_self, Tensor grad_v_self)")
-DUAL_BACKENDS = ("reference", "cuda")
+DUAL_BACKENDS = ("reference", "cpu", "cuda")
 
 
 def _dual_op_names(backend: str) -> tuple[str, str]:
@@ -420,6 +436,9 @@ for _backend in DUAL_BACKENDS:
     if _backend == "reference":  # cuda: TORCH_LIBRARY_IMPL in csrc/bindings.cpp
         _lib.impl(_fwd, _dual_forward_reference, "CompositeExplicitAutograd")
         _lib.impl(_bwd, _dual_backward_reference, "CompositeExplicitAutograd")
+    elif _backend == "cpu":
+        _lib.impl(_fwd, cpu_kernels.dual_forward, "CPU")
+        _lib.impl(_bwd, cpu_kernels.dual_backward, "CPU")
     _register_dual_meta_and_autograd(_backend)
 
 # triton: both branches in one launch per kernel from one partition of the foreground.
@@ -428,6 +447,8 @@ if _TRITON_IMPORT_ERROR is None:
                                      (triton_kernels.dual_forward, triton_kernels.dual_backward)):
         torch.library.triton_op(f"dsa_ops::{_name}", _impl, mutates_args=(), schema=_schema)
     _register_dual_meta_and_autograd("triton")
+# Dual ops that need both branches to have the same shapes (one grid serves both); the cpu
+# dual op makes one kernel call per branch and takes any shapes.
 _FUSED_DUAL = ("cuda", "triton") if _TRITON_IMPORT_ERROR is None else ("cuda",)
 
 
@@ -440,7 +461,8 @@ def dual_masked_attention(q_cross: Tensor, k_cross: Tensor, v_cross: Tensor, q_s
     Equal to ``masked_attention(q_cross, k_cross, v_cross, foreground, ~foreground)`` and
     ``masked_attention(q_self, k_self, v_self, foreground, foreground)``; when the resolved
     backend is ``"cuda"`` or ``"triton"`` and both branches have the same shapes, one fused
-    op computes both (one launch per kernel for the layer).
+    op computes both (one launch per kernel for the layer); on ``"cpu"`` one dual op computes
+    both from one partition of the foreground.
 
     Args:
         q_cross, k_cross, q_self, k_self: ``(B, L, Dqk)``; v_cross, v_self: ``(B, L, Dv)``.
@@ -461,8 +483,9 @@ def dual_masked_attention(q_cross: Tensor, k_cross: Tensor, v_cross: Tensor, q_s
     self_backend = resolve_backend(backend, q_self, v_self)
     same_shapes = (q_self.shape == q_cross.shape and v_self.shape == v_cross.shape
                    and q_self.dtype == q_cross.dtype)
-    if cross_backend.name == self_backend.name and cross_backend.name in _FUSED_DUAL and same_shapes:
-        fused = getattr(torch.ops.dsa_ops, _dual_op_names(cross_backend.name)[0]).default
+    dual_backend = cross_backend.name if cross_backend.name == self_backend.name else None
+    if (dual_backend in _FUSED_DUAL and same_shapes) or dual_backend == "cpu":
+        fused = getattr(torch.ops.dsa_ops, _dual_op_names(dual_backend)[0]).default
         out_cross, _, out_self, _ = fused(q_cross, k_cross, v_cross, q_self, k_self, v_self,
                                           foreground, float(scale))
     else:
