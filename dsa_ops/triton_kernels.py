@@ -499,3 +499,283 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
         NUM_DV_CHUNKS=num_chunks, **blocks,
     )
     return grad_q, grad_k, grad_v
+
+
+# ============================================================================= attention KL
+# KL(E_oracle‖E) per query row and its gradient (DESIGN §2, "Streaming oracle KL"), for
+# dsa_ops.attention_kl's "triton" backend. Same structure as the attention kernels above:
+# compacted query/key lists, gathered strided loads, float32 statistics in log2 units.
+#
+# * Forward, one program per tile of compacted query rows, one pass over key tiles: the
+#   prediction keeps an online (max, sum) for lse; the oracle keeps its (max, sum) and
+#   acc = Σ_j exp2(s°_j − max°)·(s°_j − s_j), rescaled like the attention accumulator, so
+#   KL = ln2·(acc/sum° − lse°₂ + lse₂). The log-probabilities never go through log(p):
+#   exact at any logit gap.
+# * Backward, dS = g_i·(p_ij − p°_ij) from both saved lse's: dQ per query tile over key
+#   tiles, dK per key tile over query tiles (each output written by one program: no
+#   atomics, deterministic).
+# * Under the interpreter (CPU) tl.dot on bfloat16 is unreliable, so the operands are
+#   converted to float32 there (DOT_FLOAT32); on GPUs 16-bit operands feed the tensor cores.
+@dataclasses.dataclass(frozen=True)
+class KLBlockConfig:
+    """Tiles of the KL kernels: ``block_m`` query rows × ``block_n`` key rows, Dqk padded
+    to ``block_qk`` (Dqk ≤ 64 is one tile)."""
+    block_m: int
+    block_n: int
+    block_qk: int
+    num_warps: int
+    num_stages: int
+
+
+def _kl_block_config(device: torch.device, qk_dim: int) -> KLBlockConfig:
+    """Four dots of (tile × Dqk) per key tile in the backward, two in the forward, no V:
+    64 × 64 tiles with 4 warps fit every GPU from sm80 on; the interpreter uses 16 × 16."""
+    block_qk = _padded(int(qk_dim))
+    if device.type != "cuda":
+        return KLBlockConfig(16, 16, block_qk, num_warps=1, num_stages=1)
+    return KLBlockConfig(64, 64, block_qk, num_warps=4, num_stages=2)
+
+
+@triton.jit
+def _kl_dot(a, b, INPUT_PRECISION: tl.constexpr, DOT_FLOAT32: tl.constexpr):
+    """``a·b`` accumulated in float32; a is cast to b's dtype (or both to float32)."""
+    if DOT_FLOAT32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=INPUT_PRECISION)
+    return tl.dot(a.to(b.dtype), b, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def _kl_forward_kernel(
+    q, k, q_oracle, k_oracle, kl, lse, lse_oracle,
+    q_index, q_count, k_index, k_count,
+    stride_qb, stride_ql, stride_qd, stride_kb, stride_kl, stride_kd,
+    stride_qob, stride_qol, stride_qod, stride_kob, stride_kol, stride_kod,
+    stride_out_b,
+    length, qk_dim, qk_scale_log2,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_QK: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, DOT_FLOAT32: tl.constexpr,
+):
+    """One program: one tile of compacted query rows of one sample, all its key tiles."""
+    tile = tl.program_id(0)
+    batch = tl.program_id(1).to(tl.int64)
+    num_queries = tl.load(q_count + batch)
+    num_keys = tl.load(k_count + batch)
+    # Rows past the queries, or without keys, keep the kl 0 / lse +inf the caller set.
+    if (tile * BLOCK_M >= num_queries) | (num_keys == 0):
+        return
+    slots = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_valid = slots < num_queries
+    rows = tl.load(q_index + batch * length + slots, mask=row_valid, other=0).to(tl.int64)
+    cols_d = tl.arange(0, BLOCK_QK)
+    q_tile = _load_rows(q + batch * stride_qb, rows, row_valid, stride_ql, cols_d, qk_dim,
+                        stride_qd)
+    qo_tile = _load_rows(q_oracle + batch * stride_qob, rows, row_valid, stride_qol, cols_d,
+                         qk_dim, stride_qod)
+
+    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    oracle_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    oracle_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    cross = tl.zeros([BLOCK_M], dtype=tl.float32)  # Σ exp2(s° − max°)·(s° − s)
+    for start in range(0, num_keys, BLOCK_N):
+        key_slots = start + tl.arange(0, BLOCK_N)
+        col_valid = key_slots < num_keys
+        cols = tl.load(k_index + batch * length + key_slots, mask=col_valid, other=0).to(tl.int64)
+        k_tile = _load_rows(k + batch * stride_kb, cols, col_valid, stride_kl, cols_d, qk_dim,
+                            stride_kd)
+        ko_tile = _load_rows(k_oracle + batch * stride_kob, cols, col_valid, stride_kol, cols_d,
+                             qk_dim, stride_kod)
+        scores = _kl_dot(q_tile, tl.trans(k_tile), INPUT_PRECISION, DOT_FLOAT32) * qk_scale_log2
+        oracle_scores = (_kl_dot(qo_tile, tl.trans(ko_tile), INPUT_PRECISION, DOT_FLOAT32)
+                         * qk_scale_log2)
+        gap = tl.where(col_valid[None, :], oracle_scores - scores, 0.0)
+        scores = tl.where(col_valid[None, :], scores, float("-inf"))
+        oracle_scores = tl.where(col_valid[None, :], oracle_scores, float("-inf"))
+        # Every tile holds a valid key, so the new maxima are finite.
+        new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+        row_sum = row_sum * tl.exp2(row_max - new_max) + tl.sum(
+            tl.exp2(scores - new_max[:, None]), axis=1)
+        row_max = new_max
+        new_oracle_max = tl.maximum(oracle_max, tl.max(oracle_scores, axis=1))
+        correction = tl.exp2(oracle_max - new_oracle_max)
+        oracle_weights = tl.exp2(oracle_scores - new_oracle_max[:, None])
+        oracle_sum = oracle_sum * correction + tl.sum(oracle_weights, axis=1)
+        cross = cross * correction + tl.sum(oracle_weights * gap, axis=1)
+        oracle_max = new_oracle_max
+
+    row_lse2 = row_max + tl.log2(row_sum)
+    oracle_lse2 = oracle_max + tl.log2(oracle_sum)
+    ln2 = 0.6931471805599453
+    out_offsets = batch * stride_out_b + rows
+    tl.store(kl + out_offsets, (cross / oracle_sum - oracle_lse2 + row_lse2) * ln2, mask=row_valid)
+    tl.store(lse + out_offsets, row_lse2 * ln2, mask=row_valid)
+    tl.store(lse_oracle + out_offsets, oracle_lse2 * ln2, mask=row_valid)
+
+
+@triton.jit
+def _kl_grad_scores(q_tile, qo_tile, k_tile, ko_tile, lse2, oracle_lse2, grad, col_valid,
+                    qk_scale_log2, INPUT_PRECISION: tl.constexpr, DOT_FLOAT32: tl.constexpr):
+    """``g_i·(p_ij − p°_ij)`` for a (query tile, key tile) pair; 0 on padding."""
+    scores = _kl_dot(q_tile, tl.trans(k_tile), INPUT_PRECISION, DOT_FLOAT32) * qk_scale_log2
+    oracle_scores = _kl_dot(qo_tile, tl.trans(ko_tile), INPUT_PRECISION, DOT_FLOAT32) * qk_scale_log2
+    probs = tl.exp2(scores - lse2[:, None]) - tl.exp2(oracle_scores - oracle_lse2[:, None])
+    return tl.where(col_valid[None, :], probs * grad[:, None], 0.0)
+
+
+@triton.jit
+def _kl_grad_q_kernel(
+    grad_kl, q, k, q_oracle, k_oracle, lse, lse_oracle, grad_q,
+    q_index, q_count, k_index, k_count,
+    stride_gb, stride_gl,
+    stride_qb, stride_ql, stride_qd, stride_kb, stride_kl, stride_kd,
+    stride_qob, stride_qol, stride_qod, stride_kob, stride_kol, stride_kod,
+    stride_lse_b, stride_dqb, stride_dql, stride_dqd,
+    length, qk_dim, scale, qk_scale_log2,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_QK: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, DOT_FLOAT32: tl.constexpr,
+):
+    """One program: one tile of compacted query rows; dQ = scale·dS·K over all key tiles."""
+    tile = tl.program_id(0)
+    batch = tl.program_id(1).to(tl.int64)
+    num_queries = tl.load(q_count + batch)
+    num_keys = tl.load(k_count + batch)
+    if (tile * BLOCK_M >= num_queries) | (num_keys == 0):
+        return
+    slots = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_valid = slots < num_queries
+    rows = tl.load(q_index + batch * length + slots, mask=row_valid, other=0).to(tl.int64)
+    cols_d = tl.arange(0, BLOCK_QK)
+    q_tile = _load_rows(q + batch * stride_qb, rows, row_valid, stride_ql, cols_d, qk_dim,
+                        stride_qd)
+    qo_tile = _load_rows(q_oracle + batch * stride_qob, rows, row_valid, stride_qol, cols_d,
+                         qk_dim, stride_qod)
+    lse2 = tl.load(lse + batch * stride_lse_b + rows, mask=row_valid,
+                   other=float("inf")) * 1.4426950408889634
+    oracle_lse2 = tl.load(lse_oracle + batch * stride_lse_b + rows, mask=row_valid,
+                          other=float("inf")) * 1.4426950408889634
+    grad = tl.load(grad_kl + batch * stride_gb + rows * stride_gl, mask=row_valid,
+                   other=0.0).to(tl.float32)
+
+    acc_q = tl.zeros([BLOCK_M, BLOCK_QK], dtype=tl.float32)
+    for start in range(0, num_keys, BLOCK_N):
+        key_slots = start + tl.arange(0, BLOCK_N)
+        col_valid = key_slots < num_keys
+        cols = tl.load(k_index + batch * length + key_slots, mask=col_valid, other=0).to(tl.int64)
+        k_tile = _load_rows(k + batch * stride_kb, cols, col_valid, stride_kl, cols_d, qk_dim,
+                            stride_kd)
+        ko_tile = _load_rows(k_oracle + batch * stride_kob, cols, col_valid, stride_kol, cols_d,
+                             qk_dim, stride_kod)
+        d_scores = _kl_grad_scores(q_tile, qo_tile, k_tile, ko_tile, lse2, oracle_lse2, grad,
+                                   col_valid, qk_scale_log2, INPUT_PRECISION, DOT_FLOAT32)
+        acc_q += _kl_dot(d_scores, k_tile, INPUT_PRECISION, DOT_FLOAT32)
+    pointers = grad_q + batch * stride_dqb + rows[:, None] * stride_dql + cols_d[None, :] * stride_dqd
+    tl.store(pointers, (acc_q * scale).to(grad_q.dtype.element_ty),
+             mask=row_valid[:, None] & (cols_d[None, :] < qk_dim))
+
+
+@triton.jit
+def _kl_grad_k_kernel(
+    grad_kl, q, k, q_oracle, k_oracle, lse, lse_oracle, grad_k,
+    q_index, q_count, k_index, k_count,
+    stride_gb, stride_gl,
+    stride_qb, stride_ql, stride_qd, stride_kb, stride_kl, stride_kd,
+    stride_qob, stride_qol, stride_qod, stride_kob, stride_kol, stride_kod,
+    stride_lse_b, stride_dkb, stride_dkl, stride_dkd,
+    length, qk_dim, scale, qk_scale_log2,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_QK: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, DOT_FLOAT32: tl.constexpr,
+):
+    """One program: one tile of compacted key rows; dK = scale·dSᵀ·Q over all query tiles."""
+    tile = tl.program_id(0)
+    batch = tl.program_id(1).to(tl.int64)
+    num_queries = tl.load(q_count + batch)
+    num_keys = tl.load(k_count + batch)
+    if (tile * BLOCK_N >= num_keys) | (num_queries == 0):
+        return
+    key_slots = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_valid = key_slots < num_keys
+    cols = tl.load(k_index + batch * length + key_slots, mask=col_valid, other=0).to(tl.int64)
+    cols_d = tl.arange(0, BLOCK_QK)
+    k_tile = _load_rows(k + batch * stride_kb, cols, col_valid, stride_kl, cols_d, qk_dim,
+                        stride_kd)
+    ko_tile = _load_rows(k_oracle + batch * stride_kob, cols, col_valid, stride_kol, cols_d,
+                         qk_dim, stride_kod)
+
+    acc_k = tl.zeros([BLOCK_N, BLOCK_QK], dtype=tl.float32)
+    for start in range(0, num_queries, BLOCK_M):
+        slots = start + tl.arange(0, BLOCK_M)
+        row_valid = slots < num_queries
+        rows = tl.load(q_index + batch * length + slots, mask=row_valid, other=0).to(tl.int64)
+        q_tile = _load_rows(q + batch * stride_qb, rows, row_valid, stride_ql, cols_d, qk_dim,
+                            stride_qd)
+        qo_tile = _load_rows(q_oracle + batch * stride_qob, rows, row_valid, stride_qol, cols_d,
+                             qk_dim, stride_qod)
+        # Padding rows read lse +inf and grad 0: their probabilities and dS are 0.
+        lse2 = tl.load(lse + batch * stride_lse_b + rows, mask=row_valid,
+                       other=float("inf")) * 1.4426950408889634
+        oracle_lse2 = tl.load(lse_oracle + batch * stride_lse_b + rows, mask=row_valid,
+                              other=float("inf")) * 1.4426950408889634
+        grad = tl.load(grad_kl + batch * stride_gb + rows * stride_gl, mask=row_valid,
+                       other=0.0).to(tl.float32)
+        d_scores = _kl_grad_scores(q_tile, qo_tile, k_tile, ko_tile, lse2, oracle_lse2, grad,
+                                   col_valid, qk_scale_log2, INPUT_PRECISION, DOT_FLOAT32)
+        acc_k += _kl_dot(tl.trans(d_scores), q_tile, INPUT_PRECISION, DOT_FLOAT32)
+    pointers = grad_k + batch * stride_dkb + cols[:, None] * stride_dkl + cols_d[None, :] * stride_dkd
+    tl.store(pointers, (acc_k * scale).to(grad_k.dtype.element_ty),
+             mask=col_valid[:, None] & (cols_d[None, :] < qk_dim))
+
+
+def _kl_launch_options(q: Tensor) -> dict:
+    config = _kl_block_config(q.device, q.shape[2])
+    return dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_QK=config.block_qk,
+                INPUT_PRECISION=_dot_precision(q.dtype),
+                DOT_FLOAT32=q.device.type != "cuda" and q.dtype == torch.bfloat16,
+                num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def attention_kl_forward(q: Tensor, k: Tensor, q_oracle: Tensor, k_oracle: Tensor,
+                         query_mask: Tensor, key_mask: Tensor,
+                         scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(kl, lse, lse_oracle)``, each ``(B, L)`` float32; inputs ``(B, L, Dqk)`` any strides."""
+    batch, length, qk_dim = q.shape
+    kl = torch.zeros((batch, length), dtype=torch.float32, device=q.device)
+    lse = torch.full((batch, length), float("inf"), dtype=torch.float32, device=q.device)
+    lse_oracle = torch.full_like(lse, float("inf"))
+    if batch == 0 or length == 0:
+        return kl, lse, lse_oracle
+    q_index, q_count = _partition(query_mask)
+    k_index, k_count = _partition(key_mask)
+    options = _kl_launch_options(q)
+    grid = (triton.cdiv(length, options["BLOCK_M"]), batch)
+    torch.library.wrap_triton(_kl_forward_kernel)[grid](
+        q, k, q_oracle, k_oracle, kl, lse, lse_oracle,
+        q_index, q_count, k_index, k_count,
+        *q.stride(), *k.stride(), *q_oracle.stride(), *k_oracle.stride(), kl.stride(0),
+        length, qk_dim, scale * LOG2_E, **options)
+    return kl, lse, lse_oracle
+
+
+def attention_kl_backward(grad_kl: Tensor, q: Tensor, k: Tensor, q_oracle: Tensor,
+                          k_oracle: Tensor, lse: Tensor, lse_oracle: Tensor,
+                          query_mask: Tensor, key_mask: Tensor,
+                          scale: float) -> tuple[Tensor, Tensor]:
+    """``(grad_q, grad_k)`` shaped like q, k; ``grad_kl`` ``(B, L)`` any strides; lse's
+    from the forward (contiguous, as it allocates them)."""
+    batch, length, qk_dim = q.shape
+    grad_q = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+    grad_k = torch.zeros(k.shape, dtype=k.dtype, device=k.device)
+    if batch == 0 or length == 0:
+        return grad_q, grad_k
+    q_index, q_count = _partition(query_mask)
+    k_index, k_count = _partition(key_mask)
+    options = _kl_launch_options(q)
+    inputs = (grad_kl, q, k, q_oracle, k_oracle, lse, lse_oracle)
+    strides = (*grad_kl.stride(), *q.stride(), *k.stride(), *q_oracle.stride(),
+               *k_oracle.stride(), lse.stride(0))
+    indices = (q_index, q_count, k_index, k_count)
+    for kernel, grad, block in ((_kl_grad_q_kernel, grad_q, options["BLOCK_M"]),
+                                (_kl_grad_k_kernel, grad_k, options["BLOCK_N"])):
+        torch.library.wrap_triton(kernel)[(triton.cdiv(length, block), batch)](
+            *inputs, grad, *indices, *strides, *grad.stride(),
+            length, qk_dim, scale, scale * LOG2_E, **options)
+    return grad_q, grad_k
