@@ -579,13 +579,16 @@ def get_kl_backend(name: str) -> Backend:
 def resolve_kl_backend(name: str, q: Tensor) -> Backend:
     """``name`` itself, or for ``"auto"``: cuda → triton → reference on CUDA tensors, cpu on
     CPU tensors, reference elsewhere."""
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a str, one of 'auto', {', '.join(map(repr, KL_BACKENDS))}; "
+                        f"got {type(name).__name__}")
     if name == "auto":
         order = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}.get(q.device.type, ())
         for candidate in order:
             if _KL_BACKEND_TABLE[candidate].unsupported_reason(q, q) is None:
                 return _KL_BACKEND_TABLE[candidate]
         return _KL_BACKEND_TABLE["reference"]
-    if not isinstance(name, str) or name not in _KL_BACKEND_TABLE:
+    if name not in _KL_BACKEND_TABLE:
         raise ValueError(f"backend must be 'auto' or one of {', '.join(map(repr, KL_BACKENDS))}; "
                          f"got {name!r}")
     reason = _KL_BACKEND_TABLE[name].unsupported_reason(q, q)
