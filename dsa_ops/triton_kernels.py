@@ -511,9 +511,9 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
 #   acc = Σ_j exp2(s°_j − max°)·(s°_j − s_j), rescaled like the attention accumulator, so
 #   KL = ln2·(acc/sum° − lse°₂ + lse₂). The log-probabilities never go through log(p):
 #   exact at any logit gap.
-# * Backward, dS = g_i·(p_ij − p°_ij) from both saved lse's: dQ per query tile over key
-#   tiles, dK per key tile over query tiles (each output written by one program: no
-#   atomics, deterministic).
+# * Backward, dS = g_i·(p_ij − p°_ij) from both saved lse's, one kernel launched twice:
+#   dQ per query tile over key tiles, dK per key tile over query tiles (each output
+#   written by one program: no atomics, deterministic).
 # * Under the interpreter (CPU) tl.dot on bfloat16 is unreliable, so the operands are
 #   converted to float32 there (DOT_FLOAT32); on GPUs 16-bit operands feed the tensor cores.
 @dataclasses.dataclass(frozen=True)
@@ -528,8 +528,9 @@ class KLBlockConfig:
 
 
 def _kl_block_config(device: torch.device, qk_dim: int) -> KLBlockConfig:
-    """Four dots of (tile × Dqk) per key tile in the backward, two in the forward, no V:
-    64 × 64 tiles with 4 warps fit every GPU from sm80 on; the interpreter uses 16 × 16."""
+    """Two (tile × Dqk) dots per tile pair in the forward, three in the backward, no V:
+    64 × 64 tiles, 4 warps, 2 stages (compiled for sm_80 and sm_90 at Dqk 64: at most
+    81 KiB of shared memory, float32); the interpreter uses 16 × 16."""
     block_qk = _padded(int(qk_dim))
     if device.type != "cuda":
         return KLBlockConfig(16, 16, block_qk, num_warps=1, num_stages=1)
@@ -542,6 +543,32 @@ def _kl_dot(a, b, INPUT_PRECISION: tl.constexpr, DOT_FLOAT32: tl.constexpr):
     if DOT_FLOAT32:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=INPUT_PRECISION)
     return tl.dot(a.to(b.dtype), b, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def _kl_tile_rows(index, count, batch, length, start, BLOCK: tl.constexpr):
+    """Rows (int64) of compacted slots ``start ..+BLOCK`` of one sample, and which are valid."""
+    slots = start + tl.arange(0, BLOCK)
+    valid = slots < count
+    return tl.load(index + batch * length + slots, mask=valid, other=0).to(tl.int64), valid
+
+
+@triton.jit
+def _kl_load_pair(prediction, oracle, rows, valid, cols_d, qk_dim, stride_pl, stride_pd,
+                  stride_ol, stride_od):
+    """The same rows of the prediction's and the oracle's q (or k) of one sample."""
+    return (_load_rows(prediction, rows, valid, stride_pl, cols_d, qk_dim, stride_pd),
+            _load_rows(oracle, rows, valid, stride_ol, cols_d, qk_dim, stride_od))
+
+
+@triton.jit
+def _kl_row_statistics(lse, lse_oracle, grad_kl, rows, valid, stride_gl):
+    """Both lse's in log2 units and the incoming gradient of the rows (one sample's base
+    pointers); padding rows read lse +inf and gradient 0, so their dS is 0."""
+    lse2 = tl.load(lse + rows, mask=valid, other=float("inf")) * 1.4426950408889634
+    oracle_lse2 = tl.load(lse_oracle + rows, mask=valid, other=float("inf")) * 1.4426950408889634
+    grad = tl.load(grad_kl + rows * stride_gl, mask=valid, other=0.0).to(tl.float32)
+    return lse2, oracle_lse2, grad
 
 
 @triton.jit
@@ -563,14 +590,11 @@ def _kl_forward_kernel(
     # Rows past the queries, or without keys, keep the kl 0 / lse +inf the caller set.
     if (tile * BLOCK_M >= num_queries) | (num_keys == 0):
         return
-    slots = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_valid = slots < num_queries
-    rows = tl.load(q_index + batch * length + slots, mask=row_valid, other=0).to(tl.int64)
+    rows, row_valid = _kl_tile_rows(q_index, num_queries, batch, length, tile * BLOCK_M, BLOCK_M)
     cols_d = tl.arange(0, BLOCK_QK)
-    q_tile = _load_rows(q + batch * stride_qb, rows, row_valid, stride_ql, cols_d, qk_dim,
-                        stride_qd)
-    qo_tile = _load_rows(q_oracle + batch * stride_qob, rows, row_valid, stride_qol, cols_d,
-                         qk_dim, stride_qod)
+    q_tile, qo_tile = _kl_load_pair(q + batch * stride_qb, q_oracle + batch * stride_qob, rows,
+                                    row_valid, cols_d, qk_dim, stride_ql, stride_qd, stride_qol,
+                                    stride_qod)
 
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -578,13 +602,10 @@ def _kl_forward_kernel(
     oracle_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     cross = tl.zeros([BLOCK_M], dtype=tl.float32)  # Σ exp2(s° − max°)·(s° − s)
     for start in range(0, num_keys, BLOCK_N):
-        key_slots = start + tl.arange(0, BLOCK_N)
-        col_valid = key_slots < num_keys
-        cols = tl.load(k_index + batch * length + key_slots, mask=col_valid, other=0).to(tl.int64)
-        k_tile = _load_rows(k + batch * stride_kb, cols, col_valid, stride_kl, cols_d, qk_dim,
-                            stride_kd)
-        ko_tile = _load_rows(k_oracle + batch * stride_kob, cols, col_valid, stride_kol, cols_d,
-                             qk_dim, stride_kod)
+        cols, col_valid = _kl_tile_rows(k_index, num_keys, batch, length, start, BLOCK_N)
+        k_tile, ko_tile = _kl_load_pair(k + batch * stride_kb, k_oracle + batch * stride_kob, cols,
+                                        col_valid, cols_d, qk_dim, stride_kl, stride_kd,
+                                        stride_kol, stride_kod)
         scores = _kl_dot(q_tile, tl.trans(k_tile), INPUT_PRECISION, DOT_FLOAT32) * qk_scale_log2
         oracle_scores = (_kl_dot(qo_tile, tl.trans(ko_tile), INPUT_PRECISION, DOT_FLOAT32)
                          * qk_scale_log2)
@@ -623,106 +644,67 @@ def _kl_grad_scores(q_tile, qo_tile, k_tile, ko_tile, lse2, oracle_lse2, grad, c
 
 
 @triton.jit
-def _kl_grad_q_kernel(
-    grad_kl, q, k, q_oracle, k_oracle, lse, lse_oracle, grad_q,
+def _kl_backward_kernel(
+    grad_kl, q, k, q_oracle, k_oracle, lse, lse_oracle, grad,
     q_index, q_count, k_index, k_count,
     stride_gb, stride_gl,
     stride_qb, stride_ql, stride_qd, stride_kb, stride_kl, stride_kd,
     stride_qob, stride_qol, stride_qod, stride_kob, stride_kol, stride_kod,
-    stride_lse_b, stride_dqb, stride_dql, stride_dqd,
+    stride_lse_b, stride_db, stride_dl, stride_dd,
     length, qk_dim, scale, qk_scale_log2,
+    GRAD_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_QK: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, DOT_FLOAT32: tl.constexpr,
 ):
-    """One program: one tile of compacted query rows; dQ = scale·dS·K over all key tiles."""
+    """One program, one tile of one sample's compacted rows; dS = g·(p − p°) recomputed.
+
+    ``GRAD_K`` false: a query tile, dQ = scale·dS·K over all key tiles. ``GRAD_K`` true:
+    a key tile, dK = scale·dSᵀ·Q over all query tiles. ``grad`` is dQ or dK.
+    """
     tile = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)
     num_queries = tl.load(q_count + batch)
     num_keys = tl.load(k_count + batch)
-    if (tile * BLOCK_M >= num_queries) | (num_keys == 0):
+    # Rows no pair reaches keep the zero gradient the caller allocated.
+    if ((tile * (BLOCK_N if GRAD_K else BLOCK_M) >= (num_keys if GRAD_K else num_queries))
+            | (num_keys == 0) | (num_queries == 0)):
         return
-    slots = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_valid = slots < num_queries
-    rows = tl.load(q_index + batch * length + slots, mask=row_valid, other=0).to(tl.int64)
     cols_d = tl.arange(0, BLOCK_QK)
-    q_tile = _load_rows(q + batch * stride_qb, rows, row_valid, stride_ql, cols_d, qk_dim,
-                        stride_qd)
-    qo_tile = _load_rows(q_oracle + batch * stride_qob, rows, row_valid, stride_qol, cols_d,
-                         qk_dim, stride_qod)
-    lse2 = tl.load(lse + batch * stride_lse_b + rows, mask=row_valid,
-                   other=float("inf")) * 1.4426950408889634
-    oracle_lse2 = tl.load(lse_oracle + batch * stride_lse_b + rows, mask=row_valid,
-                          other=float("inf")) * 1.4426950408889634
-    grad = tl.load(grad_kl + batch * stride_gb + rows * stride_gl, mask=row_valid,
-                   other=0.0).to(tl.float32)
-
-    acc_q = tl.zeros([BLOCK_M, BLOCK_QK], dtype=tl.float32)
-    for start in range(0, num_keys, BLOCK_N):
-        key_slots = start + tl.arange(0, BLOCK_N)
-        col_valid = key_slots < num_keys
-        cols = tl.load(k_index + batch * length + key_slots, mask=col_valid, other=0).to(tl.int64)
-        k_tile = _load_rows(k + batch * stride_kb, cols, col_valid, stride_kl, cols_d, qk_dim,
-                            stride_kd)
-        ko_tile = _load_rows(k_oracle + batch * stride_kob, cols, col_valid, stride_kol, cols_d,
-                             qk_dim, stride_kod)
-        d_scores = _kl_grad_scores(q_tile, qo_tile, k_tile, ko_tile, lse2, oracle_lse2, grad,
-                                   col_valid, qk_scale_log2, INPUT_PRECISION, DOT_FLOAT32)
-        acc_q += _kl_dot(d_scores, k_tile, INPUT_PRECISION, DOT_FLOAT32)
-    pointers = grad_q + batch * stride_dqb + rows[:, None] * stride_dql + cols_d[None, :] * stride_dqd
-    tl.store(pointers, (acc_q * scale).to(grad_q.dtype.element_ty),
-             mask=row_valid[:, None] & (cols_d[None, :] < qk_dim))
-
-
-@triton.jit
-def _kl_grad_k_kernel(
-    grad_kl, q, k, q_oracle, k_oracle, lse, lse_oracle, grad_k,
-    q_index, q_count, k_index, k_count,
-    stride_gb, stride_gl,
-    stride_qb, stride_ql, stride_qd, stride_kb, stride_kl, stride_kd,
-    stride_qob, stride_qol, stride_qod, stride_kob, stride_kol, stride_kod,
-    stride_lse_b, stride_dkb, stride_dkl, stride_dkd,
-    length, qk_dim, scale, qk_scale_log2,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_QK: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, DOT_FLOAT32: tl.constexpr,
-):
-    """One program: one tile of compacted key rows; dK = scale·dSᵀ·Q over all query tiles."""
-    tile = tl.program_id(0)
-    batch = tl.program_id(1).to(tl.int64)
-    num_queries = tl.load(q_count + batch)
-    num_keys = tl.load(k_count + batch)
-    if (tile * BLOCK_N >= num_keys) | (num_queries == 0):
-        return
-    key_slots = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_valid = key_slots < num_keys
-    cols = tl.load(k_index + batch * length + key_slots, mask=col_valid, other=0).to(tl.int64)
-    cols_d = tl.arange(0, BLOCK_QK)
-    k_tile = _load_rows(k + batch * stride_kb, cols, col_valid, stride_kl, cols_d, qk_dim,
-                        stride_kd)
-    ko_tile = _load_rows(k_oracle + batch * stride_kob, cols, col_valid, stride_kol, cols_d,
-                         qk_dim, stride_kod)
-
-    acc_k = tl.zeros([BLOCK_N, BLOCK_QK], dtype=tl.float32)
-    for start in range(0, num_queries, BLOCK_M):
-        slots = start + tl.arange(0, BLOCK_M)
-        row_valid = slots < num_queries
-        rows = tl.load(q_index + batch * length + slots, mask=row_valid, other=0).to(tl.int64)
-        q_tile = _load_rows(q + batch * stride_qb, rows, row_valid, stride_ql, cols_d, qk_dim,
-                            stride_qd)
-        qo_tile = _load_rows(q_oracle + batch * stride_qob, rows, row_valid, stride_qol, cols_d,
-                             qk_dim, stride_qod)
-        # Padding rows read lse +inf and grad 0: their probabilities and dS are 0.
-        lse2 = tl.load(lse + batch * stride_lse_b + rows, mask=row_valid,
-                       other=float("inf")) * 1.4426950408889634
-        oracle_lse2 = tl.load(lse_oracle + batch * stride_lse_b + rows, mask=row_valid,
-                              other=float("inf")) * 1.4426950408889634
-        grad = tl.load(grad_kl + batch * stride_gb + rows * stride_gl, mask=row_valid,
-                       other=0.0).to(tl.float32)
-        d_scores = _kl_grad_scores(q_tile, qo_tile, k_tile, ko_tile, lse2, oracle_lse2, grad,
-                                   col_valid, qk_scale_log2, INPUT_PRECISION, DOT_FLOAT32)
-        acc_k += _kl_dot(tl.trans(d_scores), q_tile, INPUT_PRECISION, DOT_FLOAT32)
-    pointers = grad_k + batch * stride_dkb + cols[:, None] * stride_dkl + cols_d[None, :] * stride_dkd
-    tl.store(pointers, (acc_k * scale).to(grad_k.dtype.element_ty),
-             mask=col_valid[:, None] & (cols_d[None, :] < qk_dim))
+    q_b, qo_b = q + batch * stride_qb, q_oracle + batch * stride_qob
+    k_b, ko_b = k + batch * stride_kb, k_oracle + batch * stride_kob
+    lse_b, lse_oracle_b = lse + batch * stride_lse_b, lse_oracle + batch * stride_lse_b
+    grad_kl_b = grad_kl + batch * stride_gb
+    if GRAD_K:
+        own, own_valid = _kl_tile_rows(k_index, num_keys, batch, length, tile * BLOCK_N, BLOCK_N)
+        k_tile, ko_tile = _kl_load_pair(k_b, ko_b, own, own_valid, cols_d, qk_dim, stride_kl,
+                                        stride_kd, stride_kol, stride_kod)
+        acc = tl.zeros([BLOCK_N, BLOCK_QK], dtype=tl.float32)
+        for start in range(0, num_queries, BLOCK_M):
+            rows, row_valid = _kl_tile_rows(q_index, num_queries, batch, length, start, BLOCK_M)
+            q_tile, qo_tile = _kl_load_pair(q_b, qo_b, rows, row_valid, cols_d, qk_dim, stride_ql,
+                                            stride_qd, stride_qol, stride_qod)
+            lse2, oracle_lse2, g = _kl_row_statistics(lse_b, lse_oracle_b, grad_kl_b, rows,
+                                                      row_valid, stride_gl)
+            d_scores = _kl_grad_scores(q_tile, qo_tile, k_tile, ko_tile, lse2, oracle_lse2, g,
+                                       own_valid, qk_scale_log2, INPUT_PRECISION, DOT_FLOAT32)
+            acc += _kl_dot(tl.trans(d_scores), q_tile, INPUT_PRECISION, DOT_FLOAT32)
+    else:
+        own, own_valid = _kl_tile_rows(q_index, num_queries, batch, length, tile * BLOCK_M, BLOCK_M)
+        q_tile, qo_tile = _kl_load_pair(q_b, qo_b, own, own_valid, cols_d, qk_dim, stride_ql,
+                                        stride_qd, stride_qol, stride_qod)
+        lse2, oracle_lse2, g = _kl_row_statistics(lse_b, lse_oracle_b, grad_kl_b, own, own_valid,
+                                                  stride_gl)
+        acc = tl.zeros([BLOCK_M, BLOCK_QK], dtype=tl.float32)
+        for start in range(0, num_keys, BLOCK_N):
+            cols, col_valid = _kl_tile_rows(k_index, num_keys, batch, length, start, BLOCK_N)
+            k_tile, ko_tile = _kl_load_pair(k_b, ko_b, cols, col_valid, cols_d, qk_dim, stride_kl,
+                                            stride_kd, stride_kol, stride_kod)
+            d_scores = _kl_grad_scores(q_tile, qo_tile, k_tile, ko_tile, lse2, oracle_lse2, g,
+                                       col_valid, qk_scale_log2, INPUT_PRECISION, DOT_FLOAT32)
+            acc += _kl_dot(d_scores, k_tile, INPUT_PRECISION, DOT_FLOAT32)
+    pointers = grad + batch * stride_db + own[:, None] * stride_dl + cols_d[None, :] * stride_dd
+    tl.store(pointers, (acc * scale).to(grad.dtype.element_ty),
+             mask=own_valid[:, None] & (cols_d[None, :] < qk_dim))
 
 
 def _kl_launch_options(q: Tensor) -> dict:
@@ -773,9 +755,9 @@ def attention_kl_backward(grad_kl: Tensor, q: Tensor, k: Tensor, q_oracle: Tenso
     strides = (*grad_kl.stride(), *q.stride(), *k.stride(), *q_oracle.stride(),
                *k_oracle.stride(), lse.stride(0))
     indices = (q_index, q_count, k_index, k_count)
-    for kernel, grad, block in ((_kl_grad_q_kernel, grad_q, options["BLOCK_M"]),
-                                (_kl_grad_k_kernel, grad_k, options["BLOCK_N"])):
-        torch.library.wrap_triton(kernel)[(triton.cdiv(length, block), batch)](
+    for grad_k_pass, grad, block in ((False, grad_q, options["BLOCK_M"]),
+                                     (True, grad_k, options["BLOCK_N"])):
+        torch.library.wrap_triton(_kl_backward_kernel)[(triton.cdiv(length, block), batch)](
             *inputs, grad, *indices, *strides, *grad.stride(),
-            length, qk_dim, scale, scale * LOG2_E, **options)
+            length, qk_dim, scale, scale * LOG2_E, GRAD_K=grad_k_pass, **options)
     return grad_q, grad_k

@@ -1,5 +1,6 @@
 """Oracle supervision at every DSA layer: the streamed loss, the oracle pass, the switch."""
 import argparse
+import collections
 
 import pytest
 import torch
@@ -61,29 +62,23 @@ def test_streamed_loss_equals_the_dense_maps_loss_with_the_same_gradients():
 
 def test_oracle_pass_stops_after_the_last_supervised_projection(monkeypatch):
     generator = _narrow_generator((12, 13, 14))
-    calls = {}
-
-    def counter(name):
-        def hook(module, inputs, output):
-            calls[name] = calls.get(name, 0) + 1
-        return hook
-
-    for index, block in generator.layers.items():
-        block.register_forward_hook(counter(f"layer{index}"))
-    for index, module in generator.attention.items():
-        module.register_forward_hook(counter(f"dsa{index}"))
-        module.projection.register_forward_hook(counter(f"projection{index}"))
     bn_state = {k: v.clone() for k, v in generator.state_dict().items() if "running" in k}
     # No dense map anywhere on the streamed path.
     monkeypatch.setattr(reference, "attention_probs", lambda *a, **k: pytest.fail("dense map"))
     x, mask = _batch()
-    oracle = generator.oracle_queries_keys(x, mask)
+    calls = collections.Counter()
+    hook = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: calls.update([m]))
+    try:
+        oracle = generator.oracle_queries_keys(x, mask)
+    finally:
+        hook.remove()
+    runs = lambda name: calls[generator.get_submodule(name)]  # noqa: E731
 
     assert sorted(oracle) == [12, 13, 14]
-    assert all(calls.get(f"layer{i}") == 1 for i in range(1, 15))
-    assert not any(calls.get(f"layer{i}") for i in (15, 16))
-    assert calls.get("dsa12") == calls.get("dsa13") == 1 and not calls.get("dsa14")
-    assert calls.get("projection14") == 1
+    assert all(runs(f"layers.{i}") == 1 for i in range(1, 15))
+    assert runs("layers.15") == runs("layers.16") == 0
+    assert runs("attention.12") == runs("attention.13") == 1 and runs("attention.14") == 0
+    assert runs("attention.14.projection") == 1
     for layer, entry in oracle.items():
         length = (16 << (layer - 12)) ** 2
         assert entry["foreground"].shape == (2, length) and entry["scale"] == 1.0
