@@ -546,6 +546,13 @@ def _kl_dot(a, b, INPUT_PRECISION: tl.constexpr, DOT_FLOAT32: tl.constexpr):
 
 
 @triton.jit
+def _kl_program(q_count, k_count):
+    """``(tile, sample, number of queries, number of keys)`` of this program."""
+    batch = tl.program_id(1).to(tl.int64)
+    return tl.program_id(0), batch, tl.load(q_count + batch), tl.load(k_count + batch)
+
+
+@triton.jit
 def _kl_tile_rows(index, count, batch, length, start, BLOCK: tl.constexpr):
     """Rows (int64) of compacted slots ``start ..+BLOCK`` of one sample, and which are valid."""
     slots = start + tl.arange(0, BLOCK)
@@ -583,10 +590,7 @@ def _kl_forward_kernel(
     INPUT_PRECISION: tl.constexpr, DOT_FLOAT32: tl.constexpr,
 ):
     """One program: one tile of compacted query rows of one sample, all its key tiles."""
-    tile = tl.program_id(0)
-    batch = tl.program_id(1).to(tl.int64)
-    num_queries = tl.load(q_count + batch)
-    num_keys = tl.load(k_count + batch)
+    tile, batch, num_queries, num_keys = _kl_program(q_count, k_count)
     # Rows past the queries, or without keys, keep the kl 0 / lse +inf the caller set.
     if (tile * BLOCK_M >= num_queries) | (num_keys == 0):
         return
@@ -661,10 +665,7 @@ def _kl_backward_kernel(
     ``GRAD_K`` false: a query tile, dQ = scale·dS·K over all key tiles. ``GRAD_K`` true:
     a key tile, dK = scale·dSᵀ·Q over all query tiles. ``grad`` is dQ or dK.
     """
-    tile = tl.program_id(0)
-    batch = tl.program_id(1).to(tl.int64)
-    num_queries = tl.load(q_count + batch)
-    num_keys = tl.load(k_count + batch)
+    tile, batch, num_queries, num_keys = _kl_program(q_count, k_count)
     # Rows no pair reaches keep the zero gradient the caller allocated.
     if ((tile * (BLOCK_N if GRAD_K else BLOCK_M) >= (num_keys if GRAD_K else num_queries))
             | (num_keys == 0) | (num_queries == 0)):
