@@ -40,6 +40,7 @@ KL_CONFIGS = CONFIGS[:4]  # 16², 32², 64² (the paper's layers) and 128²
 # log/xlogy temporaries and, in the backward, their gradients.
 DENSE_BYTES_PER_PAIR = 4 * 25
 CHECK_MAX_LENGTH = 64 * 64
+CPU_REFERENCE_MAX_LENGTH = 64 * 64
 BASELINE = "dense-maps"
 
 
@@ -114,6 +115,9 @@ def streaming(backend: str):
         reason = ops.get_kl_backend(backend).unsupported_reason(q, q)
         if reason is not None:
             raise Unsupported(f"attention_kl backend {backend!r}: {reason}")
+        if backend == "reference" and q.device.type == "cpu" and q.shape[1] > CPU_REFERENCE_MAX_LENGTH:
+            raise Unsupported("the reference visits every row against every position: minutes "
+                              "per call on a CPU beyond 64×64 (the cpu backend is the CPU contender)")
         return _timed(problem, lambda p: streaming_oracle_kl_loss(p.predicted, p.oracle,
                                                                   backend=backend))
     return contender
