@@ -636,7 +636,7 @@ def attention_kl(q: Tensor, k: Tensor, q_oracle: Tensor, k_oracle: Tensor, query
         ``(B, L)`` float32 (float64 for float64 inputs): KL per row, 0 on rows that are no
         query and on rows without keys. Memory O(B·L·Dqk) on the fused backends.
     """
-    validate_inputs(q, k, q, query_mask, key_mask, scale)
+    validate_inputs(q, k, q, query_mask, key_mask, scale)  # no values: q stands in for v
     validate_oracle(q, q_oracle, k_oracle)
     chosen = resolve_kl_backend(backend, q)
     return chosen.forward(q, k, q_oracle, k_oracle, query_mask, key_mask, float(scale))[0]
