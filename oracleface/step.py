@@ -116,7 +116,8 @@ class OracleFaceModel(nn.Module):
 
     # ------------------------------------------------------------------ pieces
     def generate(self, batch: dict) -> GeneratorOutput:
-        """Run G on the batch, keeping the maps of ``kl_layers`` for the oracle loss."""
+        """Run G on the batch, keeping what the oracle loss needs of ``kl_layers``: their
+        q, k (streamed loss) or, with ``detach_oracle=False``, their dense maps."""
         check_batch(batch, self.resolution)
         if self.kl_layers and self.detach_oracle:
             output, queries_keys = self.generator.forward_queries_keys(
