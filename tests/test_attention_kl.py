@@ -268,13 +268,12 @@ def test_torch_compile_fullgraph(backend):
                                     backend=backend).sum()
 
     torch._dynamo.reset()
-    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
-    loss = compiled(q, k, *case.inputs[2:])
-    grads = torch.autograd.grad(loss, (q, k))
-    expected = loss_fn(q, k, *case.inputs[2:])
-    torch.testing.assert_close(loss, expected)
-    for grad, expected_grad in zip(grads, torch.autograd.grad(expected, (q, k))):
-        torch.testing.assert_close(grad, expected_grad)
+    runs = []  # (loss, dq, dk): compiled, then eager
+    for fn in (torch.compile(loss_fn, fullgraph=True, backend="aot_eager"), loss_fn):
+        loss = fn(q, k, *case.inputs[2:])
+        runs.append((loss, *torch.autograd.grad(loss, (q, k))))
+    for compiled, eager in zip(*runs):
+        torch.testing.assert_close(compiled, eager)
 
 
 def test_auto_on_cpu_is_the_cpu_backend():
