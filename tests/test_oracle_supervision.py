@@ -5,7 +5,7 @@ import collections
 import pytest
 import torch
 
-from dsa_ops import reference
+from dsa_ops import DualSpatialAttention, reference
 from oracleface.losses import PerceptualLoss, attention_kl_loss, streaming_oracle_kl_loss
 from oracleface.models import Generator
 from oracleface.step import OracleFaceModel
@@ -67,6 +67,13 @@ def test_oracle_pass_stops_after_the_last_supervised_projection(monkeypatch):
     monkeypatch.setattr(reference, "attention_probs", lambda *a, **k: pytest.fail("dense map"))
     x, mask = _batch()
     calls = collections.Counter()
+    project = DualSpatialAttention._project
+
+    def counted_project(module, features):
+        calls.update([module.projection])  # the projection GEMM runs inside _project
+        return project(module, features)
+
+    monkeypatch.setattr(DualSpatialAttention, "_project", counted_project)
     hook = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: calls.update([m]))
     try:
         oracle = generator.oracle_queries_keys(x, mask)
