@@ -214,7 +214,8 @@ _BACKENDS = {
     "cuda": Backend("cuda", *_backend_ops("cuda"), _cuda_unavailable, FUSED_DTYPES,
                     FUSED_QK_DIMS, FUSED_V_DIMS),
 }
-_AUTO_ORDER = ("cuda", "triton")
+# What "auto" tries per device type, in order, before the reference.
+_AUTO_ORDER = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
 
 
 def get_backend(name: str) -> Backend:
@@ -236,28 +237,30 @@ def backend_unavailable_reason(name: str, device: torch.device | str | None = No
     return _BACKENDS[name].unavailable_reason(torch.device(device))
 
 
+def _resolve(table: dict, name: str, q: Tensor, v: Tensor) -> Backend:
+    """``table[name]``, or for ``"auto"`` the first backend of ``_AUTO_ORDER`` for the
+    tensors' device that can take them (else the reference); a clear error otherwise."""
+    names = ", ".join(map(repr, table))
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a str, one of 'auto', {names}; got {type(name).__name__}")
+    if name == "auto":
+        for candidate in _AUTO_ORDER.get(q.device.type, ()):
+            if candidate in table and table[candidate].unsupported_reason(q, v) is None:
+                return table[candidate]
+        return table["reference"]
+    if name not in table:
+        raise ValueError(f"backend must be 'auto' or one of {names}; got {name!r}")
+    reason = table[name].unsupported_reason(q, v)
+    if reason is not None:
+        raise ValueError(f"backend {name!r} is not available for these inputs: {reason}")
+    return table[name]
+
+
 def resolve_backend(name: str, q: Tensor, v: Tensor) -> Backend:
     """The backend to run: ``name`` itself, or for ``"auto"`` cuda → triton → reference on
     CUDA tensors and cpu → reference on CPU tensors (float64 stays on the reference).
     """
-    if not isinstance(name, str):
-        raise TypeError(f"backend must be a str, one of 'auto', {', '.join(map(repr, BACKENDS))}; "
-                        f"got {type(name).__name__}")
-    if name == "auto":
-        if q.device.type == "cuda":
-            for candidate in _AUTO_ORDER:
-                if _BACKENDS[candidate].unsupported_reason(q, v) is None:
-                    return _BACKENDS[candidate]
-        elif _BACKENDS["cpu"].unsupported_reason(q, v) is None:
-            return _BACKENDS["cpu"]
-        return _BACKENDS["reference"]
-    if name not in _BACKENDS:
-        raise ValueError(f"backend must be 'auto' or one of {', '.join(map(repr, BACKENDS))}; "
-                         f"got {name!r}")
-    reason = _BACKENDS[name].unsupported_reason(q, v)
-    if reason is not None:
-        raise ValueError(f"backend {name!r} is not available for these inputs: {reason}")
-    return _BACKENDS[name]
+    return _resolve(_BACKENDS, name, q, v)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -619,23 +622,8 @@ def get_kl_backend(name: str) -> Backend:
 
 def resolve_kl_backend(name: str, q: Tensor) -> Backend:
     """``name`` itself, or for ``"auto"``: cuda → triton → reference on CUDA tensors, cpu on
-    CPU tensors, reference elsewhere."""
-    if not isinstance(name, str):
-        raise TypeError(f"backend must be a str, one of 'auto', {', '.join(map(repr, KL_BACKENDS))}; "
-                        f"got {type(name).__name__}")
-    if name == "auto":
-        order = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}.get(q.device.type, ())
-        for candidate in order:
-            if _KL_BACKEND_TABLE[candidate].unsupported_reason(q, q) is None:
-                return _KL_BACKEND_TABLE[candidate]
-        return _KL_BACKEND_TABLE["reference"]
-    if name not in _KL_BACKEND_TABLE:
-        raise ValueError(f"backend must be 'auto' or one of {', '.join(map(repr, KL_BACKENDS))}; "
-                         f"got {name!r}")
-    reason = _KL_BACKEND_TABLE[name].unsupported_reason(q, q)
-    if reason is not None:
-        raise ValueError(f"backend {name!r} is not available for these inputs: {reason}")
-    return _KL_BACKEND_TABLE[name]
+    CPU tensors, reference elsewhere (no Dv: resolved with v = q)."""
+    return _resolve(_KL_BACKEND_TABLE, name, q, q)
 
 
 def validate_oracle(q: Tensor, q_oracle: Tensor, k_oracle: Tensor) -> None:
