@@ -15,6 +15,10 @@ Samples without queries or without keys are left out (their outputs are 0, lse +
 
 The CPU kernels need one head size for Q, K and V: the narrower side is zero-padded to
 the wider (zero channels leave q·k and P·V unchanged; the scale is passed explicitly).
+In float32 the scale is folded into the gathered queries instead (``_score_scale``): the
+CPU flash forward and backward apply an explicit scale with different roundings, which
+at score magnitudes near 10³ (scale 10, q/k std 3) left float32 dV at ~40× the
+reference's own error; with the scale in q both passes compute the same scores.
 These functions know nothing of autograd; ``dsa_ops.ops`` registers them.
 
 Shapes: q, k ``(B, L, Dqk)``, v ``(B, L, Dv)``, any strides; out ``(B, L, Dv)``; lse
@@ -181,6 +185,17 @@ def _head_width(q: Tensor, v: Tensor) -> int:
     return max(q.shape[2], v.shape[2])
 
 
+def _score_scale(dtype: torch.dtype, scale: float) -> tuple[float, float]:
+    """``(factor for the gathered queries, scale for the kernels)``: float32 folds the scale
+    into q (see the module notes); 16-bit keeps q as given, its rounding would cost more."""
+    return (scale, 1.0) if dtype == torch.float32 else (1.0, scale)
+
+
+def _scaled_(rows: Tensor, factor: float) -> Tensor:
+    """``rows`` (a fresh gathered block) multiplied in place by ``factor``."""
+    return rows if factor == 1.0 else rows.mul_(factor)
+
+
 # ----------------------------------------------------------------------------- forward
 def forward_slots(q: Tensor, k: Tensor, v: Tensor, queries: Slots, keys: Slots,
                   scale: float) -> tuple[Tensor, Tensor]:
@@ -189,11 +204,13 @@ def forward_slots(q: Tensor, k: Tensor, v: Tensor, queries: Slots, keys: Slots,
     out = _output_rows(v, (v_dim,))
     lse = _output_rows(q, dtype=reference.accumulation_dtype(q.dtype), fill=float("inf"))
     width = _head_width(q, v)
+    query_factor, kernel_scale = _score_scale(q.dtype, scale)
     for group in plan_groups(queries.counts, keys.counts):
         query_block, key_block = Block.of(queries, group), Block.of(keys, group)
         block_out, block_lse = _flash_forward(
-            query_block.gather(q, width), key_block.gather(k, width), key_block.gather(v, width),
-            attn_mask=_key_padding_mask(key_block, q.dtype), scale=scale)
+            _scaled_(query_block.gather(q, width), query_factor), key_block.gather(k, width),
+            key_block.gather(v, width), attn_mask=_key_padding_mask(key_block, q.dtype),
+            scale=kernel_scale)
         query_block.scatter(out, block_out[:, 0, :, :v_dim])
         query_block.scatter(lse, block_lse[:, 0])
     return _result(out, batch, length), _result(lse, batch, length)
@@ -245,6 +262,7 @@ def backward_slots(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     grad_q, grad_k, grad_v = (_output_rows(t, t.shape[2:]) for t in (q, k, v))
     width = _head_width(q, v)
     qk_dim, v_dim = q.shape[2], v.shape[2]
+    query_factor, kernel_scale = _score_scale(q.dtype, scale)
     for group in plan_groups(queries.counts, keys.counts):
         query_block, key_block = Block.of(queries, group), Block.of(keys, group)
         samples, n_queries = query_block.shape
@@ -255,14 +273,17 @@ def backward_slots(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
         block_lse = block_lse.view(query_block.shape).float()
         if not query_block.is_full:
             block_lse = block_lse.masked_fill(~query_block.valid, float("inf"))
-        heads = [_as_query_heads(query_block.gather(t, width), chunks)
-                 for t in (grad_out, q, out)]
+        scaled_q = _scaled_(query_block.gather(q, width), query_factor)
+        heads = [_as_query_heads(t, chunks)
+                 for t in (query_block.gather(grad_out, width), scaled_q,
+                           query_block.gather(out, width))]
         keys_values = [key_block.gather(t, width).expand(-1, chunks, -1, -1) for t in (k, v)]
         grads = _flash_backward(
             heads[0], heads[1], *keys_values, heads[2],
             _as_query_heads(block_lse.unsqueeze(1), chunks, float("inf")), 0.0, False,
-            attn_mask=_key_padding_mask(key_block, q.dtype), scale=scale)
-        query_block.scatter(grad_q, _from_query_heads(grads[0], n_queries)[..., :qk_dim])
+            attn_mask=_key_padding_mask(key_block, q.dtype), scale=kernel_scale)
+        grad_scaled_q = _from_query_heads(grads[0], n_queries)[..., :qk_dim]
+        query_block.scatter(grad_q, _scaled_(grad_scaled_q, query_factor))
         key_block.scatter(grad_k, _sum_query_heads(grads[1])[..., :qk_dim])
         key_block.scatter(grad_v, _sum_query_heads(grads[2])[..., :v_dim])
     return tuple(_result(grad, batch, length) for grad in (grad_q, grad_k, grad_v))

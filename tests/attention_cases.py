@@ -119,3 +119,10 @@ def assert_close_by_dtype(actual: torch.Tensor, exact: torch.Tensor, baseline: t
     bound = 2 * baseline_error + floor * magnitude
     assert error <= bound, (f"{name}: max error {error:.3g} exceeds {bound:.3g} "
                             f"(2 × reference-in-dtype error {baseline_error:.3g} + floor)")
+
+
+def assert_gradients_close_by_dtype(names, grads, exact, baseline, dtype: torch.dtype) -> None:
+    """Each gradient keeps the input dtype and meets ``assert_close_by_dtype``."""
+    for name, grad, grad_exact, grad_baseline in zip(names, grads, exact, baseline):
+        assert grad.dtype == dtype, name
+        assert_close_by_dtype(grad, grad_exact, grad_baseline, name)

@@ -18,7 +18,7 @@ import torch
 
 import dsa_ops
 from dsa_ops import ops, reference
-from tests.attention_cases import assert_close_by_dtype, make_case
+from tests.attention_cases import assert_close_by_dtype, assert_gradients_close_by_dtype, make_case
 
 INTERPRETED = not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -184,10 +184,8 @@ def test_kl_matches_float64_dense(backend, dtype, shape):
 @pytest.mark.parametrize("backend, dtype, shape", MATRIX)
 def test_gradients_match_float64_dense(backend, dtype, shape):
     run = _results(backend, dtype, shape)
-    for name, grad, exact, baseline in zip(("dq", "dk"), run["grads"], run["exact"][1],
-                                           run["baseline"][1]):
-        assert grad.dtype == dtype, name
-        assert_close_by_dtype(grad, exact, baseline, name)
+    assert_gradients_close_by_dtype(("dq", "dk"), run["grads"], run["exact"][1], run["baseline"][1],
+                                    dtype)
 
 
 @pytest.mark.parametrize("backend, dtype, shape", MATRIX)

@@ -18,7 +18,8 @@ import torch
 
 import dsa_ops
 from dsa_ops import ops, reference
-from tests.attention_cases import assert_close_by_dtype, make_case, reference_results
+from tests.attention_cases import (assert_close_by_dtype, assert_gradients_close_by_dtype, make_case,
+                                   reference_results)
 from tests.triton_interpreter import install_bfloat16_dot
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -157,10 +158,8 @@ def test_forward_matches_float64_reference(backend, dtype, shape):
 @pytest.mark.parametrize("backend, dtype, shape", MATRIX)
 def test_gradients_match_float64_reference(backend, dtype, shape):
     run = _results(backend, dtype, shape)
-    for name, grad, exact, baseline in zip(("dq", "dk", "dv"), run["grads"], run["exact"][1],
-                                           run["baseline"][1]):
-        assert grad.dtype == dtype, name
-        assert_close_by_dtype(grad, exact, baseline, name)
+    assert_gradients_close_by_dtype(("dq", "dk", "dv"), run["grads"], run["exact"][1], run["baseline"][1],
+                                    dtype)
 
 
 @pytest.mark.parametrize("backend, dtype, shape", MATRIX)
