@@ -1,6 +1,7 @@
 # Two entry points that set everything up themselves on a fresh machine:
 #   make test    install, build the CUDA extension when nvcc is there, run the test suite
-#   make bench   install, build, run the benchmarks on their default configurations
+#   make bench   install, build, run the benchmarks on their default configurations; JSON, summary
+#                and chart land in benchmarks/results/<date>_<device>/ (or $BENCH_OUT)
 #   make gpu-check  on a GPU machine: build, GPU tests, compute-sanitizer, benchmarks (benchmarks/gpu_check.sh)
 #   make emulate-sanitize  the CUDA kernels' host emulation under ASan+UBSan and TSan (before any kernel change lands)
 PYTHON ?= python3
@@ -19,7 +20,7 @@ test: install
 	$(PYTHON) -m pytest benchmarks/ -q --benchmark-disable
 
 bench: install
-	$(PYTHON) -m pytest benchmarks/ --benchmark-only
+	$(PYTHON) -m benchmarks.run
 
 gpu-check:
 	bash benchmarks/gpu_check.sh

@@ -22,7 +22,8 @@ mask the cross branch has 3× the keys of the self branch), the module benchmark
 both together.
 
 On a machine without a GPU the batch shrinks (``LayerConfig.cpu_batch``; the test id and
-``extra_info["batch"]`` say so) to keep the default run within a few minutes on 2 cores.
+``extra_info["batch"]`` say so) to keep the default run within a few minutes on 2 cores;
+layer 14 runs at batch 4 there, the size the ``cpu`` backend's speed goals are set at.
 """
 from __future__ import annotations
 
@@ -108,7 +109,7 @@ class LayerConfig:
 CONFIGS = (
     LayerConfig(16, 16, 512, gpu_batch=16, cpu_batch=2, paper_layer=12),
     LayerConfig(32, 32, 256, gpu_batch=16, cpu_batch=2, paper_layer=13),
-    LayerConfig(64, 64, 128, gpu_batch=16, cpu_batch=1, paper_layer=14),
+    LayerConfig(64, 64, 128, gpu_batch=16, cpu_batch=4, paper_layer=14),
     LayerConfig(128, 128, 64, gpu_batch=8, cpu_batch=1),
     LayerConfig(256, 256, 32, gpu_batch=8, cpu_batch=1),
 )
@@ -262,7 +263,7 @@ def module_problem(config: LayerConfig, mask_kind: str, dtype: torch.dtype, back
 
 
 TRAINING_RESOLUTION = 256
-TRAINING_BATCH = {"cuda": 16, "cpu": 2}  # the paper trains at 16; BatchNorm needs ≥ 2
+TRAINING_BATCH = {"cuda": 16, "cpu": 4}  # the paper trains at 16
 
 
 @dataclasses.dataclass

@@ -12,7 +12,8 @@ A contender that cannot take a case raises ``Unsupported`` (wrong device, dtype 
 size) or ``WouldRunOutOfMemory`` (its dense O(B·L²) buffers exceed the memory budget —
 checked before allocating, so the run never thrashes) while building the callable.
 
-- ``dsa_ops[<backend>]``: ``dsa_ops.masked_attention`` with that backend.
+- ``dsa_ops[<backend>]``: ``dsa_ops.masked_attention`` with that backend (``cpu``: compacted
+  rows through PyTorch's fused CPU flash attention, the CPU run's fast path).
 - ``sdpa-mask``: ``F.scaled_dot_product_attention`` on the full map with the dense
   boolean mask ``query_mask[:, :, None] & key_mask[:, None, :]`` (one head). A row with
   no keys would be all -inf, and its softmax NaN (also in the backward); such rows are
@@ -30,7 +31,9 @@ checked before allocating, so the run never thrashes) while building the callabl
 
 Module contenders take a ``ModuleProblem``: ``dsa[<backend>]`` is the whole
 ``DualSpatialAttention`` (projections, both branches, fusion conv), ``ca`` is the
-contextual attention of ``oracleface.models.contextual_attention`` at the same layer.
+contextual attention of ``oracleface.models.contextual_attention`` at the same layer with
+DeepFill v1's published settings (its defaults: 3×3 patches, stride 1, rate 2, fuse 3,
+softmax scale 10).
 """
 from __future__ import annotations
 
@@ -276,6 +279,7 @@ def flex(problem: AttentionProblem) -> Timed:
 OP_CONTENDERS: dict[str, Callable[[AttentionProblem], Timed]] = {
     "dsa_ops[cuda]": dsa_ops_backend("cuda"),
     "dsa_ops[triton]": dsa_ops_backend("triton"),
+    "dsa_ops[cpu]": dsa_ops_backend("cpu"),
     "reference": dsa_ops_backend("reference"),
     "sdpa-mask": sdpa_with_mask,
     "varlen-mem-efficient": varlen_mem_efficient,
@@ -350,17 +354,20 @@ def contextual_attention(problem: ModuleProblem) -> Timed:
     except ImportError as error:
         raise Unsupported(f"oracleface.models.contextual_attention is not importable: {error}") from error
     itemsize = problem.x.element_size()
-    # Its (B, L, L) scores go through propagation (padded copies and sums), masking and the
-    # softmax: about six such buffers, twice that with the backward.
-    require_dense_memory("contextual attention", problem.batch, problem.config.length,
-                         1 + (12 if problem.backward else 6) * itemsize, problem.x.device)
     module = ContextualAttention(problem.config.channels)
+    # Its (B, l, l) scores over the rate-downsampled map (l = L / rate²) go through
+    # propagation (padded copies and sums), masking and the softmax: about six such
+    # buffers, twice that with the backward.
+    require_dense_memory("contextual attention", problem.batch,
+                         problem.config.length // module.rate ** 2,
+                         1 + (12 if problem.backward else 6) * itemsize, problem.x.device)
     return _module_finish(module.to(device=problem.x.device, dtype=problem.x.dtype), problem)
 
 
 MODULE_CONTENDERS: dict[str, Callable[[ModuleProblem], Timed]] = {
     "dsa[cuda]": dsa_module("cuda"),
     "dsa[triton]": dsa_module("triton"),
+    "dsa[cpu]": dsa_module("cpu"),
     "dsa[reference]": dsa_module("reference"),
     "ca": contextual_attention,
 }
@@ -408,6 +415,7 @@ def generator_step(attention: str, backend: str = "auto") -> Callable[[TrainingP
 TRAINING_CONTENDERS: dict[str, Callable[[TrainingProblem], Timed]] = {
     "generator[dsa, cuda]": generator_step("dsa", "cuda"),
     "generator[dsa, triton]": generator_step("dsa", "triton"),
+    "generator[dsa, cpu]": generator_step("dsa", "cpu"),
     "generator[dsa, reference]": generator_step("dsa", "reference"),
     "generator[ca]": generator_step("ca"),
     "generator[none]": generator_step("none"),

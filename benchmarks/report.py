@@ -2,8 +2,9 @@
 
     python -m benchmarks.report RESULTS.json [--png OUT.png] [--markdown OUT.md]
 
-Prints one table per benchmark family (the op, the modules, the training step): rows are
-cases (configuration × batch × mask × branch × dtype × pass), columns are contenders,
+Prints one table per benchmark family (the op, the modules, the training step), then why
+cells are missing, grouped by contender and reason. Rows are cases (configuration ×
+batch × mask × branch × dtype × pass), columns are contenders,
 cells the median time in ms and the speed-up over the family's baseline (the reference),
 "OOM" where the contender ran out of memory or its pre-check said it would, "n/a" where it
 is unsupported, "–" where the case was not collected. ``--markdown`` writes the same
@@ -100,6 +101,13 @@ class Table:
         return [row for row in self.rows
                 if any(result.status != "unsupported" for result in self.cells[row].values())]
 
+    @property
+    def idle_contenders(self) -> list[str]:
+        """Contenders that ran nowhere in this table ("n/a" in every row)."""
+        return [c for c in self.contenders
+                if all(self.cells[row].get(c) is None or self.cells[row][c].status == "unsupported"
+                       for row in self.rows)]
+
     def baseline_seconds(self, row: tuple) -> Optional[float]:
         result = self.cells[row].get(self.baseline)
         return result.seconds if result is not None and result.status == "ok" else None
@@ -173,9 +181,10 @@ def row_label(row: tuple) -> list[str]:
     return [str(config), f"b{batch}", str(mask), str(branch), str(dtype), str(pass_)]
 
 
-def _grid(table: Table, cell) -> tuple[list[str], list[list[str]]]:
-    header = ["config", "batch", "mask", "branch", "dtype", "pass", *table.contenders]
-    body = [row_label(row) + [cell(table, row, c) for c in table.contenders] for row in table.shown_rows]
+def _grid(table: Table, cell, contenders: Optional[list[str]] = None) -> tuple[list[str], list[list[str]]]:
+    contenders = table.contenders if contenders is None else contenders
+    header = ["config", "batch", "mask", "branch", "dtype", "pass", *contenders]
+    body = [row_label(row) + [cell(table, row, c) for c in contenders] for row in table.shown_rows]
     return header, body
 
 
@@ -184,14 +193,19 @@ def _omitted_note(table: Table) -> str:
     return f"({omitted} cases where every contender is n/a are not shown)" if omitted else ""
 
 
-def format_text(table: Table, cell=time_cell) -> str:
-    header, body = _grid(table, cell)
+def format_text(table: Table, cell=time_cell, *, drop_idle: bool = False) -> str:
+    """The table as aligned text; ``drop_idle`` leaves out the columns of contenders that
+    ran nowhere (named in a note below the table) to keep the screen narrow."""
+    idle = table.idle_contenders if drop_idle else []
+    header, body = _grid(table, cell, [c for c in table.contenders if c not in idle])
     widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
     lines = ["  ".join(text.ljust(width) for text, width in zip(line, widths)).rstrip()
              for line in [header, *body]]
     lines.insert(1, "  ".join("-" * width for width in widths))
     if _omitted_note(table):
         lines.append(_omitted_note(table))
+    if idle:
+        lines.append(f"(n/a in every case, not shown: {', '.join(idle)})")
     return "\n".join(lines)
 
 
@@ -238,6 +252,27 @@ def not_run_lines(results: Results) -> list[str]:
         example = ", e.g." if len(set(reasons)) > 1 else ""
         lines.append(f"- `{contender}` ({family}), {STATUS_LABELS.get(status, status)} in {cases}"
                      f"{example}: {reasons[0]}")
+    return lines
+
+
+def not_run_summary(results: Results) -> list[str]:
+    """Why cells are missing, for the screen: one line per status and kind of reason
+    (numbers aside), naming the contenders and families it applies to."""
+    groups: dict[tuple, list[Result]] = {}
+    for result in results.results:
+        if result.status != "ok":
+            template = re.sub(r"\d+(\.\d+)?", "#", result.reason)
+            # "dsa_ops backend 'cuda': <why>" and the like: the contender is named anyway.
+            template = re.sub(r"^dsa_ops backend '[^']*': ", "", template)
+            groups.setdefault((result.status, template), []).append(result)
+    lines = []
+    for (status, _), members in groups.items():
+        by_family: dict[str, dict[str, None]] = {}
+        for r in members:
+            by_family.setdefault(r.family, {})[r.contender] = None
+        names = "; ".join(f"{family}: {', '.join(contenders)}" for family, contenders in by_family.items())
+        cases = f"{len(members)} case{'s' if len(members) > 1 else ''}"
+        lines.append(f"- {STATUS_LABELS.get(status, status)} in {cases}: {names}\n    {members[0].reason}")
     return lines
 
 
@@ -333,14 +368,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     tables = build_tables(results.results)
     if not tables:
         parser.error(f"{args.results} holds no case of this suite (was it run with --benchmark-disable?)")
+    device = results.machine_info.get("gpu") or results.machine_info.get("benchmark_device")
+    print(f"\nmedian times, speed-up over the baseline in brackets"
+          f"{f' ({device})' if device else ''}; OOM = out of memory, n/a = unsupported")
     for table in tables:
         print(f"\n{FAMILY_TITLES.get(table.family, table.family)} — speed-up over {table.baseline}\n")
-        print(format_text(table))
+        print(format_text(table, drop_idle=True))
+    reasons = not_run_summary(results)
+    if reasons:
+        print("\ncases that did not run, grouped by reason:")
+        print("\n".join(reasons))
     if args.markdown:
         args.markdown.write_text(format_markdown(results))
         print(f"\nwrote {args.markdown}")
     if args.png:
-        plot(results, args.png)
+        try:
+            plot(results, args.png)
+        except ValueError as error:  # nothing timed: the tables above say why
+            print(f"no chart: {error}")
+            return 1
         print(f"wrote {args.png}")
     return 0
 

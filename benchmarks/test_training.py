@@ -1,7 +1,8 @@
 """Training throughput: one generator forward + backward (L1 loss) per attention kind/backend.
 
-The hook point for end-to-end numbers: batch 16 on the GPU (the paper's), 2 on the CPU
-(the smallest BatchNorm allows), 256×256, float32, random-rectangle holes (the training distribution).
+The hook point for end-to-end numbers: batch 16 on the GPU (the paper's), 4 on the CPU
+(where the ``cpu`` backend is compared with the reference), 256×256, float32,
+random-rectangle holes (the training distribution).
 ``extra_info["images_per_s"]`` is the batch over the median step time. The generator comes
 from ``oracleface.models``; while it is not importable the cases record "unsupported".
 """

@@ -1,13 +1,16 @@
 """dsa_ops: fused masked attention and the Dual Spatial Attention module.
 
     out = dsa_ops.masked_attention(q, k, v, query_mask, key_mask, scale=1.0, backend="auto")
+    kl = dsa_ops.attention_kl(q, k, q_oracle, k_oracle, query_mask, key_mask)  # (B, L)
     dsa = dsa_ops.DualSpatialAttention(channels)
 
 See README.md and DESIGN §2–3 for semantics and shapes.
 """
 from dsa_ops.ops import (
     BACKENDS,
+    KL_BACKENDS,
     MaskedAttentionFunction,
+    attention_kl,
     available_backends,
     backend_unavailable_reason,
     dual_masked_attention,
@@ -19,7 +22,9 @@ from dsa_ops.modules import DualSpatialAttention, reduce_hole_mask
 __all__ = [
     "BACKENDS",
     "DualSpatialAttention",
+    "KL_BACKENDS",
     "MaskedAttentionFunction",
+    "attention_kl",
     "available_backends",
     "backend_unavailable_reason",
     "dual_masked_attention",

@@ -106,3 +106,14 @@ class DualSpatialAttention(nn.Module):
         if return_attention:
             return y, branches[2]
         return y
+
+    def queries_keys(self, x: Tensor, hole_mask: Tensor) -> tuple[Tensor, dict[str, tuple[Tensor, Tensor]]]:
+        """What the attention compares, without attending: the foreground ``(B, L)`` bool
+        and each branch's ``(q, k)`` ``(B, L, Dqk)`` (views of ``forward``'s projection, unit-stride
+        channels). The cross branch's queries/keys are foreground/background,
+        the self branch's foreground/foreground; scores are ``self.scale·q·kᵀ``. With those,
+        ``dsa_ops.attention_kl`` compares two passes' attention without any L×L map.
+        """
+        foreground = reduce_hole_mask(hole_mask.to(x.device), tuple(x.shape[-2:]))
+        (q_cross, k_cross, _), (q_self, k_self, _) = self._project(x)
+        return foreground, {"cross": (q_cross, k_cross), "self": (q_self, k_self)}

@@ -8,7 +8,8 @@ with the same schemas::
     dsa_ops::masked_attention_bwd_<backend>(grad_out, q, k, v, out, lse,
                                             query_mask, key_mask, scale) -> (grad_q, grad_k, grad_v)
 
-``reference`` is implemented in ``dsa_ops.reference`` for every device; ``triton`` is a
+``reference`` is implemented in ``dsa_ops.reference`` for every device; ``cpu`` in
+``dsa_ops.cpu_kernels`` (compaction + PyTorch's fused CPU attention); ``triton`` is a
 ``torch.library.triton_op`` around ``dsa_ops.triton_kernels``; ``cuda`` gets its CUDA
 kernels from ``csrc/`` (``TORCH_LIBRARY_IMPL(dsa_ops, CUDA, ...)``). Fake impls and the
 autograd formula (forward op → backward op) are shared by all backends, so the formula
@@ -24,7 +25,7 @@ from typing import Callable, Optional
 
 import torch
 
-from dsa_ops import extension, reference
+from dsa_ops import cpu_kernels, extension, reference
 
 Tensor = torch.Tensor
 
@@ -35,7 +36,7 @@ _BWD_SCHEMA = ("(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tens
                " -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)")
 _PARTITION_SCHEMA = "(Tensor mask) -> (Tensor index, Tensor count)"
 
-BACKENDS = ("reference", "triton", "cuda")
+BACKENDS = ("reference", "cpu", "triton", "cuda")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Head sizes the fused kernels are built for (csrc/masked_attention/launch.cuh mirrors these).
@@ -105,6 +106,12 @@ for _name, _schema, _impl in (("masked_attention_fwd_reference", _FWD_SCHEMA, re
     _lib.impl(_name, _impl, "CompositeExplicitAutograd")
 _register_meta_and_autograd("reference")
 
+for _name, _schema, _impl in zip(_op_names("cpu"), (_FWD_SCHEMA, _BWD_SCHEMA),
+                                 (cpu_kernels.forward, cpu_kernels.backward)):
+    _lib.define(_name + _schema)
+    _lib.impl(_name, _impl, "CPU")
+_register_meta_and_autograd("cpu")
+
 for _name, _schema in zip(_op_names("cuda"), (_FWD_SCHEMA, _BWD_SCHEMA)):
     _lib.define(_name + _schema)
 _register_meta_and_autograd("cuda")
@@ -165,6 +172,12 @@ def _reference_unavailable(device: torch.device) -> Optional[str]:
     return None
 
 
+def _cpu_unavailable(device: torch.device) -> Optional[str]:
+    if device.type != "cpu":
+        return f"the cpu backend runs on CPU tensors; got tensors on {device}"
+    return None
+
+
 def _triton_unavailable(device: torch.device) -> Optional[str]:
     if _TRITON_IMPORT_ERROR is not None:
         return _TRITON_IMPORT_ERROR
@@ -195,6 +208,7 @@ def _backend_ops(name: str) -> tuple[Callable, Callable]:
 
 _BACKENDS = {
     "reference": Backend("reference", *_backend_ops("reference"), _reference_unavailable, FLOAT_DTYPES),
+    "cpu": Backend("cpu", *_backend_ops("cpu"), _cpu_unavailable, cpu_kernels.DTYPES),
     "triton": Backend("triton", *_backend_ops("triton"), _triton_unavailable, FUSED_DTYPES,
                       FUSED_QK_DIMS, FUSED_V_DIMS),
     "cuda": Backend("cuda", *_backend_ops("cuda"), _cuda_unavailable, FUSED_DTYPES,
@@ -223,9 +237,8 @@ def backend_unavailable_reason(name: str, device: torch.device | str | None = No
 
 
 def resolve_backend(name: str, q: Tensor, v: Tensor) -> Backend:
-    """The backend to run: ``name`` itself, or for ``"auto"`` cuda → triton → reference.
-
-    ``"auto"`` only picks fused backends for CUDA tensors; on the CPU it is the reference.
+    """The backend to run: ``name`` itself, or for ``"auto"`` cuda → triton → reference on
+    CUDA tensors and cpu → reference on CPU tensors (float64 stays on the reference).
     """
     if not isinstance(name, str):
         raise TypeError(f"backend must be a str, one of 'auto', {', '.join(map(repr, BACKENDS))}; "
@@ -235,6 +248,8 @@ def resolve_backend(name: str, q: Tensor, v: Tensor) -> Backend:
             for candidate in _AUTO_ORDER:
                 if _BACKENDS[candidate].unsupported_reason(q, v) is None:
                     return _BACKENDS[candidate]
+        elif _BACKENDS["cpu"].unsupported_reason(q, v) is None:
+            return _BACKENDS["cpu"]
         return _BACKENDS["reference"]
     if name not in _BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {', '.join(map(repr, BACKENDS))}; "
@@ -298,7 +313,7 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, query_mask: Tensor, key_ma
         scale: multiplies ``q·k`` before the softmax.
         return_attention: also return the dense map ``(B, L, L)`` (float32, float64 for
             float64 inputs): the probabilities on query×key pairs, 0 elsewhere. O(L²).
-        backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``.
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"triton"`` or ``"cuda"``.
 
     Returns:
         ``out (B, L, Dv)`` (zero on non-query rows and on rows without keys), or
@@ -318,7 +333,7 @@ class MaskedAttentionFunction(torch.autograd.Function):
     """Classic-extension-style entry point; forward and backward are the registered ops.
 
     ``MaskedAttentionFunction.apply(q, k, v, query_mask, key_mask, scale, backend)``
-    with ``backend`` one of ``"reference"``, ``"triton"``, ``"cuda"`` or ``"auto"``.
+    with ``backend`` one of ``"reference"``, ``"cpu"``, ``"triton"``, ``"cuda"`` or ``"auto"``.
     """
 
     @staticmethod
@@ -345,7 +360,8 @@ class MaskedAttentionFunction(torch.autograd.Function):
 # partition of the foreground (its two halves are the two key lists), so every key row is
 # gathered by one grid. ``reference`` composes two reference calls and runs everywhere;
 # ``cuda`` comes from csrc/ (bindings.cpp) like the single-branch op; ``triton`` is a
-# ``triton_op`` around ``triton_kernels.dual_forward`` / ``dual_backward``.
+# ``triton_op`` around ``triton_kernels.dual_forward`` / ``dual_backward``; ``cpu`` partitions
+# the foreground once for the queries and both key lists (cpu_kernels.dual_forward).
 _DUAL_FWD_SCHEMA = ("(Tensor q_cross, Tensor k_cross, Tensor v_cross, Tensor q_self, Tensor k_self,"
                     " Tensor v_self, Tensor foreground, float scale)"
                     " -> (Tensor out_cross, Tensor lse_cross, Tensor out_self, Tensor lse_self)")
@@ -354,7 +370,7 @@ _DUAL_BWD_SCHEMA = ("(Tensor grad_out_cross, Tensor grad_out_self, Tensor q_cros
                     " Tensor lse_cross, Tensor out_self, Tensor lse_self, Tensor foreground,"
                     " float scale) -> (Tensor grad_q_cross, Tensor grad_k_cross, Tensor grad_v_cross,"
                     " Tensor grad_q_self, Tensor grad_k_self, Tensor grad_v_self)")
-DUAL_BACKENDS = ("reference", "cuda")
+DUAL_BACKENDS = ("reference", "cpu", "cuda")
 
 
 def _dual_op_names(backend: str) -> tuple[str, str]:
@@ -420,6 +436,9 @@ for _backend in DUAL_BACKENDS:
     if _backend == "reference":  # cuda: TORCH_LIBRARY_IMPL in csrc/bindings.cpp
         _lib.impl(_fwd, _dual_forward_reference, "CompositeExplicitAutograd")
         _lib.impl(_bwd, _dual_backward_reference, "CompositeExplicitAutograd")
+    elif _backend == "cpu":
+        _lib.impl(_fwd, cpu_kernels.dual_forward, "CPU")
+        _lib.impl(_bwd, cpu_kernels.dual_backward, "CPU")
     _register_dual_meta_and_autograd(_backend)
 
 # triton: both branches in one launch per kernel from one partition of the foreground.
@@ -428,6 +447,8 @@ if _TRITON_IMPORT_ERROR is None:
                                      (triton_kernels.dual_forward, triton_kernels.dual_backward)):
         torch.library.triton_op(f"dsa_ops::{_name}", _impl, mutates_args=(), schema=_schema)
     _register_dual_meta_and_autograd("triton")
+# Dual ops that need both branches to have the same shapes (one grid serves both); the cpu
+# dual op makes one kernel call per branch and takes any shapes.
 _FUSED_DUAL = ("cuda", "triton") if _TRITON_IMPORT_ERROR is None else ("cuda",)
 
 
@@ -440,7 +461,8 @@ def dual_masked_attention(q_cross: Tensor, k_cross: Tensor, v_cross: Tensor, q_s
     Equal to ``masked_attention(q_cross, k_cross, v_cross, foreground, ~foreground)`` and
     ``masked_attention(q_self, k_self, v_self, foreground, foreground)``; when the resolved
     backend is ``"cuda"`` or ``"triton"`` and both branches have the same shapes, one fused
-    op computes both (one launch per kernel for the layer).
+    op computes both (one launch per kernel for the layer); on ``"cpu"`` one dual op computes
+    both from one partition of the foreground.
 
     Args:
         q_cross, k_cross, q_self, k_self: ``(B, L, Dqk)``; v_cross, v_self: ``(B, L, Dv)``.
@@ -461,8 +483,9 @@ def dual_masked_attention(q_cross: Tensor, k_cross: Tensor, v_cross: Tensor, q_s
     self_backend = resolve_backend(backend, q_self, v_self)
     same_shapes = (q_self.shape == q_cross.shape and v_self.shape == v_cross.shape
                    and q_self.dtype == q_cross.dtype)
-    if cross_backend.name == self_backend.name and cross_backend.name in _FUSED_DUAL and same_shapes:
-        fused = getattr(torch.ops.dsa_ops, _dual_op_names(cross_backend.name)[0]).default
+    dual_backend = cross_backend.name if cross_backend.name == self_backend.name else None
+    if (dual_backend in _FUSED_DUAL and same_shapes) or dual_backend == "cpu":
+        fused = getattr(torch.ops.dsa_ops, _dual_op_names(dual_backend)[0]).default
         out_cross, _, out_self, _ = fused(q_cross, k_cross, v_cross, q_self, k_self, v_self,
                                           foreground, float(scale))
     else:
@@ -475,3 +498,186 @@ def dual_masked_attention(q_cross: Tensor, k_cross: Tensor, v_cross: Tensor, q_s
     maps = {"cross": reference.attention_probs(q_cross, k_cross, foreground, background, float(scale)),
             "self": reference.attention_probs(q_self, k_self, foreground, foreground, float(scale))}
     return out_cross, out_self, maps
+
+
+# ============================================================================= attention KL
+# The streaming oracle KL (DESIGN §2): KL(E_oracle‖E) per query row from the q, k of two
+# passes, with no L×L map. Like the attention op, each backend is one forward and one
+# backward op with these schemas, sharing the fake impls and the autograd formula:
+#
+#   dsa_ops::attention_kl_fwd_<backend>(q, k, q_oracle, k_oracle, query_mask, key_mask,
+#                                       scale) -> (kl, lse, lse_oracle)
+#   dsa_ops::attention_kl_bwd_<backend>(grad_kl, q, k, q_oracle, k_oracle, lse, lse_oracle,
+#                                       query_mask, key_mask, scale) -> (grad_q, grad_k)
+#
+# "reference" (every device) and "cpu" (compacted rows, dsa_ops.attention_kl_cpu) are
+# implemented here; "triton" is a triton_op around dsa_ops.triton_kernels' KL section;
+# "cuda" is defined here so that its kernels only need registering from csrc/
+# (TORCH_LIBRARY_IMPL(dsa_ops, CUDA, ...)): until then it reports itself unavailable.
+# The oracle is a constant target: the backward op gives no gradient for it.
+_KL_FWD_SCHEMA = ("(Tensor q, Tensor k, Tensor q_oracle, Tensor k_oracle, Tensor query_mask,"
+                  " Tensor key_mask, float scale) -> (Tensor kl, Tensor lse, Tensor lse_oracle)")
+_KL_BWD_SCHEMA = ("(Tensor grad_kl, Tensor q, Tensor k, Tensor q_oracle, Tensor k_oracle,"
+                  " Tensor lse, Tensor lse_oracle, Tensor query_mask, Tensor key_mask,"
+                  " float scale) -> (Tensor grad_q, Tensor grad_k)")
+KL_BACKENDS = ("reference", "cpu", "triton", "cuda")
+
+
+def _kl_op_names(backend: str) -> tuple[str, str]:
+    return f"attention_kl_fwd_{backend}", f"attention_kl_bwd_{backend}"
+
+
+def _fake_kl_forward(q, k, q_oracle, k_oracle, query_mask, key_mask, scale):
+    shape, dtype = q.shape[:2], reference.accumulation_dtype(q.dtype)
+    return tuple(q.new_empty(shape, dtype=dtype) for _ in range(3))
+
+
+def _fake_kl_backward(grad_kl, q, k, q_oracle, k_oracle, lse, lse_oracle, query_mask, key_mask,
+                      scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+def _kl_setup_context(ctx, inputs, output):
+    *qk, query_mask, key_mask, scale = inputs
+    _, lse, lse_oracle = output
+    ctx.mark_non_differentiable(lse, lse_oracle)
+    ctx.save_for_backward(*qk, lse, lse_oracle, query_mask, key_mask)
+    ctx.scale = scale
+
+
+def _make_kl_backward(bwd_op):
+    def backward(ctx, grad_kl, _grad_lse, _grad_lse_oracle):
+        grad_q, grad_k = bwd_op(grad_kl, *ctx.saved_tensors, ctx.scale)
+        return grad_q, grad_k, None, None, None, None, None
+    return backward
+
+
+def _kl_ops(backend: str):
+    fwd_name, bwd_name = _kl_op_names(backend)
+    if not hasattr(torch.ops.dsa_ops, fwd_name):  # triton not importable
+        return None, None
+    return getattr(torch.ops.dsa_ops, fwd_name).default, getattr(torch.ops.dsa_ops, bwd_name).default
+
+
+def _define_kl_backend(backend: str, forward=None, backward=None, dispatch_key=None) -> None:
+    """Schemas, implementations (on ``dispatch_key``; triton ops via ``triton_op``), fake
+    impls and autograd of one backend's op pair."""
+    for name, schema, impl in zip(_kl_op_names(backend), (_KL_FWD_SCHEMA, _KL_BWD_SCHEMA),
+                                  (forward, backward)):
+        if backend == "triton":
+            torch.library.triton_op(f"dsa_ops::{name}", impl, mutates_args=(), schema=schema)
+            continue
+        _lib.define(name + schema)
+        if impl is not None:
+            _lib.impl(name, impl, dispatch_key)
+    fwd_name, bwd_name = _kl_op_names(backend)
+    torch.library.register_fake(f"dsa_ops::{fwd_name}", _fake_kl_forward, lib=_lib)
+    torch.library.register_fake(f"dsa_ops::{bwd_name}", _fake_kl_backward, lib=_lib)
+    torch.library.register_autograd(
+        f"dsa_ops::{fwd_name}", _make_kl_backward(getattr(torch.ops.dsa_ops, bwd_name).default),
+        setup_context=_kl_setup_context, lib=_lib)
+
+
+from dsa_ops import attention_kl_cpu  # noqa: E402  (imports reference only)
+
+_define_kl_backend("reference", reference.attention_kl_forward, reference.attention_kl_backward,
+                   "CompositeExplicitAutograd")
+_define_kl_backend("cpu", attention_kl_cpu.forward, attention_kl_cpu.backward, "CPU")
+_define_kl_backend("cuda")
+if _TRITON_IMPORT_ERROR is None:
+    _define_kl_backend("triton", triton_kernels.attention_kl_forward,
+                       triton_kernels.attention_kl_backward)
+
+
+def _kl_cpu_unavailable(device: torch.device) -> Optional[str]:
+    if device.type != "cpu":
+        return f"the cpu backend needs CPU tensors; got tensors on {device}"
+    return None
+
+
+def _kl_cuda_unavailable(device: torch.device) -> Optional[str]:
+    reason = _cuda_unavailable(device)
+    if reason is None and not torch._C._dispatch_has_kernel_for_dispatch_key(
+            f"dsa_ops::{_kl_op_names('cuda')[0]}", "CUDA"):
+        reason = "the loaded dsa_ops._C has no CUDA attention-KL kernels"
+    return reason
+
+
+# Backend's Dv limits do not apply (the op has no values): resolve with v = q.
+_KL_BACKEND_TABLE = {
+    "reference": Backend("reference", *_kl_ops("reference"), _reference_unavailable, FLOAT_DTYPES),
+    "cpu": Backend("cpu", *_kl_ops("cpu"), _kl_cpu_unavailable, FLOAT_DTYPES),
+    "triton": Backend("triton", *_kl_ops("triton"), _triton_unavailable, FUSED_DTYPES,
+                      FUSED_QK_DIMS),
+    "cuda": Backend("cuda", *_kl_ops("cuda"), _kl_cuda_unavailable, FUSED_DTYPES, FUSED_QK_DIMS),
+}
+
+
+def get_kl_backend(name: str) -> Backend:
+    return _KL_BACKEND_TABLE[name]
+
+
+def resolve_kl_backend(name: str, q: Tensor) -> Backend:
+    """``name`` itself, or for ``"auto"``: cuda → triton → reference on CUDA tensors, cpu on
+    CPU tensors, reference elsewhere."""
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a str, one of 'auto', {', '.join(map(repr, KL_BACKENDS))}; "
+                        f"got {type(name).__name__}")
+    if name == "auto":
+        order = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}.get(q.device.type, ())
+        for candidate in order:
+            if _KL_BACKEND_TABLE[candidate].unsupported_reason(q, q) is None:
+                return _KL_BACKEND_TABLE[candidate]
+        return _KL_BACKEND_TABLE["reference"]
+    if name not in _KL_BACKEND_TABLE:
+        raise ValueError(f"backend must be 'auto' or one of {', '.join(map(repr, KL_BACKENDS))}; "
+                         f"got {name!r}")
+    reason = _KL_BACKEND_TABLE[name].unsupported_reason(q, q)
+    if reason is not None:
+        raise ValueError(f"backend {name!r} is not available for these inputs: {reason}")
+    return _KL_BACKEND_TABLE[name]
+
+
+def validate_oracle(q: Tensor, q_oracle: Tensor, k_oracle: Tensor) -> None:
+    """The oracle pair must match q (shape, dtype, device) and be a constant target."""
+    for name, t in (("q_oracle", q_oracle), ("k_oracle", k_oracle)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+        if t.shape != q.shape:
+            raise ValueError(f"{name} must have the shape of q (B, L, Dqk) = {tuple(q.shape)}; "
+                             f"got {tuple(t.shape)}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have the dtype of q ({q.dtype}); got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; "
+                             f"all inputs must be on one device")
+        if t.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"{name} requires grad, but attention_kl treats the oracle as a "
+                             f"constant target (no gradient flows into it): pass "
+                             f"{name}.detach(), or compute the oracle under torch.no_grad()")
+
+
+def attention_kl(q: Tensor, k: Tensor, q_oracle: Tensor, k_oracle: Tensor, query_mask: Tensor,
+                 key_mask: Tensor, *, scale: float = 1.0, backend: str = "auto") -> Tensor:
+    """KL(E_oracle‖E) of each query row, streamed over key tiles: no ``L×L`` map.
+
+    E = softmax over the row's keys of ``scale·q·kᵀ``, E_oracle the same of
+    ``scale·q_oracle·k_oracleᵀ``, with the same query and key sets.
+
+    Args:
+        q, k: ``(B, L, Dqk)`` of the prediction, any strides; float16/bfloat16/float32
+            (float64 on the reference and cpu backends). Differentiable.
+        q_oracle, k_oracle: ``(B, L, Dqk)`` like q: the target. It is a constant: passing
+            tensors that require grad (with grad mode on) raises ValueError.
+        query_mask, key_mask: ``(B, L)`` bool.
+        scale: multiplies ``q·k`` (and ``q_oracle·k_oracle``) before the softmax.
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"triton"`` or ``"cuda"``.
+
+    Returns:
+        ``(B, L)`` float32 (float64 for float64 inputs): KL per row, 0 on rows that are no
+        query and on rows without keys. Memory O(B·L·Dqk) on the fused backends.
+    """
+    validate_inputs(q, k, q, query_mask, key_mask, scale)  # no values: q stands in for v
+    validate_oracle(q, q_oracle, k_oracle)
+    chosen = resolve_kl_backend(backend, q)
+    return chosen.forward(q, k, q_oracle, k_oracle, query_mask, key_mask, float(scale))[0]

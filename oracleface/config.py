@@ -37,7 +37,7 @@ class TrainConfig:
     attention: str = "dsa"                # "dsa" | "ca" | "none"
     width: float = 1.0                    # channel multiplier (1 = the paper; < 1 for smoke runs)
     dsa_backend: str = "auto"
-    kl_layers: Optional[list] = None      # None: the first DSA layer (12 at 256²)
+    kl_layers: Optional[list] = None      # oracle-supervised DSA layers; None: the first (12 at 256²)
     sync_bn: bool = True                  # multi-process: BatchNorm over the global batch
     # Optimisation (Section 4.1, Eq. 8 and 10).
     batch_size: int = 16                  # global batch, split evenly across processes
@@ -106,6 +106,14 @@ class TrainConfig:
 
 
 FIELD_NAMES = tuple(field.name for field in dataclasses.fields(TrainConfig))
+
+
+def parse_layer_list(text: str) -> list[int]:
+    """``"12,13,14"`` → ``[12, 13, 14]``; ``""`` → ``[]`` (the ``kl_layers`` field from a flag)."""
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"expected comma-separated layer numbers such as 12,13,14; got {text!r}") from None
 
 
 def normalise_keys(values: dict, source: str) -> dict:

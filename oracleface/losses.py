@@ -4,6 +4,7 @@
 ``reconstruction_loss``  Eq. 6: weighted L1, weight 1 + hole + Σ component boxes
 ``PerceptualLoss``       Eq. 7: VGG-16 feature L1 of I_out and of the composite I_gen
 ``attention_kl_loss``    Eq. 5: KL(E_gt‖E) + KL(E'_gt‖E') over valid query×key pairs
+``streaming_oracle_kl_loss``  Eq. 5 from the passes' q, k (``dsa_ops.attention_kl``): no L×L maps
 ``discriminator_loss``   Eq. 8: WGAN-GP critic loss, summed over the seven critics
 ``generator_adversarial_loss``  Eq. 9
 ``LossWeights``          Eq. 10: λr = 10, λKL = 2, λp = 1, λG = 1 (and γ = 10)
@@ -24,7 +25,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from dsa_ops import reduce_hole_mask
+from dsa_ops import attention_kl, reduce_hole_mask
 from oracleface.boxes import component_masks
 
 Tensor = torch.Tensor
@@ -237,6 +238,36 @@ def attention_kl_loss(predicted: Mapping[int, Mapping[str, Tensor]],
             divergence = (torch.xlogy(p, p) - p * log_of_probabilities(q)).sum()
             pairs = (queries * keys[branch]).sum().clamp_min(1)
             term = divergence / pairs
+            total = term if total is None else total + term
+    return total
+
+
+def streaming_oracle_kl_loss(predicted: Mapping[int, Mapping], oracle: Mapping[int, Mapping], *,
+                             backend: str = "auto") -> Tensor:
+    """Eq. 5 like ``attention_kl_loss``, streamed: no ``(B, L, L)`` map of either pass.
+
+    ``predicted`` and ``oracle``: ``{layer: {"foreground": (B, L) bool, "scale": float,
+    "cross": (q, k), "self": (q, k)}}`` with ``q, k (B, L, Dqk)`` — what
+    ``Generator.forward_queries_keys`` and ``Generator.oracle_queries_keys`` return — for
+    the same layers. Per layer and branch, ``dsa_ops.attention_kl`` gives KL(E_gt‖E) per
+    query row (queries: the foreground; keys: the background (cross) or the foreground
+    (self)); their sum is divided by the number of query×key pairs in the batch, as
+    ``attention_kl_loss`` does, and the terms are summed. Float32; exact where the dense
+    version clamps ln E at 1e-12. The oracle is the target: its q, k must not require
+    grad (``dsa_ops.attention_kl`` raises otherwise). Memory O(B·L·Dqk) per layer.
+    """
+    if set(predicted) != set(oracle) or not predicted:
+        raise ValueError(f"predicted and oracle must hold the same non-empty set of layers; got "
+                         f"{sorted(predicted)} and {sorted(oracle)}")
+    total = None
+    for layer in sorted(predicted):
+        foreground = predicted[layer]["foreground"]
+        queries = foreground.sum(1, dtype=torch.float32)
+        keys = {"cross": foreground.shape[1] - queries, "self": queries}
+        for branch, key_mask in (("cross", ~foreground), ("self", foreground)):
+            kl = attention_kl(*predicted[layer][branch], *oracle[layer][branch], foreground,
+                              key_mask, scale=predicted[layer]["scale"], backend=backend)
+            term = kl.float().sum() / (queries * keys[branch]).sum().clamp_min(1)
             total = term if total is None else total + term
     return total
 

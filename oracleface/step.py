@@ -42,6 +42,7 @@ from oracleface.losses import (
     discriminator_loss,
     generator_adversarial_loss,
     reconstruction_loss,
+    streaming_oracle_kl_loss,
 )
 from oracleface.models import Generator, MultiDiscriminator
 
@@ -50,10 +51,14 @@ Tensor = torch.Tensor
 
 @dataclasses.dataclass
 class GeneratorOutput:
-    """The generator's output ``(B,3,H,W)`` and the maps of the supervised DSA layers."""
+    """The generator's output ``(B,3,H,W)`` and, of the supervised DSA layers, either the
+    attention inputs for the streaming loss (``queries_keys``, see
+    ``Generator.forward_queries_keys``) or the dense maps (``attention``, only with
+    ``detach_oracle=False``)."""
 
     output: Tensor
     attention: dict
+    queries_keys: dict = dataclasses.field(default_factory=dict)
 
 
 def check_batch(batch: dict, resolution: int) -> None:
@@ -82,10 +87,14 @@ class OracleFaceModel(nn.Module):
     Args:
         resolution, attention, dsa_backend: see ``oracleface.models.Generator``.
         weights: λ's of Eq. 10 and γ of Eq. 8 (``LossWeights``; paper defaults).
-        kl_layers: DSA layers with oracle supervision (default: the first DSA layer —
-            layer 12 at 256², 14 at 1024² — as in the paper; ``()`` disables LKL; always
-            ``()`` without DSA).
-        detach_oracle: the oracle maps are targets (no gradient through the oracle pass).
+        kl_layers: DSA layers with oracle supervision, the generator's ``oracle_layers``
+            (default: the first DSA layer — layer 12 at 256², 14 at 1024² — as in the paper;
+            ``(12, 13, 14)``: every DSA layer at 256²; ``()`` disables LKL; always ``()``
+            without DSA).
+        detach_oracle: the oracle is the target (no gradient through the oracle pass): LKL
+            is streamed (``streaming_oracle_kl_loss``: no L×L maps, any layer). ``False``
+            differentiates through both passes with the dense maps (``attention_kl_loss``,
+            O(L²) memory: for ablations at 16²).
         perceptual: a ``PerceptualLoss``; default builds one with ``vgg_weights`` /
             ``pretrained`` (see ``oracleface.losses.PerceptualLoss``).
         width: channel multiplier of G and the critics in (0, 1] (1 = the paper).
@@ -97,27 +106,23 @@ class OracleFaceModel(nn.Module):
                  pretrained: bool = True, width: float = 1.0):
         super().__init__()
         self.resolution = resolution
-        self.generator = Generator(resolution, attention, dsa_backend, width=width)
+        self.generator = Generator(resolution, attention, dsa_backend, width=width,
+                                   oracle_layers=kl_layers)
         self.discriminator = MultiDiscriminator(resolution, width=width)
         self.perceptual = perceptual if perceptual is not None else PerceptualLoss(vgg_weights, pretrained)
         self.weights = weights
-        if attention != "dsa":
-            if kl_layers:
-                raise ValueError(f"kl_layers needs attention='dsa'; got attention={attention!r}")
-            kl_layers = ()
-        elif kl_layers is None:
-            kl_layers = self.generator.attention_layers[:1]
-        unknown = [layer for layer in kl_layers if layer not in self.generator.attention_layers]
-        if unknown:
-            raise ValueError(f"kl_layers must be DSA layers {self.generator.attention_layers}; "
-                             f"got {tuple(kl_layers)}")
-        self.kl_layers = tuple(kl_layers)
+        self.kl_layers = self.generator.oracle_layers
         self.detach_oracle = detach_oracle
 
     # ------------------------------------------------------------------ pieces
     def generate(self, batch: dict) -> GeneratorOutput:
-        """Run G on the batch, keeping the maps of ``kl_layers`` for the oracle loss."""
+        """Run G on the batch, keeping what the oracle loss needs of ``kl_layers``: their
+        q, k (streamed loss) or, with ``detach_oracle=False``, their dense maps."""
         check_batch(batch, self.resolution)
+        if self.kl_layers and self.detach_oracle:
+            output, queries_keys = self.generator.forward_queries_keys(
+                batch["image"], batch["hole_mask"], self.kl_layers)
+            return GeneratorOutput(output, {}, queries_keys)
         if self.kl_layers:
             output, maps = self.generator(batch["image"], batch["hole_mask"], return_attention=True,
                                           attention_layers=self.kl_layers)
@@ -137,9 +142,11 @@ class OracleFaceModel(nn.Module):
             "g_reconstruction": reconstruction_loss(output, image, hole_mask, boxes),
             "g_perceptual": self.perceptual(output, composite, image),
         }
-        if self.kl_layers:
-            oracle = self.generator.oracle_attention(image, hole_mask, self.kl_layers,
-                                                     detach=self.detach_oracle)
+        if self.kl_layers and self.detach_oracle:
+            oracle = self.generator.oracle_queries_keys(image, hole_mask, self.kl_layers)
+            terms["g_kl"] = streaming_oracle_kl_loss(generated.queries_keys, oracle)
+        elif self.kl_layers:
+            oracle = self.generator.oracle_attention(image, hole_mask, self.kl_layers, detach=False)
             terms["g_kl"] = attention_kl_loss(generated.attention, oracle, hole_mask)
         else:
             terms["g_kl"] = output.new_zeros((), dtype=torch.float32)

@@ -12,7 +12,7 @@ def configure_parser(parser) -> None:
     the flags on the command line override the config file (see ``oracleface.config``)."""
     import argparse
 
-    from oracleface.config import AMP_MODES
+    from oracleface.config import AMP_MODES, parse_layer_list
 
     keep = argparse.SUPPRESS
     parser.add_argument("--data", metavar="DIR", default=keep, help="folder of face images (recursive)")
@@ -33,6 +33,9 @@ def configure_parser(parser) -> None:
     model.add_argument("--dsa-backend", default=keep, help="auto (default), reference, triton or cuda")
     model.add_argument("--kl-layers", type=int, nargs="*", default=keep, metavar="LAYER",
                        help="DSA layers with oracle supervision (default: the first, 12 at 256²)")
+    model.add_argument("--oracle-layers", dest="kl_layers", type=parse_layer_list, default=keep,
+                       metavar="12,13,14", help="--kl-layers as a comma list: 12,13,14 supervises "
+                       "every DSA layer (streamed KL, no L×L maps); '' none")
     optim = parser.add_argument_group("optimisation (paper defaults)")
     optim.add_argument("--batch-size", type=int, default=keep,
                        help="global batch, split across processes (default 16)")

@@ -1,7 +1,13 @@
-"""benchmarks.report on a small synthetic pytest-benchmark JSON (timed, OOM and n/a cells)."""
+"""benchmarks.report on a small synthetic pytest-benchmark JSON (timed, OOM and n/a cells),
+and ``make bench``'s runner (benchmarks.run) end to end on one cheap CPU case."""
 from __future__ import annotations
 
+import datetime
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -113,3 +119,53 @@ def test_cli_rejects_a_json_without_cases(tmp_path):
 def _write(path, data):
     path.write_text(json.dumps(data))
     return path
+
+
+def test_screen_tables_drop_idle_columns_and_group_missing_reasons(results_json, tmp_path):
+    data = json.loads(results_json.read_text())
+    data["not_run"] += [_not_run("dsa_ops[triton]", "unsupported", "no GPU here"),
+                        _not_run("flex", "unsupported", "no GPU here", mask="random")]
+    results = report.load_results(_write(tmp_path / "r.json", data))
+    (table,) = report.build_tables(results.results)
+    assert table.idle_contenders == ["flex", "dsa_ops[triton]"]
+    text = report.format_text(table, drop_idle=True)
+    assert "flex" not in text.splitlines()[0] and "not shown: flex, dsa_ops[triton]" in text
+    assert "flex" in report.format_text(table).splitlines()[0]
+    lines = report.not_run_summary(results)
+    assert "- n/a in 2 cases: op: dsa_ops[triton], flex\n    no GPU here" in lines
+    assert any(line.startswith("- OOM in 1 case: op: reference") for line in lines)
+
+
+def test_make_bench_runner_writes_json_summary_and_chart_and_prints_the_report(tmp_path):
+    """``python -m benchmarks.run`` (make bench) on one cheap CPU case: the smoke benchmark
+    JSON goes through the report, which writes the PNG; pytest-benchmark's own tables stay
+    off the screen."""
+    out = tmp_path / "bench"
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "BENCH_OUT": str(out), "DSA_BENCH_DEVICE": "cpu", "PYTHONPATH": str(root),
+           "OMP_NUM_THREADS": "1"}
+    selection = "test_masked_attention and 16x16x512 and centre and cross and fp32 and not bwd"
+    run = subprocess.run([sys.executable, "-m", "benchmarks.run", "-k", selection], cwd=root,
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    printed = run.stdout
+    assert "masked_attention op (per branch) — speed-up over reference" in printed
+    assert "dsa_ops[cpu]" in printed and "×)" in printed  # a speed-up over the reference
+    assert "cases that did not run, grouped by reason:" in printed
+    assert f"files: {out}/" in printed
+    assert "Name (time in" not in printed  # pytest-benchmark's per-group table header
+    data = json.loads((out / "results.json").read_text())
+    assert {b["extra_info"]["contender"] for b in data["benchmarks"]} >= {"reference", "dsa_ops[cpu]"}
+    assert "| 16x16x512 |" in (out / "summary.md").read_text()
+    assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_default_output_folder_is_dated_under_results(monkeypatch):
+    from benchmarks import run
+
+    monkeypatch.delenv("BENCH_OUT", raising=False)
+    folder = run.output_dir(datetime.datetime(2026, 11, 26, 15, 4, 5))
+    assert folder.parent == run.RESULTS_DIR
+    assert folder.name.startswith("2026-11-26_150405_")
+    monkeypatch.setenv("BENCH_OUT", "/somewhere/else")
+    assert run.output_dir() == Path("/somewhere/else")

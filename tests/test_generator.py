@@ -278,7 +278,7 @@ def test_contextual_attention_matches_loop_definition(propagate):
     hole = torch.zeros(2, 1, 6, 7)
     hole[0, :, 1:4, 2:5] = 1
     hole[1, :, 3:6, 0:3] = 1
-    module = ContextualAttention(3, softmax_scale=10.0, propagate_size=propagate)
+    module = ContextualAttention(3, softmax_scale=10.0, propagate_size=propagate, rate=1)
     out = module(x, hole)
     for b in range(2):
         expected = _contextual_attention_by_loops(x[b], hole[b, 0], 3, 10.0, propagate)

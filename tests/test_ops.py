@@ -81,9 +81,10 @@ def test_head_size_limits_are_reported(case):
     assert backend.unsupported_reason(torch.randn(1, 4, 24), torch.randn(1, 4, 40)) is None
 
 
-def test_auto_on_cpu_is_the_reference(case):
-    assert ops.resolve_backend("auto", case.q, case.v).name == "reference"
+def test_auto_on_cpu_is_the_cpu_backend_and_float64_the_reference(case):
+    assert ops.resolve_backend("auto", case.q, case.v).name == "cpu"
     torch.testing.assert_close(call(case), call(case, backend="reference"))
+    assert ops.resolve_backend("auto", case.q.double(), case.v.double()).name == "reference"
 
 
 def test_available_backends_always_has_the_reference():

@@ -49,9 +49,9 @@ def test_full_training_step_updates_generator_and_every_critic(perceptual):
 
 
 def test_configuration_and_batch_validation(perceptual):
-    with pytest.raises(ValueError, match="kl_layers"):
+    with pytest.raises(ValueError, match="oracle layers need attention='dsa'"):
         OracleFaceModel(256, attention="none", kl_layers=(12,), perceptual=perceptual)
-    with pytest.raises(ValueError, match="kl_layers must be DSA layers"):
+    with pytest.raises(ValueError, match="oracle layers must be DSA layers"):
         OracleFaceModel(256, kl_layers=(15,), perceptual=perceptual)
     assert OracleFaceModel(256, attention="ca", perceptual=perceptual).kl_layers == ()
     batch = _batch()

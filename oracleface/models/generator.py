@@ -10,6 +10,12 @@ mask (1 = missing). The generator masks the image itself, ``x · (1 − mask)``,
 the network whatever the caller put there. The oracle pass (Section 3.1, ``oracle_attention``)
 feeds the *unmasked* ground truth with the same mask channel, so its attention is
 partitioned by the same hole but computed from the true content.
+
+Oracle supervision at any DSA layer (``oracle_layers``): ``forward_queries_keys`` and
+``oracle_queries_keys`` give each supervised layer's foreground and per-branch (q, k) for
+the prediction and the oracle pass, which ``dsa_ops.attention_kl`` (through
+``oracleface.losses.streaming_oracle_kl_loss``) compares without L×L maps; the dense maps
+(``return_attention``, ``oracle_attention``) stay for visualisation at small sizes.
 """
 from __future__ import annotations
 
@@ -149,6 +155,8 @@ class Generator(nn.Module):
             ablation) or ``"none"`` (identity).
         dsa_backend: forwarded to ``dsa_ops.DualSpatialAttention``.
         width: channel multiplier in (0, 1]; 1 is the paper (narrower: smoke runs, demos).
+        oracle_layers: DSA layers with oracle supervision; default the first DSA layer
+            (12 at 256², 14 at 1024²: the paper's), ``()`` none; always ``()`` without DSA.
 
     ``forward(x (B,3,R,R) in [0,1], hole_mask (B,1,R,R) 1 = missing)`` → ``(B,3,R,R)`` in
     [0, 1]; ``R = resolution``. In training mode the batch must hold at least two samples:
@@ -156,7 +164,7 @@ class Generator(nn.Module):
     """
 
     def __init__(self, resolution: int = 256, attention: str = "dsa", dsa_backend: str = "auto",
-                 width: float = 1.0):
+                 width: float = 1.0, oracle_layers=None):
         super().__init__()
         if attention not in ATTENTION_TYPES:
             raise ValueError(f"attention must be one of {ATTENTION_TYPES}; got {attention!r}")
@@ -182,6 +190,18 @@ class Generator(nn.Module):
             if spec.attention:
                 self.attention[str(spec.index)] = self._attention_module(
                     attention, spec.out_channels, dsa_backend)
+        self.oracle_layers = self._resolve_oracle_layers(oracle_layers)
+
+    def _resolve_oracle_layers(self, layers) -> tuple:
+        if layers is None:
+            return self.attention_layers[:1] if self.attention_type == "dsa" else ()
+        layers = tuple(layers)
+        if layers and self.attention_type != "dsa":
+            raise ValueError(f"oracle layers need attention='dsa'; got attention="
+                             f"{self.attention_type!r} and layers {layers}")
+        if any(layer not in self.attention_layers for layer in layers):
+            raise ValueError(f"oracle layers must be DSA layers {self.attention_layers}; got {layers}")
+        return tuple(sorted(set(layers)))
 
     @staticmethod
     def _attention_module(kind: str, channels: int, backend: str) -> nn.Module:
@@ -224,10 +244,18 @@ class Generator(nn.Module):
         map_layers = self._check_map_layers(attention_layers) if attention_layers else ()
         if map_layers and max(map_layers) > until_layer:
             raise ValueError(f"attention_layers {map_layers} go beyond until_layer={until_layer}")
+        return self._run(x, hole_mask, until_layer, map_layers, mask_input=mask_input)[:2]
+
+    def _run(self, x: Tensor, hole_mask: Tensor, until_layer: int, map_layers=(), qk_layers=(),
+             mask_input: bool = True, attend_last: bool = True):
+        """Layers 1..until_layer: ``(features, {layer: maps}, {layer: queries/keys})`` (see
+        ``forward_queries_keys``). ``attend_last=False``: the last layer is a DSA layer of
+        which only q, k are needed, so its attention does not run (the oracle pass)."""
         hole_mask = hole_mask.to(x.dtype)
         image = x * (1 - hole_mask) if mask_input else x
         features = {0: torch.cat([image, hole_mask], dim=1)}
         maps: dict[int, dict[str, Tensor]] = {}
+        queries_keys: dict[int, dict] = {}
         h = features[0]
         for spec in self.table[:until_layer]:
             if spec.kind == "up":
@@ -236,6 +264,12 @@ class Generator(nn.Module):
             h = self.layers[str(spec.index)](h)
             if spec.attention:
                 module = self.attention[str(spec.index)]
+                if spec.index in qk_layers:
+                    foreground, branches = module.queries_keys(h, hole_mask)
+                    queries_keys[spec.index] = {"foreground": foreground, "scale": module.scale,
+                                                **branches}
+                if spec.index == until_layer and not attend_last:
+                    break
                 # Dense maps are O(L²): only build those that are asked for.
                 if spec.index in map_layers:
                     h, maps[spec.index] = module(h, hole_mask, return_attention=True)
@@ -244,7 +278,7 @@ class Generator(nn.Module):
             # Encoder outputs are kept for the skip connections; decoder outputs are not needed.
             if spec.kind == "down":
                 features[spec.index] = h
-        return h, maps
+        return h, maps, queries_keys
 
     def forward(self, x: Tensor, hole_mask: Tensor, return_attention: bool = False,
                 attention_layers=None):
@@ -301,7 +335,39 @@ class Generator(nn.Module):
         ``detach`` (the default) the pass runs without autograd: the maps are targets.
         """
         layers = self._check_map_layers(layers)
-        grad = contextlib.nullcontext() if not detach else torch.no_grad()
-        with grad, batchnorm_statistics_frozen(self):
+        with self._oracle_pass(detach):
             return self.forward_attention(ground_truth, hole_mask, max(layers), layers,
                                           mask_input=False)
+
+    @contextlib.contextmanager
+    def _oracle_pass(self, detach: bool) -> Iterator[None]:
+        grad = contextlib.nullcontext() if not detach else torch.no_grad()
+        with grad, batchnorm_statistics_frozen(self):
+            yield
+
+    # ------------------------------------------------------------------ streaming oracle loss
+    def forward_queries_keys(self, x: Tensor, hole_mask: Tensor, layers=None):
+        """The output ``(B,3,R,R)`` and what the streaming oracle loss needs of the
+        prediction at ``layers`` (default ``oracle_layers``)::
+
+            {layer: {"foreground": (B, L) bool, "scale": float,
+                     "cross": (q, k), "self": (q, k)}}      # q, k: (B, L, Dqk)
+
+        O(B·L·Dqk) per layer: no attention map is built.
+        """
+        layers = self._check_map_layers(self.oracle_layers if layers is None else layers)
+        self._check_inputs(x, hole_mask)
+        output, _, queries_keys = self._run(x, hole_mask, self.last_layer, qk_layers=layers)
+        return output, queries_keys
+
+    def oracle_queries_keys(self, ground_truth: Tensor, hole_mask: Tensor, layers=None, *,
+                            detach: bool = True) -> dict:
+        """The oracle side of ``forward_queries_keys`` (same structure, default layers
+        ``oracle_layers``): the unmasked ground truth, BatchNorm and ``detach`` as in
+        ``oracle_attention``. The pass stops after the projection of the last supervised
+        layer: neither its attention nor any later layer runs."""
+        layers = self._check_map_layers(self.oracle_layers if layers is None else layers)
+        self._check_inputs(ground_truth, hole_mask)
+        with self._oracle_pass(detach):
+            return self._run(ground_truth, hole_mask, max(layers), qk_layers=layers,
+                             mask_input=False, attend_last=False)[2]
