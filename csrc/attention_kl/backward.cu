@@ -18,69 +18,70 @@ namespace dsa_ops {
 namespace attention_kl {
 namespace {
 
-
-// Writes a warp's 16 × 8·NT float32 strip, row r times factor[r / 8 of the lane's pair], to
-// the rows of `dst` at slots slot0 + r inside `set`, columns below `columns`.
-template <typename T, int NT>
-__device__ void store_scaled_rows(const Rows<T>& dst, const SampleRowSet& set, int sample,
-                                  int slot0, int columns, const float (&acc)[NT][4],
-                                  const float (&factor)[2]) {
-  const LaneCoords lane;
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int slot = slot0 + lane.g + 8 * i;
-    if (slot >= set.size) continue;
-    T* const row = dst.row(sample, set.position(slot));
-#pragma unroll
-    for (int j = 0; j < NT; ++j) {
-#pragma unroll
-      for (int e = 2 * i; e < 2 * i + 2; ++e) {
-        const int col = lane.col(j, e);
-        if (col < columns) row[col] = DTypeTraits<T>::from_float(acc[j][e] * factor[i]);
-      }
-    }
-  }
-}
-
 // p − p° of a score pair against its row's log-sum-exps (+inf off the set: 0).
 __device__ inline float probability_gap(float s, float s_oracle, float lse, float lse_oracle) {
   return exp_difference(s - lse) - exp_difference(s_oracle - lse_oracle);
 }
 
+// What both gradient kernels share: the block's own 64 slots of `own` (queries for dQ,
+// keys for dK) and of the streamed set, the zero rows of `grad` past the own set's size,
+// the own rows of both passes gathered, and the warp's 16 × 64 strip in shared memory.
+template <typename T, int D>
+struct GradientBlock {
+  using Smem = KlSmem<T, D>;
+  KlTiles<T, D> tiles;
+  T* strip;
+  SampleRowSet own, streamed;
+  int sample, slot0, warp;
+  bool active;  // false: no own rows in this tile, the block is done
+
+  __device__ GradientBlock(unsigned char* smem_raw, const KlInputs& in, bool own_are_queries,
+                           const MatrixArg& grad)
+      : tiles(reinterpret_cast<T*>(smem_raw)),
+        strip(reinterpret_cast<T*>(smem_raw) + Smem::kStrip +
+              (threadIdx.x / 32) * kWarpRows * Smem::kStripPitch),
+        own(own_are_queries ? in.queries : in.keys, blockIdx.y, in.length),
+        streamed(own_are_queries ? in.keys : in.queries, blockIdx.y, in.length),
+        sample(blockIdx.y), slot0(blockIdx.x * kBlockRows), warp(threadIdx.x / 32) {
+    const int tile_end = min(slot0 + kBlockRows, in.length);
+    const int outside_begin = max(slot0, own.size);
+    if (outside_begin < tile_end) {
+      masked_attention::zero_rows<T, D>(typed<T>(grad), own, sample, outside_begin, tile_end, 0,
+                                        in.qk_dim);
+    }
+    active = slot0 < own.size;
+    if (!active) return;
+    tiles.load(true, typed<const T>(own_are_queries ? in.q : in.k),
+               typed<const T>(own_are_queries ? in.q_oracle : in.k_oracle), own, sample, slot0,
+               min(kBlockRows, own.size - slot0), in.qk_dim);
+  }
+
+  // acc += (the warp's strip, stored as T) · streamed rows of the prediction.
+  template <int NT>
+  __device__ void accumulate(float (&acc)[NT][4], const float (&strip_values)[kScoreTiles][4]) const {
+    masked_attention::store_strip<T>(strip, Smem::kStripPitch, strip_values);
+    device::warp_barrier();
+    masked_attention::warp_gemm<T, kBlockCols, NT, BLayout::kKN>(
+        acc, strip, Smem::kStripPitch, tiles.streamed, Smem::kQkPitch);
+  }
+};
+
 // ----------------------------------------------------------------------------- dQ
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads)
 kl_dq_kernel(const __grid_constant__ KlBackwardLaunch launch) {
-  using Smem = KlSmem<T, D>;
   constexpr int kGradTiles = D / 8;
   const KlInputs& in = launch.in;
   DSA_DYNAMIC_SHARED_MEMORY(smem_raw);
-  T* const smem = reinterpret_cast<T*>(smem_raw);
-  const KlTiles<T, D> tiles(smem);
+  const GradientBlock<T, D> block(smem_raw, in, true, launch.grad_q);
+  if (!block.active) return;
+  const SampleRowSet& queries = block.own;
+  const SampleRowSet& keys = block.streamed;
 
-  const int sample = blockIdx.y;
-  const int length = in.length;
-  const int slot0 = blockIdx.x * kBlockRows;
-  const SampleRowSet queries(in.queries, sample, length);
-  const SampleRowSet keys(in.keys, sample, length);
-  const Rows<T> grad_q = typed<T>(launch.grad_q);
-
-  const int tile_end = min(slot0 + kBlockRows, length);
-  const int outside_begin = max(slot0, queries.size);
-  if (outside_begin < tile_end) {
-    masked_attention::zero_rows<T, D>(grad_q, queries, sample, outside_begin, tile_end, 0,
-                                      in.qk_dim);
-  }
-  if (slot0 >= queries.size) return;
-  const Rows<const T> k = typed<const T>(in.k), k_oracle = typed<const T>(in.k_oracle);
-  tiles.load(true, typed<const T>(in.q), typed<const T>(in.q_oracle), queries, sample, slot0,
-             min(kBlockRows, queries.size - slot0), in.qk_dim);
-
-  const int warp = threadIdx.x / 32;
   const LaneCoords lane;
-  const int warp_slot0 = slot0 + warp * kWarpRows;
-  const int64_t row_base = static_cast<int64_t>(sample) * length;
-  float row_lse[2], row_lse_oracle[2], row_factor[2];
+  const int warp_slot0 = block.slot0 + block.warp * kWarpRows;
+  const int64_t row_base = static_cast<int64_t>(block.sample) * in.length;
+  float row_lse[2], row_lse_oracle[2], row_grad[2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int slot = warp_slot0 + lane.g + 8 * i;
@@ -88,19 +89,19 @@ kl_dq_kernel(const __grid_constant__ KlBackwardLaunch launch) {
     const int64_t at = inside ? row_base + queries.position(slot) : 0;
     row_lse[i] = inside ? launch.lse[at] : INFINITY;
     row_lse_oracle[i] = inside ? launch.lse_oracle[at] : INFINITY;
-    row_factor[i] = inside ? in.scale * launch.grad_kl[at] : 0.f;
+    row_grad[i] = inside ? launch.grad_kl[at] : 0.f;
   }
-  T* const strip = smem + Smem::kStrip + warp * kWarpRows * Smem::kStripPitch;
+  const Rows<const T> k = typed<const T>(in.k), k_oracle = typed<const T>(in.k_oracle);
 
   float acc[kGradTiles][4];
   zero_fill(acc);
   for (int key0 = 0; key0 < keys.size; key0 += kBlockCols) {
     const int key_cols = min(kBlockCols, keys.size - key0);
     device::block_barrier();
-    tiles.load(false, k, k_oracle, keys, sample, key0, key_cols, in.qk_dim);
+    block.tiles.load(false, k, k_oracle, keys, block.sample, key0, key_cols, in.qk_dim);
     device::block_barrier();
     float s[kScoreTiles][4], s_oracle[kScoreTiles][4];
-    tiles.scores(s, s_oracle, warp, in.scale);
+    block.tiles.scores(s, s_oracle, block.warp, in.scale);
 #pragma unroll
     for (int j = 0; j < kScoreTiles; ++j) {
 #pragma unroll
@@ -111,12 +112,15 @@ kl_dq_kernel(const __grid_constant__ KlBackwardLaunch launch) {
                       : 0.f;
       }
     }
-    masked_attention::store_strip<T>(strip, Smem::kStripPitch, s);
-    device::warp_barrier();
-    masked_attention::warp_gemm<T, kBlockCols, kGradTiles, BLayout::kKN>(
-        acc, strip, Smem::kStripPitch, tiles.streamed, Smem::kQkPitch);
+    block.accumulate(acc, s);
   }
-  store_scaled_rows<T>(grad_q, queries, sample, warp_slot0, in.qk_dim, acc, row_factor);
+#pragma unroll
+  for (int j = 0; j < kGradTiles; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[j][e] *= row_grad[e / 2];
+  }
+  masked_attention::store_rows<T>(typed<T>(launch.grad_q), queries, block.sample, warp_slot0, 0,
+                                  in.qk_dim, acc, in.scale);
 }
 
 // ----------------------------------------------------------------------------- dK
@@ -127,42 +131,25 @@ kl_dk_kernel(const __grid_constant__ KlBackwardLaunch launch) {
   constexpr int kGradTiles = D / 8;
   const KlInputs& in = launch.in;
   DSA_DYNAMIC_SHARED_MEMORY(smem_raw);
-  T* const smem = reinterpret_cast<T*>(smem_raw);
-  const KlTiles<T, D> tiles(smem);
+  const GradientBlock<T, D> block(smem_raw, in, false, launch.grad_k);
+  if (!block.active) return;
+  const SampleRowSet& keys = block.own;
+  const SampleRowSet& queries = block.streamed;
   // Per streamed query column: lse, lse° (+inf off the set) and g (0 off the set).
   float* const lse_s = reinterpret_cast<float*>(smem_raw + Smem::kElements * sizeof(T));
   float* const lse_oracle_s = lse_s + kBlockCols;
   float* const grad_s = lse_oracle_s + kBlockCols;
 
-  const int sample = blockIdx.y;
-  const int length = in.length;
-  const int slot0 = blockIdx.x * kBlockRows;
-  const SampleRowSet queries(in.queries, sample, length);
-  const SampleRowSet keys(in.keys, sample, length);
-  const Rows<T> grad_k = typed<T>(launch.grad_k);
-
-  const int tile_end = min(slot0 + kBlockRows, length);
-  const int outside_begin = max(slot0, keys.size);
-  if (outside_begin < tile_end) {
-    masked_attention::zero_rows<T, D>(grad_k, keys, sample, outside_begin, tile_end, 0,
-                                      in.qk_dim);
-  }
-  if (slot0 >= keys.size) return;
-  const Rows<const T> q = typed<const T>(in.q), q_oracle = typed<const T>(in.q_oracle);
-  tiles.load(true, typed<const T>(in.k), typed<const T>(in.k_oracle), keys, sample, slot0,
-             min(kBlockRows, keys.size - slot0), in.qk_dim);
-
-  const int warp = threadIdx.x / 32;
   const LaneCoords lane;
-  const int64_t row_base = static_cast<int64_t>(sample) * length;
-  T* const strip = smem + Smem::kStrip + warp * kWarpRows * Smem::kStripPitch;
+  const int64_t row_base = static_cast<int64_t>(block.sample) * in.length;
+  const Rows<const T> q = typed<const T>(in.q), q_oracle = typed<const T>(in.q_oracle);
 
   float acc[kGradTiles][4];
   zero_fill(acc);
   for (int query0 = 0; query0 < queries.size; query0 += kBlockCols) {
     device::block_barrier();
-    tiles.load(false, q, q_oracle, queries, sample, query0,
-               min(kBlockCols, queries.size - query0), in.qk_dim);
+    block.tiles.load(false, q, q_oracle, queries, block.sample, query0,
+                     min(kBlockCols, queries.size - query0), in.qk_dim);
     for (int c = threadIdx.x; c < kBlockCols; c += kThreads) {
       const bool inside = query0 + c < queries.size;
       const int64_t at = inside ? row_base + queries.position(query0 + c) : 0;
@@ -177,7 +164,7 @@ kl_dk_kernel(const __grid_constant__ KlBackwardLaunch launch) {
     const float inverse = 1.f / grad_max;
 
     float s[kScoreTiles][4], s_oracle[kScoreTiles][4];
-    tiles.scores(s, s_oracle, warp, in.scale);
+    block.tiles.scores(s, s_oracle, block.warp, in.scale);
 #pragma unroll
     for (int j = 0; j < kScoreTiles; ++j) {
 #pragma unroll
@@ -188,38 +175,33 @@ kl_dk_kernel(const __grid_constant__ KlBackwardLaunch launch) {
                   probability_gap(s[j][e], s_oracle[j][e], lse_s[c], lse_oracle_s[c]);
       }
     }
-    masked_attention::store_strip<T>(strip, Smem::kStripPitch, s);
-    device::warp_barrier();
     float tile_acc[kGradTiles][4];
     zero_fill(tile_acc);
-    masked_attention::warp_gemm<T, kBlockCols, kGradTiles, BLayout::kKN>(
-        tile_acc, strip, Smem::kStripPitch, tiles.streamed, Smem::kQkPitch);
+    block.accumulate(tile_acc, s);
 #pragma unroll
     for (int j = 0; j < kGradTiles; ++j) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[j][e] = fmaf(grad_max, tile_acc[j][e], acc[j][e]);
     }
   }
-  const float factor[2] = {in.scale, in.scale};
-  store_scaled_rows<T>(grad_k, keys, sample, slot0 + warp * kWarpRows, in.qk_dim, acc, factor);
+  masked_attention::store_rows<T>(typed<T>(launch.grad_k), keys, block.sample,
+                                  block.slot0 + block.warp * kWarpRows, 0, in.qk_dim, acc,
+                                  in.scale);
 }
 
 }  // namespace
 
 cudaError_t launch_backward(const KlBackwardLaunch& launch, cudaStream_t stream) {
-  const KlInputs& in = launch.in;
-  if (in.batch == 0 || in.length == 0) return cudaSuccess;
-  const dim3 grid((in.length + kBlockRows - 1) / kBlockRows, in.batch);
+  if (launch.in.batch == 0 || launch.in.length == 0) return cudaSuccess;
   cudaError_t status = cudaSuccess;
-  masked_attention::dispatch_dtype(in.dtype, [&](auto tag) {
+  dispatch_kernel(launch.in, [&](auto tag, auto dim) {
     using T = typename decltype(tag)::type;
-    masked_attention::dispatch_qk_dim(in.qk_dim, [&](auto dim) {
-      constexpr int D = decltype(dim)::value;
-      constexpr int bytes = KlSmem<T, D>::kBackwardBytes;
-      status = masked_attention::launch_with_smem(kl_dq_kernel<T, D>, grid, bytes, stream, launch);
-      if (status != cudaSuccess) return;
-      status = masked_attention::launch_with_smem(kl_dk_kernel<T, D>, grid, bytes, stream, launch);
-    });
+    constexpr int D = decltype(dim)::value;
+    constexpr int bytes = KlSmem<T, D>::kBackwardBytes;
+    const dim3 grid = tile_grid(launch.in);
+    status = masked_attention::launch_with_smem(kl_dq_kernel<T, D>, grid, bytes, stream, launch);
+    if (status != cudaSuccess) return;
+    status = masked_attention::launch_with_smem(kl_dk_kernel<T, D>, grid, bytes, stream, launch);
   });
   return status;
 }

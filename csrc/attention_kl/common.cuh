@@ -93,5 +93,18 @@ struct KlTiles {
   }
 };
 
+// Grid of every KL kernel: x = 64-slot tiles of a partition (all L slots), y = sample.
+inline dim3 tile_grid(const KlInputs& in) {
+  return dim3((in.length + kBlockRows - 1) / kBlockRows, in.batch);
+}
+
+// Calls f(TypeTag<T>{}, integral_constant<int, D>{}) for the inputs' dtype and padded Dqk.
+template <typename F>
+void dispatch_kernel(const KlInputs& in, F&& f) {
+  masked_attention::dispatch_dtype(in.dtype, [&](auto tag) {
+    masked_attention::dispatch_qk_dim(in.qk_dim, [&](auto dim) { f(tag, dim); });
+  });
+}
+
 }  // namespace attention_kl
 }  // namespace dsa_ops

@@ -137,17 +137,13 @@ kl_forward_kernel(const __grid_constant__ KlForwardLaunch launch) {
 }  // namespace
 
 cudaError_t launch_forward(const KlForwardLaunch& launch, cudaStream_t stream) {
-  const KlInputs& in = launch.in;
-  if (in.batch == 0 || in.length == 0) return cudaSuccess;
-  const dim3 grid((in.length + kBlockRows - 1) / kBlockRows, in.batch);
+  if (launch.in.batch == 0 || launch.in.length == 0) return cudaSuccess;
   cudaError_t status = cudaSuccess;
-  masked_attention::dispatch_dtype(in.dtype, [&](auto tag) {
+  dispatch_kernel(launch.in, [&](auto tag, auto dim) {
     using T = typename decltype(tag)::type;
-    masked_attention::dispatch_qk_dim(in.qk_dim, [&](auto dim) {
-      constexpr int D = decltype(dim)::value;
-      status = masked_attention::launch_with_smem(kl_forward_kernel<T, D>, grid,
-                                                  KlSmem<T, D>::kForwardBytes, stream, launch);
-    });
+    constexpr int D = decltype(dim)::value;
+    status = masked_attention::launch_with_smem(kl_forward_kernel<T, D>, tile_grid(launch.in),
+                                                KlSmem<T, D>::kForwardBytes, stream, launch);
   });
   return status;
 }

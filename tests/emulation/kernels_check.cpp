@@ -121,6 +121,46 @@ struct Problem {  // one attention branch: inputs, masks, outputs
   std::vector<uint8_t> query_mask, key_mask;  // (B, L)
 };
 
+// Per batch: sample 0 has no hole, sample 1 is all hole, the others random; `other` is an
+// independent random key set.
+struct Masks {
+  std::vector<uint8_t> hole, background, other;
+  Problem problem(Form form) const {  // the dual form's first branch (cross)
+    switch (form) {
+      case Form::kSelf: return {hole, hole};
+      case Form::kIndependent: return {hole, other};
+      default: return {hole, background};
+    }
+  }
+};
+
+Masks random_masks(int B, int L, Random& rng) {
+  Masks m{std::vector<uint8_t>(size_t(B) * L), std::vector<uint8_t>(size_t(B) * L),
+          std::vector<uint8_t>(size_t(B) * L)};
+  for (int b = 0; b < B; ++b) {
+    for (int l = 0; l < L; ++l) {
+      m.hole[b * L + l] = b == 0 ? 0 : b == 1 ? 1 : rng.uniform() < 0.4;
+      m.other[b * L + l] = rng.uniform() < 0.3;
+      m.background[b * L + l] = !m.hole[b * L + l];
+    }
+  }
+  return m;
+}
+
+double value(const Operand& o, int b, int l, int d) { return o.storage->get(o.at(b, l, d)); }
+
+// Calls f(b, i, keys) for every query row i of sample b with keys (their positions, in order).
+template <typename F>
+void for_each_query_row(const Problem& p, int B, int L, F&& f) {
+  for (int b = 0; b < B; ++b) {
+    std::vector<int> keys;
+    for (int j = 0; j < L; ++j) if (p.key_mask[b * L + j]) keys.push_back(j);
+    for (int i = 0; i < L && !keys.empty(); ++i) {
+      if (p.query_mask[b * L + i]) f(b, i, keys);
+    }
+  }
+}
+
 // float64 reference of one branch: out, lse, dq, dk, dv (zeros / +inf off the sets).
 struct Reference {
   std::vector<double> out, lse, dq, dk, dv;
@@ -135,45 +175,40 @@ Reference reference(const Case& c, const Operand& q, const Operand& k, const Ope
   r.dq.assign(size_t(B) * L * Dk, 0);
   r.dk.assign(size_t(B) * L * Dk, 0);
   r.dv.assign(size_t(B) * L * Dv, 0);
-  auto val = [](const Operand& o, int b, int l, int d) { return o.storage->get(o.at(b, l, d)); };
-  for (int b = 0; b < B; ++b) {
-    std::vector<int> keys;
-    for (int j = 0; j < L; ++j) if (p.key_mask[b * L + j]) keys.push_back(j);
-    for (int i = 0; i < L; ++i) {
-      if (!p.query_mask[b * L + i] || keys.empty()) continue;
-      std::vector<double> s(keys.size());
-      double m = -kInf;
-      for (size_t n = 0; n < keys.size(); ++n) {
-        double dot = 0;
-        for (int d = 0; d < Dk; ++d) dot += val(q, b, i, d) * val(k, b, keys[n], d);
-        s[n] = scale * dot;
-        m = std::max(m, s[n]);
+  const auto val = value;
+  for_each_query_row(p, B, L, [&](int b, int i, const std::vector<int>& keys) {
+    std::vector<double> s(keys.size());
+    double m = -kInf;
+    for (size_t n = 0; n < keys.size(); ++n) {
+      double dot = 0;
+      for (int d = 0; d < Dk; ++d) dot += val(q, b, i, d) * val(k, b, keys[n], d);
+      s[n] = scale * dot;
+      m = std::max(m, s[n]);
+    }
+    double sum = 0;
+    for (double& x : s) sum += (x = std::exp(x - m));
+    for (double& x : s) x /= sum;  // P
+    r.lse[b * L + i] = m + std::log(sum);
+    std::vector<double> dp(keys.size(), 0);
+    double delta = 0;
+    for (size_t n = 0; n < keys.size(); ++n) {
+      for (int d = 0; d < Dv; ++d) {
+        r.out[(size_t(b) * L + i) * Dv + d] += s[n] * val(v, b, keys[n], d);
+        dp[n] += val(grad_out, b, i, d) * val(v, b, keys[n], d);
       }
-      double sum = 0;
-      for (double& x : s) sum += (x = std::exp(x - m));
-      for (double& x : s) x /= sum;  // P
-      r.lse[b * L + i] = m + std::log(sum);
-      std::vector<double> dp(keys.size(), 0);
-      double delta = 0;
-      for (size_t n = 0; n < keys.size(); ++n) {
-        for (int d = 0; d < Dv; ++d) {
-          r.out[(size_t(b) * L + i) * Dv + d] += s[n] * val(v, b, keys[n], d);
-          dp[n] += val(grad_out, b, i, d) * val(v, b, keys[n], d);
-        }
-        delta += s[n] * dp[n];
+      delta += s[n] * dp[n];
+    }
+    for (size_t n = 0; n < keys.size(); ++n) {
+      const double ds = s[n] * (dp[n] - delta);
+      for (int d = 0; d < Dk; ++d) {
+        r.dq[(size_t(b) * L + i) * Dk + d] += scale * ds * val(k, b, keys[n], d);
+        r.dk[(size_t(b) * L + keys[n]) * Dk + d] += scale * ds * val(q, b, i, d);
       }
-      for (size_t n = 0; n < keys.size(); ++n) {
-        const double ds = s[n] * (dp[n] - delta);
-        for (int d = 0; d < Dk; ++d) {
-          r.dq[(size_t(b) * L + i) * Dk + d] += scale * ds * val(k, b, keys[n], d);
-          r.dk[(size_t(b) * L + keys[n]) * Dk + d] += scale * ds * val(q, b, i, d);
-        }
-        for (int d = 0; d < Dv; ++d) {
-          r.dv[(size_t(b) * L + keys[n]) * Dv + d] += s[n] * val(grad_out, b, i, d);
-        }
+      for (int d = 0; d < Dv; ++d) {
+        r.dv[(size_t(b) * L + keys[n]) * Dv + d] += s[n] * val(grad_out, b, i, d);
       }
     }
-  }
+  });
   return r;
 }
 
@@ -228,23 +263,10 @@ void run_case(const Case& c, uint64_t seed) {
   const double scale = 1.0 / std::sqrt(static_cast<double>(Dk));
   Random rng{seed};
 
-  // Masks: sample 0 has no hole, sample 1 is all hole, the others random.
-  std::vector<uint8_t> hole(size_t(B) * L), other(size_t(B) * L);
-  for (int b = 0; b < B; ++b) {
-    for (int l = 0; l < L; ++l) {
-      hole[b * L + l] = b == 0 ? 0 : b == 1 ? 1 : rng.uniform() < 0.4;
-      other[b * L + l] = rng.uniform() < 0.3;
-    }
-  }
-  std::vector<uint8_t> background(hole.size());
-  for (size_t i = 0; i < hole.size(); ++i) background[i] = !hole[i];
+  const Masks masks = random_masks(B, L, rng);
   Problem problems[2];
-  switch (c.form) {
-    case Form::kCross: problems[0] = {hole, background}; break;
-    case Form::kSelf: problems[0] = {hole, hole}; break;
-    case Form::kIndependent: problems[0] = {hole, other}; break;
-    case Form::kDual: problems[0] = {hole, background}; problems[1] = {hole, hole}; break;
-  }
+  problems[0] = masks.problem(c.form);
+  if (c.form == Form::kDual) problems[1] = masks.problem(Form::kSelf);
 
   // Inputs: per branch q, k, v (and dO) in one packed buffer, or contiguous each.
   const int channels = 2 * Dk + Dv;
@@ -353,41 +375,36 @@ KlReference kl_reference(const Case& c, const Operand (&x)[4], const std::vector
   r.lse_oracle.assign(size_t(B) * L, kInf);
   r.dq.assign(size_t(B) * L * Dk, 0);
   r.dk.assign(size_t(B) * L * Dk, 0);
-  auto val = [](const Operand& o, int b, int l, int d) { return o.storage->get(o.at(b, l, d)); };
-  for (int b = 0; b < B; ++b) {
-    std::vector<int> keys;
-    for (int j = 0; j < L; ++j) if (p.key_mask[b * L + j]) keys.push_back(j);
-    for (int i = 0; i < L; ++i) {
-      if (!p.query_mask[b * L + i] || keys.empty()) continue;
-      // log-probabilities of both passes (x[0], x[1] = q, k; x[2], x[3] = the oracle's)
-      std::vector<double> log_p[2];
-      for (int pass = 0; pass < 2; ++pass) {
-        std::vector<double>& s = log_p[pass];
-        s.resize(keys.size());
-        double m = -kInf;
-        for (size_t n = 0; n < keys.size(); ++n) {
-          double dot = 0;
-          for (int d = 0; d < Dk; ++d) dot += val(x[2 * pass], b, i, d) * val(x[2 * pass + 1], b, keys[n], d);
-          m = std::max(m, s[n] = scale * dot);
-        }
-        double sum = 0;
-        for (double v : s) sum += std::exp(v - m);
-        const double lse = m + std::log(sum);
-        (pass == 0 ? r.lse : r.lse_oracle)[b * L + i] = lse;
-        for (double& v : s) v -= lse;
-      }
-      double kl = 0;
+  const auto val = value;
+  for_each_query_row(p, B, L, [&](int b, int i, const std::vector<int>& keys) {
+    // log-probabilities of both passes (x[0], x[1] = q, k; x[2], x[3] = the oracle's)
+    std::vector<double> log_p[2];
+    for (int pass = 0; pass < 2; ++pass) {
+      std::vector<double>& s = log_p[pass];
+      s.resize(keys.size());
+      double m = -kInf;
       for (size_t n = 0; n < keys.size(); ++n) {
-        kl += std::exp(log_p[1][n]) * (log_p[1][n] - log_p[0][n]);
-        const double ds = scale * grad_kl[b * L + i] * (std::exp(log_p[0][n]) - std::exp(log_p[1][n]));
-        for (int d = 0; d < Dk; ++d) {
-          r.dq[(size_t(b) * L + i) * Dk + d] += ds * val(x[1], b, keys[n], d);
-          r.dk[(size_t(b) * L + keys[n]) * Dk + d] += ds * val(x[0], b, i, d);
-        }
+        double dot = 0;
+        for (int d = 0; d < Dk; ++d) dot += val(x[2 * pass], b, i, d) * val(x[2 * pass + 1], b, keys[n], d);
+        m = std::max(m, s[n] = scale * dot);
       }
-      r.kl[b * L + i] = kl;
+      double sum = 0;
+      for (double v : s) sum += std::exp(v - m);
+      const double lse = m + std::log(sum);
+      (pass == 0 ? r.lse : r.lse_oracle)[b * L + i] = lse;
+      for (double& v : s) v -= lse;
     }
-  }
+    double kl = 0;
+    for (size_t n = 0; n < keys.size(); ++n) {
+      kl += std::exp(log_p[1][n]) * (log_p[1][n] - log_p[0][n]);
+      const double ds = scale * grad_kl[b * L + i] * (std::exp(log_p[0][n]) - std::exp(log_p[1][n]));
+      for (int d = 0; d < Dk; ++d) {
+        r.dq[(size_t(b) * L + i) * Dk + d] += ds * val(x[1], b, keys[n], d);
+        r.dk[(size_t(b) * L + keys[n]) * Dk + d] += ds * val(x[0], b, i, d);
+      }
+    }
+    r.kl[b * L + i] = kl;
+  });
   return r;
 }
 
@@ -408,18 +425,7 @@ void run_kl_case(const Case& c, uint64_t seed) {
   const double tolerance = c.dtype == ScalarKind::kFloat32 ? 1e-4 : c.dtype == ScalarKind::kFloat16 ? 2e-2 : 8e-2;
   const double scale = 1.5 / std::sqrt(static_cast<double>(Dk));
   Random rng{seed};
-  std::vector<uint8_t> hole(size_t(B) * L), other(size_t(B) * L);
-  for (int b = 0; b < B; ++b) {
-    for (int l = 0; l < L; ++l) {
-      hole[b * L + l] = b == 0 ? 0 : b == 1 ? 1 : rng.uniform() < 0.4;
-      other[b * L + l] = rng.uniform() < 0.3;
-    }
-  }
-  std::vector<uint8_t> background(hole.size());
-  for (size_t i = 0; i < hole.size(); ++i) background[i] = !hole[i];
-  Problem problem = c.form == Form::kCross  ? Problem{hole, background}
-                    : c.form == Form::kSelf ? Problem{hole, hole}
-                                            : Problem{hole, other};
+  const Problem problem = random_masks(B, L, rng).problem(c.form);
 
   Storage storage;
   storage.dtype = c.dtype;
