@@ -20,9 +20,8 @@ pytestmark = pytest.mark.skipif(UNAVAILABLE is not None, reason=f"cuda: {UNAVAIL
 def _inputs(batch, length, qk_dim, dtype, seed=0):
     generator = torch.Generator().manual_seed(seed)
     # One packed buffer: q, k, q°, k° are strided channel slices of it.
-    packed = torch.randn(batch, length, 4 * qk_dim + 3, generator=generator).to(dtype)
-    q, k, q_oracle, k_oracle = (packed[..., i * qk_dim:(i + 1) * qk_dim].to(DEVICE)
-                                for i in range(4))
+    packed = torch.randn(batch, length, 4 * qk_dim + 3, generator=generator).to(DEVICE, dtype)
+    q, k, q_oracle, k_oracle = (packed[..., i * qk_dim:(i + 1) * qk_dim] for i in range(4))
     hole = torch.rand(batch, length, generator=generator) < 0.5
     hole[0] = False
     hole[1] = True
