@@ -16,7 +16,7 @@ install:
 
 test: install
 	$(PYTHON) -m pytest tests/ -q
-	DSA_OPS_CUDA_EMULATE=1 $(PYTHON) -m pytest tests/test_backends.py tests/test_cuda_backend.py tests/test_cuda_emulation.py -q -k cuda
+	DSA_OPS_CUDA_EMULATE=1 $(PYTHON) -m pytest tests/test_backends.py tests/test_cuda_backend.py tests/test_cuda_emulation.py tests/test_attention_kl.py tests/test_attention_kl_cuda.py -q -k cuda
 	$(PYTHON) -m pytest benchmarks/ -q --benchmark-disable
 
 bench: install

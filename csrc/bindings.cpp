@@ -8,6 +8,7 @@
 #include <torch/library.h>
 #include <torch/types.h>
 
+#include "attention_kl/launch.cuh"
 #include "kernel_device.h"
 #include "masked_attention/launch.cuh"
 #include "partition.cuh"
@@ -311,6 +312,108 @@ dual_masked_attention_bwd_cuda(const at::Tensor& grad_out_cross, const at::Tenso
   return {cross.grad_q, cross.grad_k, cross.grad_v, self.grad_q, self.grad_k, self.grad_v};
 }
 
+// ----------------------------------------------------------------------------- attention KL
+// KL(E_oracle‖E) per query row (dsa_ops.attention_kl): q, k of the prediction, q_oracle,
+// k_oracle of the oracle pass, all (B, L, Dqk) of one dtype; float32 statistics.
+namespace kl = attention_kl;
+
+struct KlTensors {
+  at::Tensor q, k, q_oracle, k_oracle;
+  Partition queries, keys;
+};
+
+void check_kl_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
+                     const at::Tensor& q_oracle, const at::Tensor& k_oracle,
+                     const at::Tensor& query_mask, const at::Tensor& key_mask) {
+  check_qkv(op, q, k, q);  // no values: q stands in for v
+  check_like(op, "q_oracle", q_oracle, q, "q");
+  check_like(op, "k_oracle", k_oracle, q, "q");
+  check_mask(op, "query_mask", query_mask, q);
+  check_mask(op, "key_mask", key_mask, q);
+}
+
+// After the checks, on the kernels' device: unit-stride inputs and the two partitions.
+KlTensors kl_tensors(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_oracle,
+                     const at::Tensor& k_oracle, const at::Tensor& query_mask,
+                     const at::Tensor& key_mask) {
+  return {with_unit_last_stride(q), with_unit_last_stride(k), with_unit_last_stride(q_oracle),
+          with_unit_last_stride(k_oracle), partition_of(query_mask), partition_of(key_mask)};
+}
+
+kl::KlInputs kl_inputs(const KlTensors& t, double scale) {
+  kl::KlInputs in;
+  in.q = matrix_arg(t.q);
+  in.k = matrix_arg(t.k);
+  in.q_oracle = matrix_arg(t.q_oracle);
+  in.k_oracle = matrix_arg(t.k_oracle);
+  in.queries = t.queries.set(false);
+  in.keys = t.keys.set(false);
+  in.dtype = scalar_kind(t.q);
+  in.batch = static_cast<int>(t.q.size(0));
+  in.length = static_cast<int>(t.q.size(1));
+  in.qk_dim = static_cast<int>(t.q.size(2));
+  in.scale = static_cast<float>(scale);
+  return in;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_kl_fwd_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_oracle,
+    const at::Tensor& k_oracle, const at::Tensor& query_mask, const at::Tensor& key_mask,
+    double scale) {
+  constexpr const char* op = "attention_kl_fwd_cuda";
+  check_kl_inputs(op, q, k, q_oracle, k_oracle, query_mask, key_mask);
+  const KernelDeviceGuard guard(q.device());
+  const KlTensors tensors = kl_tensors(q, k, q_oracle, k_oracle, query_mask, key_mask);
+  auto statistic = [&] {
+    return kernel_output(at::empty({q.size(0), q.size(1)}, q.options().dtype(at::kFloat)));
+  };
+  at::Tensor kl_out = statistic(), lse = statistic(), lse_oracle = statistic();
+  kl::KlForwardLaunch launch;
+  launch.in = kl_inputs(tensors, scale);
+  launch.kl = kl_out.data_ptr<float>();
+  launch.lse = lse.data_ptr<float>();
+  launch.lse_oracle = lse_oracle.data_ptr<float>();
+  check_launch(kl::launch_forward(launch, kernel_stream()), op);
+  return {kl_out, lse, lse_oracle};
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_kl_bwd_cuda(
+    const at::Tensor& grad_kl, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& q_oracle, const at::Tensor& k_oracle, const at::Tensor& lse,
+    const at::Tensor& lse_oracle, const at::Tensor& query_mask, const at::Tensor& key_mask,
+    double scale) {
+  constexpr const char* op = "attention_kl_bwd_cuda";
+  check_kl_inputs(op, q, k, q_oracle, k_oracle, query_mask, key_mask);
+  check_lse(op, "lse", lse, q);
+  check_lse(op, "lse_oracle", lse_oracle, q);
+  TORCH_CHECK(grad_kl.device() == q.device(), op, ": grad_kl is on ", grad_kl.device(),
+              " but q is on ", q.device());
+  TORCH_CHECK(grad_kl.dim() == 2 && grad_kl.size(0) == q.size(0) && grad_kl.size(1) == q.size(1),
+              op, ": grad_kl must have shape (B, L) = (", q.size(0), ", ", q.size(1), "), got ",
+              grad_kl.sizes());
+  TORCH_CHECK(at::isFloatingType(grad_kl.scalar_type()), op,
+              ": grad_kl must be a floating-point tensor, got ", grad_kl.scalar_type());
+  const KernelDeviceGuard guard(q.device());
+  const KlTensors tensors = kl_tensors(q, k, q_oracle, k_oracle, query_mask, key_mask);
+  // The kernels read float32 statistics; the forward's kl is float32 already.
+  const at::Tensor grad = grad_kl.to(at::kFloat).contiguous();
+  const at::Tensor lse_c = lse.contiguous(), lse_oracle_c = lse_oracle.contiguous();
+  auto gradient = [](const at::Tensor& like) {
+    return kernel_output(
+        at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous)));
+  };
+  at::Tensor grad_q = gradient(q), grad_k = gradient(k);
+  kl::KlBackwardLaunch launch;
+  launch.in = kl_inputs(tensors, scale);
+  launch.grad_kl = grad.data_ptr<float>();
+  launch.lse = lse_c.data_ptr<float>();
+  launch.lse_oracle = lse_oracle_c.data_ptr<float>();
+  launch.grad_q = matrix_arg(grad_q);
+  launch.grad_k = matrix_arg(grad_k);
+  check_launch(kl::launch_backward(launch, kernel_stream()), op);
+  return {grad_q, grad_k};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dsa_ops, DSA_OPS_KERNEL_DISPATCH_KEY, m) {
@@ -319,6 +422,8 @@ TORCH_LIBRARY_IMPL(dsa_ops, DSA_OPS_KERNEL_DISPATCH_KEY, m) {
   m.impl("masked_attention_bwd_cuda", &masked_attention_bwd_cuda);
   m.impl("dual_masked_attention_fwd_cuda", &dual_masked_attention_fwd_cuda);
   m.impl("dual_masked_attention_bwd_cuda", &dual_masked_attention_bwd_cuda);
+  m.impl("attention_kl_fwd_cuda", &attention_kl_fwd_cuda);
+  m.impl("attention_kl_bwd_cuda", &attention_kl_bwd_cuda);
 }
 
 }  // namespace dsa_ops

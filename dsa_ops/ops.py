@@ -598,10 +598,17 @@ def _kl_cpu_unavailable(device: torch.device) -> Optional[str]:
     return None
 
 
+# Dispatch keys with the KL kernels (csrc/attention_kl/): CUDA from dsa_ops._C, CPU from the
+# host emulation (DSA_OPS_CUDA_EMULATE=1). Both load at import (above), so this is fixed
+# here, and torch.compile never has to trace the dispatcher query.
+_KL_CUDA_KERNEL_KEYS = frozenset(
+    key for key in ("CUDA", "CPU")
+    if torch._C._dispatch_has_kernel_for_dispatch_key(f"dsa_ops::{_kl_op_names('cuda')[0]}", key))
+
+
 def _kl_cuda_unavailable(device: torch.device) -> Optional[str]:
-    reason = _cuda_unavailable(device)
-    if reason is None and not torch._C._dispatch_has_kernel_for_dispatch_key(
-            f"dsa_ops::{_kl_op_names('cuda')[0]}", "CUDA"):
+    reason = _cuda_unavailable(device)  # on CPU tensors: None only under the emulation
+    if reason is None and ("CPU" if device.type == "cpu" else "CUDA") not in _KL_CUDA_KERNEL_KEYS:
         reason = "the loaded dsa_ops._C has no CUDA attention-KL kernels"
     return reason
 

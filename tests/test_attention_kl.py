@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import dsa_ops
-from dsa_ops import ops, reference
+from dsa_ops import extension, ops, reference
 from tests.attention_cases import assert_close_by_dtype, assert_gradients_close_by_dtype, make_case
 
 INTERPRETED = not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "1"
@@ -281,6 +281,8 @@ def test_auto_on_cpu_is_the_cpu_backend():
                                dsa_ops.attention_kl(*case.inputs, backend="reference"))
 
 
+@pytest.mark.skipif(extension.emulation_requested(),
+                    reason="the emulated cuda backend takes CPU tensors")
 def test_unavailable_backends_say_why():
     case = kl_case(SHAPES[0])
     with pytest.raises(ValueError, match="backend 'cuda' is not available") as info:

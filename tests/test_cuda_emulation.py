@@ -30,7 +30,8 @@ plain_session_only = pytest.mark.skipif(
     extension.emulation_requested(), reason="runs in make test's session without the variable")
 
 CUDA_OPS = ("partition_indices", "masked_attention_fwd_cuda", "masked_attention_bwd_cuda",
-            "dual_masked_attention_fwd_cuda", "dual_masked_attention_bwd_cuda")
+            "dual_masked_attention_fwd_cuda", "dual_masked_attention_bwd_cuda",
+            "attention_kl_fwd_cuda", "attention_kl_bwd_cuda")
 
 
 def _run(program: str, *args: str, fault: int = 0, optimize: str = "-O1"):

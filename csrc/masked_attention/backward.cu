@@ -64,28 +64,6 @@ __global__ void __launch_bounds__(kThreads) delta_kernel(const __grid_constant__
   if (lane == 0) branch.delta[static_cast<int64_t>(sample) * launch.length + slot] = sum;
 }
 
-// Writes a warp's 16 × 8·NT accumulator strip, times `factor`, to the rows of `dst` at the
-// slots slot0 + (strip rows) that are inside `set`, columns col0 + (strip cols) < columns.
-template <typename T, int NT>
-__device__ void store_rows(const Rows<T>& dst, const SampleRowSet& set, int sample, int slot0,
-                           int col0, int columns, const float (&acc)[NT][4], float factor) {
-  const LaneCoords lane;
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int slot = slot0 + lane.g + 8 * i;
-    if (slot >= set.size) continue;
-    T* const row = dst.row(sample, set.position(slot));
-#pragma unroll
-    for (int j = 0; j < NT; ++j) {
-#pragma unroll
-      for (int e = 2 * i; e < 2 * i + 2; ++e) {
-        const int col = col0 + lane.col(j, e);
-        if (col < columns) row[col] = DTypeTraits<T>::from_float(acc[j][e] * factor);
-      }
-    }
-  }
-}
-
 // ----------------------------------------------------------------------------- dQ
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) dq_kernel(const __grid_constant__ BackwardLaunch launch) {

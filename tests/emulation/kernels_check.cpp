@@ -1,5 +1,5 @@
 // The kernels of csrc/ (partition, masked-attention forward and backward, single and dual
-// branch) run through their launchers on the host emulation, every output element compared
+// branch, the streaming attention KL forward and backward) run through their launchers on the host emulation, every output element compared
 // with a float64 reference. No torch: this is what the sanitizer builds run
 // (make emulate-sanitize) and what the planted-fault test builds (tests/test_cuda_emulation.py).
 //
@@ -21,6 +21,7 @@
 #include <cuda_fp16.h>
 
 #include "emulation/emulation.h"
+#include "attention_kl/launch.cuh"
 #include "masked_attention/launch.cuh"
 #include "partition.cuh"
 
@@ -120,6 +121,46 @@ struct Problem {  // one attention branch: inputs, masks, outputs
   std::vector<uint8_t> query_mask, key_mask;  // (B, L)
 };
 
+// Per batch: sample 0 has no hole, sample 1 is all hole, the others random; `other` is an
+// independent random key set.
+struct Masks {
+  std::vector<uint8_t> hole, background, other;
+  Problem problem(Form form) const {  // the dual form's first branch (cross)
+    switch (form) {
+      case Form::kSelf: return {hole, hole};
+      case Form::kIndependent: return {hole, other};
+      default: return {hole, background};
+    }
+  }
+};
+
+Masks random_masks(int B, int L, Random& rng) {
+  Masks m{std::vector<uint8_t>(size_t(B) * L), std::vector<uint8_t>(size_t(B) * L),
+          std::vector<uint8_t>(size_t(B) * L)};
+  for (int b = 0; b < B; ++b) {
+    for (int l = 0; l < L; ++l) {
+      m.hole[b * L + l] = b == 0 ? 0 : b == 1 ? 1 : rng.uniform() < 0.4;
+      m.other[b * L + l] = rng.uniform() < 0.3;
+      m.background[b * L + l] = !m.hole[b * L + l];
+    }
+  }
+  return m;
+}
+
+double value(const Operand& o, int b, int l, int d) { return o.storage->get(o.at(b, l, d)); }
+
+// Calls f(b, i, keys) for every query row i of sample b with keys (their positions, in order).
+template <typename F>
+void for_each_query_row(const Problem& p, int B, int L, F&& f) {
+  for (int b = 0; b < B; ++b) {
+    std::vector<int> keys;
+    for (int j = 0; j < L; ++j) if (p.key_mask[b * L + j]) keys.push_back(j);
+    for (int i = 0; i < L && !keys.empty(); ++i) {
+      if (p.query_mask[b * L + i]) f(b, i, keys);
+    }
+  }
+}
+
 // float64 reference of one branch: out, lse, dq, dk, dv (zeros / +inf off the sets).
 struct Reference {
   std::vector<double> out, lse, dq, dk, dv;
@@ -134,45 +175,40 @@ Reference reference(const Case& c, const Operand& q, const Operand& k, const Ope
   r.dq.assign(size_t(B) * L * Dk, 0);
   r.dk.assign(size_t(B) * L * Dk, 0);
   r.dv.assign(size_t(B) * L * Dv, 0);
-  auto val = [](const Operand& o, int b, int l, int d) { return o.storage->get(o.at(b, l, d)); };
-  for (int b = 0; b < B; ++b) {
-    std::vector<int> keys;
-    for (int j = 0; j < L; ++j) if (p.key_mask[b * L + j]) keys.push_back(j);
-    for (int i = 0; i < L; ++i) {
-      if (!p.query_mask[b * L + i] || keys.empty()) continue;
-      std::vector<double> s(keys.size());
-      double m = -kInf;
-      for (size_t n = 0; n < keys.size(); ++n) {
-        double dot = 0;
-        for (int d = 0; d < Dk; ++d) dot += val(q, b, i, d) * val(k, b, keys[n], d);
-        s[n] = scale * dot;
-        m = std::max(m, s[n]);
+  const auto val = value;
+  for_each_query_row(p, B, L, [&](int b, int i, const std::vector<int>& keys) {
+    std::vector<double> s(keys.size());
+    double m = -kInf;
+    for (size_t n = 0; n < keys.size(); ++n) {
+      double dot = 0;
+      for (int d = 0; d < Dk; ++d) dot += val(q, b, i, d) * val(k, b, keys[n], d);
+      s[n] = scale * dot;
+      m = std::max(m, s[n]);
+    }
+    double sum = 0;
+    for (double& x : s) sum += (x = std::exp(x - m));
+    for (double& x : s) x /= sum;  // P
+    r.lse[b * L + i] = m + std::log(sum);
+    std::vector<double> dp(keys.size(), 0);
+    double delta = 0;
+    for (size_t n = 0; n < keys.size(); ++n) {
+      for (int d = 0; d < Dv; ++d) {
+        r.out[(size_t(b) * L + i) * Dv + d] += s[n] * val(v, b, keys[n], d);
+        dp[n] += val(grad_out, b, i, d) * val(v, b, keys[n], d);
       }
-      double sum = 0;
-      for (double& x : s) sum += (x = std::exp(x - m));
-      for (double& x : s) x /= sum;  // P
-      r.lse[b * L + i] = m + std::log(sum);
-      std::vector<double> dp(keys.size(), 0);
-      double delta = 0;
-      for (size_t n = 0; n < keys.size(); ++n) {
-        for (int d = 0; d < Dv; ++d) {
-          r.out[(size_t(b) * L + i) * Dv + d] += s[n] * val(v, b, keys[n], d);
-          dp[n] += val(grad_out, b, i, d) * val(v, b, keys[n], d);
-        }
-        delta += s[n] * dp[n];
+      delta += s[n] * dp[n];
+    }
+    for (size_t n = 0; n < keys.size(); ++n) {
+      const double ds = s[n] * (dp[n] - delta);
+      for (int d = 0; d < Dk; ++d) {
+        r.dq[(size_t(b) * L + i) * Dk + d] += scale * ds * val(k, b, keys[n], d);
+        r.dk[(size_t(b) * L + keys[n]) * Dk + d] += scale * ds * val(q, b, i, d);
       }
-      for (size_t n = 0; n < keys.size(); ++n) {
-        const double ds = s[n] * (dp[n] - delta);
-        for (int d = 0; d < Dk; ++d) {
-          r.dq[(size_t(b) * L + i) * Dk + d] += scale * ds * val(k, b, keys[n], d);
-          r.dk[(size_t(b) * L + keys[n]) * Dk + d] += scale * ds * val(q, b, i, d);
-        }
-        for (int d = 0; d < Dv; ++d) {
-          r.dv[(size_t(b) * L + keys[n]) * Dv + d] += s[n] * val(grad_out, b, i, d);
-        }
+      for (int d = 0; d < Dv; ++d) {
+        r.dv[(size_t(b) * L + keys[n]) * Dv + d] += s[n] * val(grad_out, b, i, d);
       }
     }
-  }
+  });
   return r;
 }
 
@@ -227,23 +263,10 @@ void run_case(const Case& c, uint64_t seed) {
   const double scale = 1.0 / std::sqrt(static_cast<double>(Dk));
   Random rng{seed};
 
-  // Masks: sample 0 has no hole, sample 1 is all hole, the others random.
-  std::vector<uint8_t> hole(size_t(B) * L), other(size_t(B) * L);
-  for (int b = 0; b < B; ++b) {
-    for (int l = 0; l < L; ++l) {
-      hole[b * L + l] = b == 0 ? 0 : b == 1 ? 1 : rng.uniform() < 0.4;
-      other[b * L + l] = rng.uniform() < 0.3;
-    }
-  }
-  std::vector<uint8_t> background(hole.size());
-  for (size_t i = 0; i < hole.size(); ++i) background[i] = !hole[i];
+  const Masks masks = random_masks(B, L, rng);
   Problem problems[2];
-  switch (c.form) {
-    case Form::kCross: problems[0] = {hole, background}; break;
-    case Form::kSelf: problems[0] = {hole, hole}; break;
-    case Form::kIndependent: problems[0] = {hole, other}; break;
-    case Form::kDual: problems[0] = {hole, background}; problems[1] = {hole, hole}; break;
-  }
+  problems[0] = masks.problem(c.form);
+  if (c.form == Form::kDual) problems[1] = masks.problem(Form::kSelf);
 
   // Inputs: per branch q, k, v (and dO) in one packed buffer, or contiguous each.
   const int channels = 2 * Dk + Dv;
@@ -337,14 +360,153 @@ void run_case(const Case& c, uint64_t seed) {
   }
 }
 
+// ----------------------------------------------------------------------------- attention KL
+// float64 reference of KL(E_oracle‖E) per row, its lse's and the gradients for grad_kl.
+struct KlReference {
+  std::vector<double> kl, lse, lse_oracle, dq, dk;
+};
+
+KlReference kl_reference(const Case& c, const Operand (&x)[4], const std::vector<double>& grad_kl,
+                         const Problem& p, double scale) {
+  const int B = c.batch, L = c.length, Dk = c.qk_dim;
+  KlReference r;
+  r.kl.assign(size_t(B) * L, 0);
+  r.lse.assign(size_t(B) * L, kInf);
+  r.lse_oracle.assign(size_t(B) * L, kInf);
+  r.dq.assign(size_t(B) * L * Dk, 0);
+  r.dk.assign(size_t(B) * L * Dk, 0);
+  const auto val = value;
+  for_each_query_row(p, B, L, [&](int b, int i, const std::vector<int>& keys) {
+    // log-probabilities of both passes (x[0], x[1] = q, k; x[2], x[3] = the oracle's)
+    std::vector<double> log_p[2];
+    for (int pass = 0; pass < 2; ++pass) {
+      std::vector<double>& s = log_p[pass];
+      s.resize(keys.size());
+      double m = -kInf;
+      for (size_t n = 0; n < keys.size(); ++n) {
+        double dot = 0;
+        for (int d = 0; d < Dk; ++d) dot += val(x[2 * pass], b, i, d) * val(x[2 * pass + 1], b, keys[n], d);
+        m = std::max(m, s[n] = scale * dot);
+      }
+      double sum = 0;
+      for (double v : s) sum += std::exp(v - m);
+      const double lse = m + std::log(sum);
+      (pass == 0 ? r.lse : r.lse_oracle)[b * L + i] = lse;
+      for (double& v : s) v -= lse;
+    }
+    double kl = 0;
+    for (size_t n = 0; n < keys.size(); ++n) {
+      kl += std::exp(log_p[1][n]) * (log_p[1][n] - log_p[0][n]);
+      const double ds = scale * grad_kl[b * L + i] * (std::exp(log_p[0][n]) - std::exp(log_p[1][n]));
+      for (int d = 0; d < Dk; ++d) {
+        r.dq[(size_t(b) * L + i) * Dk + d] += ds * val(x[1], b, keys[n], d);
+        r.dk[(size_t(b) * L + keys[n]) * Dk + d] += ds * val(x[0], b, i, d);
+      }
+    }
+    r.kl[b * L + i] = kl;
+  });
+  return r;
+}
+
+Storage float_storage(const std::vector<float>& values) {
+  Storage s{ScalarKind::kFloat32, {}};
+  s.bytes.resize(values.size() * 4);
+  std::memcpy(s.bytes.data(), values.data(), s.bytes.size());
+  return s;
+}
+
+// Forms: cross, self, independent (dual has no KL counterpart). Strided: q, k, q°, k° as
+// channel slices of one packed (B, L, 4·Dqk) buffer. grad_kl is small in one sample
+// (a mean over rows), the float16 range of the dK kernel's tile scaling.
+void run_kl_case(const Case& c, uint64_t seed) {
+  std::printf("attention_kl %s %s B=%d L=%d Dqk=%d%s\n", form_name(c.form), dtype_name(c.dtype),
+              c.batch, c.length, c.qk_dim, c.strided ? " strided" : "");
+  const int B = c.batch, L = c.length, Dk = c.qk_dim;
+  const double tolerance = c.dtype == ScalarKind::kFloat32 ? 1e-4 : c.dtype == ScalarKind::kFloat16 ? 2e-2 : 8e-2;
+  const double scale = 1.5 / std::sqrt(static_cast<double>(Dk));
+  Random rng{seed};
+  const Problem problem = random_masks(B, L, rng).problem(c.form);
+
+  Storage storage;
+  storage.dtype = c.dtype;
+  storage.resize(size_t(B) * L * 4 * Dk);
+  for (size_t i = 0; i < size_t(B) * L * 4 * Dk; ++i) storage.set(i, rng.normal());
+  Operand x[4];  // q, k, q°, k°
+  for (int t = 0; t < 4; ++t) {
+    x[t] = c.strided ? Operand{&storage, int64_t(t) * Dk, int64_t(L) * 4 * Dk, 4 * Dk, Dk}
+                     : Operand{&storage, int64_t(t) * B * L * Dk, int64_t(L) * Dk, Dk, Dk};
+  }
+  std::vector<double> grad_kl(size_t(B) * L);
+  std::vector<float> grad_kl_f(grad_kl.size());
+  for (size_t i = 0; i < grad_kl.size(); ++i) {
+    const double magnitude = i / L == 2 ? 1e-3 : 1.0;  // sample 2: dS in float16 subnormals unscaled
+    grad_kl[i] = grad_kl_f[i] = static_cast<float>(magnitude * rng.normal());
+  }
+
+  const Partition queries = partition(problem.query_mask, B, L, "partition");
+  const Partition keys = c.form == Form::kIndependent ? partition(problem.key_mask, B, L, "partition")
+                                                      : queries;
+  const bool complement = c.form == Form::kCross;
+  const float kNaNf = std::numeric_limits<float>::quiet_NaN();
+  std::vector<float> kl(size_t(B) * L, kNaNf), lse(kl), lse_oracle(kl);
+  Storage grad_q, grad_k;
+  for (Storage* s : {&grad_q, &grad_k}) { s->dtype = c.dtype; s->resize(size_t(B) * L * Dk); }
+
+  attention_kl::KlInputs in;
+  in.q = x[0].arg(); in.k = x[1].arg(); in.q_oracle = x[2].arg(); in.k_oracle = x[3].arg();
+  in.queries = {queries.index.data(), queries.count.data(), false};
+  in.keys = {keys.index.data(), keys.count.data(), complement};
+  in.dtype = c.dtype;
+  in.batch = B; in.length = L; in.qk_dim = Dk;
+  in.scale = static_cast<float>(scale);
+  attention_kl::KlForwardLaunch forward;
+  forward.in = in;
+  forward.kl = kl.data(); forward.lse = lse.data(); forward.lse_oracle = lse_oracle.data();
+  attention_kl::KlBackwardLaunch backward;
+  backward.in = in;
+  backward.grad_kl = grad_kl_f.data();
+  backward.lse = lse.data(); backward.lse_oracle = lse_oracle.data();
+  backward.grad_q = {grad_q.data(), int64_t(L) * Dk, Dk};
+  backward.grad_k = {grad_k.data(), int64_t(L) * Dk, Dk};
+  const cudaError_t forward_status = attention_kl::launch_forward(forward, nullptr);
+  const cudaError_t backward_status =
+      forward_status == cudaSuccess ? attention_kl::launch_backward(backward, nullptr) : forward_status;
+  if (forward_status != cudaSuccess || backward_status != cudaSuccess) {
+    std::printf("  launch failed: %s\n", emulation::last_error_message());
+    ++failures;
+    return;
+  }
+  const KlReference want = kl_reference(c, x, grad_kl, problem, scale);
+  compare("kl", float_storage(kl), want.kl, tolerance);
+  compare("lse", float_storage(lse), want.lse, tolerance);
+  compare("lse_oracle", float_storage(lse_oracle), want.lse_oracle, tolerance);
+  compare("dq", grad_q, want.dq, tolerance);
+  compare("dk", grad_k, want.dk, tolerance);
+  // The float16-subnormal sample on its own (compare's tolerance is relative to the
+  // largest element, which the other samples set).
+  const size_t begin = size_t(2) * L * Dk, end = size_t(3) * L * Dk;
+  Storage small_dk{c.dtype, {}};
+  small_dk.bytes.assign(grad_k.bytes.begin() + begin * grad_k.element_size(),
+                        grad_k.bytes.begin() + end * grad_k.element_size());
+  std::vector<double> small_want(want.dk.begin() + begin, want.dk.begin() + end);
+  for (double& w : small_want) w *= 1e3;
+  for (size_t i = 0; i < small_want.size(); ++i) small_dk.set(i, small_dk.get(i) * 1e3);
+  compare("dk[g~1e-3]", small_dk, small_want, tolerance);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   const bool quick = argc > 1 && std::string(argv[1]) == "--quick";
-  std::vector<Case> cases;
+  std::vector<Case> cases, kl_cases;
   if (quick) {
     cases.push_back({Form::kCross, ScalarKind::kFloat16, 3, 70, 24, 40, true});
   } else {
+    for (ScalarKind dtype : {ScalarKind::kFloat32, ScalarKind::kFloat16, ScalarKind::kBFloat16}) {
+      kl_cases.push_back({Form::kCross, dtype, 4, 70, 8, 0, false});
+      kl_cases.push_back({Form::kSelf, dtype, 4, 130, 24, 0, true});
+      kl_cases.push_back({Form::kIndependent, dtype, 4, 65, 64, 0, true});
+    }
     for (ScalarKind dtype : {ScalarKind::kFloat32, ScalarKind::kFloat16, ScalarKind::kBFloat16}) {
       cases.push_back({Form::kCross, dtype, 3, 70, 8, 8, false});
       cases.push_back({Form::kSelf, dtype, 3, 130, 24, 72, true});
@@ -354,6 +516,7 @@ int main(int argc, char** argv) {
   }
   uint64_t seed = 1;
   for (const Case& c : cases) run_case(c, seed++);
+  for (const Case& c : kl_cases) run_kl_case(c, seed++);
   std::printf("FAILURES: %d\n", failures);
   return failures == 0 ? 0 : 1;
 }
