@@ -85,13 +85,21 @@ def _make_backward(bwd_op):
     return backward
 
 
-def _register_meta_and_autograd(backend: str) -> None:
-    fwd_name, bwd_name = _op_names(backend)
-    torch.library.register_fake(f"dsa_ops::{fwd_name}", _fake_forward, lib=_lib)
-    torch.library.register_fake(f"dsa_ops::{bwd_name}", _fake_backward, lib=_lib)
+def _register_op_pair(names: tuple[str, str], fakes: tuple[Callable, Callable],
+                      make_backward: Callable, setup_context: Callable) -> None:
+    """Fake impls of a (forward, backward) op pair and the forward's autograd, whose
+    backward calls the backward op: the one shape every op family here follows."""
+    fwd_name, bwd_name = names
+    for name, fake in zip(names, fakes):
+        torch.library.register_fake(f"dsa_ops::{name}", fake, lib=_lib)
     bwd_op = getattr(torch.ops.dsa_ops, bwd_name).default
-    torch.library.register_autograd(f"dsa_ops::{fwd_name}", _make_backward(bwd_op),
-                                    setup_context=_setup_context, lib=_lib)
+    torch.library.register_autograd(f"dsa_ops::{fwd_name}", make_backward(bwd_op),
+                                    setup_context=setup_context, lib=_lib)
+
+
+def _register_meta_and_autograd(backend: str) -> None:
+    _register_op_pair(_op_names(backend), (_fake_forward, _fake_backward), _make_backward,
+                      _setup_context)
 
 
 # ----------------------------------------------------------------------------- definitions
@@ -424,12 +432,8 @@ def _make_dual_backward(bwd_op):
 
 
 def _register_dual_meta_and_autograd(backend: str) -> None:
-    fwd_name, bwd_name = _dual_op_names(backend)
-    torch.library.register_fake(f"dsa_ops::{fwd_name}", _fake_dual_forward, lib=_lib)
-    torch.library.register_fake(f"dsa_ops::{bwd_name}", _fake_dual_backward, lib=_lib)
-    torch.library.register_autograd(
-        f"dsa_ops::{fwd_name}", _make_dual_backward(getattr(torch.ops.dsa_ops, bwd_name).default),
-        setup_context=_dual_setup_context, lib=_lib)
+    _register_op_pair(_dual_op_names(backend), (_fake_dual_forward, _fake_dual_backward),
+                      _make_dual_backward, _dual_setup_context)
 
 
 for _backend in DUAL_BACKENDS:
@@ -573,12 +577,8 @@ def _define_kl_backend(backend: str, forward=None, backward=None, dispatch_key=N
         _lib.define(name + schema)
         if impl is not None:
             _lib.impl(name, impl, dispatch_key)
-    fwd_name, bwd_name = _kl_op_names(backend)
-    torch.library.register_fake(f"dsa_ops::{fwd_name}", _fake_kl_forward, lib=_lib)
-    torch.library.register_fake(f"dsa_ops::{bwd_name}", _fake_kl_backward, lib=_lib)
-    torch.library.register_autograd(
-        f"dsa_ops::{fwd_name}", _make_kl_backward(getattr(torch.ops.dsa_ops, bwd_name).default),
-        setup_context=_kl_setup_context, lib=_lib)
+    _register_op_pair(_kl_op_names(backend), (_fake_kl_forward, _fake_kl_backward),
+                      _make_kl_backward, _kl_setup_context)
 
 
 from dsa_ops import attention_kl_cpu  # noqa: E402  (imports reference only)
