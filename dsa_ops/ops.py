@@ -552,9 +552,16 @@ def _kl_setup_context(ctx, inputs, output):
     ctx.scale = scale
 
 
+def _without_autocast(device: torch.device):
+    """The KL bodies choose their own precision (float32 statistics, the inputs' dtype in
+    matmuls); an enclosing autocast would recast their matmuls under them."""
+    return torch.autocast(device.type, enabled=False)
+
+
 def _make_kl_backward(bwd_op):
     def backward(ctx, grad_kl, _grad_lse, _grad_lse_oracle):
-        grad_q, grad_k = bwd_op(grad_kl, *ctx.saved_tensors, ctx.scale)
+        with _without_autocast(grad_kl.device):
+            grad_q, grad_k = bwd_op(grad_kl, *ctx.saved_tensors, ctx.scale)
         return grad_q, grad_k, None, None, None, None, None
     return backward
 
@@ -675,4 +682,5 @@ def attention_kl(q: Tensor, k: Tensor, q_oracle: Tensor, k_oracle: Tensor, query
     validate_inputs(q, k, q, query_mask, key_mask, scale)  # no values: q stands in for v
     validate_oracle(q, q_oracle, k_oracle)
     chosen = resolve_kl_backend(backend, q)
-    return chosen.forward(q, k, q_oracle, k_oracle, query_mask, key_mask, float(scale))[0]
+    with _without_autocast(q.device):
+        return chosen.forward(q, k, q_oracle, k_oracle, query_mask, key_mask, float(scale))[0]

@@ -334,3 +334,22 @@ def test_oracle_requiring_grad_is_accepted_without_grad_mode():
         kl = dsa_ops.attention_kl(case.q, case.k, oracle, case.k_oracle, case.query_mask,
                                   case.key_mask)
     torch.testing.assert_close(kl, dsa_ops.attention_kl(*case.inputs))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_does_not_recast_the_op_bodies(dtype):
+    """Under CPU autocast (training with --amp) the KL keeps its float32 statistics and
+    gives the result and gradients of the same call without autocast."""
+    case = make_case(batch=2, height=6, width=5, qk_dim=8, v_dim=8, form="cross", dtype=dtype)
+    q, k = (t.detach().requires_grad_() for t in (case.q, case.k))
+    q_oracle, k_oracle = torch.randn_like(case.q), torch.randn_like(case.k)
+    args = (q_oracle, k_oracle, case.query_mask, case.key_mask)
+    expected = dsa_ops.attention_kl(q, k, *args, backend="cpu")
+    expected_grads = torch.autograd.grad(expected.sum(), (q, k))
+    with torch.autocast("cpu", dtype=dtype):
+        got = dsa_ops.attention_kl(q, k, *args, backend="cpu")
+        got_grads = torch.autograd.grad(got.sum(), (q, k))
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected)
+    for grad, reference_grad in zip(got_grads, expected_grads):
+        torch.testing.assert_close(grad, reference_grad)
