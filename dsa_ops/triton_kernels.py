@@ -69,6 +69,7 @@ import triton.language as tl
 Tensor = torch.Tensor
 
 LOG2_E = tl.constexpr(math.log2(math.e))
+LN_2 = tl.constexpr(math.log(2.0))
 # tl.dot needs every dimension to be at least 16.
 _MIN_DOT_SIZE = 16
 # The most shared memory any launch of the GPU table may need per block (checked by
@@ -839,8 +840,8 @@ def _kl_load_pair(prediction, oracle, rows, valid, cols_d, qk_dim, stride_pl, st
 def _kl_row_statistics(lse, lse_oracle, grad_kl, rows, valid, stride_gl):
     """Both lse's in log2 units and the incoming gradient of the rows (one sample's base
     pointers); padding rows read lse +inf and gradient 0, so their dS is 0."""
-    lse2 = tl.load(lse + rows, mask=valid, other=float("inf")) * 1.4426950408889634
-    oracle_lse2 = tl.load(lse_oracle + rows, mask=valid, other=float("inf")) * 1.4426950408889634
+    lse2 = tl.load(lse + rows, mask=valid, other=float("inf")) * LOG2_E
+    oracle_lse2 = tl.load(lse_oracle + rows, mask=valid, other=float("inf")) * LOG2_E
     grad = tl.load(grad_kl + rows * stride_gl, mask=valid, other=0.0).to(tl.float32)
     return lse2, oracle_lse2, grad
 
@@ -897,11 +898,10 @@ def _kl_forward_kernel(
 
     row_lse2 = row_max + tl.log2(row_sum)
     oracle_lse2 = oracle_max + tl.log2(oracle_sum)
-    ln2 = 0.6931471805599453
     out_offsets = batch * stride_out_b + rows
-    tl.store(kl + out_offsets, (cross / oracle_sum - oracle_lse2 + row_lse2) * ln2, mask=row_valid)
-    tl.store(lse + out_offsets, row_lse2 * ln2, mask=row_valid)
-    tl.store(lse_oracle + out_offsets, oracle_lse2 * ln2, mask=row_valid)
+    tl.store(kl + out_offsets, (cross / oracle_sum - oracle_lse2 + row_lse2) * LN_2, mask=row_valid)
+    tl.store(lse + out_offsets, row_lse2 * LN_2, mask=row_valid)
+    tl.store(lse_oracle + out_offsets, oracle_lse2 * LN_2, mask=row_valid)
 
 
 @triton.jit
