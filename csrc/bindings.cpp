@@ -68,6 +68,24 @@ Partition partition_of(const at::Tensor& mask) {
   return {index, count};
 }
 
+// A partition handed back by the backward op: the forward's output for `mask`, checked
+// against what the kernels index with it (an int32 list per sample and a count per sample).
+Partition saved_partition(const char* op, const char* index_name, const at::Tensor& index,
+                          const char* count_name, const at::Tensor& count, const at::Tensor& mask) {
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{index_name, index},
+                                {count_name, count}}) {
+    TORCH_CHECK(t.device() == mask.device(), op, ": ", name, " is on ", t.device(),
+                " but the mask is on ", mask.device());
+    TORCH_CHECK(t.scalar_type() == at::kInt, op, ": ", name,
+                " (the forward's partition) must be int32, got ", t.scalar_type());
+  }
+  TORCH_CHECK(index.sizes() == mask.sizes(), op, ": ", index_name, " must have shape (B, L) = ",
+              mask.sizes(), ", got ", index.sizes());
+  TORCH_CHECK(count.dim() == 1 && count.size(0) == mask.size(0), op, ": ", count_name,
+              " must have shape (B,) = (", mask.size(0), "), got ", count.sizes());
+  return {index.contiguous(), count.contiguous()};
+}
+
 // Checks one attention problem's tensors: device, dtype, shapes, supported head sizes.
 // `op` and the argument names make the messages point at the caller's argument.
 struct AttentionShape {
@@ -207,7 +225,8 @@ void fill_sizes(Launch& launch, const AttentionShape& shape, const at::Tensor& q
   launch.scale = static_cast<float>(scale);
 }
 
-std::tuple<at::Tensor, at::Tensor> masked_attention_fwd_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+masked_attention_fwd_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& query_mask,
     const at::Tensor& key_mask, double scale) {
   constexpr const char* op = "masked_attention_fwd_cuda";
@@ -221,13 +240,14 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_fwd_cuda(
   fill_sizes(launch, shape, q, scale);
   launch.branch[0] = tensors.branch(queries.set(false), keys.set(false));
   check_launch(ma::launch_forward(launch, kernel_stream()), op);
-  return {tensors.out, tensors.lse};
+  return {tensors.out, tensors.lse, queries.index, queries.count, keys.index, keys.count};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& query_mask,
-    const at::Tensor& key_mask, double scale) {
+    const at::Tensor& key_mask, const at::Tensor& query_index, const at::Tensor& query_count,
+    const at::Tensor& key_index, const at::Tensor& key_count, double scale) {
   constexpr const char* op = "masked_attention_bwd_cuda";
   const AttentionShape shape = check_qkv(op, q, k, v);
   check_like(op, "grad_out", grad_out, v, "v");
@@ -236,7 +256,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_bwd_cuda(
   check_mask(op, "query_mask", query_mask, q);
   check_mask(op, "key_mask", key_mask, q);
   const KernelDeviceGuard guard(q.device());
-  const Partition queries = partition_of(query_mask), keys = partition_of(key_mask);
+  const Partition queries =
+      saved_partition(op, "query_index", query_index, "query_count", query_count, query_mask);
+  const Partition keys = saved_partition(op, "key_index", key_index, "key_count", key_count, key_mask);
   BackwardTensors tensors(grad_out, q, k, v, out, lse);
   ma::BackwardLaunch launch;
   fill_sizes(launch, shape, q, scale);
@@ -263,7 +285,8 @@ AttentionShape check_dual(const char* op, const at::Tensor& q_cross, const at::T
   return shape;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_masked_attention_fwd_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+dual_masked_attention_fwd_cuda(
     const at::Tensor& q_cross, const at::Tensor& k_cross, const at::Tensor& v_cross,
     const at::Tensor& q_self, const at::Tensor& k_self, const at::Tensor& v_self,
     const at::Tensor& foreground, double scale) {
@@ -279,7 +302,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_masked_attention
   launch.branch[0] = cross.branch(fg.set(false), fg.set(true));
   launch.branch[1] = self.branch(fg.set(false), fg.set(false));
   check_launch(ma::launch_forward(launch, kernel_stream()), op);
-  return {cross.out, cross.lse, self.out, self.lse};
+  return {cross.out, cross.lse, self.out, self.lse, fg.index, fg.count};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -289,7 +312,8 @@ dual_masked_attention_bwd_cuda(const at::Tensor& grad_out_cross, const at::Tenso
                                const at::Tensor& k_self, const at::Tensor& v_self,
                                const at::Tensor& out_cross, const at::Tensor& lse_cross,
                                const at::Tensor& out_self, const at::Tensor& lse_self,
-                               const at::Tensor& foreground, double scale) {
+                               const at::Tensor& foreground, const at::Tensor& foreground_index,
+                               const at::Tensor& foreground_count, double scale) {
   constexpr const char* op = "dual_masked_attention_bwd_cuda";
   const AttentionShape shape =
       check_dual(op, q_cross, k_cross, v_cross, q_self, k_self, v_self, foreground);
@@ -300,7 +324,8 @@ dual_masked_attention_bwd_cuda(const at::Tensor& grad_out_cross, const at::Tenso
   check_lse(op, "lse_cross", lse_cross, q_cross);
   check_lse(op, "lse_self", lse_self, q_self);
   const KernelDeviceGuard guard(q_cross.device());
-  const Partition fg = partition_of(foreground);
+  const Partition fg = saved_partition(op, "foreground_index", foreground_index,
+                                       "foreground_count", foreground_count, foreground);
   BackwardTensors cross(grad_out_cross, q_cross, k_cross, v_cross, out_cross, lse_cross);
   BackwardTensors self(grad_out_self, q_self, k_self, v_self, out_self, lse_self);
   ma::BackwardLaunch launch;

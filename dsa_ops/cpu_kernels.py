@@ -75,8 +75,9 @@ def partition_slots(index: Tensor, count: Tensor, side: bool) -> Slots:
 
 def mask_slots(mask: Tensor) -> Slots:
     """Slots of the true positions of ``mask (B, L)`` bool."""
-    index, count = torch.ops.dsa_ops.partition_indices(mask)
-    return partition_slots(index, count, True)
+    return partition_slots(*torch.ops.dsa_ops.partition_indices(mask), True)
+
+
 
 
 def plan_groups(query_counts: list[int], key_counts: list[int],
@@ -217,9 +218,14 @@ def forward_slots(q: Tensor, k: Tensor, v: Tensor, queries: Slots, keys: Slots,
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, query_mask: Tensor, key_mask: Tensor,
-            scale: float) -> tuple[Tensor, Tensor]:
-    """The ``cpu`` backend's forward op (``ops._FWD_SCHEMA``)."""
-    return forward_slots(q, k, v, mask_slots(query_mask), mask_slots(key_mask), scale)
+            scale: float) -> tuple[Tensor, ...]:
+    """The ``cpu`` backend's forward op (``ops._FWD_SCHEMA``): ``(out, lse)`` and the two
+    partitions, which the backward op takes back."""
+    query_partition = torch.ops.dsa_ops.partition_indices(query_mask)
+    key_partition = torch.ops.dsa_ops.partition_indices(key_mask)
+    out, lse = forward_slots(q, k, v, partition_slots(*query_partition, True),
+                             partition_slots(*key_partition, True), scale)
+    return out, lse, *query_partition, *key_partition
 
 
 # ----------------------------------------------------------------------------- backward
@@ -290,31 +296,35 @@ def backward_slots(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
 
 
 def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-             query_mask: Tensor, key_mask: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    """The ``cpu`` backend's backward op (``ops._BWD_SCHEMA``)."""
-    return backward_slots(grad_out, q, k, v, out, lse, mask_slots(query_mask), mask_slots(key_mask),
-                          scale)
+             query_mask: Tensor, key_mask: Tensor, query_index: Tensor, query_count: Tensor,
+             key_index: Tensor, key_count: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The ``cpu`` backend's backward op (``ops._BWD_SCHEMA``), on the forward's partitions."""
+    return backward_slots(grad_out, q, k, v, out, lse,
+                          partition_slots(query_index, query_count, True),
+                          partition_slots(key_index, key_count, True), scale)
 
 
 # ----------------------------------------------------------------------------- both DSA branches
-def foreground_slots(foreground: Tensor) -> tuple[Slots, Slots]:
+def foreground_slots(index: Tensor, count: Tensor) -> tuple[Slots, Slots]:
     """One partition of the foreground: ``(foreground slots, background slots)``. The
     foreground slots are the queries of both branches and the keys of the self branch."""
-    index, count = torch.ops.dsa_ops.partition_indices(foreground)
     return partition_slots(index, count, True), partition_slots(index, count, False)
 
 
 def dual_forward(q_cross, k_cross, v_cross, q_self, k_self, v_self, foreground, scale):
-    """``(out_cross, lse_cross, out_self, lse_self)``: cross = fg → bg, self = fg → fg."""
-    fg, bg = foreground_slots(foreground)
+    """``(out_cross, lse_cross, out_self, lse_self, foreground_index, foreground_count)``:
+    cross = fg → bg, self = fg → fg, and the foreground's partition for the backward."""
+    partition = torch.ops.dsa_ops.partition_indices(foreground)
+    fg, bg = foreground_slots(*partition)
     return (*forward_slots(q_cross, k_cross, v_cross, fg, bg, scale),
-            *forward_slots(q_self, k_self, v_self, fg, fg, scale))
+            *forward_slots(q_self, k_self, v_self, fg, fg, scale), *partition)
 
 
 def dual_backward(grad_out_cross, grad_out_self, q_cross, k_cross, v_cross, q_self, k_self, v_self,
-                  out_cross, lse_cross, out_self, lse_self, foreground, scale):
+                  out_cross, lse_cross, out_self, lse_self, foreground, foreground_index,
+                  foreground_count, scale):
     """Gradients of both branches: ``(dq, dk, dv)`` of the cross branch, then of the self branch."""
-    fg, bg = foreground_slots(foreground)
+    fg, bg = foreground_slots(foreground_index, foreground_count)
     return (*backward_slots(grad_out_cross, q_cross, k_cross, v_cross, out_cross, lse_cross, fg, bg,
                             scale),
             *backward_slots(grad_out_self, q_self, k_self, v_self, out_self, lse_self, fg, fg, scale))

@@ -4,9 +4,15 @@ Every schema is defined here, once, through ``torch.library``, so the package wo
 without the compiled extension. Each backend provides one forward and one backward op
 with the same schemas::
 
-    dsa_ops::masked_attention_fwd_<backend>(q, k, v, query_mask, key_mask, scale) -> (out, lse)
-    dsa_ops::masked_attention_bwd_<backend>(grad_out, q, k, v, out, lse,
-                                            query_mask, key_mask, scale) -> (grad_q, grad_k, grad_v)
+    dsa_ops::masked_attention_fwd_<backend>(q, k, v, query_mask, key_mask, scale)
+        -> (out, lse, query_index, query_count, key_index, key_count)
+    dsa_ops::masked_attention_bwd_<backend>(grad_out, q, k, v, out, lse, query_mask, key_mask,
+                                            query_index, query_count, key_index, key_count,
+                                            scale) -> (grad_q, grad_k, grad_v)
+
+The forward returns the stable partitions of its masks (``partition_indices``: the
+compaction every fused kernel reads) next to the log-sum-exp, and autograd hands them to
+the backward, so a training step partitions each mask once, not once per pass.
 
 ``reference`` is implemented in ``dsa_ops.reference`` for every device; ``cpu`` in
 ``dsa_ops.cpu_kernels`` (compaction + PyTorch's fused CPU attention); ``triton`` is a
@@ -30,9 +36,11 @@ from dsa_ops import cpu_kernels, extension, reference
 Tensor = torch.Tensor
 
 _FWD_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor query_mask, Tensor key_mask, float scale)"
-               " -> (Tensor out, Tensor lse)")
+               " -> (Tensor out, Tensor lse, Tensor query_index, Tensor query_count,"
+               " Tensor key_index, Tensor key_count)")
 _BWD_SCHEMA = ("(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
-               " Tensor query_mask, Tensor key_mask, float scale)"
+               " Tensor query_mask, Tensor key_mask, Tensor query_index, Tensor query_count,"
+               " Tensor key_index, Tensor key_count, float scale)"
                " -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)")
 _PARTITION_SCHEMA = "(Tensor mask) -> (Tensor index, Tensor count)"
 
@@ -51,36 +59,40 @@ def _op_names(backend: str) -> tuple[str, str]:
 
 
 # ----------------------------------------------------------------------------- fake impls
-def _fake_forward(q, k, v, query_mask, key_mask, scale):
+def _fake_partition(mask):
+    return (mask.new_empty(mask.shape, dtype=torch.int32),
+            mask.new_empty(mask.shape[:1], dtype=torch.int32))
+
+
+def _fake_attention(q, v):
     batch, length, _ = q.shape
     out = v.new_empty((batch, length, v.shape[2]))
     lse = q.new_empty((batch, length), dtype=reference.accumulation_dtype(q.dtype))
     return out, lse
 
 
-def _fake_backward(grad_out, q, k, v, out, lse, query_mask, key_mask, scale):
+def _fake_forward(q, k, v, query_mask, key_mask, scale):
+    return (*_fake_attention(q, v), *_fake_partition(query_mask), *_fake_partition(key_mask))
+
+
+def _fake_backward(grad_out, q, k, v, out, lse, query_mask, key_mask, query_index, query_count,
+                   key_index, key_count, scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _fake_partition(mask):
-    return (mask.new_empty(mask.shape, dtype=torch.int32),
-            mask.new_empty(mask.shape[:1], dtype=torch.int32))
-
-
 # ----------------------------------------------------------------------------- autograd
+# The forward's partitions travel to the backward with the other saved tensors.
 def _setup_context(ctx, inputs, output):
     q, k, v, query_mask, key_mask, scale = inputs
-    out, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, out, lse, query_mask, key_mask)
+    out, lse, *partitions = output
+    ctx.mark_non_differentiable(lse, *partitions)
+    ctx.save_for_backward(q, k, v, out, lse, query_mask, key_mask, *partitions)
     ctx.scale = scale
 
 
 def _make_backward(bwd_op):
-    def backward(ctx, grad_out, _grad_lse):
-        q, k, v, out, lse, query_mask, key_mask = ctx.saved_tensors
-        grad_q, grad_k, grad_v = bwd_op(grad_out, q, k, v, out, lse, query_mask, key_mask,
-                                        ctx.scale)
+    def backward(ctx, grad_out, *_grads_of_statistics):
+        grad_q, grad_k, grad_v = bwd_op(grad_out, *ctx.saved_tensors, ctx.scale)
         return grad_q, grad_k, grad_v, None, None, None
     return backward
 
@@ -108,8 +120,22 @@ _lib.define("partition_indices" + _PARTITION_SCHEMA)
 _lib.impl("partition_indices", reference.partition_indices, "CompositeExplicitAutograd")
 torch.library.register_fake("dsa_ops::partition_indices", _fake_partition, lib=_lib)
 
-for _name, _schema, _impl in (("masked_attention_fwd_reference", _FWD_SCHEMA, reference.forward),
-                              ("masked_attention_bwd_reference", _BWD_SCHEMA, reference.backward)):
+
+
+def _reference_forward_op(q, k, v, query_mask, key_mask, scale):
+    """The reference forward with the partitions the op's schema returns (the reference
+    itself works on the masks)."""
+    return (*reference.forward(q, k, v, query_mask, key_mask, scale),
+            *partition_indices(query_mask), *partition_indices(key_mask))
+
+
+def _reference_backward_op(grad_out, q, k, v, out, lse, query_mask, key_mask, query_index,
+                           query_count, key_index, key_count, scale):
+    return reference.backward(grad_out, q, k, v, out, lse, query_mask, key_mask, scale)
+
+
+for _name, _schema, _impl in (("masked_attention_fwd_reference", _FWD_SCHEMA, _reference_forward_op),
+                              ("masked_attention_bwd_reference", _BWD_SCHEMA, _reference_backward_op)):
     _lib.define(_name + _schema)
     _lib.impl(_name, _impl, "CompositeExplicitAutograd")
 _register_meta_and_autograd("reference")
@@ -332,7 +358,7 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, query_mask: Tensor, key_ma
     """
     validate_inputs(q, k, v, query_mask, key_mask, scale)
     chosen = resolve_backend(backend, q, v)
-    out, _ = chosen.forward(q, k, v, query_mask, key_mask, float(scale))
+    out = chosen.forward(q, k, v, query_mask, key_mask, float(scale))[0]
     if not return_attention:
         return out
     # The dense map is O(L²) by nature and only meant for small maps (the oracle loss at
@@ -351,15 +377,15 @@ class MaskedAttentionFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, query_mask, key_mask, scale=1.0, backend="auto"):
         validate_inputs(q, k, v, query_mask, key_mask, scale)
         chosen = resolve_backend(backend, q, v)
-        out, lse = chosen.forward(q, k, v, query_mask, key_mask, float(scale))
-        ctx.save_for_backward(q, k, v, out, lse, query_mask, key_mask)
+        out, lse, *partitions = chosen.forward(q, k, v, query_mask, key_mask, float(scale))
+        ctx.save_for_backward(q, k, v, out, lse, query_mask, key_mask, *partitions)
         ctx.scale, ctx.backward_op = float(scale), chosen.backward
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, lse, query_mask, key_mask = ctx.saved_tensors
-        grads = ctx.backward_op(grad_out.contiguous(), q, k, v, out, lse, query_mask, key_mask,
+        q, k, v, out, lse, *masks_and_partitions = ctx.saved_tensors
+        grads = ctx.backward_op(grad_out.contiguous(), q, k, v, out, lse, *masks_and_partitions,
                                 ctx.scale)
         return (*grads, None, None, None, None)
 
@@ -372,13 +398,16 @@ class MaskedAttentionFunction(torch.autograd.Function):
 # gathered by one grid. ``reference`` composes two reference calls and runs everywhere;
 # ``cuda`` comes from csrc/ (bindings.cpp) like the single-branch op; ``triton`` is a
 # ``triton_op`` around ``triton_kernels.dual_forward`` / ``dual_backward``; ``cpu`` partitions
-# the foreground once for the queries and both key lists (cpu_kernels.dual_forward).
+# the foreground once for the queries and both key lists (cpu_kernels.dual_forward). The
+# forward returns that partition and the backward takes it back (saved by autograd).
 _DUAL_FWD_SCHEMA = ("(Tensor q_cross, Tensor k_cross, Tensor v_cross, Tensor q_self, Tensor k_self,"
                     " Tensor v_self, Tensor foreground, float scale)"
-                    " -> (Tensor out_cross, Tensor lse_cross, Tensor out_self, Tensor lse_self)")
+                    " -> (Tensor out_cross, Tensor lse_cross, Tensor out_self, Tensor lse_self,"
+                    " Tensor foreground_index, Tensor foreground_count)")
 _DUAL_BWD_SCHEMA = ("(Tensor grad_out_cross, Tensor grad_out_self, Tensor q_cross, Tensor k_cross,"
                     " Tensor v_cross, Tensor q_self, Tensor k_self, Tensor v_self, Tensor out_cross,"
                     " Tensor lse_cross, Tensor out_self, Tensor lse_self, Tensor foreground,"
+                    " Tensor foreground_index, Tensor foreground_count,"
                     " float scale) -> (Tensor grad_q_cross, Tensor grad_k_cross, Tensor grad_v_cross,"
                     " Tensor grad_q_self, Tensor grad_k_self, Tensor grad_v_self)")
 DUAL_BACKENDS = ("reference", "cpu", "cuda")
@@ -391,12 +420,12 @@ def _dual_op_names(backend: str) -> tuple[str, str]:
 def _dual_forward_reference(q_cross, k_cross, v_cross, q_self, k_self, v_self, foreground, scale):
     out_cross, lse_cross = reference.forward(q_cross, k_cross, v_cross, foreground, ~foreground, scale)
     out_self, lse_self = reference.forward(q_self, k_self, v_self, foreground, foreground, scale)
-    return out_cross, lse_cross, out_self, lse_self
+    return out_cross, lse_cross, out_self, lse_self, *partition_indices(foreground)
 
 
 def _dual_backward_reference(grad_out_cross, grad_out_self, q_cross, k_cross, v_cross, q_self,
                              k_self, v_self, out_cross, lse_cross, out_self, lse_self, foreground,
-                             scale):
+                             foreground_index, foreground_count, scale):
     cross = reference.backward(grad_out_cross, q_cross, k_cross, v_cross, out_cross, lse_cross,
                                foreground, ~foreground, scale)
     self_ = reference.backward(grad_out_self, q_self, k_self, v_self, out_self, lse_self,
@@ -405,28 +434,27 @@ def _dual_backward_reference(grad_out_cross, grad_out_self, q_cross, k_cross, v_
 
 
 def _fake_dual_forward(q_cross, k_cross, v_cross, q_self, k_self, v_self, foreground, scale):
-    return (*_fake_forward(q_cross, k_cross, v_cross, foreground, foreground, scale),
-            *_fake_forward(q_self, k_self, v_self, foreground, foreground, scale))
+    return (*_fake_attention(q_cross, v_cross), *_fake_attention(q_self, v_self),
+            *_fake_partition(foreground))
 
 
 def _fake_dual_backward(grad_out_cross, grad_out_self, q_cross, k_cross, v_cross, q_self, k_self,
-                        v_self, out_cross, lse_cross, out_self, lse_self, foreground, scale):
+                        v_self, out_cross, lse_cross, out_self, lse_self, foreground,
+                        foreground_index, foreground_count, scale):
     return tuple(t.new_empty(t.shape) for t in (q_cross, k_cross, v_cross, q_self, k_self, v_self))
 
 
 def _dual_setup_context(ctx, inputs, output):
     *qkv, foreground, scale = inputs
-    out_cross, lse_cross, out_self, lse_self = output
-    ctx.mark_non_differentiable(lse_cross, lse_self)
-    ctx.save_for_backward(*qkv, out_cross, lse_cross, out_self, lse_self, foreground)
+    out_cross, lse_cross, out_self, lse_self, *partition = output
+    ctx.mark_non_differentiable(lse_cross, lse_self, *partition)
+    ctx.save_for_backward(*qkv, out_cross, lse_cross, out_self, lse_self, foreground, *partition)
     ctx.scale = scale
 
 
 def _make_dual_backward(bwd_op):
-    def backward(ctx, grad_out_cross, _grad_lse_cross, grad_out_self, _grad_lse_self):
-        *qkv, out_cross, lse_cross, out_self, lse_self, foreground = ctx.saved_tensors
-        grads = bwd_op(grad_out_cross, grad_out_self, *qkv, out_cross, lse_cross, out_self,
-                       lse_self, foreground, ctx.scale)
+    def backward(ctx, grad_out_cross, _grad_lse_cross, grad_out_self, *_grads_of_statistics):
+        grads = bwd_op(grad_out_cross, grad_out_self, *ctx.saved_tensors, ctx.scale)
         return (*grads, None, None)
     return backward
 
@@ -483,8 +511,8 @@ def dual_masked_attention(q_cross: Tensor, k_cross: Tensor, v_cross: Tensor, q_s
     if not isinstance(foreground, torch.Tensor) or foreground.dtype != torch.bool:
         got = foreground.dtype if isinstance(foreground, torch.Tensor) else type(foreground).__name__
         raise TypeError(f"foreground must be a bool tensor of shape (B, L); got {got}")
-    background = ~foreground
-    validate_inputs(q_cross, k_cross, v_cross, foreground, background, scale)
+    # The background has the foreground's shape, dtype and device: one check covers both.
+    validate_inputs(q_cross, k_cross, v_cross, foreground, foreground, scale)
     validate_inputs(q_self, k_self, v_self, foreground, foreground, scale)
     cross_backend = resolve_backend(backend, q_cross, v_cross)
     self_backend = resolve_backend(backend, q_self, v_self)
@@ -493,16 +521,17 @@ def dual_masked_attention(q_cross: Tensor, k_cross: Tensor, v_cross: Tensor, q_s
     dual_backend = cross_backend.name if cross_backend.name == self_backend.name else None
     if (dual_backend in _FUSED_DUAL and same_shapes) or dual_backend == "cpu":
         fused = getattr(torch.ops.dsa_ops, _dual_op_names(dual_backend)[0]).default
-        out_cross, _, out_self, _ = fused(q_cross, k_cross, v_cross, q_self, k_self, v_self,
-                                          foreground, float(scale))
+        out_cross, _, out_self, *_ = fused(q_cross, k_cross, v_cross, q_self, k_self, v_self,
+                                           foreground, float(scale))
     else:
-        out_cross, _ = cross_backend.forward(q_cross, k_cross, v_cross, foreground, background,
-                                             float(scale))
-        out_self, _ = self_backend.forward(q_self, k_self, v_self, foreground, foreground,
-                                           float(scale))
+        background = ~foreground  # a launch the fused ops do not need
+        out_cross = cross_backend.forward(q_cross, k_cross, v_cross, foreground, background,
+                                          float(scale))[0]
+        out_self = self_backend.forward(q_self, k_self, v_self, foreground, foreground,
+                                        float(scale))[0]
     if not return_attention:
         return out_cross, out_self
-    maps = {"cross": reference.attention_probs(q_cross, k_cross, foreground, background, float(scale)),
+    maps = {"cross": reference.attention_probs(q_cross, k_cross, foreground, ~foreground, float(scale)),
             "self": reference.attention_probs(q_self, k_self, foreground, foreground, float(scale))}
     return out_cross, out_self, maps
 

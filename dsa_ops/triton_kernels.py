@@ -560,11 +560,52 @@ def _grad_q_kernel(
              mask=(slots < length)[:, None] & (qk_cols[None, :] < qk_dim))
 
 
+@triton.jit
+def _partition_kernel(mask, index, count, length, stride_mb, stride_ml, BLOCK: tl.constexpr):
+    """The stable partition of one sample's mask row (``reference.partition_indices``):
+    a first sweep counts the true positions, a second writes every position to its slot,
+    ranks within a block from an exclusive prefix sum. One program per sample."""
+    sample = tl.program_id(0).to(tl.int64)
+    row = mask + sample * stride_mb
+    offsets = tl.arange(0, BLOCK)
+    trues = tl.zeros((), dtype=tl.int32)
+    for start in range(0, length, BLOCK):
+        positions = start + offsets
+        flags = tl.load(row + positions * stride_ml, mask=positions < length, other=0) != 0
+        trues += tl.sum(flags.to(tl.int32), axis=0)
+    trues_before = tl.zeros((), dtype=tl.int32)
+    for start in range(0, length, BLOCK):
+        positions = start + offsets
+        inside = positions < length
+        flags = (tl.load(row + positions * stride_ml, mask=inside, other=0) != 0).to(tl.int32)
+        true_slots = trues_before + tl.cumsum(flags, axis=0) - flags
+        # The false positions before this one: all positions before it minus the true ones.
+        false_slots = trues + positions - true_slots
+        slots = tl.where(flags != 0, true_slots, false_slots)
+        tl.store(index + sample * length + slots, positions.to(tl.int32), mask=inside)
+        trues_before += tl.sum(flags, axis=0)
+    tl.store(count + sample, trues)
+
+
 # ----------------------------------------------------------------------------- launchers
-def _partition(mask: Tensor) -> tuple[Tensor, Tensor]:
-    # Through the registered op, so CUDA tensors use the compiled partition kernel when the
-    # extension is built (dsa_ops.ops defines it before it imports this module).
-    return torch.ops.dsa_ops.partition_indices(mask)
+_PARTITION_BLOCK = 1024
+
+
+def partition_indices(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """``(index (B, L) int32, count (B,) int32)`` of ``mask (B, L)`` bool, as
+    ``reference.partition_indices``, in one launch: the Triton backend's compaction."""
+    batch, length = mask.shape
+    index = torch.empty((batch, length), dtype=torch.int32, device=mask.device)
+    count = torch.empty((batch,), dtype=torch.int32, device=mask.device)
+    if batch == 0:
+        return index, count
+    if length == 0:
+        return index, count.zero_()
+    flags = mask.view(torch.uint8)  # same bytes; Triton loads bytes, not i1
+    with _device_guard(mask):
+        torch.library.wrap_triton(_partition_kernel)[(batch,)](
+            flags, index, count, length, *flags.stride(), BLOCK=_PARTITION_BLOCK)
+    return index, count
 
 
 @dataclasses.dataclass(frozen=True)
@@ -587,11 +628,11 @@ class Lists:
 
 
 def single_lists(query_mask: Tensor, key_mask: Tensor) -> Lists:
-    return Lists(*_partition(query_mask), *_partition(key_mask))
+    return Lists(*partition_indices(query_mask), *partition_indices(key_mask))
 
 
 def dual_lists(foreground: Tensor) -> Lists:
-    return Lists(*_partition(foreground))
+    return Lists(*partition_indices(foreground))
 
 
 def _rows_unit_stride(t: Tensor) -> bool:
@@ -716,51 +757,54 @@ def _launch_backward(branches: Sequence[tuple[Tensor, ...]], lists: Lists, scale
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, query_mask: Tensor, key_mask: Tensor,
-            scale: float, lists: Optional[Lists] = None) -> tuple[Tensor, Tensor]:
-    """Fused forward: ``(out (B, L, Dv) in v.dtype, lse (B, L) float32, natural log)``.
+            scale: float) -> tuple[Tensor, ...]:
+    """Fused forward: ``(out (B, L, Dv) in v.dtype, lse (B, L) float32, natural log)`` and
+    the masks' partitions ``(query_index, query_count, key_index, key_count)``, which the
+    backward takes back.
 
     q, k ``(B, L, Dqk)``, v ``(B, L, Dv)`` with any strides; masks ``(B, L)`` bool.
-    ``lists``: the masks' partitions when the caller has them already.
     """
-    lists = lists if lists is not None else single_lists(query_mask, key_mask)
-    return _launch_forward([(q, k, v)], lists, scale)[0]
+    lists = single_lists(query_mask, key_mask)
+    return (*_launch_forward([(q, k, v)], lists, scale)[0], *lists.args())
 
 
 def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-             query_mask: Tensor, key_mask: Tensor, scale: float,
-             lists: Optional[Lists] = None) -> tuple[Tensor, Tensor, Tensor]:
+             query_mask: Tensor, key_mask: Tensor, query_index: Tensor, query_count: Tensor,
+             key_index: Tensor, key_count: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """Fused, deterministic backward: ``(grad_q, grad_k, grad_v)`` shaped like q, k, v.
 
-    ``out`` and ``lse`` are the forward's outputs; ``grad_out`` ``(B, L, Dv)`` any strides.
-    Gradients are exactly zero outside the query rows (dQ) and key rows (dK, dV).
+    ``out``, ``lse`` and the partitions are the forward's outputs; ``grad_out`` ``(B, L, Dv)``
+    any strides. Gradients are exactly zero outside the query rows (dQ) and key rows (dK, dV).
     """
-    lists = lists if lists is not None else single_lists(query_mask, key_mask)
+    lists = Lists(query_index, query_count, key_index, key_count)
     return _launch_backward([(grad_out, q, k, v, out, lse)], lists, scale)[0]
 
 
 def dual_forward(q_cross: Tensor, k_cross: Tensor, v_cross: Tensor, q_self: Tensor,
-                 k_self: Tensor, v_self: Tensor, foreground: Tensor, scale: float,
-                 lists: Optional[Lists] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                 k_self: Tensor, v_self: Tensor, foreground: Tensor,
+                 scale: float) -> tuple[Tensor, ...]:
     """Both DSA branches from one partition of ``foreground (B, L)``:
-    ``(out_cross, lse_cross, out_self, lse_self)``; one launch when the branches' tensors
-    have equal strides (as ``DualSpatialAttention`` produces them), else one per branch."""
-    lists = lists if lists is not None else dual_lists(foreground)
+    ``(out_cross, lse_cross, out_self, lse_self, foreground_index, foreground_count)``; one
+    launch when the branches' tensors have equal strides (as ``DualSpatialAttention``
+    produces them), else one per branch."""
+    lists = dual_lists(foreground)
     cross, self_ = (q_cross, k_cross, v_cross), (q_self, k_self, v_self)
     if _same_strides(*zip(cross, self_)):
         results = _launch_forward([cross, self_], lists, scale)
     else:
         results = [_launch_forward([branch], lists, scale, first_branch)[0]
                    for first_branch, branch in enumerate((cross, self_))]
-    return (*results[0], *results[1])
+    return (*results[0], *results[1], lists.q_index, lists.q_count)
 
 
 def dual_backward(grad_out_cross: Tensor, grad_out_self: Tensor, q_cross: Tensor,
                   k_cross: Tensor, v_cross: Tensor, q_self: Tensor, k_self: Tensor,
                   v_self: Tensor, out_cross: Tensor, lse_cross: Tensor, out_self: Tensor,
-                  lse_self: Tensor, foreground: Tensor, scale: float,
-                  lists: Optional[Lists] = None) -> tuple[Tensor, ...]:
-    """Gradients of both branches: ``(dq, dk, dv)`` of cross, then of self."""
-    lists = lists if lists is not None else dual_lists(foreground)
+                  lse_self: Tensor, foreground: Tensor, foreground_index: Tensor,
+                  foreground_count: Tensor, scale: float) -> tuple[Tensor, ...]:
+    """Gradients of both branches: ``(dq, dk, dv)`` of cross, then of self, on the
+    forward's partition of the foreground."""
+    lists = Lists(foreground_index, foreground_count)
     cross = (grad_out_cross, q_cross, k_cross, v_cross, out_cross, lse_cross)
     self_ = (grad_out_self, q_self, k_self, v_self, out_self, lse_self)
     grads = _launch_backward([cross, self_], lists, scale) if _same_strides(*zip(cross, self_)) \
@@ -993,8 +1037,8 @@ def attention_kl_forward(q: Tensor, k: Tensor, q_oracle: Tensor, k_oracle: Tenso
     lse_oracle = torch.full_like(lse, float("inf"))
     if batch == 0 or length == 0:
         return kl, lse, lse_oracle
-    q_index, q_count = _partition(query_mask)
-    k_index, k_count = _partition(key_mask)
+    q_index, q_count = partition_indices(query_mask)
+    k_index, k_count = partition_indices(key_mask)
     options = _kl_launch_options(q)
     grid = (triton.cdiv(length, options["BLOCK_M"]), batch)
     torch.library.wrap_triton(_kl_forward_kernel)[grid](
@@ -1016,8 +1060,8 @@ def attention_kl_backward(grad_kl: Tensor, q: Tensor, k: Tensor, q_oracle: Tenso
     grad_k = torch.zeros(k.shape, dtype=k.dtype, device=k.device)
     if batch == 0 or length == 0:
         return grad_q, grad_k
-    q_index, q_count = _partition(query_mask)
-    k_index, k_count = _partition(key_mask)
+    q_index, q_count = partition_indices(query_mask)
+    k_index, k_count = partition_indices(key_mask)
     options = _kl_launch_options(q)
     inputs = (grad_kl, q, k, q_oracle, k_oracle, lse, lse_oracle)
     strides = (*grad_kl.stride(), *q.stride(), *k.stride(), *q_oracle.stride(),

@@ -121,8 +121,8 @@ def _results(backend: str, dtype: torch.dtype, shape: Shape):
     """Run the backend's forward op and its registered backward once per combination."""
     case = _case(shape, dtype)
     q, k, v = (t.detach().requires_grad_() for t in (case.q, case.k, case.v))
-    out, lse = ops.get_backend(backend).forward(q, k, v, case.query_mask, case.key_mask,
-                                                case.scale)
+    out, lse, *_ = ops.get_backend(backend).forward(q, k, v, case.query_mask, case.key_mask,
+                                                    case.scale)
     out.backward(case.grad_out)
     exact = reference_results(case, exact=True)
     baseline = reference_results(case, exact=False)
@@ -243,10 +243,32 @@ def test_opcheck_forward_and_backward_ops(backend):
     q, k, v = (t.detach().requires_grad_() for t in case.inputs[:3])
     torch.library.opcheck(getattr(torch.ops.dsa_ops, fwd_name).default,
                           (q, k, v, case.query_mask, case.key_mask, case.scale), **options)
-    out, lse = getattr(torch.ops.dsa_ops, fwd_name)(*case.inputs, case.scale)
+    out, lse, *partitions = getattr(torch.ops.dsa_ops, fwd_name)(*case.inputs, case.scale)
     torch.library.opcheck(getattr(torch.ops.dsa_ops, bwd_name).default,
                           (case.grad_out, *case.inputs[:3], out, lse, case.query_mask,
-                           case.key_mask, case.scale), **options)
+                           case.key_mask, *partitions, case.scale), **options)
+
+
+@pytest.mark.parametrize("backend", BACKEND_FLOAT32)
+def test_forward_returns_the_partitions_its_backward_reads(backend):
+    """The forward's partitions are the masks' (``partition_indices``), and the fused
+    backends' backward works from the partitions it is handed, not from the masks: given
+    another mask's partition, it computes that mask's gradients (the reference, which
+    works on masks, is the exception)."""
+    _skip_unless_runnable(backend, torch.float32)
+    case, other = _case(SHAPES[2], torch.float32, seed=5), _case(SHAPES[2], torch.float32, seed=6)
+    fwd, bwd = (getattr(torch.ops.dsa_ops, name) for name in ops._op_names(backend))
+    out, lse, *partitions = fwd(*case.inputs, case.scale)
+    expected = [*reference.partition_indices(case.query_mask.cpu()),
+                *reference.partition_indices(case.key_mask.cpu())]
+    assert all(torch.equal(got.cpu(), want) for got, want in zip(partitions, expected))
+    other_partitions = [*ops.partition_indices(other.query_mask), *ops.partition_indices(other.key_mask)]
+    saved = (case.grad_out, *case.inputs[:3], out, lse)
+    from_partitions = bwd(*saved, case.query_mask, case.key_mask, *other_partitions, case.scale)
+    from_masks = bwd(*saved, other.query_mask, other.key_mask, *other_partitions, case.scale)
+    reads = from_masks if backend != "reference" else bwd(*saved, *case.inputs[3:], *partitions,
+                                                          case.scale)
+    assert all(torch.equal(a, b) for a, b in zip(from_partitions, reads))
 
 
 @pytest.mark.parametrize("backend", BACKEND_FLOAT32)

@@ -142,7 +142,7 @@ def test_dual_op_equals_two_single_ops(dtype):
                    for name, (case, _) in branches.items()}
     outputs = torch.ops.dsa_ops.dual_masked_attention_fwd_cpu(
         *dual_leaves["cross"], *dual_leaves["self"], foreground, cross.scale)
-    dual = {"cross": outputs[:2], "self": outputs[2:]}
+    dual = {"cross": outputs[:2], "self": outputs[2:4]}
     torch.autograd.backward((dual["cross"][0], dual["self"][0]), (cross.grad_out, self_.grad_out))
     for name, (case, key_mask) in branches.items():
         leaves = [t.detach().requires_grad_() for t in case.inputs[:3]]
@@ -161,7 +161,8 @@ def test_dual_ops_pass_opcheck():
     outputs = torch.ops.dsa_ops.dual_masked_attention_fwd_cpu(*inputs, foreground, cross.scale)
     torch.library.opcheck(torch.ops.dsa_ops.dual_masked_attention_bwd_cpu.default,
                           (cross.grad_out, self_.grad_out, *(t.detach() for t in inputs),
-                           *(t.detach() for t in outputs), foreground, cross.scale))
+                           *(t.detach() for t in outputs[:4]), foreground, *outputs[4:],
+                           cross.scale))
 
 
 class _OpRecorder(TorchDispatchMode):

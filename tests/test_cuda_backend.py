@@ -106,7 +106,7 @@ def test_lse_matches_reference_and_is_infinite_off_the_query_rows(dtype):
     case = _cuda_case(batch=8, height=10, width=10, qk_dim=16, v_dim=32, form="independent",
                       dtype=dtype)
     _poison_allocator(case.q.device)
-    out, lse = torch.ops.dsa_ops.masked_attention_fwd_cuda(*case.inputs, case.scale)
+    out, lse, *_ = torch.ops.dsa_ops.masked_attention_fwd_cuda(*case.inputs, case.scale)
     _, exact_lse = reference.forward(*(t.double() for t in (case.q, case.k, case.v)),
                                      case.query_mask, case.key_mask, case.scale)
     assert lse.dtype == torch.float32
@@ -157,9 +157,9 @@ def test_opcheck_cuda_forward_and_backward_ops(dtype):
     q, k, v = (t.detach().requires_grad_() for t in (case.q, case.k, case.v))
     fwd, bwd = torch.ops.dsa_ops.masked_attention_fwd_cuda, torch.ops.dsa_ops.masked_attention_bwd_cuda
     torch.library.opcheck(fwd, (q, k, v, case.query_mask, case.key_mask, case.scale))
-    out, lse = fwd(*case.inputs, case.scale)
+    out, lse, *partitions = fwd(*case.inputs, case.scale)
     torch.library.opcheck(bwd, (case.grad_out, *case.inputs[:3], out, lse, case.query_mask,
-                                case.key_mask, case.scale))
+                                case.key_mask, *partitions, case.scale))
 
 
 @needs_kernels
@@ -190,14 +190,14 @@ def test_dual_op_equals_two_single_ops(dtype):
     cross, self_, foreground = _dual_inputs(dtype)
     leaves = [t.detach().requires_grad_() for c in (cross, self_) for t in (c.q, c.k, c.v)]
     _poison_allocator(foreground.device)
-    out_cross, lse_cross, out_self, lse_self = torch.ops.dsa_ops.dual_masked_attention_fwd_cuda(
+    out_cross, lse_cross, out_self, lse_self, *_ = torch.ops.dsa_ops.dual_masked_attention_fwd_cuda(
         *leaves, foreground, cross.scale)
     _poison_allocator(foreground.device)
     torch.autograd.backward((out_cross, out_self), (cross.grad_out, self_.grad_out))
     for case, out, lse, (q, k, v), key_mask in ((cross, out_cross, lse_cross, leaves[:3], ~foreground),
                                                 (self_, out_self, lse_self, leaves[3:], foreground)):
         single = [t.detach().requires_grad_() for t in (case.q, case.k, case.v)]
-        single_out, single_lse = torch.ops.dsa_ops.masked_attention_fwd_cuda(
+        single_out, single_lse, *_ = torch.ops.dsa_ops.masked_attention_fwd_cuda(
             *single, foreground, key_mask, cross.scale)
         single_out.backward(case.grad_out)
         # Same kernels, same order of summation: bitwise equal.
@@ -212,6 +212,11 @@ def test_dual_ops_pass_opcheck_and_module_uses_them():
     inputs = [t.detach().requires_grad_() for c in (cross, self_) for t in (c.q, c.k, c.v)]
     torch.library.opcheck(torch.ops.dsa_ops.dual_masked_attention_fwd_cuda,
                           (*inputs, foreground, cross.scale))
+    outputs = torch.ops.dsa_ops.dual_masked_attention_fwd_cuda(*inputs, foreground, cross.scale)
+    torch.library.opcheck(torch.ops.dsa_ops.dual_masked_attention_bwd_cuda,
+                          (cross.grad_out, self_.grad_out, *(t.detach() for t in inputs),
+                           *(t.detach() for t in outputs[:4]), foreground, *outputs[4:],
+                           cross.scale))
     module = dsa_ops.DualSpatialAttention(16, backend="cuda").to(DEVICE)
     reference_module = dsa_ops.DualSpatialAttention(16, backend="reference").to(DEVICE)
     reference_module.load_state_dict(module.state_dict())

@@ -108,7 +108,7 @@ def test_dual_reference_op_equals_two_single_ops_and_passes_opcheck():
     qkv = [t.detach().requires_grad_() for t in (*cross.inputs[:3], *self_.inputs[:3])]
     fwd = torch.ops.dsa_ops.dual_masked_attention_fwd_reference
     torch.library.opcheck(fwd.default, (*qkv, foreground, 0.5))
-    out_cross, _, out_self, _ = fwd(*qkv, foreground, 0.5)
+    out_cross, _, out_self, *_ = fwd(*qkv, foreground, 0.5)
     (out_cross * cross.grad_out).sum().add((out_self * self_.grad_out).sum()).backward()
     singles = [t.detach().requires_grad_() for t in qkv]
     expected_cross = dsa_ops.masked_attention(*singles[:3], foreground, ~foreground, scale=0.5)

@@ -12,6 +12,7 @@ import types
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import dsa_ops
 from dsa_ops import ops, reference, triton_kernels
@@ -58,7 +59,7 @@ def reference_branches(branches, foreground, grad_outs, scale, *, exact):
 
 def assert_dual_matches_reference(branches, foreground, grad_outs, scale):
     branches = [t.detach().requires_grad_() for t in branches]
-    out_cross, _, out_self, _ = torch.ops.dsa_ops.dual_masked_attention_fwd_triton(
+    out_cross, _, out_self, *_ = torch.ops.dsa_ops.dual_masked_attention_fwd_triton(
         *branches, foreground, scale)
     torch.autograd.backward((out_cross, out_self), grad_outs)
     exact = reference_branches(branches, foreground, grad_outs, scale, exact=True)
@@ -129,41 +130,74 @@ def test_gpu_tile_table_under_the_interpreter(monkeypatch, batch, height, width,
 
 # ----------------------------------------------------------------------------- launches
 class LaunchRecorder:
-    """Counts kernel launches (and partitions) while running the real kernels."""
+    """Names the Triton kernels launched (and still runs them)."""
 
     def __init__(self, monkeypatch):
-        self.kernels, self.partitions = [], 0
-        wrap, partition = torch.library.wrap_triton, triton_kernels._partition
+        self.kernels = []
+        wrap = torch.library.wrap_triton
 
         def recording_wrap(kernel):
             self.kernels.append(kernel.__name__ if hasattr(kernel, "__name__") else kernel.fn.__name__)
             return wrap(kernel)
 
-        def recording_partition(mask):
-            self.partitions += 1
-            return partition(mask)
-
         monkeypatch.setattr(torch.library, "wrap_triton", recording_wrap)
-        monkeypatch.setattr(triton_kernels, "_partition", recording_partition)
 
 
-def test_dual_module_launches_one_kernel_per_pass_for_both_branches(monkeypatch):
+class TopLevelOps(TorchDispatchMode):
+    """The operators a call dispatches at top level that may launch work (views, such as
+    autograd's detaches, launch nothing; an op's own body runs unrecorded)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def test_dsa_layer_is_two_launches_forward_and_reuses_its_partition_backward(monkeypatch):
+    """One DSA module call at 16² (the paper's layer 14, channels cut for the interpreter):
+    the attention is one partition launch and one forward launch for both branches; the
+    backward reuses the forward's partition (three kernels, no partition launch)."""
     torch.manual_seed(0)
     module = dsa_ops.DualSpatialAttention(16, backend="triton").to(DEVICE)
     with torch.no_grad():
         module.alpha.fill_(0.5)
         module.beta.fill_(0.5)
-    x = torch.randn(2, 16, 6, 6, device=DEVICE)
-    hole = torch.zeros(2, 1, 6, 6, device=DEVICE)
-    hole[:, :, 1:4, 2:5] = 1
+    x = torch.randn(2, 16, 16, 16, device=DEVICE)
+    hole = torch.zeros(2, 1, 16, 16, device=DEVICE)
+    hole[:, :, 4:12, 3:11] = 1
     recorder = LaunchRecorder(monkeypatch)
-    y = module(x, hole)
-    assert (recorder.kernels, recorder.partitions) == (["_forward_kernel"], 1)
+    with TopLevelOps() as top_level:
+        foreground = dsa_ops.reduce_hole_mask(hole, (16, 16))
+        cross, self_ = module._project(x)
+        mark = len(top_level.names)
+        dsa_ops.dual_masked_attention(*cross, *self_, foreground, backend="triton")
+    # Nothing but the fused op between the projection and the fusion: no mask complement,
+    # no zero-fill, no copy of the channels-last projections.
+    assert top_level.names[mark:] == ["dsa_ops.dual_masked_attention_fwd_triton"]
+    assert recorder.kernels == ["_partition_kernel", "_forward_kernel"]
     recorder.kernels.clear()
-    recorder.partitions = 0
+    y = module(x, hole)
+    assert recorder.kernels == ["_partition_kernel", "_forward_kernel"]
+    recorder.kernels.clear()
     y.square().sum().backward()
     assert recorder.kernels == ["_delta_kernel", "_grad_kv_kernel", "_grad_q_kernel"]
-    assert recorder.partitions == 1
+
+
+@pytest.mark.parametrize("length", [1, 31, 1024, 1025, 3000])
+def test_partition_kernel_matches_the_reference(length):
+    generator = torch.Generator().manual_seed(length)
+    mask = torch.rand(6, length, generator=generator) < torch.rand(6, 1, generator=generator)
+    mask[0], mask[1] = False, True
+    mask = mask.to(DEVICE)
+    strided = torch.stack([mask, ~mask], dim=2)[:, :, 0]  # non-unit position stride
+    for m in (mask, strided):
+        index, count = triton_kernels.partition_indices(m)
+        expected_index, expected_count = reference.partition_indices(m)
+        assert torch.equal(index, expected_index) and torch.equal(count, expected_count)
 
 
 def test_batch_shares_grid_axis_0_with_the_tiles(monkeypatch):
@@ -184,7 +218,7 @@ def test_batch_shares_grid_axis_0_with_the_tiles(monkeypatch):
     q = torch.zeros(batch, 4, 8)
     mask = torch.ones(batch, 4, dtype=torch.bool)
     triton_kernels.forward(q, q, q, mask, mask, 1.0)
-    (grid,) = grids
+    _, _, grid = grids  # the two partitions, then the attention
     assert grid[0] == batch * 1 and grid[1] == 1 and grid[2] == 1
     with pytest.raises(ValueError, match="exceed the grid limit"):
         triton_kernels._tiles(2 ** 31, 16, 16)

@@ -44,11 +44,11 @@ def record_launches(case, capability):
         def __getitem__(self, grid):
             return lambda *args, **kwargs: records.append((self.fn, args, kwargs))
 
-    saved = (torch.library.wrap_triton, triton_kernels._capability, triton_kernels._partition,
+    saved = (torch.library.wrap_triton, triton_kernels._capability, triton_kernels.partition_indices,
              torch.get_float32_matmul_precision())
     torch.library.wrap_triton = Recorder
     triton_kernels._capability = lambda device: (capability // 10, capability % 10)
-    triton_kernels._partition = reference.partition_indices
+    triton_kernels.partition_indices = reference.partition_indices
     torch.set_float32_matmul_precision(precision)
     try:
         packed = torch.zeros(batch, length, 2 * (2 * qk_dim + v_dim), dtype=dtype)
@@ -57,9 +57,10 @@ def record_launches(case, capability):
         foreground[:, : length // 4] = True
         outputs = triton_kernels.dual_forward(*branches, foreground, 0.125)
         grad_out = torch.zeros(batch, v_dim, length, dtype=dtype).transpose(1, 2)
-        triton_kernels.dual_backward(grad_out, grad_out, *branches, *outputs, foreground, 0.125)
+        triton_kernels.dual_backward(grad_out, grad_out, *branches, *outputs[:4], foreground,
+                                     *outputs[4:], 0.125)
     finally:
-        (torch.library.wrap_triton, triton_kernels._capability, triton_kernels._partition,
+        (torch.library.wrap_triton, triton_kernels._capability, triton_kernels.partition_indices,
          precision) = saved
         torch.set_float32_matmul_precision(precision)
     return records
