@@ -229,14 +229,23 @@ def forward(q: Tensor, k: Tensor, v: Tensor, query_mask: Tensor, key_mask: Tenso
 
 
 # ----------------------------------------------------------------------------- backward
-def query_chunks(samples: int, queries: int) -> int:
+def query_chunks(samples: int, queries: int, dtype: torch.dtype) -> int:
     """How many chunks each sample's queries are split into for the backward kernel.
 
     The CPU flash backward runs one task per (sample, head); with fewer tasks than
     intra-op threads the idle threads do not just wait, they slow the call down several
     times. Query chunks as extra heads (K and V broadcast, their gradients summed over
     the chunks) give every thread a task.
+
+    float32 is never split: the backward must recompute exactly the scores the forward
+    normalised (P = exp(s − lse)), and the BLAS behind the kernels rounds a row of Q·Kᵀ
+    differently depending on how many rows a call holds (MKL on AVX-512: row blocks of
+    1–3 rows take another path), so chunked queries put float32 dV at ~12× the
+    reference's own error at large score magnitudes. The same query block as the forward
+    gives the same GEMM calls, hence the same scores.
     """
+    if dtype == torch.float32:
+        return 1
     return max(1, min(-(-torch.get_num_threads() // samples), queries))
 
 
@@ -272,7 +281,7 @@ def backward_slots(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     for group in plan_groups(queries.counts, keys.counts):
         query_block, key_block = Block.of(queries, group), Block.of(keys, group)
         samples, n_queries = query_block.shape
-        chunks = query_chunks(samples, n_queries)
+        chunks = query_chunks(samples, n_queries, q.dtype)
         # Padded query slots (and padding rows of the chunks) get +inf lse, so P = 0 there
         # and they add nothing to dK and dV whatever grad_out holds.
         block_lse = lse.reshape(batch * length).index_select(0, query_block.reads)
