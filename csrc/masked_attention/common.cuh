@@ -189,6 +189,41 @@ __device__ void zero_rows(const Rows<T>& dst, const SampleRowSet& set, int sampl
   }
 }
 
+// The slow path of a scattered chunk store: `count` (≤ chunk) leading elements, or a chunk
+// whose global address is not 16-byte aligned. Out of line, as copy_chunk_scalar.
+template <typename T>
+__device__ __noinline__ void store_chunk_scalar(T* dst, const T* src, int count) {
+#pragma unroll 1
+  for (int c = 0; c < count; ++c) dst[c] = src[c];
+}
+
+// A warp writes rows [0, valid_rows) of its strip src[kWarpRows][pitch] (shared memory,
+// columns 0..WIDTH, rows 16-byte aligned) to the rows of `dst` at slots slot0.. of `set`,
+// columns col0.. clipped to `columns`: whole aligned chunks as 16-byte stores, the rest
+// through store_chunk_scalar. The strip must be visible to the whole warp (warp_barrier).
+template <typename T, int WIDTH>
+__device__ void store_strip_rows(const Rows<T>& dst, const SampleRowSet& set, int sample,
+                                 int slot0, int valid_rows, int col0, int columns, const T* src,
+                                 int pitch) {
+  constexpr int kChunk = kChunkElements<T>;
+  constexpr int kRowChunks = WIDTH / kChunk;
+  static_assert(WIDTH % kChunk == 0, "strip widths are whole 16-byte chunks");
+  const int chunks = min(valid_rows, kWarpRows) * kRowChunks;
+  for (int i = static_cast<int>(threadIdx.x % 32); i < chunks; i += 32) {
+    const int r = i / kRowChunks;
+    const int c = (i % kRowChunks) * kChunk;
+    const int col = col0 + c;
+    if (col >= columns) continue;
+    T* const to = dst.row(sample, set.position(slot0 + r)) + col;
+    const T* const chunk = src + r * pitch + c;
+    if (col + kChunk <= columns && reinterpret_cast<uintptr_t>(to) % 16 == 0) {
+      *reinterpret_cast<uint4*>(to) = *reinterpret_cast<const uint4*>(chunk);
+    } else {
+      store_chunk_scalar(to, chunk, min(kChunk, columns - col));
+    }
+  }
+}
+
 // ----------------------------------------------------------------------------- warp GEMM
 // Accumulator layout (PTX ISA, mma.m16n8k16 with f32 accumulators), lane = 4·g + t:
 // element e of n-tile j holds row g + 8·(e / 2), column 8·j + 2·t + e % 2.
