@@ -195,8 +195,9 @@ forward_kernel(const __grid_constant__ ForwardLaunch launch) {
   store_strip<T>(out_strip, Smem::kVPitch, acc);
   device::warp_barrier();
   const int warp_slot0 = slot0 + warp * kWarpRows;
-  store_strip_rows<T, VW>(out, queries, sample, warp_slot0, queries.size - warp_slot0, col0,
-                          launch.v_dim, out_strip, Smem::kVPitch);
+  store_rows_chunked<T, VW>(out, queries, sample, warp_slot0,
+                            min(kWarpRows, queries.size - warp_slot0), col0, launch.v_dim,
+                            out_strip, Smem::kVPitch, static_cast<int>(threadIdx.x % 32), 32);
   if (col0 == 0 && lane.t == 0) {
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
