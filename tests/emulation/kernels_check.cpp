@@ -6,7 +6,7 @@
 //   kernels_check [--quick]     exit status 0 when every case agrees; --quick: one float16 case
 //
 // Cases: float32 / float16 / bfloat16; Dqk in every padded bucket (16, 32, 64); Dv with a
-// partial last 64-column chunk; L not a multiple of the 64-row tile; q, k, v as strided
+// partial last 64-column chunk, and up to 512 (the backward's key side split by V columns); L not a multiple of the 64-row tile; q, k, v as strided
 // channel slices; per batch an empty, a full and random masks; cross, self, independent
 // and dual. Tolerances are loose (the pytest suite has the tight ones): a wrong fragment,
 // a missing barrier or an unwritten element is off by far more.
@@ -304,7 +304,7 @@ void run_case(const Case& c, uint64_t seed) {
 
   struct Outputs {
     Storage out, grad_q, grad_k, grad_v;
-    std::vector<float> lse, delta;
+    std::vector<float> lse, workspace;
   };
   std::vector<Outputs> outputs(static_cast<size_t>(branches));
   ForwardLaunch forward;
@@ -321,7 +321,8 @@ void run_case(const Case& c, uint64_t seed) {
     for (Storage* s : {&o.out, &o.grad_v}) { s->dtype = c.dtype; s->resize(size_t(B) * L * Dv); }
     for (Storage* s : {&o.grad_q, &o.grad_k}) { s->dtype = c.dtype; s->resize(size_t(B) * L * Dk); }
     o.lse.assign(size_t(B) * L, std::numeric_limits<float>::quiet_NaN());
-    o.delta.assign(size_t(B) * L, std::numeric_limits<float>::quiet_NaN());
+    o.workspace.assign(size_t(backward_workspace_floats(c.dtype, B, L, Dk, Dv)),
+                       std::numeric_limits<float>::quiet_NaN());
     ForwardBranch& f = forward.branch[br];
     f.q = q[br].arg(); f.k = k[br].arg(); f.v = v[br].arg();
     f.out = {o.out.data(), int64_t(L) * Dv, Dv};
@@ -334,7 +335,7 @@ void run_case(const Case& c, uint64_t seed) {
     g.grad_q = {o.grad_q.data(), int64_t(L) * Dk, Dk};
     g.grad_k = {o.grad_k.data(), int64_t(L) * Dk, Dk};
     g.grad_v = {o.grad_v.data(), int64_t(L) * Dv, Dv};
-    g.delta = o.delta.data();
+    g.workspace = o.workspace.data();
     g.queries = f.queries;
     g.keys = f.keys;
   }
@@ -512,6 +513,7 @@ int main(int argc, char** argv) {
       cases.push_back({Form::kSelf, dtype, 3, 130, 24, 72, true});
       cases.push_back({Form::kIndependent, dtype, 3, 65, 64, 136, true});
       cases.push_back({Form::kDual, dtype, 3, 99, 16, 40, true});
+      cases.push_back({Form::kCross, dtype, 2, 70, 8, 512, true});  // widest V: split key side
     }
   }
   uint64_t seed = 1;
