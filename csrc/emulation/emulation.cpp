@@ -462,18 +462,24 @@ void mma_m16n8k16_bfloat16(float (&c)[4], const uint32_t (&a)[4], const uint32_t
 
 // PTX ISA, ldmatrix: lanes 8i..8i+7 give the addresses of rows 0..7 of matrix i (16 bytes
 // each). Lane l receives, of matrix i, the pair at row l/4, columns 2(l%4) and 2(l%4)+1;
-// with .trans, the pair at rows 2(l%4) and 2(l%4)+1, column l/4.
+// with .trans, the pair at rows 2(l%4) and 2(l%4)+1, column l/4. Each lane reads its row
+// when it arrives, not when the last lane does: a row another warp has not yet written
+// (a missing __syncthreads) is read as the poison it still holds.
 void ldmatrix(uint32_t* r, int count, bool transpose, const void* row) {
   const int lane = state().lane;
-  if (lane < 8 * count && (!aligned(row, 16) || !in_shared_memory(row, 16))) {
-    fail("ldmatrix: lane " + std::to_string(lane) +
-         "'s row address is not a 16-byte aligned row of shared memory");
+  unsigned char mine[16];
+  std::memset(mine, kPoison, sizeof(mine));
+  if (lane < 8 * count) {
+    if (!aligned(row, 16) || !in_shared_memory(row, 16)) {
+      fail("ldmatrix: lane " + std::to_string(lane) +
+           "'s row address is not a 16-byte aligned row of shared memory");
+    } else {
+      std::memcpy(mine, row, sizeof(mine));
+    }
   }
-  const ExchangeSlot* slots = exchange(&row, sizeof(row));
+  const ExchangeSlot* slots = exchange(mine, sizeof(mine));
   const auto element = [&](int matrix, int r_, int c_) {
-    const unsigned char* base;
-    std::memcpy(&base, slots[8 * matrix + r_].bytes, sizeof(base));
-    return load_b16(base + 2 * c_);
+    return load_b16(slots[8 * matrix + r_].bytes + 2 * c_);
   };
   const int pair_row = lane / 4, pair_col = 2 * (lane % 4);
   for (int i = 0; i < count; ++i) {

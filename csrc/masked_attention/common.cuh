@@ -58,7 +58,8 @@ struct DTypeTraits<__nv_bfloat16> {
 };
 
 // Shared-memory row pitch: 16 bytes of padding per row, so the eight rows a warp reads in
-// one fragment load start in different banks.
+// one fragment load start in different banks. For a width in whole 16-byte chunks every
+// row stays 16-byte aligned, as ldmatrix and cp.async need (rows_16_byte_aligned).
 template <typename T>
 constexpr int padded_pitch(int width) {
   return width + 16 / static_cast<int>(sizeof(T));
@@ -107,21 +108,70 @@ struct SampleRowSet {
   }
 };
 
-// Gathers `rows` rows (slots slot0.. of `set`) of `src`, columns col0..col0+WIDTH, into
-// dst[ROWS][pitch]. Rows past `valid_rows` and columns past `columns` are zero, which makes
-// padded dot products exact.
+// Tiles are gathered in 16-byte chunks (8 halves or 4 floats): the unit of cp.async and of
+// ldmatrix rows.
+template <typename T>
+constexpr int kChunkElements = 16 / static_cast<int>(sizeof(T));
+
+// A tile pitch whose rows all start 16-byte aligned (cp.async destinations, uint4 stores,
+// ldmatrix rows): padded_pitch of a width in whole chunks.
+template <typename T>
+constexpr bool rows_16_byte_aligned(int pitch) {
+  return (pitch * static_cast<int>(sizeof(T))) % 16 == 0;
+}
+
+// The slow path of a gathered chunk: `count` (< chunk) leading elements of a row end, or a
+// chunk whose global address is not 16-byte aligned (rows of odd pitch, odd channel
+// offsets). Kept out of line so the kernels' tile loops hold only vector copies.
+template <typename T>
+__device__ __noinline__ void copy_chunk_scalar(T* dst, const T* src, int count) {
+#pragma unroll 1
+  for (int c = 0; c < kChunkElements<T>; ++c) {
+    dst[c] = c < count ? src[c] : DTypeTraits<T>::from_float(0.f);
+  }
+}
+
+// Issues the gather of `valid_rows` rows (slots slot0.. of `set`) of `src`, columns
+// col0..col0+WIDTH, into dst[ROWS][pitch] (rows 16-byte aligned); rows past `valid_rows`
+// and columns past `columns` become zero, which makes padded dot products exact. Each
+// thread moves whole chunks, one position lookup per chunk: aligned chunks inside
+// `columns` by cp.async (they land at the caller's cp_async_commit + cp_async_wait +
+// block_barrier), zero chunks by a 16-byte shared store, the rest through
+// copy_chunk_scalar. Does not commit: the caller groups tiles as it double-buffers.
+template <typename T, int ROWS, int WIDTH>
+__device__ inline void load_tile_async(T* dst, int pitch, const Rows<const T>& src,
+                                       const SampleRowSet& set, int sample, int slot0,
+                                       int valid_rows, int col0, int columns) {
+  constexpr int kChunk = kChunkElements<T>;
+  constexpr int kRowChunks = WIDTH / kChunk;
+  static_assert(WIDTH % kChunk == 0, "tile widths are whole 16-byte chunks");
+#pragma unroll 2
+  for (int i = threadIdx.x; i < ROWS * kRowChunks; i += kThreads) {
+    const int r = i / kRowChunks;
+    const int c = (i % kRowChunks) * kChunk;
+    T* const chunk = dst + r * pitch + c;
+    const int col = col0 + c;
+    if (r >= valid_rows || col >= columns) {
+      *reinterpret_cast<uint4*>(chunk) = make_uint4(0u, 0u, 0u, 0u);
+      continue;
+    }
+    const T* const from = src.row(sample, set.position(slot0 + r)) + col;
+    if (col + kChunk <= columns && reinterpret_cast<uintptr_t>(from) % 16 == 0) {
+      device::cp_async_16(chunk, from);
+    } else {
+      copy_chunk_scalar(chunk, from, min(kChunk, columns - col));
+    }
+  }
+}
+
+// The synchronous form: the tile is in shared memory for the calling thread on return
+// (a block_barrier before other threads read it stays the caller's).
 template <typename T, int ROWS, int WIDTH>
 __device__ void load_tile(T* dst, int pitch, const Rows<const T>& src, const SampleRowSet& set,
                           int sample, int slot0, int valid_rows, int col0, int columns) {
-  for (int i = threadIdx.x; i < ROWS * WIDTH; i += kThreads) {
-    const int r = i / WIDTH;
-    const int c = i % WIDTH;
-    T value = DTypeTraits<T>::from_float(0.f);
-    if (r < valid_rows && col0 + c < columns) {
-      value = src.row(sample, set.position(slot0 + r))[col0 + c];
-    }
-    dst[r * pitch + c] = value;
-  }
+  load_tile_async<T, ROWS, WIDTH>(dst, pitch, src, set, sample, slot0, valid_rows, col0, columns);
+  device::cp_async_commit();
+  device::cp_async_wait<0>();
 }
 
 // Writes zeros into the rows of `dst` (columns col0..col0+WIDTH, clipped to `columns`) whose
@@ -162,44 +212,67 @@ __device__ inline uint32_t pack_pair(T lo, T hi) {
   return lo_bits | (hi_bits << 16);
 }
 
+// B fragments (k 16 × n 8) of n-tiles j, j + 1 (PAIR) or j alone, k from k0, by ldmatrix:
+// kNK rows are n (plain: a lane gets a k pair), kKN rows are k (.trans). Lanes 8i..8i+7
+// address matrix i: x4 = (j, k0), (j, k0 + 8), (j + 1, k0), (j + 1, k0 + 8).
+template <BLayout LAYOUT, bool PAIR, typename T>
+__device__ inline void load_b_fragments(uint32_t (&frag)[PAIR ? 4 : 2], const T* b, int ldb,
+                                        int k0, int j) {
+  const int lane = threadIdx.x % 32;
+  const int within = lane % 8;
+  const int k_half = (lane / 8) % 2;
+  const int n_tile = PAIR ? j + lane / 16 : j;
+  if constexpr (LAYOUT == BLayout::kNK) {
+    device::ldmatrix<PAIR ? 4 : 2, false>(frag, b + (8 * n_tile + within) * ldb + k0 + 8 * k_half);
+  } else {
+    device::ldmatrix<PAIR ? 4 : 2, true>(frag, b + (k0 + 8 * k_half + within) * ldb + 8 * n_tile);
+  }
+}
+
+// acc (16 × 8·NT) += A (16 × 16) · B (16 × 8·NT) on tensor cores, A as its mma fragment,
+// B rows (kKN) or columns (kNK) k0..k0 + 15 in shared memory.
+template <typename T, int NT, BLayout LAYOUT>
+__device__ inline void mma_row_strip(float (&acc)[NT][4], const uint32_t (&a_frag)[4],
+                                     const T* b, int ldb, int k0) {
+#pragma unroll
+  for (int j = 0; j + 1 < NT; j += 2) {
+    uint32_t b_frag[4];
+    load_b_fragments<LAYOUT, true>(b_frag, b, ldb, k0, j);
+    const uint32_t first[2] = {b_frag[0], b_frag[1]}, second[2] = {b_frag[2], b_frag[3]};
+    device::mma_m16n8k16<T>(acc[j], a_frag, first);
+    device::mma_m16n8k16<T>(acc[j + 1], a_frag, second);
+  }
+  if constexpr (NT % 2 == 1) {
+    uint32_t b_frag[2];
+    load_b_fragments<LAYOUT, false>(b_frag, b, ldb, k0, NT - 1);
+    device::mma_m16n8k16<T>(acc[NT - 1], a_frag, b_frag);
+  }
+}
+
 // acc (16 × 8·NT) += A (16 × K) · B (K × 8·NT), A row-major at a[row·lda + k], B in shared
-// memory with the given layout and pitch. K must be a multiple of 16. The caller's warp
-// owns the 16 rows of A; all 32 lanes must call.
+// memory with the given layout and pitch; every row of A and B 16-byte aligned (pitches
+// from padded_pitch, see rows_16_byte_aligned). K must be a multiple of 16. The caller's
+// warp owns the 16 rows of A; all 32 lanes must call.
 template <typename T, int K, int NT, BLayout LAYOUT>
 __device__ inline void warp_gemm(float (&acc)[NT][4], const T* a, int lda, const T* b, int ldb) {
   static_assert(K % 16 == 0, "warp_gemm needs K in multiples of 16");
-  const LaneCoords lane;
-  auto b_at = [&](int k, int n) -> T {
-    return LAYOUT == BLayout::kNK ? b[n * ldb + k] : b[k * ldb + n];
-  };
   if constexpr (DTypeTraits<T>::kTensorCores) {
+    // A fragment by ldmatrix.x4: matrices (rows 0-7, k0), (rows 8-15, k0), (rows 0-7,
+    // k0 + 8), (rows 8-15, k0 + 8) are registers a0..a3 of mma.m16n8k16.
+    const int lane = threadIdx.x % 32;
+    const T* const a_row = a + (lane % 16) * lda + 8 * (lane / 16);
 #pragma unroll
     for (int k0 = 0; k0 < K; k0 += 16) {
-      const T* a_lo = a + lane.g * lda + k0 + 2 * lane.t;
-      const T* a_hi = a_lo + 8 * lda;
-      // Pairs along k are adjacent in A (even offsets of a 16-byte aligned buffer with an
-      // even pitch), so each register is one 32-bit shared-memory load.
-      const uint32_t a_frag[4] = {*reinterpret_cast<const uint32_t*>(a_lo),
-                                  *reinterpret_cast<const uint32_t*>(a_hi),
-                                  *reinterpret_cast<const uint32_t*>(a_lo + 8),
-                                  *reinterpret_cast<const uint32_t*>(a_hi + 8)};
-#pragma unroll
-      for (int j = 0; j < NT; ++j) {
-        const int n = 8 * j + lane.g;
-        const int k = k0 + 2 * lane.t;
-        uint32_t b_frag[2];
-        if constexpr (LAYOUT == BLayout::kNK) {
-          b_frag[0] = *reinterpret_cast<const uint32_t*>(b + n * ldb + k);
-          b_frag[1] = *reinterpret_cast<const uint32_t*>(b + n * ldb + k + 8);
-        } else {
-          b_frag[0] = pack_pair(b_at(k, n), b_at(k + 1, n));
-          b_frag[1] = pack_pair(b_at(k + 8, n), b_at(k + 9, n));
-        }
-        device::mma_m16n8k16<T>(acc[j], a_frag, b_frag);
-      }
+      uint32_t a_frag[4];
+      device::ldmatrix<4, false>(a_frag, a_row + k0);
+      mma_row_strip<T, NT, LAYOUT>(acc, a_frag, b, ldb, k0);
     }
   } else {
     // float32: plain FMAs into the same accumulator layout (no TF32: full precision).
+    const LaneCoords lane;
+    auto b_at = [&](int k, int n) -> T {
+      return LAYOUT == BLayout::kNK ? b[n * ldb + k] : b[k * ldb + n];
+    };
 #pragma unroll 4
     for (int k = 0; k < K; ++k) {
       const float a_lo = a[lane.g * lda + k];
@@ -237,6 +310,43 @@ __device__ inline void store_strip(T* dst, int pitch, const float (&acc)[NT][4])
     for (int e = 0; e < 4; ++e) {
       dst[lane.row(e) * pitch + lane.col(j, e)] = DTypeTraits<T>::from_float(acc[j][e]);
     }
+  }
+}
+
+// Elements of the float32 scratch strip warp_gemm_acc_a needs per warp (none for 16-bit
+// dtypes, whose A operand stays in registers).
+template <typename T, int KTILES>
+constexpr int acc_a_scratch_elements() {
+  return DTypeTraits<T>::kTensorCores ? 0 : kWarpRows * padded_pitch<T>(8 * KTILES);
+}
+
+// acc (16 × 8·NT) += A (16 × 8·KTILES) · B, A a warp's accumulator strip (P for P·V, dS
+// for dS·K) and B in shared memory as for warp_gemm. 16-bit: A stays in registers; the
+// accumulators of n-tiles 2kk, 2kk + 1 are the A fragment of k-block kk once rounded to T
+// and packed in pairs ((c0, c1), (c2, c3) of each). float32: A goes through the warp's
+// `f32_scratch` strip (acc_a_scratch_elements; ignored for 16-bit) to the FMA path.
+template <typename T, int KTILES, int NT, BLayout LAYOUT>
+__device__ inline void warp_gemm_acc_a(float (&acc)[NT][4], const float (&a)[KTILES][4],
+                                       const T* b, int ldb, T* f32_scratch) {
+  static_assert(KTILES % 2 == 0, "the A strip is whole 16-column k-blocks");
+  using Traits = DTypeTraits<T>;
+  if constexpr (Traits::kTensorCores) {
+#pragma unroll
+    for (int kk = 0; kk < KTILES / 2; ++kk) {
+      const float(&lo)[4] = a[2 * kk];
+      const float(&hi)[4] = a[2 * kk + 1];
+      const uint32_t a_frag[4] = {pack_pair(Traits::from_float(lo[0]), Traits::from_float(lo[1])),
+                                  pack_pair(Traits::from_float(lo[2]), Traits::from_float(lo[3])),
+                                  pack_pair(Traits::from_float(hi[0]), Traits::from_float(hi[1])),
+                                  pack_pair(Traits::from_float(hi[2]), Traits::from_float(hi[3]))};
+      mma_row_strip<T, NT, LAYOUT>(acc, a_frag, b, ldb, 16 * kk);
+    }
+  } else {
+    constexpr int kPitch = padded_pitch<T>(8 * KTILES);
+    device::warp_barrier();  // every lane is done reading the strip of the previous call
+    store_strip<T>(f32_scratch, kPitch, a);
+    device::warp_barrier();
+    warp_gemm<T, 8 * KTILES, NT, LAYOUT>(acc, f32_scratch, kPitch, b, ldb);
   }
 }
 

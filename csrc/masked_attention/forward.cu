@@ -128,10 +128,7 @@ forward_kernel(const __grid_constant__ ForwardLaunch launch) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[j][e] *= rescale[e / 2];
     }
-    store_strip<T>(p_warp, Smem::kPPitch, s);
-    device::warp_barrier();
-    warp_gemm<T, kBlockCols, kOutTiles, BLayout::kKN>(acc, p_warp, Smem::kPPitch, v_s,
-                                                      Smem::kVPitch);
+    warp_gemm_acc_a<T, kScoreTiles, kOutTiles, BLayout::kKN>(acc, s, v_s, Smem::kVPitch, p_warp);
   }
 
   // Normalise and scatter the rows back to their positions.

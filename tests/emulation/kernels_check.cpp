@@ -6,8 +6,10 @@
 //   kernels_check [--quick]     exit status 0 when every case agrees; --quick: one float16 case
 //
 // Cases: float32 / float16 / bfloat16; Dqk in every padded bucket (16, 32, 64); Dv with a
-// partial last 64-column chunk, and up to 512 (the backward's key side split by V columns); L not a multiple of the 64-row tile; q, k, v as strided
-// channel slices; per batch an empty, a full and random masks; cross, self, independent
+// partial last 64-column chunk, and up to 512 (the backward's key side split by V columns);
+// L not a multiple of the 64-row tile; q, k, v as strided channel slices; q, k, v one
+// element past 16-byte alignment with an odd row pitch and Dqk, Dv not whole 16-byte chunks
+// (the gather's scalar fallback); per batch an empty, a full and random masks; cross, self, independent
 // and dual. Tolerances are loose (the pytest suite has the tight ones): a wrong fragment,
 // a missing barrier or an unwritten element is off by far more.
 #include <cmath>
@@ -39,6 +41,7 @@ struct Case {
   ScalarKind dtype;
   int batch, length, qk_dim, v_dim;
   bool strided;
+  bool misaligned = false;  // strided, one element off: rows and chunks not 16-byte aligned
 };
 
 const char* form_name(Form form) {
@@ -255,8 +258,9 @@ Partition partition(const std::vector<uint8_t>& mask, int B, int L, const std::s
 }
 
 void run_case(const Case& c, uint64_t seed) {
-  std::printf("%s %s B=%d L=%d Dqk=%d Dv=%d%s\n", form_name(c.form), dtype_name(c.dtype), c.batch,
-              c.length, c.qk_dim, c.v_dim, c.strided ? " strided" : "");
+  std::printf("%s %s B=%d L=%d Dqk=%d Dv=%d%s%s\n", form_name(c.form), dtype_name(c.dtype),
+              c.batch, c.length, c.qk_dim, c.v_dim, c.strided ? " strided" : "",
+              c.misaligned ? " misaligned" : "");
   const int B = c.batch, L = c.length, Dk = c.qk_dim, Dv = c.v_dim;
   const int branches = c.form == Form::kDual ? 2 : 1;
   const double tolerance = c.dtype == ScalarKind::kFloat32 ? 1e-4 : c.dtype == ScalarKind::kFloat16 ? 2e-2 : 8e-2;
@@ -269,7 +273,8 @@ void run_case(const Case& c, uint64_t seed) {
   if (c.form == Form::kDual) problems[1] = masks.problem(Form::kSelf);
 
   // Inputs: per branch q, k, v (and dO) in one packed buffer, or contiguous each.
-  const int channels = 2 * Dk + Dv;
+  const int offset = c.misaligned ? 1 : 0;
+  const int channels = 2 * Dk + Dv + offset;
   std::vector<Storage> inputs(static_cast<size_t>(branches)), grad_outs(static_cast<size_t>(branches));
   std::vector<Operand> q(static_cast<size_t>(branches)), k(static_cast<size_t>(branches)), v(static_cast<size_t>(branches)), grad_out(static_cast<size_t>(branches));
   for (int br = 0; br < branches; ++br) {
@@ -278,9 +283,9 @@ void run_case(const Case& c, uint64_t seed) {
     storage.resize(size_t(B) * L * channels);
     for (size_t i = 0; i < size_t(B) * L * channels; ++i) storage.set(i, rng.normal());
     if (c.strided) {
-      q[br] = {&storage, 0, int64_t(L) * channels, channels, Dk};
-      k[br] = {&storage, Dk, int64_t(L) * channels, channels, Dk};
-      v[br] = {&storage, 2 * Dk, int64_t(L) * channels, channels, Dv};
+      q[br] = {&storage, offset, int64_t(L) * channels, channels, Dk};
+      k[br] = {&storage, offset + Dk, int64_t(L) * channels, channels, Dk};
+      v[br] = {&storage, offset + 2 * Dk, int64_t(L) * channels, channels, Dv};
     } else {
       q[br] = {&storage, 0, int64_t(L) * Dk, Dk, Dk};
       k[br] = {&storage, int64_t(B) * L * Dk, int64_t(L) * Dk, Dk, Dk};
@@ -513,6 +518,7 @@ int main(int argc, char** argv) {
       cases.push_back({Form::kSelf, dtype, 3, 130, 24, 72, true});
       cases.push_back({Form::kIndependent, dtype, 3, 65, 64, 136, true});
       cases.push_back({Form::kDual, dtype, 3, 99, 16, 40, true});
+      cases.push_back({Form::kDual, dtype, 3, 70, 20, 36, true, true});
       cases.push_back({Form::kCross, dtype, 2, 70, 8, 512, true});  // widest V: split key side
     }
   }
