@@ -63,26 +63,6 @@ __device__ inline float* partial_grad_k_of(const BackwardBranch& branch, int bat
   return branch.workspace + static_cast<int64_t>(batch) * length;
 }
 
-// acc += A·B with A a warp's accumulator strip (P or dS) held in registers.
-// TODO(tiles): common.cuh's warp_gemm_acc_a replaces this shared round trip.
-template <typename T, int KTILES, int NT, BLayout LAYOUT>
-__device__ inline void gemm_registers_a(float (&acc)[NT][4], const float (&a)[KTILES][4],
-                                        const T* b, int ldb, T* strip, int strip_pitch) {
-  store_strip<T>(strip, strip_pitch, a);
-  device::warp_barrier();
-  warp_gemm<T, 8 * KTILES, NT, LAYOUT>(acc, strip, strip_pitch, b, ldb);
-  device::warp_barrier();  // the strip is rewritten by the warp's next call
-}
-
-// Tile loads of the streamed operands. TODO(tiles): load_tile_async (cp.async); the caller
-// already commits and waits.
-template <typename T, int ROWS, int WIDTH>
-__device__ inline void issue_tile(T* dst, int pitch, const Rows<const T>& src,
-                                  const SampleRowSet& set, int sample, int slot0, int valid_rows,
-                                  int col0, int columns) {
-  load_tile<T, ROWS, WIDTH>(dst, pitch, src, set, sample, slot0, valid_rows, col0, columns);
-}
-
 // ----------------------------------------------------------------------------- dQ
 // float32 keeps dO resident only up to this width (64 × 128 floats); wider dO is streamed
 // chunk by chunk next to V, so the block stays inside sm_80's 163 KiB.
@@ -92,13 +72,13 @@ template <typename T, int D, int VC>
 struct DqSmem {
   static constexpr int kQkPitch = padded_pitch<T>(D);
   static constexpr int kChunkPitch = padded_pitch<T>(VC);
-  static constexpr int kStripPitch = padded_pitch<T>(kBlockCols);
   static constexpr int kQkTile = kBlockRows * kQkPitch;
   static constexpr int kChunkTile = kBlockCols * kChunkPitch;
+  static constexpr int kStrip = acc_a_scratch_elements<T, kBlockCols / 8>();  // per warp
   int chunks;
   bool resident;        // dO held whole (else one chunk per stage, double-buffered)
   int grad_out_pitch;   // of the dO buffer: whole width or one chunk
-  // Element offsets: Q, K ×2, V chunk ×2, dO (resident or ×2), dS strips.
+  // Element offsets: Q, K ×2, V chunk ×2, dO (resident or ×2), float32's dS strips.
   int q, k, v, grad_out, strip, elements, bytes;
 
   __host__ __device__ explicit DqSmem(int v_dim) {
@@ -110,7 +90,7 @@ struct DqSmem {
     v = k + 2 * kQkTile;
     grad_out = v + 2 * kChunkTile;
     strip = grad_out + (resident ? kBlockRows * grad_out_pitch : 2 * kChunkTile);
-    elements = strip + kBlockRows * kStripPitch;
+    elements = strip + kWarps * kStrip;
     bytes = elements * static_cast<int>(sizeof(T));
   }
 };
@@ -152,14 +132,14 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const __grid_constant__ Ba
                            : smem + layout.grad_out + buffer * Layout::kChunkTile;
   };
   auto load_grad_out_chunk = [&](int c, int buffer) {
-    issue_tile<T, kBlockRows, VC>(grad_out_chunk(c, buffer), layout.grad_out_pitch, grad_out,
+    load_tile_async<T, kBlockRows, VC>(grad_out_chunk(c, buffer), layout.grad_out_pitch, grad_out,
                                   queries, sample, slot0, query_rows, c * VC, v_dim);
   };
 
   // Δ of the block's rows, a chunk of O (through the first V buffer) and dO at a time; two
   // threads per row, each over half the chunk, so warp w sums its own 16 rows (lanes 2r,
   // 2r + 1 hold row r of the strip). A resident dO is loaded here, once.
-  issue_tile<T, kBlockRows, D>(q_s, Layout::kQkPitch, q, queries, sample, slot0, query_rows, 0,
+  load_tile_async<T, kBlockRows, D>(q_s, Layout::kQkPitch, q, queries, sample, slot0, query_rows, 0,
                                launch.qk_dim);
   float delta_part = 0.f;  // becomes the full Δ of row threadIdx.x / 2
   {
@@ -167,7 +147,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const __grid_constant__ Ba
     const int half = threadIdx.x % 2;
     T* const out_s = smem + layout.v;
     for (int c = 0; c < layout.chunks; ++c) {
-      issue_tile<T, kBlockRows, VC>(out_s, Layout::kChunkPitch, out, queries, sample, slot0,
+      load_tile_async<T, kBlockRows, VC>(out_s, Layout::kChunkPitch, out, queries, sample, slot0,
                                     query_rows, c * VC, v_dim);
       load_grad_out_chunk(c, 0);
       device::cp_async_commit();
@@ -196,11 +176,11 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const __grid_constant__ Ba
     const int key0 = key_tile * kBlockCols;
     const int key_cols = min(kBlockCols, keys.size - key0);
     if (c == 0) {
-      issue_tile<T, kBlockCols, D>(smem + layout.k + (key_tile % 2) * Layout::kQkTile,
+      load_tile_async<T, kBlockCols, D>(smem + layout.k + (key_tile % 2) * Layout::kQkTile,
                                    Layout::kQkPitch, k, keys, sample, key0, key_cols, 0,
                                    launch.qk_dim);
     }
-    issue_tile<T, kBlockCols, VC>(smem + layout.v + buffer * Layout::kChunkTile,
+    load_tile_async<T, kBlockCols, VC>(smem + layout.v + buffer * Layout::kChunkTile,
                                   Layout::kChunkPitch, v, keys, sample, key0, key_cols, c * VC,
                                   v_dim);
     if (!layout.resident) load_grad_out_chunk(c, buffer);
@@ -222,7 +202,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const __grid_constant__ Ba
     row_delta[i] = device::shfl_idx(delta_part, 2 * (lane.g + 8 * i));
   }
   const T* const q_warp = q_s + warp_row0 * Layout::kQkPitch;
-  T* const strip = smem + layout.strip + warp_row0 * Layout::kStripPitch;
+  T* const strip = smem + layout.strip + warp * Layout::kStrip;
 
   float acc[kGradTiles][4];
   zero_fill(acc);
@@ -264,37 +244,50 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const __grid_constant__ Ba
 #pragma unroll
         for (int e = 0; e < 4; ++e) dp[j][e] = p[j][e] * (dp[j][e] - row_delta[e / 2]);  // dS / scale
       }
-      gemm_registers_a<T, kScoreTiles, kGradTiles, BLayout::kKN>(acc, dp, k_s, Layout::kQkPitch,
-                                                                 strip, Layout::kStripPitch);
+      warp_gemm_acc_a<T, kScoreTiles, kGradTiles, BLayout::kKN>(acc, dp, k_s, Layout::kQkPitch,
+                                                                strip);
     }
   }
   store_rows<T>(grad_q, queries, sample, slot0 + warp_row0, 0, launch.qk_dim, acc, launch.scale);
 }
 
 // ----------------------------------------------------------------------------- key side
-template <typename T, int D, int VC>
-struct KeySmem {
-  static constexpr int kQkPitch = padded_pitch<T>(D);
-  static constexpr int kChunkPitch = padded_pitch<T>(VC);
-  static constexpr int kStripPitch = padded_pitch<T>(kBlockCols);
-  static constexpr int kQkTile = kBlockRows * kQkPitch;
-  static constexpr int kChunkTile = kBlockRows * kChunkPitch;
-  // Resident K and V chunk; streamed Q and dO chunk ×2; Pᵀ / dSᵀ strips.
-  static constexpr int kK = 0;
-  static constexpr int kV = kK + kQkTile;
-  static constexpr int kQ = kV + kChunkTile;
-  static constexpr int kGradOut = kQ + 2 * kQkTile;
-  static constexpr int kStrip = kGradOut + 2 * kChunkTile;
-  static constexpr int kElements = kStrip + kBlockRows * kStripPitch;
-  // Then lse and Δ of the streamed query tile, ×2.
-  static constexpr int kBytes =
-      kElements * static_cast<int>(sizeof(T)) + 4 * kBlockCols * static_cast<int>(sizeof(float));
-};
+// Queries per streamed tile on the key side. A warp holds Pᵀ and dPᵀ (16 × queries each)
+// next to its dV (16 × VC) and dK (16 × D) accumulators: with VC = 128, 32 queries keep that
+// to about 128 floats (64 queries spill on sm_90).
+template <int VC>
+constexpr int key_side_query_cols() {
+  return VC > 64 ? 32 : 64;
+}
 
 template <typename T, int D, int VC>
-__global__ void __launch_bounds__(kThreads) key_kernel(const __grid_constant__ BackwardLaunch launch) {
+struct KeySmem {
+  static constexpr int kQueryCols = key_side_query_cols<VC>();
+  static constexpr int kQkPitch = padded_pitch<T>(D);
+  static constexpr int kChunkPitch = padded_pitch<T>(VC);
+  static constexpr int kQkTile = kBlockRows * kQkPitch;
+  static constexpr int kKeyChunkTile = kBlockRows * kChunkPitch;
+  static constexpr int kQueryQkTile = kQueryCols * kQkPitch;
+  static constexpr int kQueryChunkTile = kQueryCols * kChunkPitch;
+  static constexpr int kStrip = acc_a_scratch_elements<T, kQueryCols / 8>();  // per warp
+  // Resident K and V chunk; streamed Q and dO chunk ×2; float32's Pᵀ / dSᵀ strips.
+  static constexpr int kK = 0;
+  static constexpr int kV = kK + kQkTile;
+  static constexpr int kQ = kV + kKeyChunkTile;
+  static constexpr int kGradOut = kQ + 2 * kQueryQkTile;
+  static constexpr int kStripArea = kGradOut + 2 * kQueryChunkTile;
+  static constexpr int kElements = kStripArea + kWarps * kStrip;
+  // Then lse and Δ of the streamed query tile, ×2.
+  static constexpr int kBytes =
+      kElements * static_cast<int>(sizeof(T)) + 4 * kQueryCols * static_cast<int>(sizeof(float));
+};
+
+// Minimum one block per SM: without it ptxas aims at three (≤ 170 registers) and spills.
+template <typename T, int D, int VC>
+__global__ void __launch_bounds__(kThreads, 1) key_kernel(const __grid_constant__ BackwardLaunch launch) {
   using Layout = KeySmem<T, D, VC>;
-  constexpr int kScoreTiles = kBlockCols / 8;
+  constexpr int kQueryCols = Layout::kQueryCols;
+  constexpr int kScoreTiles = kQueryCols / 8;
   constexpr int kGradKTiles = D / 8;
   constexpr int kGradVTiles = VC / 8;
   DSA_DYNAMIC_SHARED_MEMORY(smem_raw);
@@ -330,9 +323,9 @@ __global__ void __launch_bounds__(kThreads) key_kernel(const __grid_constant__ B
   const float* const lse = branch.lse + static_cast<int64_t>(sample) * length;
   const float* const delta = delta_of(branch) + static_cast<int64_t>(sample) * length;
 
-  issue_tile<T, kBlockRows, D>(k_s, Layout::kQkPitch, typed<const T>(branch.k), keys, sample,
+  load_tile_async<T, kBlockRows, D>(k_s, Layout::kQkPitch, typed<const T>(branch.k), keys, sample,
                                slot0, key_rows, 0, launch.qk_dim);
-  issue_tile<T, kBlockRows, VC>(v_s, Layout::kChunkPitch, typed<const T>(branch.v), keys, sample,
+  load_tile_async<T, kBlockRows, VC>(v_s, Layout::kChunkPitch, typed<const T>(branch.v), keys, sample,
                                 slot0, key_rows, col0, launch.v_dim);
   device::cp_async_commit();
 
@@ -340,22 +333,22 @@ __global__ void __launch_bounds__(kThreads) key_kernel(const __grid_constant__ B
   // in chunk 0's partial dK, so the chunks sum to P∘(dP − Δ)).
   auto issue_query_tile = [&](int tile) {
     const int buffer = tile % 2;
-    const int query0 = tile * kBlockCols;
-    const int query_cols = min(kBlockCols, queries.size - query0);
-    issue_tile<T, kBlockCols, D>(smem + Layout::kQ + buffer * Layout::kQkTile, Layout::kQkPitch,
+    const int query0 = tile * kQueryCols;
+    const int query_cols = min(kQueryCols, queries.size - query0);
+    load_tile_async<T, kQueryCols, D>(smem + Layout::kQ + buffer * Layout::kQueryQkTile, Layout::kQkPitch,
                                  q, queries, sample, query0, query_cols, 0, launch.qk_dim);
-    issue_tile<T, kBlockCols, VC>(smem + Layout::kGradOut + buffer * Layout::kChunkTile,
+    load_tile_async<T, kQueryCols, VC>(smem + Layout::kGradOut + buffer * Layout::kQueryChunkTile,
                                   Layout::kChunkPitch, grad_out, queries, sample, query0,
                                   query_cols, col0, launch.v_dim);
-    float* const lse_s = stats + buffer * 2 * kBlockCols;
-    for (int c = threadIdx.x; c < kBlockCols; c += kThreads) {
+    float* const lse_s = stats + buffer * 2 * kQueryCols;
+    for (int c = threadIdx.x; c < kQueryCols; c += kThreads) {
       const bool inside = c < query_cols;
       lse_s[c] = inside ? lse[queries.position(query0 + c)] : INFINITY;
-      lse_s[kBlockCols + c] = inside && chunk == 0 ? delta[query0 + c] : 0.f;
+      lse_s[kQueryCols + c] = inside && chunk == 0 ? delta[query0 + c] : 0.f;
     }
     device::cp_async_commit();
   };
-  const int query_tiles = (queries.size + kBlockCols - 1) / kBlockCols;
+  const int query_tiles = (queries.size + kQueryCols - 1) / kQueryCols;
   if (query_tiles > 0) issue_query_tile(0);
 
   const int warp = threadIdx.x / 32;
@@ -363,7 +356,7 @@ __global__ void __launch_bounds__(kThreads) key_kernel(const __grid_constant__ B
   const int warp_row0 = warp * kWarpRows;
   const T* const k_warp = k_s + warp_row0 * Layout::kQkPitch;
   const T* const v_warp = v_s + warp_row0 * Layout::kChunkPitch;
-  T* const strip = smem + Layout::kStrip + warp_row0 * Layout::kStripPitch;
+  T* const strip = smem + Layout::kStripArea + warp * Layout::kStrip;
 
   float grad_k_acc[kGradKTiles][4], grad_v_acc[kGradVTiles][4];
   zero_fill(grad_k_acc);
@@ -378,10 +371,10 @@ __global__ void __launch_bounds__(kThreads) key_kernel(const __grid_constant__ B
       device::cp_async_wait<0>();
     }
     device::block_barrier();
-    const T* const q_s = smem + Layout::kQ + buffer * Layout::kQkTile;
-    const T* const grad_out_s = smem + Layout::kGradOut + buffer * Layout::kChunkTile;
-    const float* const lse_s = stats + buffer * 2 * kBlockCols;
-    const float* const delta_s = lse_s + kBlockCols;
+    const T* const q_s = smem + Layout::kQ + buffer * Layout::kQueryQkTile;
+    const T* const grad_out_s = smem + Layout::kGradOut + buffer * Layout::kQueryChunkTile;
+    const float* const lse_s = stats + buffer * 2 * kQueryCols;
+    const float* const delta_s = lse_s + kQueryCols;
 
     // Pᵀ for the warp's 16 keys × the 64 streamed queries.
     float p[kScoreTiles][4];
@@ -394,8 +387,8 @@ __global__ void __launch_bounds__(kThreads) key_kernel(const __grid_constant__ B
         p[j][e] = exp_difference(p[j][e] * launch.scale - lse_s[lane.col(j, e)]);
       }
     }
-    gemm_registers_a<T, kScoreTiles, kGradVTiles, BLayout::kKN>(
-        grad_v_acc, p, grad_out_s, Layout::kChunkPitch, strip, Layout::kStripPitch);
+    warp_gemm_acc_a<T, kScoreTiles, kGradVTiles, BLayout::kKN>(grad_v_acc, p, grad_out_s,
+                                                               Layout::kChunkPitch, strip);
     float dp[kScoreTiles][4];
     zero_fill(dp);
     warp_gemm<T, VC, kScoreTiles, BLayout::kNK>(dp, v_warp, Layout::kChunkPitch, grad_out_s,
@@ -403,11 +396,10 @@ __global__ void __launch_bounds__(kThreads) key_kernel(const __grid_constant__ B
 #pragma unroll
     for (int j = 0; j < kScoreTiles; ++j) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) dp[j][e] = p[j][e] * (dp[j][e] - delta_s[lane.col(j, e)]);
+      for (int e = 0; e < 4; ++e) p[j][e] *= dp[j][e] - delta_s[lane.col(j, e)];  // dSᵀ / scale
     }
-    gemm_registers_a<T, kScoreTiles, kGradKTiles, BLayout::kKN>(grad_k_acc, dp, q_s,
-                                                                Layout::kQkPitch, strip,
-                                                                Layout::kStripPitch);
+    warp_gemm_acc_a<T, kScoreTiles, kGradKTiles, BLayout::kKN>(grad_k_acc, p, q_s,
+                                                               Layout::kQkPitch, strip);
   }
   device::cp_async_wait<0>();  // no query tiles: the K / V group is still open
 
