@@ -4,22 +4,25 @@
 // With P = exp(scale·Q Kᵀ − lse) recomputed from the saved log-sum-exp, dP = dO Vᵀ and
 // Δᵢ = rowsum(dO∘O)ᵢ:  dS = P∘(dP − Δ),  dQ = scale·dS K,  dK = scale·dSᵀ Q,  dV = Pᵀ dO.
 //
-// Two kernels (three launches when V is split), all over tiles of 64 slots of a partition
+// Two kernels (three launches when V is split), over tiles of 64 slots of a partition
 // (tiles past the set size write the zero gradient rows of the positions outside the set,
-// so there is no zero-fill pass):
+// so there is no zero-fill pass); gathers by cp.async, operands by ldmatrix, P and dS kept
+// in registers between their two products (warp_gemm_acc_a):
 //   dq_kernel   a block per query tile. Q and dO stay resident (dO over the whole Dv for
 //               16-bit dtypes); the block first computes Δ of its rows (reading O once) and
-//               writes it to the float32 workspace for the key side, then streams key tiles
-//               with V in column chunks (double-buffered): dP is summed over all of Dv
-//               once per tile pair, dS = P∘(dP − Δ) stays in registers for dQ += dS·K.
+//               writes it to the float32 workspace for the key side, then streams
+//               (key tile, V column chunk) stages, double-buffered: dP is summed over all of
+//               Dv once per tile pair, and dS = P∘(dP − Δ) feeds dQ += dS·K.
 //   key_kernel  a block per (key tile, V column chunk), K and its V chunk resident, streams
 //               query tiles (Q, dO chunk, lse, Δ; double-buffered). The transposed problem
-//               (Sᵀ = K Qᵀ) keeps the forward's warp layout: Pᵀ in registers feeds dV += Pᵀ·dO
-//               and, with dPᵀ = V·dOᵀ over the chunk, dSᵀ feeds dK += dSᵀ·Q. The dV strip
-//               (16 × chunk floats per warp) is what bounds the chunk: 128 columns for
-//               16-bit dtypes, so Dv ≤ 128 is one chunk and dK is written directly.
+//               (Sᵀ = K Qᵀ) keeps the forward's warp layout: Pᵀ feeds dV += Pᵀ·dO and, with
+//               dPᵀ = V·dOᵀ over the chunk, dSᵀ feeds dK += dSᵀ·Q. The dV strip (16 × chunk
+//               floats per warp, in registers) bounds the chunk: 128 columns for 16-bit
+//               dtypes, so Dv ≤ 128 is one chunk and dK is written directly.
 //   dk_reduce_kernel  only when V is split: each chunk's block wrote a partial dK from
 //               Pᵀ∘(dPᵀ_c − [c = 0]·Δ) into the workspace; this sums the chunks in order.
+// Why not one kernel: dQ sums over keys and dK, dV over queries; without atomics each needs
+// its own owner of the rows, and dP is recomputed once on each side (FlashAttention-2).
 // dq_kernel runs first on the stream: the key side reads its Δ.
 #include "masked_attention/common.cuh"
 
@@ -35,20 +38,24 @@ constexpr int max_v_chunk() {
   return DTypeTraits<T>::kTensorCores ? 128 : 64;
 }
 
-// Dispatch the V chunk width: 64 when Dv fits in it, else the dtype's maximum.
+// The V chunk width: 64 when Dv fits in it (no wasted columns), else the dtype's maximum.
+template <typename T>
+__host__ __device__ constexpr int v_chunk_width(int v_dim) {
+  return v_dim <= 64 ? 64 : max_v_chunk<T>();
+}
+
+template <typename T>
+__host__ __device__ constexpr int v_chunks_of(int v_dim) {
+  return (v_dim + v_chunk_width<T>(v_dim) - 1) / v_chunk_width<T>(v_dim);
+}
+
 template <typename T, typename F>
 void dispatch_v_chunk(int v_dim, F&& f) {
-  if (v_dim <= 64) {
+  if (v_chunk_width<T>(v_dim) == 64) {
     f(std::integral_constant<int, 64>{});
   } else {
     f(std::integral_constant<int, max_v_chunk<T>()>{});
   }
-}
-
-template <typename T>
-__host__ __device__ int v_chunks_of(int v_dim) {
-  const int chunk = v_dim <= 64 ? 64 : max_v_chunk<T>();
-  return (v_dim + chunk - 1) / chunk;
 }
 
 __device__ inline const BackwardBranch& select_branch(const BackwardLaunch& launch, int id) {
