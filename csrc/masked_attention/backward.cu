@@ -143,29 +143,39 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const __grid_constant__ Ba
                                   queries, sample, slot0, query_rows, c * VC, v_dim);
   };
 
-  // Δ of the block's rows, a chunk of O (through the first V buffer) and dO at a time; two
-  // threads per row, each over half the chunk, so warp w sums its own 16 rows (lanes 2r,
-  // 2r + 1 hold row r of the strip). A resident dO is loaded here, once.
-  load_tile_async<T, kBlockRows, D>(q_s, Layout::kQkPitch, q, queries, sample, slot0, query_rows, 0,
-                               launch.qk_dim);
+  // Δ of the block's rows, a chunk of O and dO at a time (O through the V buffers, the
+  // next chunk loading while this one is summed); two threads per row, each over half the
+  // chunk, so warp w sums its own 16 rows (lanes 2r, 2r + 1 hold row r of the strip). A
+  // resident dO is loaded here, once.
+  load_tile_async<T, kBlockRows, D>(q_s, Layout::kQkPitch, q, queries, sample, slot0,
+                                    query_rows, 0, launch.qk_dim);
+  auto issue_delta_chunk = [&](int c) {
+    load_tile_async<T, kBlockRows, VC>(smem + layout.v + (c % 2) * Layout::kChunkTile,
+                                       Layout::kChunkPitch, out, queries, sample, slot0,
+                                       query_rows, c * VC, v_dim);
+    load_grad_out_chunk(c, c % 2);
+    device::cp_async_commit();
+  };
   float delta_part = 0.f;  // becomes the full Δ of row threadIdx.x / 2
   {
     const int row = threadIdx.x / 2;
     const int half = threadIdx.x % 2;
-    T* const out_s = smem + layout.v;
+    issue_delta_chunk(0);
     for (int c = 0; c < layout.chunks; ++c) {
-      load_tile_async<T, kBlockRows, VC>(out_s, Layout::kChunkPitch, out, queries, sample, slot0,
-                                    query_rows, c * VC, v_dim);
-      load_grad_out_chunk(c, 0);
-      device::cp_async_commit();
-      device::cp_async_wait<0>();
+      if (c + 1 < layout.chunks) {
+        issue_delta_chunk(c + 1);
+        device::cp_async_wait<1>();
+      } else {
+        device::cp_async_wait<0>();
+      }
       device::block_barrier();
-      const T* const o_row = out_s + row * Layout::kChunkPitch;
-      const T* const do_row = grad_out_chunk(c, 0) + row * layout.grad_out_pitch;
+      const T* const o_row = smem + layout.v + (c % 2) * Layout::kChunkTile +
+                             row * Layout::kChunkPitch;
+      const T* const do_row = grad_out_chunk(c, c % 2) + row * layout.grad_out_pitch;
       for (int col = half * (VC / 2); col < (half + 1) * (VC / 2); ++col) {
         delta_part = fmaf(Traits::to_float(do_row[col]), Traits::to_float(o_row[col]), delta_part);
       }
-      device::block_barrier();  // before the next chunk (or a K/V stage) overwrites out_s
+      device::block_barrier();  // before chunk c + 2 (or a K/V stage) reuses these buffers
     }
     delta_part += device::shfl_xor(delta_part, 1);
     if (half == 0 && slot0 + row < queries.size) {
