@@ -174,19 +174,52 @@ __device__ void load_tile(T* dst, int pitch, const Rows<const T>& src, const Sam
   device::cp_async_wait<0>();
 }
 
+// The slow path of a scattered chunk store: `count` (≤ chunk) leading elements of src, or
+// zeros when src is null; for a partial chunk at the end of `columns` or a chunk whose
+// global address is not 16-byte aligned. Out of line, as copy_chunk_scalar.
+template <typename T>
+__device__ __noinline__ void store_chunk_scalar(T* dst, const T* src, int count) {
+#pragma unroll 1
+  for (int c = 0; c < count; ++c) {
+    dst[c] = src != nullptr ? src[c] : DTypeTraits<T>::from_float(0.f);
+  }
+}
+
+// Writes `rows` rows to the rows of `dst` at slots slot0.. of `set`, columns
+// col0..col0+WIDTH clipped to `columns`: row r from src + r·pitch (shared memory, rows
+// 16-byte aligned), or zeros when src is null. Thread `thread` of `threads` takes every
+// threads-th chunk, one position lookup per chunk: whole aligned chunks as 16-byte stores,
+// the rest through store_chunk_scalar.
+template <typename T, int WIDTH>
+__device__ void store_rows_chunked(const Rows<T>& dst, const SampleRowSet& set, int sample,
+                                   int slot0, int rows, int col0, int columns, const T* src,
+                                   int pitch, int thread, int threads) {
+  constexpr int kChunk = kChunkElements<T>;
+  constexpr int kRowChunks = WIDTH / kChunk;
+  static_assert(WIDTH % kChunk == 0, "row widths are whole 16-byte chunks");
+  for (int i = thread; i < rows * kRowChunks; i += threads) {
+    const int r = i / kRowChunks;
+    const int c = (i % kRowChunks) * kChunk;
+    const int col = col0 + c;
+    if (col >= columns) continue;
+    T* const to = dst.row(sample, set.position(slot0 + r)) + col;
+    const T* const from = src != nullptr ? src + r * pitch + c : nullptr;
+    if (col + kChunk <= columns && reinterpret_cast<uintptr_t>(to) % 16 == 0) {
+      *reinterpret_cast<uint4*>(to) =
+          from != nullptr ? *reinterpret_cast<const uint4*>(from) : make_uint4(0u, 0u, 0u, 0u);
+    } else {
+      store_chunk_scalar(to, from, min(kChunk, columns - col));
+    }
+  }
+}
+
 // Writes zeros into the rows of `dst` (columns col0..col0+WIDTH, clipped to `columns`) whose
 // slots in [first, last) are outside the set: the part of a tile past the set's size.
 template <typename T, int WIDTH>
 __device__ void zero_rows(const Rows<T>& dst, const SampleRowSet& set, int sample, int first,
                           int last, int col0, int columns) {
-  const int rows = last - first;
-  for (int i = threadIdx.x; i < rows * WIDTH; i += kThreads) {
-    const int r = i / WIDTH;
-    const int c = i % WIDTH;
-    if (col0 + c < columns) {
-      dst.row(sample, set.position(first + r))[col0 + c] = DTypeTraits<T>::from_float(0.f);
-    }
-  }
+  store_rows_chunked<T, WIDTH>(dst, set, sample, first, last - first, col0, columns, nullptr, 0,
+                               threadIdx.x, kThreads);
 }
 
 // ----------------------------------------------------------------------------- warp GEMM

@@ -14,7 +14,9 @@ namespace dsa_ops {
 namespace masked_attention {
 
 // Head sizes the kernels accept (dsa_ops/ops.py FUSED_QK_DIMS / FUSED_V_DIMS mirror these).
-// Dqk is zero-padded to 16, 32 or 64 in shared memory; Dv is processed in 64-column chunks.
+// Dqk is zero-padded to 16, 32 or 64 in shared memory. Dv: a forward block holds a V width
+// of 64, 128 or 256 columns for 16-bit dtypes (Dv in (256, 512] in two parts), 64 for
+// float32 (forward.cu); the backward's split is described in backward.cu.
 constexpr int kMinQkDim = 8;
 constexpr int kMaxQkDim = 64;
 constexpr int kMinVDim = 8;

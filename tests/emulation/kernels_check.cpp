@@ -4,12 +4,14 @@
 // (make emulate-sanitize) and what the planted-fault test builds (tests/test_cuda_emulation.py).
 //
 //   kernels_check [--quick]     exit status 0 when every case agrees; --quick: one float16 case
+//                               (two key tiles per block: a dropped barrier shows)
 //
 // Cases: float32 / float16 / bfloat16; Dqk in every padded bucket (16, 32, 64); Dv with a
-// partial last 64-column chunk, and up to 512 (the backward's key side split by V columns);
-// L not a multiple of the 64-row tile; q, k, v as strided channel slices; q, k, v one
-// element past 16-byte alignment with an odd row pitch and Dqk, Dv not whole 16-byte chunks
-// (the gather's scalar fallback); per batch an empty, a full and random masks; cross, self, independent
+// partial last 64-column chunk, in every forward V width (64, 128, 256, two parts) and up
+// to 512 (the backward's key side split by V columns); L not a multiple of the 64-row tile;
+// q, k, v as strided channel slices; q, k, v one element past 16-byte alignment with an
+// odd row pitch and Dqk, Dv not whole 16-byte chunks (the gather's scalar fallback); per
+// batch an empty, a full and random masks; cross, self, independent
 // and dual. Tolerances are loose (the pytest suite has the tight ones): a wrong fragment,
 // a missing barrier or an unwritten element is off by far more.
 #include <cmath>
@@ -506,7 +508,7 @@ int main(int argc, char** argv) {
   const bool quick = argc > 1 && std::string(argv[1]) == "--quick";
   std::vector<Case> cases, kl_cases;
   if (quick) {
-    cases.push_back({Form::kCross, ScalarKind::kFloat16, 3, 70, 24, 40, true});
+    cases.push_back({Form::kCross, ScalarKind::kFloat16, 3, 150, 24, 40, true});
   } else {
     for (ScalarKind dtype : {ScalarKind::kFloat32, ScalarKind::kFloat16, ScalarKind::kBFloat16}) {
       kl_cases.push_back({Form::kCross, dtype, 4, 70, 8, 0, false});
@@ -519,6 +521,7 @@ int main(int argc, char** argv) {
       cases.push_back({Form::kIndependent, dtype, 3, 65, 64, 136, true});
       cases.push_back({Form::kDual, dtype, 3, 99, 16, 40, true});
       cases.push_back({Form::kDual, dtype, 3, 70, 20, 36, true, true});
+      cases.push_back({Form::kCross, dtype, 3, 70, 32, 264, true});
       cases.push_back({Form::kCross, dtype, 2, 70, 8, 512, true});  // widest V: split key side
     }
   }
