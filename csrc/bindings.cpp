@@ -183,7 +183,7 @@ struct ForwardTensors {
 };
 
 struct BackwardTensors {
-  at::Tensor grad_out, q, k, v, out, lse, grad_q, grad_k, grad_v, delta;
+  at::Tensor grad_out, q, k, v, out, lse, grad_q, grad_k, grad_v, workspace;
   BackwardTensors(const at::Tensor& grad_out_, const at::Tensor& q_, const at::Tensor& k_,
                   const at::Tensor& v_, const at::Tensor& out_, const at::Tensor& lse_)
       : grad_out(with_unit_last_stride(grad_out_)), q(with_unit_last_stride(q_)),
@@ -195,7 +195,12 @@ struct BackwardTensors {
             at::empty(k_.sizes(), k_.options().memory_format(at::MemoryFormat::Contiguous)))),
         grad_v(kernel_output(
             at::empty(v_.sizes(), v_.options().memory_format(at::MemoryFormat::Contiguous)))),
-        delta(kernel_output(at::empty({q_.size(0), q_.size(1)}, q_.options().dtype(at::kFloat)))) {}
+        workspace(kernel_output(at::empty(
+            {ma::backward_workspace_floats(scalar_kind(q_), static_cast<int>(q_.size(0)),
+                                           static_cast<int>(q_.size(1)),
+                                           static_cast<int>(q_.size(2)),
+                                           static_cast<int>(v_.size(2)))},
+            q_.options().dtype(at::kFloat)))) {}
 
   ma::BackwardBranch branch(ma::RowSetArg queries, ma::RowSetArg keys) {
     ma::BackwardBranch b;
@@ -208,7 +213,7 @@ struct BackwardTensors {
     b.grad_q = matrix_arg(grad_q);
     b.grad_k = matrix_arg(grad_k);
     b.grad_v = matrix_arg(grad_v);
-    b.delta = delta.data_ptr<float>();
+    b.workspace = workspace.data_ptr<float>();
     b.queries = queries;
     b.keys = keys;
     return b;

@@ -1,86 +1,122 @@
-// Backward of masked attention, deterministic (no atomics): every gradient row is owned by
-// exactly one block, which sums its contributions in a fixed order.
+// Backward of masked attention, FlashAttention-2 form, deterministic (no atomics): every
+// gradient row is owned by exactly one block, which sums its contributions in a fixed order.
 //
 // With P = exp(scale·Q Kᵀ − lse) recomputed from the saved log-sum-exp, dP = dO Vᵀ and
 // Δᵢ = rowsum(dO∘O)ᵢ:  dS = P∘(dP − Δ),  dQ = scale·dS K,  dK = scale·dSᵀ Q,  dV = Pᵀ dO.
 //
-// Four kernels, all over tiles of 64 slots of a partition (tiles past the set size write
-// the zero gradient rows of the positions outside the set):
-//   delta_kernel  Δ per query slot (one warp per row), into a float32 workspace;
-//   dq_kernel     a block per query tile streams key tiles; dP sums over V in 64-column
-//                 chunks;
-//   dk_kernel     a block per key tile streams query tiles (the transposed problem:
-//                 Sᵀ = K Qᵀ, so the warp layout of the forward carries over);
-//   dv_kernel     a block per (key tile, 64 columns of V) streams query tiles; only needs P.
-// dK needs dP over all of Dv while dV is split by V columns, hence two key-side kernels.
+// Two kernels (three launches when V is split), over tiles of 64 slots of a partition
+// (tiles past the set size write the zero gradient rows of the positions outside the set,
+// so there is no zero-fill pass); gathers by cp.async, operands by ldmatrix, P and dS kept
+// in registers between their two products (warp_gemm_acc_a):
+//   dq_kernel   a block per query tile. Q and dO stay resident (dO over the whole Dv for
+//               16-bit dtypes); the block first computes Δ of its rows (reading O once) and
+//               writes it to the float32 workspace for the key side, then streams
+//               (key tile, V column chunk) stages, double-buffered: dP is summed over all of
+//               Dv once per tile pair, and dS = P∘(dP − Δ) feeds dQ += dS·K.
+//   key_kernel  a block per (key tile, V column chunk), K and its V chunk resident, streams
+//               query tiles (Q, dO chunk, lse, Δ; double-buffered). The transposed problem
+//               (Sᵀ = K Qᵀ) keeps the forward's warp layout: Pᵀ feeds dV += Pᵀ·dO and, with
+//               dPᵀ = V·dOᵀ over the chunk, dSᵀ feeds dK += dSᵀ·Q. The dV strip (16 × chunk
+//               floats per warp, in registers) bounds the chunk: 128 columns for 16-bit
+//               dtypes, so Dv ≤ 128 is one chunk and dK is written directly.
+//   dk_reduce_kernel  only when V is split: each chunk's block wrote a partial dK from
+//               Pᵀ∘(dPᵀ_c − [c = 0]·Δ) into the workspace; this sums the chunks in order.
+// Why not one kernel: dQ sums over keys and dK, dV over queries; without atomics each needs
+// its own owner of the rows, and dP is recomputed once on each side (FlashAttention-2).
+// dq_kernel runs first on the stream: the key side reads its Δ.
 #include "masked_attention/common.cuh"
 
 namespace dsa_ops {
 namespace masked_attention {
 namespace {
 
-template <typename T, int D>
-struct BackwardSmem {
-  static constexpr int kQkPitch = padded_pitch<T>(D);
-  static constexpr int kVPitch = padded_pitch<T>(kVChunk);
-  static constexpr int kSPitch = padded_pitch<T>(kBlockCols);
-  // Row tile (the block's own rows) and column tile (the streamed rows), Dqk wide.
-  static constexpr int kRowQk = 0;
-  static constexpr int kColQk = kRowQk + kBlockRows * kQkPitch;
-  // The same two tiles, one V chunk wide (dO / V in either role).
-  static constexpr int kRowV = kColQk + kBlockCols * kQkPitch;
-  static constexpr int kColV = kRowV + kBlockRows * kVPitch;
-  // P or dS strip of every warp, the A operand of the last product.
-  static constexpr int kS = kColV + kBlockCols * kVPitch;
-  static constexpr int kElements = kS + kBlockRows * kSPitch;
-  // Per-column log-sum-exp and Δ of the streamed query tile (key side).
-  static constexpr int kBytes =
-      kElements * static_cast<int>(sizeof(T)) + 2 * kBlockCols * static_cast<int>(sizeof(float));
-};
+// Columns of V (and dO) per chunk: the dV accumulator of a key-side warp is 16 × chunk
+// floats in registers, and 128 keeps the 16-bit kernels free of spills; float32 (no tensor
+// cores, so speed is not the point) uses 64 to stay inside sm_80's shared memory.
+template <typename T>
+constexpr int max_v_chunk() {
+  return DTypeTraits<T>::kTensorCores ? 128 : 64;
+}
+
+// The V chunk width: 64 when Dv fits in it (no wasted columns), else the dtype's maximum.
+template <typename T>
+__host__ __device__ constexpr int v_chunk_width(int v_dim) {
+  return v_dim <= 64 ? 64 : max_v_chunk<T>();
+}
+
+template <typename T>
+__host__ __device__ constexpr int v_chunks_of(int v_dim) {
+  return (v_dim + v_chunk_width<T>(v_dim) - 1) / v_chunk_width<T>(v_dim);
+}
+
+template <typename T, typename F>
+void dispatch_v_chunk(int v_dim, F&& f) {
+  if (v_chunk_width<T>(v_dim) == 64) {
+    f(std::integral_constant<int, 64>{});
+  } else {
+    f(std::integral_constant<int, max_v_chunk<T>()>{});
+  }
+}
 
 __device__ inline const BackwardBranch& select_branch(const BackwardLaunch& launch, int id) {
   return id == 0 ? launch.branch[0] : launch.branch[1];
 }
 
-// ----------------------------------------------------------------------------- Δ
-template <typename T>
-__global__ void __launch_bounds__(kThreads) delta_kernel(const __grid_constant__ BackwardLaunch launch) {
-  using Traits = DTypeTraits<T>;
-  const BackwardBranch& branch = select_branch(launch, blockIdx.z);
-  const int sample = blockIdx.y;
-  const SampleRowSet queries(branch.queries, sample, launch.length);
-  const int slot = blockIdx.x * kWarps + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (slot >= queries.size) return;
-  const int position = queries.position(slot);
-  const T* grad_out = typed<const T>(branch.grad_out).row(sample, position);
-  const T* out = typed<const T>(branch.out).row(sample, position);
-  float sum = 0.f;
-  for (int c = lane; c < launch.v_dim; c += 32) {
-    sum = fmaf(Traits::to_float(grad_out[c]), Traits::to_float(out[c]), sum);
-  }
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) sum += device::shfl_xor(sum, offset);
-  if (lane == 0) branch.delta[static_cast<int64_t>(sample) * launch.length + slot] = sum;
+// Workspace layout (backward_workspace_floats): Δ (B, L) by query slot, then, when V is
+// split, the partial dK (chunks, B, L, Dqk) by key slot.
+__device__ inline float* delta_of(const BackwardBranch& branch) { return branch.workspace; }
+
+__device__ inline float* partial_grad_k_of(const BackwardBranch& branch, int batch, int length) {
+  return branch.workspace + static_cast<int64_t>(batch) * length;
 }
 
 // ----------------------------------------------------------------------------- dQ
-template <typename T, int D>
+// float32 keeps dO resident only up to this width (64 × 128 floats); wider dO is streamed
+// chunk by chunk next to V, so the block stays inside sm_80's 163 KiB.
+constexpr int kFloat32ResidentWidth = 128;
+
+template <typename T, int D, int VC>
+struct DqSmem {
+  static constexpr int kQkPitch = padded_pitch<T>(D);
+  static constexpr int kChunkPitch = padded_pitch<T>(VC);
+  static constexpr int kQkTile = kBlockRows * kQkPitch;
+  static constexpr int kChunkTile = kBlockCols * kChunkPitch;
+  static constexpr int kStrip = acc_a_scratch_elements<T, kBlockCols / 8>();  // per warp
+  int chunks;
+  bool resident;        // dO held whole (else one chunk per stage, double-buffered)
+  int grad_out_pitch;   // of the dO buffer: whole width or one chunk
+  // Element offsets: Q, K ×2, V chunk ×2, dO (resident or ×2), float32's dS strips.
+  int q, k, v, grad_out, strip, elements, bytes;
+
+  __host__ __device__ explicit DqSmem(int v_dim) {
+    chunks = (v_dim + VC - 1) / VC;
+    resident = sizeof(T) == 2 || chunks * VC <= kFloat32ResidentWidth;
+    grad_out_pitch = resident ? padded_pitch<T>(chunks * VC) : kChunkPitch;
+    q = 0;
+    k = q + kQkTile;
+    v = k + 2 * kQkTile;
+    grad_out = v + 2 * kChunkTile;
+    strip = grad_out + (resident ? kBlockRows * grad_out_pitch : 2 * kChunkTile);
+    elements = strip + kWarps * kStrip;
+    bytes = elements * static_cast<int>(sizeof(T));
+  }
+};
+
+template <typename T, int D, int VC>
 __global__ void __launch_bounds__(kThreads) dq_kernel(const __grid_constant__ BackwardLaunch launch) {
-  using Smem = BackwardSmem<T, D>;
+  using Traits = DTypeTraits<T>;
+  using Layout = DqSmem<T, D, VC>;
   constexpr int kScoreTiles = kBlockCols / 8;
   constexpr int kGradTiles = D / 8;
+  const Layout layout(launch.v_dim);
   DSA_DYNAMIC_SHARED_MEMORY(smem_raw);
   T* const smem = reinterpret_cast<T*>(smem_raw);
-  T* const q_s = smem + Smem::kRowQk;
-  T* const k_s = smem + Smem::kColQk;
-  T* const do_s = smem + Smem::kRowV;
-  T* const v_s = smem + Smem::kColV;
-  T* const ds_s = smem + Smem::kS;
+  T* const q_s = smem + layout.q;
 
   const BackwardBranch& branch = select_branch(launch, blockIdx.z);
   const int sample = blockIdx.y;
   const int length = launch.length;
+  const int v_dim = launch.v_dim;
   const int slot0 = blockIdx.x * kBlockRows;
   const SampleRowSet queries(branch.queries, sample, length);
   const SampleRowSet keys(branch.keys, sample, length);
@@ -93,274 +129,381 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const __grid_constant__ Ba
   }
   if (slot0 >= queries.size) return;
   const int query_rows = min(kBlockRows, queries.size - slot0);
-  load_tile<T, kBlockRows, D>(q_s, Smem::kQkPitch, typed<const T>(branch.q), queries, sample,
-                              slot0, query_rows, 0, launch.qk_dim);
+  const Rows<const T> q = typed<const T>(branch.q), k = typed<const T>(branch.k),
+                      v = typed<const T>(branch.v), out = typed<const T>(branch.out),
+                      grad_out = typed<const T>(branch.grad_out);
+
+  // Where chunk c of dO lives: in the resident tile, or in stage buffer `buffer`.
+  auto grad_out_chunk = [&](int c, int buffer) -> T* {
+    return layout.resident ? smem + layout.grad_out + c * VC
+                           : smem + layout.grad_out + buffer * Layout::kChunkTile;
+  };
+  auto load_grad_out_chunk = [&](int c, int buffer) {
+    load_tile_async<T, kBlockRows, VC>(grad_out_chunk(c, buffer), layout.grad_out_pitch, grad_out,
+                                  queries, sample, slot0, query_rows, c * VC, v_dim);
+  };
+
+  // Δ of the block's rows, a chunk of O and dO at a time (O through the V buffers, the
+  // next chunk loading while this one is summed); two threads per row, each over half the
+  // chunk, so warp w sums its own 16 rows (lanes 2r, 2r + 1 hold row r of the strip). A
+  // resident dO is loaded here, once.
+  load_tile_async<T, kBlockRows, D>(q_s, Layout::kQkPitch, q, queries, sample, slot0,
+                                    query_rows, 0, launch.qk_dim);
+  auto issue_delta_chunk = [&](int c) {
+    load_tile_async<T, kBlockRows, VC>(smem + layout.v + (c % 2) * Layout::kChunkTile,
+                                       Layout::kChunkPitch, out, queries, sample, slot0,
+                                       query_rows, c * VC, v_dim);
+    load_grad_out_chunk(c, c % 2);
+    device::cp_async_commit();
+  };
+  float delta_part = 0.f;  // becomes the full Δ of row threadIdx.x / 2
+  {
+    const int row = threadIdx.x / 2;
+    const int half = threadIdx.x % 2;
+    issue_delta_chunk(0);
+    for (int c = 0; c < layout.chunks; ++c) {
+      if (c + 1 < layout.chunks) {
+        issue_delta_chunk(c + 1);
+        device::cp_async_wait<1>();
+      } else {
+        device::cp_async_wait<0>();
+      }
+      device::block_barrier();
+      const T* const o_row = smem + layout.v + (c % 2) * Layout::kChunkTile +
+                             row * Layout::kChunkPitch;
+      const T* const do_row = grad_out_chunk(c, c % 2) + row * layout.grad_out_pitch;
+      for (int col = half * (VC / 2); col < (half + 1) * (VC / 2); ++col) {
+        delta_part = fmaf(Traits::to_float(do_row[col]), Traits::to_float(o_row[col]), delta_part);
+      }
+      device::block_barrier();  // before chunk c + 2 (or a K/V stage) reuses these buffers
+    }
+    delta_part += device::shfl_xor(delta_part, 1);
+    if (half == 0 && slot0 + row < queries.size) {
+      delta_of(branch)[static_cast<int64_t>(sample) * length + slot0 + row] = delta_part;
+    }
+  }
+
+  // Stages: (key tile, V chunk) pairs; a key tile's first stage also brings its K.
+  const int key_tiles = (keys.size + kBlockCols - 1) / kBlockCols;
+  const int stages = key_tiles * layout.chunks;
+  auto issue_stage = [&](int stage) {
+    const int key_tile = stage / layout.chunks;
+    const int c = stage % layout.chunks;
+    const int buffer = stage % 2;
+    const int key0 = key_tile * kBlockCols;
+    const int key_cols = min(kBlockCols, keys.size - key0);
+    if (c == 0) {
+      load_tile_async<T, kBlockCols, D>(smem + layout.k + (key_tile % 2) * Layout::kQkTile,
+                                   Layout::kQkPitch, k, keys, sample, key0, key_cols, 0,
+                                   launch.qk_dim);
+    }
+    load_tile_async<T, kBlockCols, VC>(smem + layout.v + buffer * Layout::kChunkTile,
+                                  Layout::kChunkPitch, v, keys, sample, key0, key_cols, c * VC,
+                                  v_dim);
+    if (!layout.resident) load_grad_out_chunk(c, buffer);
+    device::cp_async_commit();
+  };
+  if (stages > 0) issue_stage(0);
 
   const int warp = threadIdx.x / 32;
   const LaneCoords lane;
-  const int warp_slot0 = slot0 + warp * kWarpRows;
+  const int warp_row0 = warp * kWarpRows;
   // Rows outside the set get lse = +inf, hence P = 0 and no contribution.
-  float row_lse[2], delta[2];
+  float row_lse[2], row_delta[2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    const int slot = warp_slot0 + lane.g + 8 * i;
+    const int slot = slot0 + warp_row0 + lane.g + 8 * i;
     const bool inside = slot < queries.size;
     row_lse[i] = inside ? branch.lse[static_cast<int64_t>(sample) * length + queries.position(slot)]
                         : INFINITY;
-    delta[i] = inside ? branch.delta[static_cast<int64_t>(sample) * length + slot] : 0.f;
+    row_delta[i] = device::shfl_idx(delta_part, 2 * (lane.g + 8 * i));
   }
-  const T* const q_warp = q_s + warp * kWarpRows * Smem::kQkPitch;
-  const T* const do_warp = do_s + warp * kWarpRows * Smem::kVPitch;
-  T* const ds_warp = ds_s + warp * kWarpRows * Smem::kSPitch;
-  const Rows<const T> k = typed<const T>(branch.k), v = typed<const T>(branch.v),
-                      grad_out = typed<const T>(branch.grad_out);
+  const T* const q_warp = q_s + warp_row0 * Layout::kQkPitch;
+  T* const strip = smem + layout.strip + warp * Layout::kStrip;
 
   float acc[kGradTiles][4];
   zero_fill(acc);
-  for (int key0 = 0; key0 < keys.size; key0 += kBlockCols) {
-    const int key_cols = min(kBlockCols, keys.size - key0);
+  float p[kScoreTiles][4], dp[kScoreTiles][4];
+  for (int stage = 0; stage < stages; ++stage) {
+    const int key_tile = stage / layout.chunks;
+    const int c = stage % layout.chunks;
+    const int buffer = stage % 2;
+    device::block_barrier();  // every warp is done with the buffers of stage - 1
+    if (stage + 1 < stages) {
+      issue_stage(stage + 1);
+      device::cp_async_wait<1>();
+    } else {
+      device::cp_async_wait<0>();
+    }
     device::block_barrier();
-    load_tile<T, kBlockCols, D>(k_s, Smem::kQkPitch, k, keys, sample, key0, key_cols, 0,
-                                launch.qk_dim);
-    device::block_barrier();
-    float p[kScoreTiles][4];
-    zero_fill(p);
-    warp_gemm<T, D, kScoreTiles, BLayout::kNK>(p, q_warp, Smem::kQkPitch, k_s, Smem::kQkPitch);
+    const T* const k_s = smem + layout.k + (key_tile % 2) * Layout::kQkTile;
+    if (c == 0) {
+      const int key_cols = min(kBlockCols, keys.size - key_tile * kBlockCols);
+      zero_fill(p);
+      warp_gemm<T, D, kScoreTiles, BLayout::kNK>(p, q_warp, Layout::kQkPitch, k_s,
+                                                 Layout::kQkPitch);
 #pragma unroll
-    for (int j = 0; j < kScoreTiles; ++j) {
+      for (int j = 0; j < kScoreTiles; ++j) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        p[j][e] = lane.col(j, e) < key_cols
-                      ? exp_difference(p[j][e] * launch.scale - row_lse[e / 2]) : 0.f;
+        for (int e = 0; e < 4; ++e) {
+          p[j][e] = lane.col(j, e) < key_cols
+                        ? exp_difference(p[j][e] * launch.scale - row_lse[e / 2]) : 0.f;
+        }
       }
+      zero_fill(dp);
     }
-    float dp[kScoreTiles][4];
-    zero_fill(dp);
-    for (int col0 = 0; col0 < launch.v_dim; col0 += kVChunk) {
-      device::block_barrier();
-      load_tile<T, kBlockRows, kVChunk>(do_s, Smem::kVPitch, grad_out, queries, sample, slot0,
-                                        query_rows, col0, launch.v_dim);
-      load_tile<T, kBlockCols, kVChunk>(v_s, Smem::kVPitch, v, keys, sample, key0, key_cols, col0,
-                                        launch.v_dim);
-      device::block_barrier();
-      warp_gemm<T, kVChunk, kScoreTiles, BLayout::kNK>(dp, do_warp, Smem::kVPitch, v_s,
-                                                       Smem::kVPitch);
-    }
+    warp_gemm<T, VC, kScoreTiles, BLayout::kNK>(
+        dp, grad_out_chunk(c, buffer) + warp_row0 * layout.grad_out_pitch, layout.grad_out_pitch,
+        smem + layout.v + buffer * Layout::kChunkTile, Layout::kChunkPitch);
+    if (c == layout.chunks - 1) {
 #pragma unroll
-    for (int j = 0; j < kScoreTiles; ++j) {
+      for (int j = 0; j < kScoreTiles; ++j) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) p[j][e] *= dp[j][e] - delta[e / 2];  // now dS / scale
+        for (int e = 0; e < 4; ++e) dp[j][e] = p[j][e] * (dp[j][e] - row_delta[e / 2]);  // dS / scale
+      }
+      warp_gemm_acc_a<T, kScoreTiles, kGradTiles, BLayout::kKN>(acc, dp, k_s, Layout::kQkPitch,
+                                                                strip);
     }
-    store_strip<T>(ds_warp, Smem::kSPitch, p);
-    device::warp_barrier();
-    warp_gemm<T, kBlockCols, kGradTiles, BLayout::kKN>(acc, ds_warp, Smem::kSPitch, k_s,
-                                                       Smem::kQkPitch);
   }
-  store_rows<T>(grad_q, queries, sample, warp_slot0, 0, launch.qk_dim, acc, launch.scale);
+  store_rows<T>(grad_q, queries, sample, slot0 + warp_row0, 0, launch.qk_dim, acc, launch.scale);
 }
 
 // ----------------------------------------------------------------------------- key side
-// Loads the streamed query tile's log-sum-exps (+inf outside the set, so that
-// Pᵀ is 0 there) and Δ into shared memory.
-__device__ inline void load_query_stats(float* lse_s, float* delta_s, const BackwardBranch& branch,
-                                        const SampleRowSet& queries, int sample, int length,
-                                        int slot0) {
-  for (int c = threadIdx.x; c < kBlockCols; c += kThreads) {
-    const int slot = slot0 + c;
-    const bool inside = slot < queries.size;
-    const int64_t base = static_cast<int64_t>(sample) * length;
-    lse_s[c] = inside ? branch.lse[base + queries.position(slot)] : INFINITY;
-    delta_s[c] = inside ? branch.delta[base + slot] : 0.f;
-  }
+// Queries per streamed tile on the key side. A warp holds Pᵀ and dPᵀ (16 × queries each)
+// next to its dV (16 × VC) and dK (16 × D) accumulators: with VC = 128, 32 queries keep that
+// to about 128 floats (64 queries spill on sm_90).
+template <int VC>
+constexpr int key_side_query_cols() {
+  return VC > 64 ? 32 : 64;
 }
 
-// Pᵀ for the warp's 16 keys × the 64 streamed queries: exp(scale·K Qᵀ − lse).
-template <typename T, int D, int NT>
-__device__ inline void transposed_probs(float (&p)[NT][4], const T* k_warp, const T* q_s,
-                                        const float* lse_s, float scale) {
-  using Smem = BackwardSmem<T, D>;
-  const LaneCoords lane;
-  zero_fill(p);
-  warp_gemm<T, D, NT, BLayout::kNK>(p, k_warp, Smem::kQkPitch, q_s, Smem::kQkPitch);
-#pragma unroll
-  for (int j = 0; j < NT; ++j) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) p[j][e] = exp_difference(p[j][e] * scale - lse_s[lane.col(j, e)]);
-  }
-}
+template <typename T, int D, int VC>
+struct KeySmem {
+  static constexpr int kQueryCols = key_side_query_cols<VC>();
+  static constexpr int kQkPitch = padded_pitch<T>(D);
+  static constexpr int kChunkPitch = padded_pitch<T>(VC);
+  static constexpr int kQkTile = kBlockRows * kQkPitch;
+  static constexpr int kKeyChunkTile = kBlockRows * kChunkPitch;
+  static constexpr int kQueryQkTile = kQueryCols * kQkPitch;
+  static constexpr int kQueryChunkTile = kQueryCols * kChunkPitch;
+  static constexpr int kStrip = acc_a_scratch_elements<T, kQueryCols / 8>();  // per warp
+  // Resident K and V chunk; streamed Q and dO chunk ×2; float32's Pᵀ / dSᵀ strips.
+  static constexpr int kK = 0;
+  static constexpr int kV = kK + kQkTile;
+  static constexpr int kQ = kV + kKeyChunkTile;
+  static constexpr int kGradOut = kQ + 2 * kQueryQkTile;
+  static constexpr int kStripArea = kGradOut + 2 * kQueryChunkTile;
+  static constexpr int kElements = kStripArea + kWarps * kStrip;
+  // Then lse and Δ of the streamed query tile, ×2.
+  static constexpr int kBytes =
+      kElements * static_cast<int>(sizeof(T)) + 4 * kQueryCols * static_cast<int>(sizeof(float));
+};
 
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) dk_kernel(const __grid_constant__ BackwardLaunch launch) {
-  using Smem = BackwardSmem<T, D>;
-  constexpr int kScoreTiles = kBlockCols / 8;
-  constexpr int kGradTiles = D / 8;
+// Minimum one block per SM: without it ptxas aims at three (≤ 170 registers) and spills.
+template <typename T, int D, int VC>
+__global__ void __launch_bounds__(kThreads, 1) key_kernel(const __grid_constant__ BackwardLaunch launch) {
+  using Layout = KeySmem<T, D, VC>;
+  constexpr int kQueryCols = Layout::kQueryCols;
+  constexpr int kScoreTiles = kQueryCols / 8;
+  constexpr int kGradKTiles = D / 8;
+  constexpr int kGradVTiles = VC / 8;
   DSA_DYNAMIC_SHARED_MEMORY(smem_raw);
   T* const smem = reinterpret_cast<T*>(smem_raw);
-  T* const k_s = smem + Smem::kRowQk;
-  T* const q_s = smem + Smem::kColQk;
-  T* const v_s = smem + Smem::kRowV;
-  T* const do_s = smem + Smem::kColV;
-  T* const ds_s = smem + Smem::kS;
-  float* const lse_s = reinterpret_cast<float*>(smem_raw + Smem::kElements * sizeof(T));
-  float* const delta_s = lse_s + kBlockCols;
+  T* const k_s = smem + Layout::kK;
+  T* const v_s = smem + Layout::kV;
+  float* const stats = reinterpret_cast<float*>(smem_raw + Layout::kElements * sizeof(T));
 
-  const BackwardBranch& branch = select_branch(launch, blockIdx.z);
+  const int chunks = (launch.v_dim + VC - 1) / VC;
+  const BackwardBranch& branch = select_branch(launch, blockIdx.z / chunks);
+  const int chunk = blockIdx.z % chunks;
+  const int col0 = chunk * VC;
   const int sample = blockIdx.y;
   const int length = launch.length;
   const int slot0 = blockIdx.x * kBlockRows;
   const SampleRowSet queries(branch.queries, sample, length);
   const SampleRowSet keys(branch.keys, sample, length);
-  const Rows<T> grad_k = typed<T>(branch.grad_k);
+  const Rows<T> grad_k = typed<T>(branch.grad_k), grad_v = typed<T>(branch.grad_v);
 
+  // Zero rows off the key set: dV for this chunk's columns; dK here unless V is split (then
+  // the reduction writes them).
   const int tile_end = min(slot0 + kBlockRows, length);
   const int outside_begin = max(slot0, keys.size);
   if (outside_begin < tile_end) {
-    zero_rows<T, D>(grad_k, keys, sample, outside_begin, tile_end, 0, launch.qk_dim);
+    zero_rows<T, VC>(grad_v, keys, sample, outside_begin, tile_end, col0, launch.v_dim);
+    if (chunks == 1) {
+      zero_rows<T, D>(grad_k, keys, sample, outside_begin, tile_end, 0, launch.qk_dim);
+    }
   }
   if (slot0 >= keys.size) return;
   const int key_rows = min(kBlockRows, keys.size - slot0);
-  load_tile<T, kBlockRows, D>(k_s, Smem::kQkPitch, typed<const T>(branch.k), keys, sample, slot0,
-                              key_rows, 0, launch.qk_dim);
+  const Rows<const T> q = typed<const T>(branch.q), grad_out = typed<const T>(branch.grad_out);
+  const float* const lse = branch.lse + static_cast<int64_t>(sample) * length;
+  const float* const delta = delta_of(branch) + static_cast<int64_t>(sample) * length;
+
+  load_tile_async<T, kBlockRows, D>(k_s, Layout::kQkPitch, typed<const T>(branch.k), keys, sample,
+                               slot0, key_rows, 0, launch.qk_dim);
+  load_tile_async<T, kBlockRows, VC>(v_s, Layout::kChunkPitch, typed<const T>(branch.v), keys, sample,
+                                slot0, key_rows, col0, launch.v_dim);
+  device::cp_async_commit();
+
+  // A query tile's Q, dO chunk, lse (+inf outside the set, so Pᵀ is 0 there) and Δ (only
+  // in chunk 0's partial dK, so the chunks sum to P∘(dP − Δ)).
+  auto issue_query_tile = [&](int tile) {
+    const int buffer = tile % 2;
+    const int query0 = tile * kQueryCols;
+    const int query_cols = min(kQueryCols, queries.size - query0);
+    load_tile_async<T, kQueryCols, D>(smem + Layout::kQ + buffer * Layout::kQueryQkTile, Layout::kQkPitch,
+                                 q, queries, sample, query0, query_cols, 0, launch.qk_dim);
+    load_tile_async<T, kQueryCols, VC>(smem + Layout::kGradOut + buffer * Layout::kQueryChunkTile,
+                                  Layout::kChunkPitch, grad_out, queries, sample, query0,
+                                  query_cols, col0, launch.v_dim);
+    float* const lse_s = stats + buffer * 2 * kQueryCols;
+    for (int c = threadIdx.x; c < kQueryCols; c += kThreads) {
+      const bool inside = c < query_cols;
+      lse_s[c] = inside ? lse[queries.position(query0 + c)] : INFINITY;
+      lse_s[kQueryCols + c] = inside && chunk == 0 ? delta[query0 + c] : 0.f;
+    }
+    device::cp_async_commit();
+  };
+  const int query_tiles = (queries.size + kQueryCols - 1) / kQueryCols;
+  if (query_tiles > 0) issue_query_tile(0);
 
   const int warp = threadIdx.x / 32;
   const LaneCoords lane;
-  const T* const k_warp = k_s + warp * kWarpRows * Smem::kQkPitch;
-  const T* const v_warp = v_s + warp * kWarpRows * Smem::kVPitch;
-  T* const ds_warp = ds_s + warp * kWarpRows * Smem::kSPitch;
-  const Rows<const T> q = typed<const T>(branch.q), v = typed<const T>(branch.v),
-                      grad_out = typed<const T>(branch.grad_out);
+  const int warp_row0 = warp * kWarpRows;
+  const T* const k_warp = k_s + warp_row0 * Layout::kQkPitch;
+  const T* const v_warp = v_s + warp_row0 * Layout::kChunkPitch;
+  T* const strip = smem + Layout::kStripArea + warp * Layout::kStrip;
 
-  float acc[kGradTiles][4];
-  zero_fill(acc);
-  for (int query0 = 0; query0 < queries.size; query0 += kBlockCols) {
-    const int query_cols = min(kBlockCols, queries.size - query0);
+  float grad_k_acc[kGradKTiles][4], grad_v_acc[kGradVTiles][4];
+  zero_fill(grad_k_acc);
+  zero_fill(grad_v_acc);
+  for (int tile = 0; tile < query_tiles; ++tile) {
+    const int buffer = tile % 2;
+    device::block_barrier();  // every warp is done with the buffers of tile - 1
+    if (tile + 1 < query_tiles) {
+      issue_query_tile(tile + 1);
+      device::cp_async_wait<1>();
+    } else {
+      device::cp_async_wait<0>();
+    }
     device::block_barrier();
-    load_tile<T, kBlockCols, D>(q_s, Smem::kQkPitch, q, queries, sample, query0, query_cols, 0,
-                                launch.qk_dim);
-    load_query_stats(lse_s, delta_s, branch, queries, sample, length, query0);
-    device::block_barrier();
+    const T* const q_s = smem + Layout::kQ + buffer * Layout::kQueryQkTile;
+    const T* const grad_out_s = smem + Layout::kGradOut + buffer * Layout::kQueryChunkTile;
+    const float* const lse_s = stats + buffer * 2 * kQueryCols;
+    const float* const delta_s = lse_s + kQueryCols;
+
+    // Pᵀ for the warp's 16 keys × the 64 streamed queries.
     float p[kScoreTiles][4];
-    transposed_probs<T, D>(p, k_warp, q_s, lse_s, launch.scale);
+    zero_fill(p);
+    warp_gemm<T, D, kScoreTiles, BLayout::kNK>(p, k_warp, Layout::kQkPitch, q_s, Layout::kQkPitch);
+#pragma unroll
+    for (int j = 0; j < kScoreTiles; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        p[j][e] = exp_difference(p[j][e] * launch.scale - lse_s[lane.col(j, e)]);
+      }
+    }
+    warp_gemm_acc_a<T, kScoreTiles, kGradVTiles, BLayout::kKN>(grad_v_acc, p, grad_out_s,
+                                                               Layout::kChunkPitch, strip);
     float dp[kScoreTiles][4];
     zero_fill(dp);
-    for (int col0 = 0; col0 < launch.v_dim; col0 += kVChunk) {
-      device::block_barrier();
-      load_tile<T, kBlockRows, kVChunk>(v_s, Smem::kVPitch, v, keys, sample, slot0, key_rows, col0,
-                                        launch.v_dim);
-      load_tile<T, kBlockCols, kVChunk>(do_s, Smem::kVPitch, grad_out, queries, sample, query0,
-                                        query_cols, col0, launch.v_dim);
-      device::block_barrier();
-      warp_gemm<T, kVChunk, kScoreTiles, BLayout::kNK>(dp, v_warp, Smem::kVPitch, do_s,
-                                                       Smem::kVPitch);
-    }
+    warp_gemm<T, VC, kScoreTiles, BLayout::kNK>(dp, v_warp, Layout::kChunkPitch, grad_out_s,
+                                                Layout::kChunkPitch);
 #pragma unroll
     for (int j = 0; j < kScoreTiles; ++j) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) p[j][e] *= dp[j][e] - delta_s[lane.col(j, e)];  // dSᵀ / scale
     }
-    store_strip<T>(ds_warp, Smem::kSPitch, p);
-    device::warp_barrier();
-    warp_gemm<T, kBlockCols, kGradTiles, BLayout::kKN>(acc, ds_warp, Smem::kSPitch, q_s,
-                                                       Smem::kQkPitch);
+    warp_gemm_acc_a<T, kScoreTiles, kGradKTiles, BLayout::kKN>(grad_k_acc, p, q_s,
+                                                               Layout::kQkPitch, strip);
   }
-  store_rows<T>(grad_k, keys, sample, slot0 + warp * kWarpRows, 0, launch.qk_dim, acc,
-                launch.scale);
+  device::cp_async_wait<0>();  // no query tiles: the K / V group is still open
+
+  const int warp_slot0 = slot0 + warp_row0;
+  store_rows<T>(grad_v, keys, sample, warp_slot0, col0, launch.v_dim, grad_v_acc, 1.f);
+  if (chunks == 1) {
+    store_rows<T>(grad_k, keys, sample, warp_slot0, 0, launch.qk_dim, grad_k_acc, launch.scale);
+    return;
+  }
+  // Partial dK (unscaled) by key slot; the reduction reads only slots inside the set.
+  const int qk_dim = launch.qk_dim;
+  float* const partial = partial_grad_k_of(branch, launch.batch, length) +
+                         ((static_cast<int64_t>(chunk) * launch.batch + sample) * length) * qk_dim;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int slot = warp_slot0 + lane.g + 8 * i;
+    if (slot >= keys.size) continue;
+#pragma unroll
+    for (int j = 0; j < kGradKTiles; ++j) {
+#pragma unroll
+      for (int e = 2 * i; e < 2 * i + 2; ++e) {
+        const int col = lane.col(j, e);
+        if (col < qk_dim) partial[static_cast<int64_t>(slot) * qk_dim + col] = grad_k_acc[j][e];
+      }
+    }
+  }
 }
 
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) dv_kernel(const __grid_constant__ BackwardLaunch launch) {
-  using Smem = BackwardSmem<T, D>;
-  constexpr int kScoreTiles = kBlockCols / 8;
-  constexpr int kGradTiles = kVChunk / 8;
-  DSA_DYNAMIC_SHARED_MEMORY(smem_raw);
-  T* const smem = reinterpret_cast<T*>(smem_raw);
-  T* const k_s = smem + Smem::kRowQk;
-  T* const q_s = smem + Smem::kColQk;
-  T* const do_s = smem + Smem::kColV;
-  T* const p_s = smem + Smem::kS;
-  float* const lse_s = reinterpret_cast<float*>(smem_raw + Smem::kElements * sizeof(T));
-  float* const delta_s = lse_s + kBlockCols;
-
-  const int v_chunks = (launch.v_dim + kVChunk - 1) / kVChunk;
-  const BackwardBranch& branch = select_branch(launch, blockIdx.z / v_chunks);
-  const int col0 = (blockIdx.z % v_chunks) * kVChunk;
+// dK = scale · Σ_chunks partial, summed in chunk order; zeros off the key set.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) dk_reduce_kernel(const __grid_constant__ BackwardLaunch launch) {
+  const int chunks = v_chunks_of<T>(launch.v_dim);
+  const BackwardBranch& branch = select_branch(launch, blockIdx.z);
   const int sample = blockIdx.y;
   const int length = launch.length;
+  const int qk_dim = launch.qk_dim;
   const int slot0 = blockIdx.x * kBlockRows;
-  const SampleRowSet queries(branch.queries, sample, length);
   const SampleRowSet keys(branch.keys, sample, length);
-  const Rows<T> grad_v = typed<T>(branch.grad_v);
-
-  const int tile_end = min(slot0 + kBlockRows, length);
-  const int outside_begin = max(slot0, keys.size);
-  if (outside_begin < tile_end) {
-    zero_rows<T, kVChunk>(grad_v, keys, sample, outside_begin, tile_end, col0, launch.v_dim);
+  const Rows<T> grad_k = typed<T>(branch.grad_k);
+  const float* const partial = partial_grad_k_of(branch, launch.batch, length);
+  const int64_t chunk_stride = static_cast<int64_t>(launch.batch) * length * qk_dim;
+  const int rows = min(kBlockRows, length - slot0);
+  for (int i = threadIdx.x; i < rows * qk_dim; i += kThreads) {
+    const int slot = slot0 + i / qk_dim;
+    const int col = i % qk_dim;
+    float sum = 0.f;
+    if (slot < keys.size) {
+      const float* element = partial + (static_cast<int64_t>(sample) * length + slot) * qk_dim + col;
+      for (int c = 0; c < chunks; ++c) sum += element[c * chunk_stride];
+    }
+    grad_k.row(sample, keys.position(slot))[col] = DTypeTraits<T>::from_float(sum * launch.scale);
   }
-  if (slot0 >= keys.size) return;
-  const int key_rows = min(kBlockRows, keys.size - slot0);
-  load_tile<T, kBlockRows, D>(k_s, Smem::kQkPitch, typed<const T>(branch.k), keys, sample, slot0,
-                              key_rows, 0, launch.qk_dim);
-
-  const int warp = threadIdx.x / 32;
-  const T* const k_warp = k_s + warp * kWarpRows * Smem::kQkPitch;
-  T* const p_warp = p_s + warp * kWarpRows * Smem::kSPitch;
-  const Rows<const T> q = typed<const T>(branch.q), grad_out = typed<const T>(branch.grad_out);
-
-  float acc[kGradTiles][4];
-  zero_fill(acc);
-  for (int query0 = 0; query0 < queries.size; query0 += kBlockCols) {
-    const int query_cols = min(kBlockCols, queries.size - query0);
-    device::block_barrier();
-    load_tile<T, kBlockCols, D>(q_s, Smem::kQkPitch, q, queries, sample, query0, query_cols, 0,
-                                launch.qk_dim);
-    load_tile<T, kBlockCols, kVChunk>(do_s, Smem::kVPitch, grad_out, queries, sample, query0,
-                                      query_cols, col0, launch.v_dim);
-    load_query_stats(lse_s, delta_s, branch, queries, sample, length, query0);
-    device::block_barrier();
-    float p[kScoreTiles][4];
-    transposed_probs<T, D>(p, k_warp, q_s, lse_s, launch.scale);
-    store_strip<T>(p_warp, Smem::kSPitch, p);
-    device::warp_barrier();
-    warp_gemm<T, kBlockCols, kGradTiles, BLayout::kKN>(acc, p_warp, Smem::kSPitch, do_s,
-                                                       Smem::kVPitch);
-  }
-  store_rows<T>(grad_v, keys, sample, slot0 + warp * kWarpRows, col0, launch.v_dim, acc, 1.f);
-}
-
-template <typename Kernel>
-cudaError_t launch_plain(Kernel kernel, dim3 grid, cudaStream_t stream,
-                         const BackwardLaunch& launch) {
-  return device::launch(kernel, grid, kThreads, 0, stream, launch);
 }
 
 }  // namespace
 
+int64_t backward_workspace_floats(ScalarKind dtype, int batch, int length, int qk_dim, int v_dim) {
+  int chunks = 1;
+  dispatch_dtype(dtype, [&](auto tag) { chunks = v_chunks_of<typename decltype(tag)::type>(v_dim); });
+  const int64_t rows = static_cast<int64_t>(batch) * length;
+  return rows + (chunks > 1 ? chunks * rows * qk_dim : 0);
+}
+
 cudaError_t launch_backward(const BackwardLaunch& launch, cudaStream_t stream) {
   if (launch.batch == 0 || launch.length == 0) return cudaSuccess;
   const unsigned tiles = (launch.length + kBlockRows - 1) / kBlockRows;
-  const unsigned v_chunks = (launch.v_dim + kVChunk - 1) / kVChunk;
   const unsigned branches = launch.branches;
   const unsigned batch = launch.batch;
   cudaError_t status = cudaSuccess;
   dispatch_dtype(launch.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    // Δ first: dq_kernel and dk_kernel read it (same stream, so ordered).
-    status = launch_plain(delta_kernel<T>,
-                          dim3((launch.length + kWarps - 1) / kWarps, batch, branches), stream,
-                          launch);
-    if (status != cudaSuccess) return;
+    const unsigned chunks = v_chunks_of<T>(launch.v_dim);
     dispatch_qk_dim(launch.qk_dim, [&](auto dim) {
       constexpr int D = decltype(dim)::value;
-      constexpr int bytes = BackwardSmem<T, D>::kBytes;
-      status = launch_with_smem(dq_kernel<T, D>, dim3(tiles, batch, branches), bytes, stream,
-                                launch);
-      if (status != cudaSuccess) return;
-      status = launch_with_smem(dk_kernel<T, D>, dim3(tiles, batch, branches), bytes, stream,
-                                launch);
-      if (status != cudaSuccess) return;
-      status = launch_with_smem(dv_kernel<T, D>, dim3(tiles, batch, branches * v_chunks), bytes,
-                                stream, launch);
+      dispatch_v_chunk<T>(launch.v_dim, [&](auto chunk) {
+        constexpr int VC = decltype(chunk)::value;
+        // Δ first: the key side reads it (same stream, so ordered).
+        status = launch_with_smem(dq_kernel<T, D, VC>, dim3(tiles, batch, branches),
+                                  DqSmem<T, D, VC>(launch.v_dim).bytes, stream, launch);
+        if (status != cudaSuccess) return;
+        status = launch_with_smem(key_kernel<T, D, VC>, dim3(tiles, batch, branches * chunks),
+                                  KeySmem<T, D, VC>::kBytes, stream, launch);
+      });
     });
+    if (status != cudaSuccess || chunks == 1) return;
+    status = device::launch(dk_reduce_kernel<T>, dim3(tiles, batch, branches), kThreads, 0,
+                            stream, launch);
   });
   return status;
 }

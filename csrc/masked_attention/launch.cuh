@@ -60,7 +60,7 @@ struct BackwardBranch {
   MatrixArg grad_out, q, k, v, out;  // inputs
   const float* lse = nullptr;        // (B, L) contiguous, from the forward
   MatrixArg grad_q, grad_k, grad_v;  // outputs, written entirely (zeros off the sets)
-  float* delta = nullptr;            // (B, L) float32 workspace: rowsum(dO∘O) per query slot
+  float* workspace = nullptr;        // backward_workspace_floats(...) float32 scratch
   RowSetArg queries, keys;
 };
 
@@ -75,6 +75,10 @@ struct BackwardLaunch {
 // Both return the first CUDA error met while launching (cudaSuccess otherwise).
 cudaError_t launch_forward(const ForwardLaunch& launch, cudaStream_t stream);
 cudaError_t launch_backward(const BackwardLaunch& launch, cudaStream_t stream);
+
+// Floats of BackwardBranch::workspace per branch: Δ = rowsum(dO∘O) per query slot, and,
+// when the key side splits V into column chunks, their partial dK.
+int64_t backward_workspace_floats(ScalarKind dtype, int batch, int length, int qk_dim, int v_dim);
 
 }  // namespace masked_attention
 }  // namespace dsa_ops

@@ -7,9 +7,11 @@
 //                               (two key tiles per block: a dropped barrier shows)
 //
 // Cases: float32 / float16 / bfloat16; Dqk in every padded bucket (16, 32, 64); Dv with a
-// partial last 64-column chunk, in every forward V width (64, 128, 256, two parts); L not a multiple of the 64-row tile; q, k, v as strided
-// channel slices; q, k, v one element past 16-byte alignment with an odd row pitch and
-// Dqk, Dv not whole 16-byte chunks (the gather's scalar fallback); per batch an empty, a full and random masks; cross, self, independent
+// partial last 64-column chunk, in every forward V width (64, 128, 256, two parts) and up
+// to 512 (the backward's key side split by V columns); L not a multiple of the 64-row tile;
+// q, k, v as strided channel slices; q, k, v one element past 16-byte alignment with an
+// odd row pitch and Dqk, Dv not whole 16-byte chunks (the gather's scalar fallback); per
+// batch an empty, a full and random masks; cross, self, independent
 // and dual. Tolerances are loose (the pytest suite has the tight ones): a wrong fragment,
 // a missing barrier or an unwritten element is off by far more.
 #include <cmath>
@@ -309,7 +311,7 @@ void run_case(const Case& c, uint64_t seed) {
 
   struct Outputs {
     Storage out, grad_q, grad_k, grad_v;
-    std::vector<float> lse, delta;
+    std::vector<float> lse, workspace;
   };
   std::vector<Outputs> outputs(static_cast<size_t>(branches));
   ForwardLaunch forward;
@@ -326,7 +328,8 @@ void run_case(const Case& c, uint64_t seed) {
     for (Storage* s : {&o.out, &o.grad_v}) { s->dtype = c.dtype; s->resize(size_t(B) * L * Dv); }
     for (Storage* s : {&o.grad_q, &o.grad_k}) { s->dtype = c.dtype; s->resize(size_t(B) * L * Dk); }
     o.lse.assign(size_t(B) * L, std::numeric_limits<float>::quiet_NaN());
-    o.delta.assign(size_t(B) * L, std::numeric_limits<float>::quiet_NaN());
+    o.workspace.assign(size_t(backward_workspace_floats(c.dtype, B, L, Dk, Dv)),
+                       std::numeric_limits<float>::quiet_NaN());
     ForwardBranch& f = forward.branch[br];
     f.q = q[br].arg(); f.k = k[br].arg(); f.v = v[br].arg();
     f.out = {o.out.data(), int64_t(L) * Dv, Dv};
@@ -339,7 +342,7 @@ void run_case(const Case& c, uint64_t seed) {
     g.grad_q = {o.grad_q.data(), int64_t(L) * Dk, Dk};
     g.grad_k = {o.grad_k.data(), int64_t(L) * Dk, Dk};
     g.grad_v = {o.grad_v.data(), int64_t(L) * Dv, Dv};
-    g.delta = o.delta.data();
+    g.workspace = o.workspace.data();
     g.queries = f.queries;
     g.keys = f.keys;
   }
@@ -519,6 +522,7 @@ int main(int argc, char** argv) {
       cases.push_back({Form::kDual, dtype, 3, 99, 16, 40, true});
       cases.push_back({Form::kDual, dtype, 3, 70, 20, 36, true, true});
       cases.push_back({Form::kCross, dtype, 3, 70, 32, 264, true});
+      cases.push_back({Form::kCross, dtype, 2, 70, 8, 512, true});  // widest V: split key side
     }
   }
   uint64_t seed = 1;
