@@ -110,6 +110,18 @@ def parse_sass(text: str) -> dict[str, list[Instruction]]:
     return functions
 
 
+def parse_sass_by_arch(text: str) -> dict[str, dict[str, list[Instruction]]]:
+    """A listing of several cubins (a fat binary, a built extension) → {arch: parse_sass}."""
+    chunks: dict[str, list[str]] = {}
+    lines: list[str] = []
+    for line in text.splitlines():
+        match = re.match(r"^\s*code for (sm_\w+)", line)
+        if match:
+            lines = chunks.setdefault(match.group(1), [])
+        lines.append(line)
+    return {arch: parse_sass("\n".join(chunk)) for arch, chunk in chunks.items()}
+
+
 def own_body(instructions: list[Instruction]) -> list[Instruction]:
     """The kernel's own code, without the subroutines it calls (__noinline__ device
     functions, the slow paths of division and friends): ptxas appends those to the
@@ -226,23 +238,30 @@ def cache_dir(csrc: pathlib.Path, archs: tuple[str, ...], nvcc: str) -> pathlib.
     return CACHE / digest.hexdigest()[:16]
 
 
+def _artifact(out: pathlib.Path, csrc: pathlib.Path, source: pathlib.Path, arch: str,
+              kind: str) -> pathlib.Path:
+    """out/masked_attention__forward.cu.sm_90.<kind>"""
+    return out / f"{str(source.relative_to(csrc)).replace(os.sep, '__')}.{arch}.{kind}"
+
+
 def _compile(nvcc: str, cuobjdump: str, csrc: pathlib.Path, source: pathlib.Path, arch: str,
              out: pathlib.Path) -> None:
-    stem = out / f"{str(source.relative_to(csrc)).replace(os.sep, '__')}.{arch}"
-    if stem.with_suffix(".sass").is_file():
+    sass_file = _artifact(out, csrc, source, arch, "sass")
+    if sass_file.is_file():
         return
-    cubin = stem.with_suffix(".cubin")
+    cubin = _artifact(out, csrc, source, arch, "cubin")
     result = subprocess.run([nvcc, "-cubin", f"-arch={arch}", *NVCC_FLAGS, *STANDARD_FLAGS,
                              "-I", str(csrc), "-Xptxas", "-v", "-o", str(cubin), str(source)],
                             capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"nvcc failed on {source} for {arch}:\n{result.stderr[-4000:]}")
-    stem.with_suffix(".ptxas").write_text(result.stderr)
+    _artifact(out, csrc, source, arch, "ptxas").write_text(result.stderr)
     sass = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True,
                           check=True).stdout
     # Written last and atomically: its presence marks the (source, arch) as done.
-    stem.with_suffix(".sass.tmp").write_text(sass)
-    os.replace(stem.with_suffix(".sass.tmp"), stem.with_suffix(".sass"))
+    partial = _artifact(out, csrc, source, arch, "sass.partial")
+    partial.write_text(sass)
+    os.replace(partial, sass_file)
     cubin.unlink()  # tens of MB with -lineinfo; the SASS is what is read
 
 
@@ -274,13 +293,29 @@ def build(csrc: pathlib.Path = CSRC, archs: tuple[str, ...] = ARCHS, jobs: int =
     kernels: list[Kernel] = []
     for source in sources:
         for arch in archs:
-            stem = out / f"{str(source.relative_to(csrc)).replace(os.sep, '__')}.{arch}"
-            entries = parse_ptxas(stem.with_suffix(".ptxas").read_text())
-            functions = parse_sass(stem.with_suffix(".sass").read_text())
+            entries = parse_ptxas(_artifact(out, csrc, source, arch, "ptxas").read_text())
+            functions = parse_sass(_artifact(out, csrc, source, arch, "sass").read_text())
             names = demangle(sorted(entries))
             for mangled in sorted(entries, key=names.get):
                 kernels.append(Kernel(str(source.relative_to(csrc)), arch, mangled, names[mangled],
                                       entries[mangled], functions.get(mangled, [])))
+    return kernels
+
+
+def built_extension_kernels(library: pathlib.Path) -> list[Kernel]:
+    """The kernels of a built extension (dsa_ops/_C*.so), for every arch it carries; no
+    ptxas report there, so resources are left at zero (spills show as STL / LDL)."""
+    cuobjdump = find_cuobjdump()
+    if cuobjdump is None:
+        raise RuntimeError(missing_tools())
+    listing = subprocess.run([cuobjdump, "-sass", str(library)], capture_output=True, text=True,
+                             check=True).stdout
+    kernels = []
+    for arch, functions in sorted(parse_sass_by_arch(listing).items()):
+        names = demangle(sorted(functions))
+        for mangled, instructions in functions.items():
+            kernels.append(Kernel(library.name, arch, mangled, names[mangled], Resources(),
+                                  instructions))
     return kernels
 
 

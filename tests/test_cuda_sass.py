@@ -10,8 +10,10 @@ covered where the toolchain is absent.
 """
 from __future__ import annotations
 
+import functools
 import pathlib
 import re
+import shutil
 
 import pytest
 
@@ -55,6 +57,13 @@ def test_parse_sass_splits_functions_and_reads_opcodes():
     other = functions["_Z5otherv"]
     assert other[0].modifiers == ("E", "U16", "CONSTANT")
     assert other[1].opcode == "LDL.LU"  # predicated: the guard is not the opcode
+
+
+def test_a_fat_listing_is_split_by_architecture():
+    fat = LISTING + LISTING.replace("code for sm_90", "code for sm_80").replace("_Z5otherv", "_Z1gv")
+    by_arch = sass.parse_sass_by_arch("Fatbin elf code:\n" + fat)
+    assert {arch: list(functions) for arch, functions in by_arch.items()} == {
+        "sm_90": ["_Z6kernelP6__half", "_Z5otherv"], "sm_80": ["_Z6kernelP6__half", "_Z1gv"]}
 
 
 def test_own_body_stops_at_the_first_called_subroutine():
@@ -226,3 +235,22 @@ def _assert_none_fail(found: list[str], check_name: str, shown: int = 12) -> Non
         more = f"\n... and {len(found) - shown} more" if len(found) > shown else ""
         pytest.fail(f"{len(found)} kernels fail {check_name}:\n" + "\n".join(found[:shown]) + more,
                     pytrace=False)
+
+
+@pytest.mark.skipif(sass.find_cuobjdump() is None or shutil.which("c++filt") is None,
+                    reason="needs cuobjdump (Triton's wheel) and c++filt")
+@pytest.mark.parametrize("check_name", list(sass.CHECKS))
+def test_built_extension_masked_attention_kernels(check_name):
+    """What make test's build (setup.py, TORCH_CUDA_ARCH_LIST) actually ships, when built."""
+    libraries = sorted((sass.ROOT / "dsa_ops").glob("_C*.so"))
+    if not libraries:
+        pytest.skip("no built extension (dsa_ops/_C*.so)")
+    kernels = _built_kernels(libraries[0])
+    selected = sass.sixteen_bit_kernels(kernels, "masked_attention")
+    assert selected, f"no 16-bit masked-attention kernels in {libraries[0]}"
+    _assert_none_fail(sass.failures(selected, check_name), check_name)
+
+
+@functools.cache
+def _built_kernels(library: pathlib.Path) -> list[sass.Kernel]:
+    return sass.built_extension_kernels(library)
