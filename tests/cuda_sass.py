@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
@@ -90,7 +91,6 @@ class Instruction:
 _FUNCTION = re.compile(r"^\s*Function\s*:\s*(\S+)")
 _INSTRUCTION = re.compile(
     r"^\s*/\*(?P<address>[0-9a-f]{4,})\*/\s+(?P<body>(?:@!?U?P[T0-9]+\s+)?(?P<opcode>[A-Z][A-Z0-9_.]*)[^;]*);")
-_CALL_TARGET = re.compile(r"^CALL\.(?:REL|ABS)\b.*?\b0x([0-9a-f]+)\s*$")
 
 
 def parse_sass(text: str) -> dict[str, list[Instruction]]:
@@ -122,18 +122,56 @@ def parse_sass_by_arch(text: str) -> dict[str, dict[str, list[Instruction]]]:
     return {arch: parse_sass("\n".join(chunk)) for arch, chunk in chunks.items()}
 
 
+def _guarded(i: Instruction) -> bool:
+    return i.text.startswith("@") and not i.text.startswith("@PT ")
+
+
+def _target(i: Instruction) -> int | None:
+    """The address a branch, call or BSSY names (its last hexadecimal operand)."""
+    found = re.findall(r"\b0x([0-9a-f]+)\b", i.text.split(None, 1 + _guarded(i))[-1])
+    return int(found[-1], 16) if found else None
+
+
+def _reachable(instructions: list[Instruction], start: int) -> set[int]:
+    """Addresses reached from ``start`` through fall-through and branches; a CALL falls
+    through (its target is not followed)."""
+    at = {i.address: n for n, i in enumerate(instructions)}
+    seen: set[int] = set()
+    work = [start]
+    while work:
+        address = work.pop()
+        if address in seen or address not in at:
+            continue
+        seen.add(address)
+        n = at[address]
+        i = instructions[n]
+        ends_flow = False
+        if i.base in ("BRA", "JMP", "BSSY"):
+            target = _target(i)
+            if target is not None:
+                work.append(target)
+            # A branch whose only operand is its target, unguarded, always jumps.
+            ends_flow = i.base != "BSSY" and not _guarded(i) and len(i.text.split(",")) == 1
+        elif i.base in ("EXIT", "RET", "BRX", "JMX", "KILL"):
+            ends_flow = not _guarded(i)
+        if not ends_flow and n + 1 < len(instructions):
+            work.append(instructions[n + 1].address)
+    return seen
+
+
 def own_body(instructions: list[Instruction]) -> list[Instruction]:
     """The kernel's own code, without the subroutines it calls (__noinline__ device
-    functions, the slow paths of division and friends): ptxas appends those to the
-    kernel's section after its body, and each starts at a CALL target."""
-    targets = []
-    for instruction in instructions:
-        if instruction.base == "CALL":
-            match = _CALL_TARGET.match(re.sub(r"^@!?U?P[T0-9]+ ", "", instruction.text))
-            if match:
-                targets.append(int(match.group(1), 16))
-    end = min(targets, default=None)
-    return [i for i in instructions if end is None or i.address < end]
+    functions, the slow paths of division and friends), which ptxas lays out in the
+    kernel's section. A subroutine is a CALL target whose code returns (RET); ptxas also
+    uses CALL.REL.NOINC as a plain jump inside the kernel (to code that ends in EXIT),
+    which stays the kernel's. Everything not in a subroutine counts as the kernel's."""
+    subroutines: set[int] = set()
+    by_address = {i.address: i for i in instructions}
+    for target in {_target(i) for i in instructions if i.base == "CALL"} - {None}:
+        region = _reachable(instructions, target)
+        if any(by_address[a].base == "RET" for a in region):
+            subroutines |= region
+    return [i for i in instructions if i.address not in subroutines]
 
 
 # ----------------------------------------------------------------------------- checks
@@ -147,30 +185,49 @@ def _is_vector_global_load(i: Instruction) -> bool:
     return i.base == "LDGSTS" or (i.base == "LDG" and "128" in i.modifiers)
 
 
-# name → (what the kernel must show, predicate on one instruction, True: must be present /
-# False: must be absent).
+def _is_tensor_core_mma(i: Instruction) -> bool:
+    return i.base == "HMMA"
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    wanted: str                            # what the message calls it
+    matches: Callable[[Instruction], bool]
+    must_be_present: bool                  # False: must be absent
+    # Only for kernels that run tensor-core MMAs: how operands reach the MMAs means nothing
+    # in a kernel without any (an elementwise reduction).
+    mma_kernels_only: bool = False
+
+
 CHECKS = {
-    "cp_async_or_128bit_loads": ("cp.async (LDGSTS) or 128-bit global loads (LDG.E.128)",
-                                 _is_vector_global_load, True),
-    "ldmatrix": ("ldmatrix (LDSM)", lambda i: i.base == "LDSM", True),
-    "no_spills": ("no local-memory spills (STL / LDL)", lambda i: i.base in ("STL", "LDL"),
-                  False),
-    "no_scalar_16bit_global_loads": ("no 16-bit scalar global loads (LDG.E.U16 / .S16)",
-                                     _is_scalar_16bit_global_load, False),
+    "cp_async_or_128bit_loads": Check("cp.async (LDGSTS) or 128-bit global loads (LDG.E.128)",
+                                      _is_vector_global_load, True, mma_kernels_only=True),
+    "ldmatrix": Check("ldmatrix (LDSM)", lambda i: i.base == "LDSM", True, mma_kernels_only=True),
+    "no_spills": Check("no local-memory spills (STL / LDL)", lambda i: i.base in ("STL", "LDL"),
+                       False),
+    "no_scalar_16bit_global_loads": Check("no 16-bit scalar global loads (LDG.E.U16 / .S16)",
+                                          _is_scalar_16bit_global_load, False),
 }
 
 
 def check(instructions: list[Instruction], name: str, shown: int = 5) -> str | None:
     """None when the kernel body passes CHECKS[name], else what is wrong (with the first
     offending instructions)."""
-    wanted, predicate, must_be_present = CHECKS[name]
-    hits = [i for i in own_body(instructions) if predicate(i)]
-    if must_be_present:
-        return None if hits else f"missing {wanted}"
+    rule = CHECKS[name]
+    body = own_body(instructions)
+    if rule.mma_kernels_only and not any(_is_tensor_core_mma(i) for i in body):
+        return None
+    hits = [i for i in body if rule.matches(i)]
+    if rule.must_be_present:
+        return None if hits else f"missing {rule.wanted}"
     if not hits:
         return None
     lines = "\n".join(f"    /*{i.address:04x}*/ {i.text}" for i in hits[:shown])
-    return f"{wanted}: {len(hits)} found, first:\n{lines}"
+    return f"{rule.wanted}: {len(hits)} found, first:\n{lines}"
+
+
+def runs_tensor_core_mma(kernel: "Kernel") -> bool:
+    return any(_is_tensor_core_mma(i) for i in own_body(kernel.instructions))
 
 
 # ----------------------------------------------------------------------------- ptxas -v

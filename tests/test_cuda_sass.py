@@ -2,11 +2,12 @@
 
 csrc/'s kernel files are compiled for sm_80 and sm_90 (tests/cuda_sass.py: nvcc -cubin,
 cached under build/sass/), and each float16 / bfloat16 kernel of dsa_ops::masked_attention
-must, in its own body (not counting the __noinline__ subroutines it calls, where the scalar
-path for unaligned rows lives): load tiles with cp.async (LDGSTS) or 128-bit global loads,
-feed the MMAs with ldmatrix (LDSM), spill nothing to local memory, and issue no 16-bit
-scalar global loads. The parser is tested on small synthetic listings, so its logic is
-covered where the toolchain is absent.
+(and, separately, of dsa_ops::attention_kl) must, in its own body (not counting the
+__noinline__ subroutines it calls, where the scalar path for unaligned rows lives): spill
+nothing to local memory and issue no 16-bit scalar global loads; and, when it runs
+tensor-core MMAs, load tiles with cp.async (LDGSTS) or 128-bit global loads and feed the
+MMAs with ldmatrix (LDSM). The parser is tested on small synthetic listings, so its logic is
+covered where the toolchain is absent; the same checks run on a built dsa_ops/_C*.so.
 """
 from __future__ import annotations
 
@@ -20,22 +21,27 @@ import pytest
 from tests import cuda_sass as sass
 
 # ----------------------------------------------------------------------------- parser
-# A kernel whose body calls one subroutine (appended after the body, as ptxas lays it out)
-# and a second function; lines as cuobjdump 13 prints them for sm_90.
+# A kernel that calls one subroutine (which returns: RET) and "calls" its own epilogue
+# (ptxas's CALL.REL.NOINC as a jump, to code ending in EXIT), then a second function; lines
+# as cuobjdump 13 prints them for sm_90.
 LISTING = """
 	code for sm_90
 		Function : _Z6kernelP6__half
 	.headerflags	@"EF_CUDA_SM90 EF_CUDA_VIRTUAL_SM(EF_CUDA_SM90)"
-        /*0000*/                   LDC R1, c[0x0][0x28] ;                  /* 0x00000a00ff017b82 */
+        /*0000*/                   HMMA.16816.F32 R12, R8, R10, R12 ;      /* 0x0000000a080c723c */
                                                                            /* 0x000fe20000000800 */
         /*0010*/                   LDGSTS.E.BYPASS.128 [R3], desc[UR4][R4.64] ;  /* 0x0000000004037fae */
         /*0020*/                   LDSM.16.M88.4 R8, [R3] ;                /* 0x000000000308783b */
-        /*0030*/               @P0 CALL.REL.NOINC 0x60 ;                   /* 0x0000000000287944 */
-        /*0040*/                   EXIT ;                                  /* 0x000000000000794d */
-        /*0050*/                   BRA 0x50;                               /* 0xfffffffc00fc7947 */
-        /*0060*/                   LDG.E.U16 R3, desc[UR6][R2.64] ;        /* 0x0000000602037981 */
-        /*0070*/                   STL [R1], R3 ;                          /* 0x0000000301007387 */
-        /*0080*/                   RET.REL.NODEC R2 0x0 ;                  /* 0xfffffffc025c7950 */
+        /*0030*/               @P0 CALL.REL.NOINC 0x90 ;                   /* 0x0000000000287944 */
+        /*0040*/               @P1 CALL.REL.NOINC 0x70 ;                   /* 0x0000000000287944 */
+        /*0050*/                   EXIT ;                                  /* 0x000000000000794d */
+        /*0060*/                   BRA 0x60;                               /* 0xfffffffc00fc7947 */
+        /*0070*/                   LDG.E.128 R4, desc[UR4][R4.64] ;        /* 0x0000000404047981 */
+        /*0080*/                   EXIT ;                                  /* 0x000000000000794d */
+        /*0090*/                   LDG.E.U16 R3, desc[UR6][R2.64] ;        /* 0x0000000602037981 */
+        /*00a0*/                   STL [R1], R3 ;                          /* 0x0000000301007387 */
+        /*00b0*/               @P2 BRA 0x90 ;                              /* 0x0000000301007387 */
+        /*00c0*/                   RET.REL.NODEC R2 0x0 ;                  /* 0xfffffffc025c7950 */
 		..........
 
 		Function : _Z5otherv
@@ -51,9 +57,9 @@ def test_parse_sass_splits_functions_and_reads_opcodes():
     functions = sass.parse_sass(LISTING)
     assert list(functions) == ["_Z6kernelP6__half", "_Z5otherv"]
     kernel = functions["_Z6kernelP6__half"]
-    assert [i.address for i in kernel] == [0x0, 0x10, 0x20, 0x30, 0x40, 0x50, 0x60, 0x70, 0x80]
+    assert [i.address for i in kernel] == list(range(0, 0xd0, 0x10))
     assert kernel[1].opcode == "LDGSTS.E.BYPASS.128" and kernel[1].base == "LDGSTS"
-    assert kernel[3].text == "@P0 CALL.REL.NOINC 0x60"
+    assert kernel[3].text == "@P0 CALL.REL.NOINC 0x90"
     other = functions["_Z5otherv"]
     assert other[0].modifiers == ("E", "U16", "CONSTANT")
     assert other[1].opcode == "LDL.LU"  # predicated: the guard is not the opcode
@@ -66,9 +72,9 @@ def test_a_fat_listing_is_split_by_architecture():
         "sm_90": ["_Z6kernelP6__half", "_Z5otherv"], "sm_80": ["_Z6kernelP6__half", "_Z1gv"]}
 
 
-def test_own_body_stops_at_the_first_called_subroutine():
+def test_own_body_leaves_out_subroutines_and_keeps_calls_used_as_jumps():
     kernel = sass.parse_sass(LISTING)["_Z6kernelP6__half"]
-    assert [i.address for i in sass.own_body(kernel)] == [0x0, 0x10, 0x20, 0x30, 0x40, 0x50]
+    assert [i.address for i in sass.own_body(kernel)] == list(range(0, 0x90, 0x10))
     other = sass.parse_sass(LISTING)["_Z5otherv"]
     assert sass.own_body(other) == other  # no calls: everything is its own
 
@@ -77,10 +83,18 @@ def test_checks_pass_the_kernel_body_and_ignore_its_subroutine():
     kernel = sass.parse_sass(LISTING)["_Z6kernelP6__half"]
     for name in sass.CHECKS:
         assert sass.check(kernel, name) is None, name
+    # The body's own vector load is the epilogue's (reached by a CALL used as a jump).
+    without_cp_async = [i for i in kernel if i.base != "LDGSTS"]
+    assert sass.check(without_cp_async, "cp_async_or_128bit_loads") is None
 
 
 def test_checks_name_the_offending_instructions():
     other = sass.parse_sass(LISTING)["_Z5otherv"]
+    # Without tensor-core MMAs nothing asks for ldmatrix or vector tile loads ...
+    assert sass.check(other, "cp_async_or_128bit_loads") is None
+    assert sass.check(other, "ldmatrix") is None
+    # ... with one, both must be there.
+    other = other + [sass.Instruction(0x40, "HMMA.16816.F32", "HMMA.16816.F32 R8, R4, R2, R8")]
     assert sass.check(other, "cp_async_or_128bit_loads") == (
         "missing cp.async (LDGSTS) or 128-bit global loads (LDG.E.128)")
     assert sass.check(other, "ldmatrix") == "missing ldmatrix (LDSM)"
@@ -104,10 +118,11 @@ def test_checks_name_the_offending_instructions():
     ("STG.E.U16 desc[UR4][R2.64], R3", False, False),
 ])
 def test_load_classification(line, vector, scalar16):
-    listing = f"\t\tFunction : f\n        /*0000*/    {line} ;   /* 0x0 */\n"
-    (instruction,) = sass.parse_sass(listing)["f"]
-    assert (sass.check([instruction], "cp_async_or_128bit_loads") is None) == vector
-    assert (sass.check([instruction], "no_scalar_16bit_global_loads") is not None) == scalar16
+    listing = (f"\t\tFunction : f\n        /*0000*/    {line} ;   /* 0x0 */\n"
+               f"        /*0010*/    HMMA.16816.F32 R8, R4, R2, R8 ;   /* 0x0 */\n")
+    instructions = sass.parse_sass(listing)["f"]
+    assert (sass.check(instructions, "cp_async_or_128bit_loads") is None) == vector
+    assert (sass.check(instructions, "no_scalar_16bit_global_loads") is not None) == scalar16
 
 
 PTXAS = """\
@@ -213,9 +228,11 @@ def _selected(kernels, family: str, arch: str) -> list[sass.Kernel]:
 
 @needs_toolchain
 @pytest.mark.parametrize("arch", sass.ARCHS)
-def test_every_attention_kernel_file_has_float16_and_bfloat16_kernels(kernels, arch):
+def test_every_attention_kernel_file_has_tensor_core_kernels_for_both_dtypes(kernels, arch):
+    """The checks below would pass vacuously if the kernels were missing or ran no MMAs."""
     for family in sass.FAMILIES:
         found = {(k.source, dtype) for k in _selected(kernels, family, arch)
+                 if sass.runs_tensor_core_mma(k)
                  for dtype in ("__half", "__nv_bfloat16") if f"<{dtype}" in k.name}
         sources = {str(p.relative_to(sass.CSRC)) for p in sass.kernel_sources(sass.CSRC)
                    if p.parent.name == family}
@@ -227,6 +244,16 @@ def test_every_attention_kernel_file_has_float16_and_bfloat16_kernels(kernels, a
 @pytest.mark.parametrize("arch", sass.ARCHS)
 def test_masked_attention_kernels(kernels, arch, check_name):
     _assert_none_fail(sass.failures(_selected(kernels, "masked_attention", arch), check_name),
+                      check_name)
+
+
+# The attention-KL kernels share the attention kernels' tile loads and warp GEMM
+# (masked_attention/common.cuh), so they get the same machine code; checked on their own.
+@needs_toolchain
+@pytest.mark.parametrize("check_name", list(sass.CHECKS))
+@pytest.mark.parametrize("arch", sass.ARCHS)
+def test_attention_kl_kernels(kernels, arch, check_name):
+    _assert_none_fail(sass.failures(_selected(kernels, "attention_kl", arch), check_name),
                       check_name)
 
 
