@@ -15,10 +15,13 @@
 //   DSA_DYNAMIC_SHARED_MEMORY(name)     unsigned char* name: the launch's dynamic smem
 //   DSA_STATIC_SHARED_ARRAY(T, name, n) T* name: n elements of static smem
 //   allow_dynamic_shared_memory(kernel, bytes)   opt-in above 48 KiB
+//   ensure_dynamic_shared_memory(kernel, bytes)  the same, once per kernel, device and size
 //   launch(kernel, grid, threads, smem_bytes, stream, args...) -> cudaError_t
 #pragma once
 
 #include <cstdint>
+#include <map>
+#include <mutex>
 #include <type_traits>
 #include <utility>
 
@@ -34,6 +37,7 @@ namespace dsa_ops {
 namespace device {
 
 constexpr unsigned kFullWarp = 0xffffffffu;
+constexpr int kDefaultDynamicSharedBytes = 48 * 1024;  // usable without the opt-in
 
 #ifndef DSA_OPS_HOST_EMULATION
 // ============================================================================ nvcc
@@ -118,6 +122,8 @@ template <typename Kernel>
 cudaError_t allow_dynamic_shared_memory(Kernel kernel, int bytes) {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
 }
+
+inline cudaError_t current_device(int* device) { return cudaGetDevice(device); }
 
 template <typename... Params, typename... Args>
 cudaError_t launch(void (*kernel)(Params...), dim3 grid, int threads, int shared_bytes,
@@ -210,6 +216,11 @@ cudaError_t allow_dynamic_shared_memory(Kernel kernel, int bytes) {
   return emulation::set_max_dynamic_shared_memory(reinterpret_cast<const void*>(kernel), bytes);
 }
 
+inline cudaError_t current_device(int* device) {
+  *device = emulation::current_device();
+  return cudaSuccess;
+}
+
 template <typename... Params, typename... Args>
 cudaError_t launch(void (*kernel)(Params...), dim3 grid, int threads, int shared_bytes,
                    cudaStream_t /*stream*/, Args&&... args) {
@@ -217,6 +228,35 @@ cudaError_t launch(void (*kernel)(Params...), dim3 grid, int threads, int shared
 }
 
 #endif
+
+// ============================================================================ both
+// The opt-in attribute belongs to the kernel on one device and stays set, so it is set
+// when a launch first needs more than the largest limit set so far on the current device
+// (never at or below the default 48 KiB): no driver call on every launch.
+struct DynamicSharedLimits {
+  std::mutex mutex;
+  std::map<std::pair<const void*, int>, int> bytes;  // (kernel, device) → limit set
+};
+
+inline DynamicSharedLimits& dynamic_shared_limits() {
+  static DynamicSharedLimits limits;
+  return limits;
+}
+
+template <typename Kernel>
+cudaError_t ensure_dynamic_shared_memory(Kernel kernel, int bytes) {
+  if (bytes <= kDefaultDynamicSharedBytes) return cudaSuccess;
+  int device = 0;
+  cudaError_t status = current_device(&device);
+  if (status != cudaSuccess) return status;
+  DynamicSharedLimits& limits = dynamic_shared_limits();
+  const std::lock_guard<std::mutex> lock(limits.mutex);
+  int& limit = limits.bytes[{reinterpret_cast<const void*>(kernel), device}];
+  if (bytes <= limit) return cudaSuccess;
+  status = allow_dynamic_shared_memory(kernel, bytes);
+  if (status == cudaSuccess) limit = bytes;
+  return status;
+}
 
 }  // namespace device
 }  // namespace dsa_ops

@@ -236,7 +236,10 @@ std::mutex failure_mutex;
 bool launch_failed = false;
 std::string failure_message;   // first failure of the running launch
 std::string last_error;        // reported by last_error_message()
-std::map<const void*, int> dynamic_shared_optin;  // kernel → cudaFuncAttributeMaxDynamicSharedMemorySize
+// (kernel, device) → cudaFuncAttributeMaxDynamicSharedMemorySize
+std::map<std::pair<const void*, int>, int> dynamic_shared_optin;
+int dynamic_shared_attribute_calls = 0;
+thread_local int host_thread_device = 0;  // cudaSetDevice is per host thread
 
 ThreadState& state() {
   if (current == nullptr) {
@@ -518,8 +521,17 @@ void cp_async_wait(int pending_groups) {
 }
 
 // ----------------------------------------------------------------------------- launches
+int current_device() { return host_thread_device; }
+void set_current_device(int device) { host_thread_device = device; }
+
+int dynamic_shared_memory_attribute_calls() {
+  const std::lock_guard<std::mutex> lock(launch_mutex);
+  return dynamic_shared_attribute_calls;
+}
+
 cudaError_t set_max_dynamic_shared_memory(const void* kernel, int bytes) {
   const std::lock_guard<std::mutex> lock(launch_mutex);
+  ++dynamic_shared_attribute_calls;
   const int limit = max_shared_memory_per_block_optin();
   if (limit < 0) {
     return report(cudaErrorInvalidDevice, "unknown DSA_OPS_CUDA_EMULATE_ARCH " +
@@ -532,7 +544,7 @@ cudaError_t set_max_dynamic_shared_memory(const void* kernel, int bytes) {
                       " is above sm_" + std::to_string(architecture()) + "'s " +
                       std::to_string(limit) + " bytes per block");
   }
-  dynamic_shared_optin[kernel] = bytes;
+  dynamic_shared_optin[{kernel, current_device()}] = bytes;
   return cudaSuccess;
 }
 
@@ -553,7 +565,7 @@ cudaError_t run_grid(const void* kernel, dim3 grid, int threads, int shared_byte
                   "grid (" + std::to_string(grid.x) + ", " + std::to_string(grid.y) + ", " +
                       std::to_string(grid.z) + ") outside x 1..2^31-1, y and z 1..65535");
   }
-  const auto optin = dynamic_shared_optin.find(kernel);
+  const auto optin = dynamic_shared_optin.find({kernel, current_device()});
   const int shared_limit =
       optin == dynamic_shared_optin.end() ? kDefaultDynamicSharedLimit : optin->second;
   if (shared_bytes < 0 || shared_bytes > shared_limit) {

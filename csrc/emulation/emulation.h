@@ -150,7 +150,15 @@ void cp_async_commit();
 void cp_async_wait(int pending_groups);
 
 // ----------------------------------------------------------------------------- launches
+// The current device of the calling host thread (cudaGetDevice / cudaSetDevice: every
+// emulated device is the emulated architecture); launches and the opt-in apply to it.
+int current_device();
+void set_current_device(int device);
+
+// cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) on the
+// current device; the count of calls so far (all kernels) shows how often it is set.
 cudaError_t set_max_dynamic_shared_memory(const void* kernel, int bytes);
+int dynamic_shared_memory_attribute_calls();
 
 // Runs `body(thread)` for every thread of every block of the grid (blocks in order), after
 // checking the configuration. Serialises launches from different host threads.

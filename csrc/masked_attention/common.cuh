@@ -448,7 +448,7 @@ void dispatch_dtype(ScalarKind dtype, F&& f) {
 template <typename Kernel, typename... Args>
 cudaError_t launch_with_smem(Kernel kernel, dim3 grid, int smem_bytes, cudaStream_t stream,
                              Args... args) {
-  const cudaError_t status = device::allow_dynamic_shared_memory(kernel, smem_bytes);
+  const cudaError_t status = device::ensure_dynamic_shared_memory(kernel, smem_bytes);
   if (status != cudaSuccess) return status;
   return device::launch(kernel, grid, kThreads, smem_bytes, stream, args...);
 }

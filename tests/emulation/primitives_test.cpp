@@ -179,6 +179,13 @@ __global__ void split_barrier_kernel(int* out) {
 
 __global__ void empty_kernel(int*) {}
 
+// Distinct kernels for the opt-in bookkeeping (the attribute stays set per kernel).
+template <int ID>
+__global__ void dynamic_shared_kernel(int* out) {
+  DSA_DYNAMIC_SHARED_MEMORY(raw);
+  if (threadIdx.x == 0) out[ID] = raw[0];
+}
+
 #ifdef DSA_OPS_HOST_EMULATION  // nvcc rejects it at compile time
 __global__ void large_static_kernel(int* out) {
   DSA_STATIC_SHARED_ARRAY(int, big, 13 * 1024);  // 52 KiB > 48 KiB
@@ -205,6 +212,7 @@ template __global__ void mma_kernel<__nv_bfloat16>(const __nv_bfloat16*, const _
 #include <cmath>
 #include <cstdio>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -375,6 +383,50 @@ void test_shared_memory_and_launch_checks() {
                       "52 KiB of static shared memory", "static shared memory");
 }
 
+// ensure_dynamic_shared_memory sets the attribute once per kernel, device and larger size.
+void test_dynamic_shared_memory_opt_in_once() {
+  std::vector<int> out(3, 0);
+  const int before = emulation::dynamic_shared_memory_attribute_calls();
+  const auto calls = [&] { return emulation::dynamic_shared_memory_attribute_calls() - before; };
+  const auto launch = [&](void (*kernel)(int*), int bytes) {
+    const cudaError_t status = device::ensure_dynamic_shared_memory(kernel, bytes);
+    return status != cudaSuccess ? status
+                                 : device::launch(kernel, dim3(1), 32, bytes, nullptr, out.data());
+  };
+  check(launch(dynamic_shared_kernel<0>, 64 * 1024) == cudaSuccess &&
+            launch(dynamic_shared_kernel<0>, 64 * 1024) == cudaSuccess,
+        std::string("two launches with 64 KiB: ") + emulation::last_error_message());
+  check(calls() == 1, "two launches set the attribute once (" + std::to_string(calls()) + " calls)");
+  check(launch(dynamic_shared_kernel<0>, 32 * 1024) == cudaSuccess && calls() == 1,
+        "a launch below the limit set sets nothing");
+  check(launch(dynamic_shared_kernel<0>, 96 * 1024) == cudaSuccess && calls() == 2,
+        "a larger launch raises the limit");
+  check(launch(dynamic_shared_kernel<1>, 48 * 1024) == cudaSuccess && calls() == 2,
+        "48 KiB needs no opt-in");
+  check(launch(dynamic_shared_kernel<1>, 64 * 1024) == cudaSuccess && calls() == 3,
+        "the limit is per kernel");
+
+  emulation::set_current_device(1);
+  expect_launch_error(device::launch(dynamic_shared_kernel<0>, dim3(1), 32, 64 * 1024, nullptr, out.data()),
+                      "device 1 without its own opt-in", "cudaFuncAttributeMaxDynamicSharedMemorySize");
+  check(launch(dynamic_shared_kernel<0>, 64 * 1024) == cudaSuccess && calls() == 4,
+        "the limit is per device");
+  emulation::set_current_device(0);
+
+  const int too_large = emulation::max_shared_memory_per_block_optin() + 16;
+  expect_launch_error(launch(dynamic_shared_kernel<1>, too_large), "opt-in above the maximum", "per block");
+  expect_launch_error(launch(dynamic_shared_kernel<1>, too_large), "the same again", "per block");
+  check(calls() == 6, "a failed opt-in is not remembered as set");
+
+  // Host threads launching the same kernel at once: one of them sets it.
+  std::vector<std::thread> threads;
+  for (int i = 0; i < 4; ++i) {
+    threads.emplace_back([] { device::ensure_dynamic_shared_memory(dynamic_shared_kernel<2>, 80 * 1024); });
+  }
+  for (std::thread& thread : threads) thread.join();
+  check(calls() == 7, "four host threads set the attribute once (" + std::to_string(calls()) + " calls)");
+}
+
 }  // namespace
 
 int main() {
@@ -390,6 +442,7 @@ int main() {
   test_warp_ops();
   test_barriers();
   test_shared_memory_and_launch_checks();
+  test_dynamic_shared_memory_opt_in_once();
   std::printf("primitives: %d failed checks\n", failures);
   return failures == 0 ? 0 : 1;
 }
