@@ -239,22 +239,15 @@ def test_every_attention_kernel_file_has_tensor_core_kernels_for_both_dtypes(ker
         assert found == {(s, d) for s in sources for d in ("__half", "__nv_bfloat16")}
 
 
-@needs_toolchain
-@pytest.mark.parametrize("check_name", list(sass.CHECKS))
-@pytest.mark.parametrize("arch", sass.ARCHS)
-def test_masked_attention_kernels(kernels, arch, check_name):
-    _assert_none_fail(sass.failures(_selected(kernels, "masked_attention", arch), check_name),
-                      check_name)
-
-
 # The attention-KL kernels share the attention kernels' tile loads and warp GEMM
-# (masked_attention/common.cuh), so they get the same machine code; checked on their own.
+# (masked_attention/common.cuh), so they get the same machine code; each family is its
+# own parametrisation so a failure names it.
 @needs_toolchain
 @pytest.mark.parametrize("check_name", list(sass.CHECKS))
 @pytest.mark.parametrize("arch", sass.ARCHS)
-def test_attention_kl_kernels(kernels, arch, check_name):
-    _assert_none_fail(sass.failures(_selected(kernels, "attention_kl", arch), check_name),
-                      check_name)
+@pytest.mark.parametrize("family", ["masked_attention", "attention_kl"])
+def test_attention_kernels(kernels, family, arch, check_name):
+    _assert_none_fail(sass.failures(_selected(kernels, family, arch), check_name), check_name)
 
 
 def _assert_none_fail(found: list[str], check_name: str, shown: int = 12) -> None:

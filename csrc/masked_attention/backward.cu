@@ -162,12 +162,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const __grid_constant__ Ba
     const int half = threadIdx.x % 2;
     issue_delta_chunk(0);
     for (int c = 0; c < layout.chunks; ++c) {
-      if (c + 1 < layout.chunks) {
-        issue_delta_chunk(c + 1);
-        device::cp_async_wait<1>();
-      } else {
-        device::cp_async_wait<0>();
-      }
+      pipeline_step(c + 1 < layout.chunks, [&] { issue_delta_chunk(c + 1); });
       device::block_barrier();
       const T* const o_row = smem + layout.v + (c % 2) * Layout::kChunkTile +
                              row * Layout::kChunkPitch;
@@ -229,12 +224,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const __grid_constant__ Ba
     const int c = stage % layout.chunks;
     const int buffer = stage % 2;
     device::block_barrier();  // every warp is done with the buffers of stage - 1
-    if (stage + 1 < stages) {
-      issue_stage(stage + 1);
-      device::cp_async_wait<1>();
-    } else {
-      device::cp_async_wait<0>();
-    }
+    pipeline_step(stage + 1 < stages, [&] { issue_stage(stage + 1); });
     device::block_barrier();
     const T* const k_s = smem + layout.k + (key_tile % 2) * Layout::kQkTile;
     if (c == 0) {
@@ -381,12 +371,7 @@ __global__ void __launch_bounds__(kThreads, 1) key_kernel(const __grid_constant_
   for (int tile = 0; tile < query_tiles; ++tile) {
     const int buffer = tile % 2;
     device::block_barrier();  // every warp is done with the buffers of tile - 1
-    if (tile + 1 < query_tiles) {
-      issue_query_tile(tile + 1);
-      device::cp_async_wait<1>();
-    } else {
-      device::cp_async_wait<0>();
-    }
+    pipeline_step(tile + 1 < query_tiles, [&] { issue_query_tile(tile + 1); });
     device::block_barrier();
     const T* const q_s = smem + Layout::kQ + buffer * Layout::kQueryQkTile;
     const T* const grad_out_s = smem + Layout::kGradOut + buffer * Layout::kQueryChunkTile;

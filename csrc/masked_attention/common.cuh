@@ -323,6 +323,20 @@ __device__ inline void warp_gemm(float (&acc)[NT][4], const T* a, int lda, const
   }
 }
 
+// One step of a double-buffered cp.async pipeline: issues the next stage's copies when
+// there is one (`issue_next` commits them as one group) and waits until at most those are
+// in flight, so this thread's copies of the current stage have landed. The caller's block
+// barrier then makes every thread's copies visible.
+template <typename IssueNext>
+__device__ inline void pipeline_step(bool has_next, IssueNext&& issue_next) {
+  if (has_next) {
+    issue_next();
+    device::cp_async_wait<1>();
+  } else {
+    device::cp_async_wait<0>();
+  }
+}
+
 template <int NT>
 __device__ inline void zero_fill(float (&acc)[NT][4]) {
 #pragma unroll
