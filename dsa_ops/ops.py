@@ -223,14 +223,38 @@ def _triton_unavailable(device: torch.device) -> Optional[str]:
             f"got tensors on {device}")
 
 
+# The CUDA kernels' blocks are sized for the shared memory of sm_80/sm_87/sm_90 (163 KiB
+# and more per block): the backward's dQ pass keeps dO resident (up to 512 columns) next to
+# double-buffered K/V tiles, up to 136 KiB. GPUs with 99 KiB per block (sm_86/89/120) are
+# left to the Triton backend, which "auto" then picks.
+CUDA_SHARED_MEMORY_PER_BLOCK = 163 * 1024
+# What the host emulation grants per block (csrc/emulation/emulation.cpp), by the
+# architecture it emulates (DSA_OPS_CUDA_EMULATE_ARCH, default 80).
+_EMULATED_SHARED_MEMORY = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+
+
+def _cuda_shared_memory_reason(shared_per_block: int, gpu: str) -> Optional[str]:
+    if shared_per_block >= CUDA_SHARED_MEMORY_PER_BLOCK:
+        return None
+    return (f"the CUDA kernels need {CUDA_SHARED_MEMORY_PER_BLOCK // 1024} KiB of shared memory "
+            f"per block (sm_80/sm_90 class); {gpu} allows {shared_per_block // 1024} KiB: use "
+            f"backend='triton' (what 'auto' picks there)")
+
+
 def _cuda_unavailable(device: torch.device) -> Optional[str]:
     if device.type == "cpu" and extension.emulation_requested():
-        return extension.emulation_error()  # DSA_OPS_CUDA_EMULATE=1: the kernels' host emulation
+        # DSA_OPS_CUDA_EMULATE=1: the kernels' host emulation
+        arch = int(os.environ.get("DSA_OPS_CUDA_EMULATE_ARCH") or 80)
+        return extension.emulation_error() or _cuda_shared_memory_reason(
+            _EMULATED_SHARED_MEMORY.get(arch, 0), f"the emulated sm_{arch}")
     if extension.load_error() is not None:
         return extension.load_error()
     if device.type != "cuda":
         return f"the CUDA kernels need CUDA tensors; got tensors on {device}"
-    return None
+    properties = torch.cuda.get_device_properties(device)
+    return _cuda_shared_memory_reason(
+        getattr(properties, "shared_memory_per_block_optin", CUDA_SHARED_MEMORY_PER_BLOCK),
+        properties.name)
 
 
 def _backend_ops(name: str) -> tuple[Callable, Callable]:

@@ -83,6 +83,20 @@ def test_with_the_variable_cuda_is_a_cpu_backend():
 
 
 @needs_emulation
+@pytest.mark.parametrize("arch, available", [(80, True), (90, True), (86, False), (89, False)])
+def test_cuda_backend_declines_gpus_with_99_kib_of_shared_memory(monkeypatch, arch, available):
+    """The kernels' largest blocks (the dQ pass with dO resident next to double-buffered
+    K/V) exceed the 99 KiB per block of sm_86/89 (the emulation refuses such launches just
+    as those GPUs do), so there the backend says why and "auto" takes Triton."""
+    monkeypatch.setenv("DSA_OPS_CUDA_EMULATE_ARCH", str(arch))
+    reason = ops.backend_unavailable_reason("cuda", "cpu")
+    if available:
+        assert reason is None
+    else:
+        assert "163 KiB" in reason and "99 KiB" in reason and "triton" in reason
+
+
+@needs_emulation
 @pytest.mark.parametrize("name", CUDA_OPS)
 def test_emulation_registers_a_cpu_kernel_for_every_cuda_op(name):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"dsa_ops::{name}", "CPU")
