@@ -187,6 +187,7 @@ class Backend:
     dtypes: tuple
     qk_dims: Optional[tuple] = None  # inclusive range, None = any
     v_dims: Optional[tuple] = None
+    device_dtype_reason: Optional[Callable[[torch.device, torch.dtype], Optional[str]]] = None
 
     def unsupported_reason(self, q: Tensor, v: Tensor) -> Optional[str]:
         """Why this backend cannot take these inputs (device, dtype, head sizes), or None."""
@@ -196,6 +197,10 @@ class Backend:
         if q.dtype not in self.dtypes:
             names = ", ".join(str(d).removeprefix("torch.") for d in self.dtypes)
             return f"it supports dtypes {names}; got {str(q.dtype).removeprefix('torch.')}"
+        if self.device_dtype_reason is not None:
+            reason = self.device_dtype_reason(q.device, q.dtype)
+            if reason is not None:
+                return reason
         for what, size, limits in (("Dqk", q.shape[2], self.qk_dims), ("Dv", v.shape[2], self.v_dims)):
             if limits is not None and not limits[0] <= size <= limits[1]:
                 return f"it supports {what} in {limits[0]}..{limits[1]}; got {what} = {size}"
@@ -223,38 +228,45 @@ def _triton_unavailable(device: torch.device) -> Optional[str]:
             f"got tensors on {device}")
 
 
-# The CUDA kernels' blocks are sized for the shared memory of sm_80/sm_87/sm_90 (163 KiB
-# and more per block): the backward's dQ pass keeps dO resident (up to 512 columns) next to
-# double-buffered K/V tiles, up to 136 KiB. GPUs with 99 KiB per block (sm_86/89/120) are
-# left to the Triton backend, which "auto" then picks.
-CUDA_SHARED_MEMORY_PER_BLOCK = 163 * 1024
+# Shared memory per block the CUDA kernels' largest blocks need, by dtype. 16-bit kernels
+# fit the 99 KiB of sm_86/89/120 (the dQ pass then streams dO instead of keeping it
+# resident, chosen at launch); float32's double-buffered tiles need sm_80/sm_87/sm_90's
+# 163 KiB (up to 136 KiB). Where a GPU has less, the backend says so and "auto" takes Triton.
+CUDA_SHARED_MEMORY_PER_BLOCK = {torch.float16: 99 * 1024, torch.bfloat16: 99 * 1024,
+                                torch.float32: 163 * 1024}
 # What the host emulation grants per block (csrc/emulation/emulation.cpp), by the
 # architecture it emulates (DSA_OPS_CUDA_EMULATE_ARCH, default 80).
 _EMULATED_SHARED_MEMORY = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
 
-def _cuda_shared_memory_reason(shared_per_block: int, gpu: str) -> Optional[str]:
-    if shared_per_block >= CUDA_SHARED_MEMORY_PER_BLOCK:
+def _cuda_shared_memory(device: torch.device) -> tuple[int, str]:
+    """(bytes of shared memory a block may use, the GPU's name) for the kernels' device."""
+    if device.type == "cpu":
+        arch = int(os.environ.get("DSA_OPS_CUDA_EMULATE_ARCH") or 80)
+        return _EMULATED_SHARED_MEMORY.get(arch, 0), f"the emulated sm_{arch}"
+    properties = torch.cuda.get_device_properties(device)
+    return (getattr(properties, "shared_memory_per_block_optin", max(CUDA_SHARED_MEMORY_PER_BLOCK.values())),
+            properties.name)
+
+
+def _cuda_shared_memory_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    needed = CUDA_SHARED_MEMORY_PER_BLOCK[dtype]
+    available, gpu = _cuda_shared_memory(device)
+    if available >= needed:
         return None
-    return (f"the CUDA kernels need {CUDA_SHARED_MEMORY_PER_BLOCK // 1024} KiB of shared memory "
-            f"per block (sm_80/sm_90 class); {gpu} allows {shared_per_block // 1024} KiB: use "
-            f"backend='triton' (what 'auto' picks there)")
+    return (f"its {str(dtype).removeprefix('torch.')} kernels need {needed // 1024} KiB of shared "
+            f"memory per block; {gpu} allows {available // 1024} KiB: use backend='triton' "
+            f"(what 'auto' picks there)")
 
 
 def _cuda_unavailable(device: torch.device) -> Optional[str]:
     if device.type == "cpu" and extension.emulation_requested():
-        # DSA_OPS_CUDA_EMULATE=1: the kernels' host emulation
-        arch = int(os.environ.get("DSA_OPS_CUDA_EMULATE_ARCH") or 80)
-        return extension.emulation_error() or _cuda_shared_memory_reason(
-            _EMULATED_SHARED_MEMORY.get(arch, 0), f"the emulated sm_{arch}")
+        return extension.emulation_error()  # DSA_OPS_CUDA_EMULATE=1: the kernels' host emulation
     if extension.load_error() is not None:
         return extension.load_error()
     if device.type != "cuda":
         return f"the CUDA kernels need CUDA tensors; got tensors on {device}"
-    properties = torch.cuda.get_device_properties(device)
-    return _cuda_shared_memory_reason(
-        getattr(properties, "shared_memory_per_block_optin", CUDA_SHARED_MEMORY_PER_BLOCK),
-        properties.name)
+    return None
 
 
 def _backend_ops(name: str) -> tuple[Callable, Callable]:
@@ -270,7 +282,7 @@ _BACKENDS = {
     "triton": Backend("triton", *_backend_ops("triton"), _triton_unavailable, FUSED_DTYPES,
                       FUSED_QK_DIMS, FUSED_V_DIMS),
     "cuda": Backend("cuda", *_backend_ops("cuda"), _cuda_unavailable, FUSED_DTYPES,
-                    FUSED_QK_DIMS, FUSED_V_DIMS),
+                    FUSED_QK_DIMS, FUSED_V_DIMS, _cuda_shared_memory_reason),
 }
 # What "auto" tries per device type, in order, before the reference.
 _AUTO_ORDER = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}

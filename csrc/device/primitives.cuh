@@ -16,6 +16,7 @@
 //   DSA_STATIC_SHARED_ARRAY(T, name, n) T* name: n elements of static smem
 //   allow_dynamic_shared_memory(kernel, bytes)   opt-in above 48 KiB
 //   ensure_dynamic_shared_memory(kernel, bytes)  the same, once per kernel, device and size
+//   max_dynamic_shared_memory()         bytes a block may opt into on the current device
 //   launch(kernel, grid, threads, smem_bytes, stream, args...) -> cudaError_t
 #pragma once
 
@@ -125,6 +126,15 @@ cudaError_t allow_dynamic_shared_memory(Kernel kernel, int bytes) {
 
 inline cudaError_t current_device(int* device) { return cudaGetDevice(device); }
 
+inline int max_dynamic_shared_memory() {
+  int device = 0, bytes = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
+    return 0;
+  }
+  return bytes;
+}
+
 template <typename... Params, typename... Args>
 cudaError_t launch(void (*kernel)(Params...), dim3 grid, int threads, int shared_bytes,
                    cudaStream_t stream, Args&&... args) {
@@ -220,6 +230,8 @@ inline cudaError_t current_device(int* device) {
   *device = emulation::current_device();
   return cudaSuccess;
 }
+
+inline int max_dynamic_shared_memory() { return emulation::max_shared_memory_per_block_optin(); }
 
 template <typename... Params, typename... Args>
 cudaError_t launch(void (*kernel)(Params...), dim3 grid, int threads, int shared_bytes,

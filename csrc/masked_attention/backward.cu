@@ -9,7 +9,8 @@
 // so there is no zero-fill pass); gathers by cp.async, operands by ldmatrix, P and dS kept
 // in registers between their two products (warp_gemm_acc_a):
 //   dq_kernel   a block per query tile. Q and dO stay resident (dO over the whole Dv for
-//               16-bit dtypes); the block first computes Δ of its rows (reading O once) and
+//               16-bit dtypes where the device's shared memory holds it, else streamed
+//               with V); the block first computes Δ of its rows (reading O once) and
 //               writes it to the float32 workspace for the key side, then streams
 //               (key tile, V column chunk) stages, double-buffered: dP is summed over all of
 //               Dv once per tile pair, and dS = P∘(dP − Δ) feeds dQ += dS·K.
@@ -88,17 +89,27 @@ struct DqSmem {
   // Element offsets: Q, K ×2, V chunk ×2, dO (resident or ×2), float32's dS strips.
   int q, k, v, grad_out, strip, elements, bytes;
 
-  __host__ __device__ explicit DqSmem(int v_dim) {
+  // dO is resident when the dtype allows it and the whole layout fits `shared_limit`
+  // (sm_80/90 hold every width; the 99 KiB of sm_86/89 hold 16-bit dO up to 256 columns).
+  __host__ __device__ DqSmem(int v_dim, int shared_limit) {
     chunks = (v_dim + VC - 1) / VC;
-    resident = sizeof(T) == 2 || chunks * VC <= kFloat32ResidentWidth;
+    resident = (sizeof(T) == 2 || chunks * VC <= kFloat32ResidentWidth) &&
+               elements_with(chunks, true) * static_cast<int>(sizeof(T)) <= shared_limit;
     grad_out_pitch = resident ? padded_pitch<T>(chunks * VC) : kChunkPitch;
     q = 0;
     k = q + kQkTile;
     v = k + 2 * kQkTile;
     grad_out = v + 2 * kChunkTile;
-    strip = grad_out + (resident ? kBlockRows * grad_out_pitch : 2 * kChunkTile);
-    elements = strip + kWarps * kStrip;
+    elements = elements_with(chunks, resident);
+    strip = elements - kWarps * kStrip;
     bytes = elements * static_cast<int>(sizeof(T));
+  }
+
+  // The layout's size in elements: Q, K ×2, V chunk ×2, dO (resident or ×2), the strips.
+  __host__ __device__ static int elements_with(int chunks, bool resident) {
+    const int grad_out_tiles =
+        resident ? kBlockRows * padded_pitch<T>(chunks * VC) : 2 * kChunkTile;
+    return 3 * kQkTile + 2 * kChunkTile + grad_out_tiles + kWarps * kStrip;
   }
 };
 
@@ -108,7 +119,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const __grid_constant__ Ba
   using Layout = DqSmem<T, D, VC>;
   constexpr int kScoreTiles = kBlockCols / 8;
   constexpr int kGradTiles = D / 8;
-  const Layout layout(launch.v_dim);
+  const Layout layout(launch.v_dim, launch.shared_memory_limit);
   DSA_DYNAMIC_SHARED_MEMORY(smem_raw);
   T* const smem = reinterpret_cast<T*>(smem_raw);
   T* const q_s = smem + layout.q;
@@ -465,8 +476,10 @@ int64_t backward_workspace_floats(ScalarKind dtype, int batch, int length, int q
   return rows + (chunks > 1 ? chunks * rows * qk_dim : 0);
 }
 
-cudaError_t launch_backward(const BackwardLaunch& launch, cudaStream_t stream) {
-  if (launch.batch == 0 || launch.length == 0) return cudaSuccess;
+cudaError_t launch_backward(const BackwardLaunch& request, cudaStream_t stream) {
+  if (request.batch == 0 || request.length == 0) return cudaSuccess;
+  BackwardLaunch launch = request;
+  launch.shared_memory_limit = device::max_dynamic_shared_memory();
   const unsigned tiles = (launch.length + kBlockRows - 1) / kBlockRows;
   const unsigned branches = launch.branches;
   const unsigned batch = launch.batch;
@@ -480,7 +493,8 @@ cudaError_t launch_backward(const BackwardLaunch& launch, cudaStream_t stream) {
         constexpr int VC = decltype(chunk)::value;
         // Δ first: the key side reads it (same stream, so ordered).
         status = launch_with_smem(dq_kernel<T, D, VC>, dim3(tiles, batch, branches),
-                                  DqSmem<T, D, VC>(launch.v_dim).bytes, stream, launch);
+                                  DqSmem<T, D, VC>(launch.v_dim, launch.shared_memory_limit).bytes,
+                                  stream, launch);
         if (status != cudaSuccess) return;
         status = launch_with_smem(key_kernel<T, D, VC>, dim3(tiles, batch, branches * chunks),
                                   KeySmem<T, D, VC>::kBytes, stream, launch);

@@ -70,6 +70,9 @@ struct BackwardLaunch {
   ScalarKind dtype = ScalarKind::kFloat32;
   int batch = 0, length = 0, qk_dim = 0, v_dim = 0;
   float scale = 1.f;
+  // Set by launch_backward (callers leave it): the device's per-block shared-memory limit,
+  // which decides whether the dQ pass can keep dO resident.
+  int shared_memory_limit = 0;
 };
 
 // Both return the first CUDA error met while launching (cudaSuccess otherwise).
