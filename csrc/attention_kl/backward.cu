@@ -25,12 +25,12 @@ __device__ inline float probability_gap(float s, float s_oracle, float lse, floa
 
 // What both gradient kernels share: the block's own 64 slots of `own` (queries for dQ,
 // keys for dK) and of the streamed set, the zero rows of `grad` past the own set's size,
-// the own rows of both passes gathered, and the warp's 16 × 64 strip in shared memory.
+// the own rows of both passes gathered, and float32's per-warp strip scratch.
 template <typename T, int D>
 struct GradientBlock {
   using Smem = KlSmem<T, D>;
   KlTiles<T, D> tiles;
-  T* strip;
+  T* strip;  // float32's scratch for the warp's gradient strip (unused for 16-bit)
   SampleRowSet own, streamed;
   int sample, slot0, warp;
   bool active;  // false: no own rows in this tile, the block is done
@@ -39,7 +39,7 @@ struct GradientBlock {
                            const MatrixArg& grad)
       : tiles(reinterpret_cast<T*>(smem_raw)),
         strip(reinterpret_cast<T*>(smem_raw) + Smem::kStrip +
-              (threadIdx.x / 32) * kWarpRows * Smem::kStripPitch),
+              (threadIdx.x / 32) * Smem::kStripScratch),
         own(own_are_queries ? in.queries : in.keys, blockIdx.y, in.length),
         streamed(own_are_queries ? in.keys : in.queries, blockIdx.y, in.length),
         sample(blockIdx.y), slot0(blockIdx.x * kBlockRows), warp(threadIdx.x / 32) {
@@ -56,13 +56,11 @@ struct GradientBlock {
                min(kBlockRows, own.size - slot0), in.qk_dim);
   }
 
-  // acc += (the warp's strip, stored as T) · streamed rows of the prediction.
+  // acc += (the warp's gradient strip, rounded to T) · streamed rows of the prediction.
   template <int NT>
   __device__ void accumulate(float (&acc)[NT][4], const float (&strip_values)[kScoreTiles][4]) const {
-    masked_attention::store_strip<T>(strip, Smem::kStripPitch, strip_values);
-    device::warp_barrier();
-    masked_attention::warp_gemm<T, kBlockCols, NT, BLayout::kKN>(
-        acc, strip, Smem::kStripPitch, tiles.streamed, Smem::kQkPitch);
+    masked_attention::warp_gemm_acc_a<T, kScoreTiles, NT, BLayout::kKN>(
+        acc, strip_values, tiles.streamed, Smem::kQkPitch, strip);
   }
 };
 

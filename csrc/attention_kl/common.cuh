@@ -28,19 +28,21 @@ constexpr int kScoreTiles = kBlockCols / 8;  // n-tiles of a warp's 16 × 64 sco
 static_assert(kBlockRows == kBlockCols, "own and streamed tiles share one loader");
 
 // Own rows (the block's 64 slots) and streamed rows (64 slots per step), prediction and
-// oracle each, Dqk wide; then the backward's 16-bit copy of every warp's gradient strip
-// and three float32 statistics per streamed column.
+// oracle each, Dqk wide; then the backward's per-warp scratch for its gradient strip
+// (float32 only: 16-bit strips stay in registers, warp_gemm_acc_a) and three float32
+// statistics per streamed column.
 template <typename T, int D>
 struct KlSmem {
   static constexpr int kQkPitch = masked_attention::padded_pitch<T>(D);
-  static constexpr int kStripPitch = masked_attention::padded_pitch<T>(kBlockCols);
+  static constexpr int kStripScratch =
+      masked_attention::acc_a_scratch_elements<T, kScoreTiles>();  // per warp
   static constexpr int kOwn = 0;
   static constexpr int kOwnOracle = kOwn + kBlockRows * kQkPitch;
   static constexpr int kStreamed = kOwnOracle + kBlockRows * kQkPitch;
   static constexpr int kStreamedOracle = kStreamed + kBlockCols * kQkPitch;
   static constexpr int kStrip = kStreamedOracle + kBlockCols * kQkPitch;
   static constexpr int kForwardBytes = kStrip * static_cast<int>(sizeof(T));
-  static constexpr int kElements = kStrip + kBlockRows * kStripPitch;
+  static constexpr int kElements = kStrip + masked_attention::kWarps * kStripScratch;
   static constexpr int kStatsFloats = 3 * kBlockCols;
   static constexpr int kBackwardBytes = kElements * static_cast<int>(sizeof(T)) +
                                         kStatsFloats * static_cast<int>(sizeof(float));
