@@ -4,9 +4,9 @@
 // With P = exp(scale·Q Kᵀ − lse) recomputed from the saved log-sum-exp, dP = dO Vᵀ and
 // Δᵢ = rowsum(dO∘O)ᵢ:  dS = P∘(dP − Δ),  dQ = scale·dS K,  dK = scale·dSᵀ Q,  dV = Pᵀ dO.
 //
-// Two kernels (three launches when V is split), over tiles of 64 slots of a partition
-// (tiles past the set size write the zero gradient rows of the positions outside the set,
-// so there is no zero-fill pass); gathers by cp.async, operands by ldmatrix, P and dS kept
+// Two kernels (three launches when the key side splits V: 16-bit Dv > 256), over tiles of
+// 64 slots of a partition (tiles past the set size write the zero gradient rows of the
+// positions outside the set, so there is no zero-fill pass); gathers by cp.async, operands by ldmatrix, P and dS kept
 // in registers between their two products (warp_gemm_acc_a):
 //   dq_kernel   a block per query tile. Q and dO stay resident (dO over the whole Dv for
 //               16-bit dtypes where the device's shared memory holds it, else streamed
@@ -14,12 +14,14 @@
 //               writes it to the float32 workspace for the key side, then streams
 //               (key tile, V column chunk) stages, double-buffered: dP is summed over all of
 //               Dv once per tile pair, and dS = P∘(dP − Δ) feeds dQ += dS·K.
-//   key_kernel  a block per (key tile, V column chunk), K and its V chunk resident, streams
-//               query tiles (Q, dO chunk, lse, Δ; double-buffered). The transposed problem
-//               (Sᵀ = K Qᵀ) keeps the forward's warp layout: Pᵀ feeds dV += Pᵀ·dO and, with
-//               dPᵀ = V·dOᵀ over the chunk, dSᵀ feeds dK += dSᵀ·Q. The dV strip (16 × chunk
-//               floats per warp, in registers) bounds the chunk: 128 columns for 16-bit
-//               dtypes, so Dv ≤ 128 is one chunk and dK is written directly.
+//   key_kernel  a block per (key tile, V column chunk): K and its V columns resident (all of
+//               Dv up to 256 for 16-bit dtypes, so Dv = 512 is two halves; 64 for float32),
+//               streams query tiles (Q, dO columns, lse, Δ; double-buffered). The
+//               transposed problem (Sᵀ = K Qᵀ) keeps the forward's warp layout: Pᵀ feeds
+//               dV += Pᵀ·dO and, with dPᵀ = V·dOᵀ, dSᵀ feeds dK += dSᵀ·Q. A warp's dV strip
+//               (16 × its columns, in registers) holds 128 columns, so a 256-column block
+//               runs two groups of four warps that split the columns and share Pᵀ and dPᵀ
+//               (KeyTiling): each tile's exponentials are computed once per block.
 //   dk_reduce_kernel  only when V is split: each chunk's block wrote a partial dK from
 //               Pᵀ∘(dPᵀ_c − [c = 0]·Δ) into the workspace; this sums the chunks in order.
 // Why not one kernel: dQ sums over keys and dK, dV over queries; without atomics each needs
@@ -31,32 +33,44 @@ namespace dsa_ops {
 namespace masked_attention {
 namespace {
 
-// Columns of V (and dO) per chunk: the dV accumulator of a key-side warp is 16 × chunk
-// floats in registers, and 128 keeps the 16-bit kernels free of spills; float32 (no tensor
-// cores, so speed is not the point) uses 64 to stay inside sm_80's shared memory.
+// Columns of V (and dO) per dQ-side stage: 64 when Dv fits in it (no wasted columns), else
+// 128 for 16-bit dtypes (the dP strip sums over stages, so the width only sets the stage
+// size) and 64 for float32 (no tensor cores, so speed is not the point; sm_80's 163 KiB).
 template <typename T>
-constexpr int max_v_chunk() {
-  return DTypeTraits<T>::kTensorCores ? 128 : 64;
+__host__ __device__ constexpr int dq_v_chunk(int v_dim) {
+  return v_dim <= 64 || !DTypeTraits<T>::kTensorCores ? 64 : 128;
 }
 
-// The V chunk width: 64 when Dv fits in it (no wasted columns), else the dtype's maximum.
+// Columns of V (and dO) a key-side block owns: its warps hold their dV rows over all of them
+// in registers. 16-bit: the smallest of 64, 128, 256 that holds Dv, so Dv ≤ 256 is one block
+// per key tile and Dv = 512 two halves; float32: 64.
 template <typename T>
-__host__ __device__ constexpr int v_chunk_width(int v_dim) {
-  return v_dim <= 64 ? 64 : max_v_chunk<T>();
+__host__ __device__ constexpr int key_v_width(int v_dim) {
+  if (v_dim <= 64 || !DTypeTraits<T>::kTensorCores) return 64;
+  return v_dim <= 128 ? 128 : 256;
 }
 
 template <typename T>
-__host__ __device__ constexpr int v_chunks_of(int v_dim) {
-  return (v_dim + v_chunk_width<T>(v_dim) - 1) / v_chunk_width<T>(v_dim);
+__host__ __device__ constexpr int key_v_chunks(int v_dim) {
+  return (v_dim + key_v_width<T>(v_dim) - 1) / key_v_width<T>(v_dim);
+}
+
+// The two widths as template arguments (float32 instantiates only 64).
+template <typename T, typename F>
+void dispatch_dq_v_chunk(int v_dim, F&& f) {
+  if constexpr (DTypeTraits<T>::kTensorCores) {
+    if (dq_v_chunk<T>(v_dim) == 128) return f(std::integral_constant<int, 128>{});
+  }
+  f(std::integral_constant<int, 64>{});
 }
 
 template <typename T, typename F>
-void dispatch_v_chunk(int v_dim, F&& f) {
-  if (v_chunk_width<T>(v_dim) == 64) {
-    f(std::integral_constant<int, 64>{});
-  } else {
-    f(std::integral_constant<int, max_v_chunk<T>()>{});
+void dispatch_key_v_width(int v_dim, F&& f) {
+  if constexpr (DTypeTraits<T>::kTensorCores) {
+    if (key_v_width<T>(v_dim) == 256) return f(std::integral_constant<int, 256>{});
+    if (key_v_width<T>(v_dim) == 128) return f(std::integral_constant<int, 128>{});
   }
+  f(std::integral_constant<int, 64>{});
 }
 
 __device__ inline const BackwardBranch& select_branch(const BackwardLaunch& launch, int id) {
@@ -270,54 +284,94 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const __grid_constant__ Ba
 }
 
 // ----------------------------------------------------------------------------- key side
-// Queries per streamed tile on the key side. A warp holds Pᵀ and dPᵀ (16 × queries each)
-// next to its dV (16 × VC) and dK (16 × D) accumulators: with VC = 128, 32 queries keep that
-// to about 128 floats (64 queries spill on sm_90).
-template <int VC>
-constexpr int key_side_query_cols() {
-  return VC > 64 ? 32 : 64;
-}
-
-template <typename T, int D, int VC>
-struct KeySmem {
-  static constexpr int kQueryCols = key_side_query_cols<VC>();
-  static constexpr int kQkPitch = padded_pitch<T>(D);
-  static constexpr int kChunkPitch = padded_pitch<T>(VC);
-  static constexpr int kQkTile = kBlockRows * kQkPitch;
-  static constexpr int kKeyChunkTile = kBlockRows * kChunkPitch;
-  static constexpr int kQueryQkTile = kQueryCols * kQkPitch;
-  static constexpr int kQueryChunkTile = kQueryCols * kChunkPitch;
-  static constexpr int kStrip = acc_a_scratch_elements<T, kQueryCols / 8>();  // per warp
-  // Resident K and V chunk; streamed Q and dO chunk ×2; float32's Pᵀ / dSᵀ strips.
-  static constexpr int kK = 0;
-  static constexpr int kV = kK + kQkTile;
-  static constexpr int kQ = kV + kKeyChunkTile;
-  static constexpr int kGradOut = kQ + 2 * kQueryQkTile;
-  static constexpr int kStripArea = kGradOut + 2 * kQueryChunkTile;
-  static constexpr int kElements = kStripArea + kWarps * kStrip;
-  // Then lse and Δ of the streamed query tile, ×2.
-  static constexpr int kBytes =
-      kElements * static_cast<int>(sizeof(T)) + 4 * kQueryCols * static_cast<int>(sizeof(float));
+// A key-side block owns 64 key slots and VK columns of V; its warps hold their dV rows over
+// those columns and their dK rows in registers while the query tiles stream past. A warp's
+// dV strip is 16 × (its columns) floats, which bounds the columns one warp can own at 128
+// (16-bit; 64 for float32): a wider block splits its columns over kGroups groups of four
+// warps, group g owning columns [g·kGroupCols, (g + 1)·kGroupCols) of the same 64 keys
+// (warp w of each group: keys 16w..16w + 15).
+//
+// The groups share the work that does not depend on the columns instead of repeating it:
+// group g forms Pᵀ (QKᵀ and its exponentials) only for its share of the streamed queries,
+// and the two groups swap through shared memory what the other needs:
+//   - Pᵀ as 16-bit mma A fragments (one 16-byte register quad per lane and k-block), as
+//     dV = Pᵀ·dO needs every query;
+//   - dPᵀ = V·dOᵀ, which each group sums over its own columns only, as float32 partials for
+//     the other group's queries.
+// dSᵀ = Pᵀ∘(dPᵀ − Δ) and dK += dSᵀ·Q then follow per group over its own queries, and the
+// groups' dK strips are summed (group 0 + group 1) once, after the last query tile.
+template <typename T, int VK>
+struct KeyTiling {
+  static constexpr int kGroupCols = DTypeTraits<T>::kTensorCores ? (VK < 128 ? VK : 128) : 64;
+  static constexpr int kGroups = VK / kGroupCols;
+  static_assert(kGroups * kGroupCols == VK && kGroups <= 2, "one or two column groups");
+  static constexpr int kThreads = kGroups * masked_attention::kThreads;
+  // Queries per streamed tile: a warp holds Pᵀ and dPᵀ (16 × queries each) next to its dV
+  // (16 × kGroupCols) and dK (16 × D) strips; at 128 columns, 32 queries keep that to about
+  // 128 floats (64 queries spill on sm_90).
+  static constexpr int kQueryCols = kGroupCols > 64 ? 32 : 64;
+  static constexpr int kQueryTiles = kQueryCols / 8;          // n-tiles of dPᵀ
+  static constexpr int kOwnQueries = kQueryCols / kGroups;   // queries whose Pᵀ a group forms
+  static constexpr int kOwnTiles = kOwnQueries / 8;
+  static constexpr int kOwnBlocks = kOwnQueries / 16;        // k-blocks of them as an A operand
+  static_assert(kOwnQueries % 16 == 0, "each group's queries are whole mma k-blocks");
 };
 
-// Minimum one block per SM: without it ptxas aims at three (≤ 170 registers) and spills.
-template <typename T, int D, int VC>
-__global__ void __launch_bounds__(kThreads, 1) key_kernel(const __grid_constant__ BackwardLaunch launch) {
-  using Layout = KeySmem<T, D, VC>;
-  constexpr int kQueryCols = Layout::kQueryCols;
-  constexpr int kScoreTiles = kQueryCols / 8;
+template <typename T, int D, int VK>
+struct KeySmem {
+  using Tiling = KeyTiling<T, VK>;
+  static constexpr int kQueryCols = Tiling::kQueryCols;
+  static constexpr int kQkPitch = padded_pitch<T>(D);
+  static constexpr int kVPitch = padded_pitch<T>(VK);
+  static constexpr int kQueryQkTile = kQueryCols * kQkPitch;
+  static constexpr int kQueryVTile = kQueryCols * kVPitch;
+  static constexpr int kStrip = acc_a_scratch_elements<T, Tiling::kOwnTiles>();  // per warp
+  // Elements: resident K and V; streamed Q and dO ×2; float32's Pᵀ / dSᵀ strips.
+  static constexpr int kK = 0;
+  static constexpr int kV = kK + kBlockRows * kQkPitch;
+  static constexpr int kQ = kV + kBlockRows * kVPitch;
+  static constexpr int kGradOut = kQ + 2 * kQueryQkTile;
+  static constexpr int kStripArea = kGradOut + 2 * kQueryVTile;
+  static constexpr int kElements = kStripArea + kWarps * kStrip;
+  // Bytes, after the elements: lse and Δ of the streamed query tile ×2 (float32); with two
+  // groups, every warp's Pᵀ fragments (uint4 per lane and k-block) and dPᵀ partials for the
+  // other group (float4 per lane and n-tile).
+  static constexpr int kStatsOffset = kElements * static_cast<int>(sizeof(T));
+  static constexpr int kPFragmentOffset = kStatsOffset + 4 * kQueryCols * static_cast<int>(sizeof(float));
+  static constexpr int kExchangeWarps = Tiling::kGroups > 1 ? Tiling::kGroups * kWarps : 0;
+  static constexpr int kDpPartialOffset = kPFragmentOffset + kExchangeWarps * Tiling::kOwnBlocks * 32 * 16;
+  static constexpr int kBytes = kDpPartialOffset + kExchangeWarps * Tiling::kOwnTiles * 32 * 16;
+  static_assert(kStatsOffset % 16 == 0, "the exchange areas are 16-byte aligned");
+  // After the last query tile group 1's dK strips pass to group 0 through the dO buffers.
+  static_assert(Tiling::kGroups == 1 ||
+                    kWarps * (D / 8) * 32 * 16 <= 2 * kQueryVTile * static_cast<int>(sizeof(T)),
+                "the dK hand-over fits in the dO buffers");
+};
+
+// One block per SM as the minimum: without it ptxas aims at more and spills.
+template <typename T, int D, int VK>
+__global__ void __launch_bounds__(KeyTiling<T, VK>::kThreads, 1)
+    key_kernel(const __grid_constant__ BackwardLaunch launch) {
+  using Tiling = KeyTiling<T, VK>;
+  using Layout = KeySmem<T, D, VK>;
+  constexpr int kThreads = Tiling::kThreads;
+  constexpr int kGroups = Tiling::kGroups;
+  constexpr int kGroupCols = Tiling::kGroupCols;
+  constexpr int kQueryCols = Tiling::kQueryCols;
+  constexpr int kOwnTiles = Tiling::kOwnTiles;
+  constexpr int kOwnBlocks = Tiling::kOwnBlocks;
   constexpr int kGradKTiles = D / 8;
-  constexpr int kGradVTiles = VC / 8;
+  constexpr int kGradVTiles = kGroupCols / 8;
   DSA_DYNAMIC_SHARED_MEMORY(smem_raw);
   T* const smem = reinterpret_cast<T*>(smem_raw);
   T* const k_s = smem + Layout::kK;
   T* const v_s = smem + Layout::kV;
-  float* const stats = reinterpret_cast<float*>(smem_raw + Layout::kElements * sizeof(T));
+  float* const stats = reinterpret_cast<float*>(smem_raw + Layout::kStatsOffset);
 
-  const int chunks = (launch.v_dim + VC - 1) / VC;
+  const int chunks = (launch.v_dim + VK - 1) / VK;
   const BackwardBranch& branch = select_branch(launch, blockIdx.z / chunks);
   const int chunk = blockIdx.z % chunks;
-  const int col0 = chunk * VC;
+  const int col0 = chunk * VK;
   const int sample = blockIdx.y;
   const int length = launch.length;
   const int slot0 = blockIdx.x * kBlockRows;
@@ -330,9 +384,9 @@ __global__ void __launch_bounds__(kThreads, 1) key_kernel(const __grid_constant_
   const int tile_end = min(slot0 + kBlockRows, length);
   const int outside_begin = max(slot0, keys.size);
   if (outside_begin < tile_end) {
-    zero_rows<T, VC>(grad_v, keys, sample, outside_begin, tile_end, col0, launch.v_dim);
+    zero_rows<T, VK, kThreads>(grad_v, keys, sample, outside_begin, tile_end, col0, launch.v_dim);
     if (chunks == 1) {
-      zero_rows<T, D>(grad_k, keys, sample, outside_begin, tile_end, 0, launch.qk_dim);
+      zero_rows<T, D, kThreads>(grad_k, keys, sample, outside_begin, tile_end, 0, launch.qk_dim);
     }
   }
   if (slot0 >= keys.size) return;
@@ -341,23 +395,24 @@ __global__ void __launch_bounds__(kThreads, 1) key_kernel(const __grid_constant_
   const float* const lse = branch.lse + static_cast<int64_t>(sample) * length;
   const float* const delta = delta_of(branch) + static_cast<int64_t>(sample) * length;
 
-  load_tile_async<T, kBlockRows, D>(k_s, Layout::kQkPitch, typed<const T>(branch.k), keys, sample,
-                               slot0, key_rows, 0, launch.qk_dim);
-  load_tile_async<T, kBlockRows, VC>(v_s, Layout::kChunkPitch, typed<const T>(branch.v), keys, sample,
-                                slot0, key_rows, col0, launch.v_dim);
+  load_tile_async<T, kBlockRows, D, kThreads>(k_s, Layout::kQkPitch, typed<const T>(branch.k),
+                                              keys, sample, slot0, key_rows, 0, launch.qk_dim);
+  load_tile_async<T, kBlockRows, VK, kThreads>(v_s, Layout::kVPitch, typed<const T>(branch.v),
+                                               keys, sample, slot0, key_rows, col0, launch.v_dim);
   device::cp_async_commit();
 
-  // A query tile's Q, dO chunk, lse (+inf outside the set, so Pᵀ is 0 there) and Δ (only
+  // A query tile's Q, dO columns, lse (+inf outside the set, so Pᵀ is 0 there) and Δ (only
   // in chunk 0's partial dK, so the chunks sum to P∘(dP − Δ)).
   auto issue_query_tile = [&](int tile) {
     const int buffer = tile % 2;
     const int query0 = tile * kQueryCols;
     const int query_cols = min(kQueryCols, queries.size - query0);
-    load_tile_async<T, kQueryCols, D>(smem + Layout::kQ + buffer * Layout::kQueryQkTile, Layout::kQkPitch,
-                                 q, queries, sample, query0, query_cols, 0, launch.qk_dim);
-    load_tile_async<T, kQueryCols, VC>(smem + Layout::kGradOut + buffer * Layout::kQueryChunkTile,
-                                  Layout::kChunkPitch, grad_out, queries, sample, query0,
-                                  query_cols, col0, launch.v_dim);
+    load_tile_async<T, kQueryCols, D, kThreads>(smem + Layout::kQ + buffer * Layout::kQueryQkTile,
+                                                Layout::kQkPitch, q, queries, sample, query0,
+                                                query_cols, 0, launch.qk_dim);
+    load_tile_async<T, kQueryCols, VK, kThreads>(
+        smem + Layout::kGradOut + buffer * Layout::kQueryVTile, Layout::kVPitch, grad_out,
+        queries, sample, query0, query_cols, col0, launch.v_dim);
     float* const lse_s = stats + buffer * 2 * kQueryCols;
     for (int c = threadIdx.x; c < kQueryCols; c += kThreads) {
       const bool inside = c < query_cols;
@@ -369,12 +424,20 @@ __global__ void __launch_bounds__(kThreads, 1) key_kernel(const __grid_constant_
   const int query_tiles = (queries.size + kQueryCols - 1) / kQueryCols;
   if (query_tiles > 0) issue_query_tile(0);
 
-  const int warp = threadIdx.x / 32;
+  const int block_warp = threadIdx.x / 32;
+  const int group = block_warp / kWarps;
+  const int warp = block_warp % kWarps;
+  const int partner_warp = (kGroups - 1 - group) * kWarps + warp;  // same keys, other columns
+  const int lane_index = threadIdx.x % 32;
   const LaneCoords lane;
   const int warp_row0 = warp * kWarpRows;
+  const int group_col0 = group * kGroupCols;
+  const int own_query0 = group * Tiling::kOwnQueries;
   const T* const k_warp = k_s + warp_row0 * Layout::kQkPitch;
-  const T* const v_warp = v_s + warp_row0 * Layout::kChunkPitch;
+  const T* const v_warp = v_s + warp_row0 * Layout::kVPitch + group_col0;
   T* const strip = smem + Layout::kStripArea + warp * Layout::kStrip;
+  uint4* const p_fragments = reinterpret_cast<uint4*>(smem_raw + Layout::kPFragmentOffset);
+  float4* const dp_partials = reinterpret_cast<float4*>(smem_raw + Layout::kDpPartialOffset);
 
   float grad_k_acc[kGradKTiles][4], grad_v_acc[kGradVTiles][4];
   zero_fill(grad_k_acc);
@@ -385,39 +448,122 @@ __global__ void __launch_bounds__(kThreads, 1) key_kernel(const __grid_constant_
     pipeline_step(tile + 1 < query_tiles, [&] { issue_query_tile(tile + 1); });
     device::block_barrier();
     const T* const q_s = smem + Layout::kQ + buffer * Layout::kQueryQkTile;
-    const T* const grad_out_s = smem + Layout::kGradOut + buffer * Layout::kQueryChunkTile;
+    const T* const grad_out_s = smem + Layout::kGradOut + buffer * Layout::kQueryVTile + group_col0;
     const float* const lse_s = stats + buffer * 2 * kQueryCols;
     const float* const delta_s = lse_s + kQueryCols;
+    const T* const own_q = q_s + own_query0 * Layout::kQkPitch;
 
-    // Pᵀ for the warp's 16 keys × the 64 streamed queries.
-    float p[kScoreTiles][4];
+    // Pᵀ for the warp's 16 keys × the group's queries.
+    float p[kOwnTiles][4];
     zero_fill(p);
-    warp_gemm<T, D, kScoreTiles, BLayout::kNK>(p, k_warp, Layout::kQkPitch, q_s, Layout::kQkPitch);
+    warp_gemm<T, D, kOwnTiles, BLayout::kNK>(p, k_warp, Layout::kQkPitch, own_q, Layout::kQkPitch);
 #pragma unroll
-    for (int j = 0; j < kScoreTiles; ++j) {
+    for (int j = 0; j < kOwnTiles; ++j) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        p[j][e] = exp_difference(p[j][e] * launch.scale - lse_s[lane.col(j, e)]);
+        p[j][e] = exp_difference(p[j][e] * launch.scale - lse_s[own_query0 + lane.col(j, e)]);
       }
     }
-    warp_gemm_acc_a<T, kScoreTiles, kGradVTiles, BLayout::kKN>(grad_v_acc, p, grad_out_s,
-                                                               Layout::kChunkPitch, strip);
-    float dp[kScoreTiles][4];
-    zero_fill(dp);
-    warp_gemm<T, VC, kScoreTiles, BLayout::kNK>(dp, v_warp, Layout::kChunkPitch, grad_out_s,
-                                                Layout::kChunkPitch);
+    // dV += Pᵀ·dO over every query of the tile: the group's own k-blocks from registers,
+    // the other group's from its published fragments.
+    if constexpr (kGroups == 1) {
+      warp_gemm_acc_a<T, kOwnTiles, kGradVTiles, BLayout::kKN>(grad_v_acc, p, grad_out_s,
+                                                               Layout::kVPitch, strip);
+    } else {
+      uint4* const published = p_fragments + block_warp * kOwnBlocks * 32;
 #pragma unroll
-    for (int j = 0; j < kScoreTiles; ++j) {
+      for (int b = 0; b < kOwnBlocks; ++b) {
+        uint32_t frag[4];
+        pack_a_fragment<T>(frag, p[2 * b], p[2 * b + 1]);
+        published[b * 32 + lane_index] = make_uint4(frag[0], frag[1], frag[2], frag[3]);
+        mma_row_strip<T, kGradVTiles, BLayout::kKN>(grad_v_acc, frag, grad_out_s + own_query0 * Layout::kVPitch,
+                                                    Layout::kVPitch, 16 * b);
+      }
+      device::block_barrier();  // the partner's fragments are published
+      const uint4* const partner = p_fragments + partner_warp * kOwnBlocks * 32;
+      const int partner_query0 = (kGroups - 1 - group) * Tiling::kOwnQueries;
 #pragma unroll
-      for (int e = 0; e < 4; ++e) p[j][e] *= dp[j][e] - delta_s[lane.col(j, e)];  // dSᵀ / scale
+      for (int b = 0; b < kOwnBlocks; ++b) {
+        const uint4 quad = partner[b * 32 + lane_index];
+        const uint32_t frag[4] = {quad.x, quad.y, quad.z, quad.w};
+        mma_row_strip<T, kGradVTiles, BLayout::kKN>(
+            grad_v_acc, frag, grad_out_s + partner_query0 * Layout::kVPitch, Layout::kVPitch, 16 * b);
+      }
     }
-    warp_gemm_acc_a<T, kScoreTiles, kGradKTiles, BLayout::kKN>(grad_k_acc, p, q_s,
-                                                               Layout::kQkPitch, strip);
+    // dPᵀ over the group's columns for every query of the tile; the group keeps the sum for
+    // its own queries (adding the partner's partial) and hands the rest over.
+    float dp[Tiling::kQueryTiles][4];
+    zero_fill(dp);
+    warp_gemm<T, kGroupCols, Tiling::kQueryTiles, BLayout::kNK>(dp, v_warp, Layout::kVPitch,
+                                                                grad_out_s, Layout::kVPitch);
+    float ds[kOwnTiles][4];  // dSᵀ / scale for the group's queries
+#pragma unroll
+    for (int j = 0; j < kOwnTiles; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        if constexpr (kGroups == 1) {
+          ds[j][e] = dp[j][e];
+        } else {
+          ds[j][e] = group == 0 ? dp[j][e] : dp[kOwnTiles + j][e];
+        }
+      }
+    }
+    if constexpr (kGroups > 1) {
+      float4* const handed = dp_partials + block_warp * kOwnTiles * 32;
+#pragma unroll
+      for (int j = 0; j < kOwnTiles; ++j) {
+        float other[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) other[e] = group == 0 ? dp[kOwnTiles + j][e] : dp[j][e];
+        handed[j * 32 + lane_index] = make_float4(other[0], other[1], other[2], other[3]);
+      }
+      device::block_barrier();  // the partner's partials are handed over
+      const float4* const received = dp_partials + partner_warp * kOwnTiles * 32;
+#pragma unroll
+      for (int j = 0; j < kOwnTiles; ++j) {
+        const float4 partial = received[j * 32 + lane_index];
+        ds[j][0] += partial.x;
+        ds[j][1] += partial.y;
+        ds[j][2] += partial.z;
+        ds[j][3] += partial.w;
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kOwnTiles; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        ds[j][e] = p[j][e] * (ds[j][e] - delta_s[own_query0 + lane.col(j, e)]);
+      }
+    }
+    warp_gemm_acc_a<T, kOwnTiles, kGradKTiles, BLayout::kKN>(grad_k_acc, ds, own_q,
+                                                             Layout::kQkPitch, strip);
   }
   device::cp_async_wait<0>();  // no query tiles: the K / V group is still open
 
   const int warp_slot0 = slot0 + warp_row0;
-  store_rows<T>(grad_v, keys, sample, warp_slot0, col0, launch.v_dim, grad_v_acc, 1.f);
+  store_rows<T>(grad_v, keys, sample, warp_slot0, col0 + group_col0, launch.v_dim, grad_v_acc, 1.f);
+  if constexpr (kGroups > 1) {
+    // dK = group 0's strip + group 1's, through the (now idle) dO buffers.
+    float4* const handover = reinterpret_cast<float4*>(smem + Layout::kGradOut) + warp * kGradKTiles * 32;
+    device::block_barrier();  // every warp is done with the last tile's dO
+    if (group == 1) {
+#pragma unroll
+      for (int j = 0; j < kGradKTiles; ++j) {
+        handover[j * 32 + lane_index] =
+            make_float4(grad_k_acc[j][0], grad_k_acc[j][1], grad_k_acc[j][2], grad_k_acc[j][3]);
+      }
+    }
+    device::block_barrier();
+    if (group == 1) return;
+#pragma unroll
+    for (int j = 0; j < kGradKTiles; ++j) {
+      const float4 other = handover[j * 32 + lane_index];
+      grad_k_acc[j][0] += other.x;
+      grad_k_acc[j][1] += other.y;
+      grad_k_acc[j][2] += other.z;
+      grad_k_acc[j][3] += other.w;
+    }
+  }
   if (chunks == 1) {
     store_rows<T>(grad_k, keys, sample, warp_slot0, 0, launch.qk_dim, grad_k_acc, launch.scale);
     return;
@@ -444,7 +590,7 @@ __global__ void __launch_bounds__(kThreads, 1) key_kernel(const __grid_constant_
 // dK = scale · Σ_chunks partial, summed in chunk order; zeros off the key set.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) dk_reduce_kernel(const __grid_constant__ BackwardLaunch launch) {
-  const int chunks = v_chunks_of<T>(launch.v_dim);
+  const int chunks = key_v_chunks<T>(launch.v_dim);
   const BackwardBranch& branch = select_branch(launch, blockIdx.z);
   const int sample = blockIdx.y;
   const int length = launch.length;
@@ -471,7 +617,7 @@ __global__ void __launch_bounds__(kThreads) dk_reduce_kernel(const __grid_consta
 
 int64_t backward_workspace_floats(ScalarKind dtype, int batch, int length, int qk_dim, int v_dim) {
   int chunks = 1;
-  dispatch_dtype(dtype, [&](auto tag) { chunks = v_chunks_of<typename decltype(tag)::type>(v_dim); });
+  dispatch_dtype(dtype, [&](auto tag) { chunks = key_v_chunks<typename decltype(tag)::type>(v_dim); });
   const int64_t rows = static_cast<int64_t>(batch) * length;
   return rows + (chunks > 1 ? chunks * rows * qk_dim : 0);
 }
@@ -486,18 +632,22 @@ cudaError_t launch_backward(const BackwardLaunch& request, cudaStream_t stream) 
   cudaError_t status = cudaSuccess;
   dispatch_dtype(launch.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    const unsigned chunks = v_chunks_of<T>(launch.v_dim);
+    const unsigned chunks = key_v_chunks<T>(launch.v_dim);
     dispatch_qk_dim(launch.qk_dim, [&](auto dim) {
       constexpr int D = decltype(dim)::value;
-      dispatch_v_chunk<T>(launch.v_dim, [&](auto chunk) {
+      // Δ first: the key side reads it (same stream, so ordered).
+      dispatch_dq_v_chunk<T>(launch.v_dim, [&](auto chunk) {
         constexpr int VC = decltype(chunk)::value;
-        // Δ first: the key side reads it (same stream, so ordered).
         status = launch_with_smem(dq_kernel<T, D, VC>, dim3(tiles, batch, branches),
                                   DqSmem<T, D, VC>(launch.v_dim, launch.shared_memory_limit).bytes,
                                   stream, launch);
-        if (status != cudaSuccess) return;
-        status = launch_with_smem(key_kernel<T, D, VC>, dim3(tiles, batch, branches * chunks),
-                                  KeySmem<T, D, VC>::kBytes, stream, launch);
+      });
+      if (status != cudaSuccess) return;
+      dispatch_key_v_width<T>(launch.v_dim, [&](auto width) {
+        constexpr int VK = decltype(width)::value;
+        status = launch_with_smem<KeyTiling<T, VK>::kThreads>(
+            key_kernel<T, D, VK>, dim3(tiles, batch, branches * chunks), KeySmem<T, D, VK>::kBytes,
+            stream, launch);
       });
     });
     if (status != cudaSuccess || chunks == 1) return;

@@ -22,7 +22,6 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kWarpRows = 16;
 constexpr int kBlockRows = kWarps * kWarpRows;  // query rows (forward, dQ) or key rows (dK, dV)
 constexpr int kBlockCols = 64;                  // key columns (forward, dQ) or query columns
-constexpr int kVChunk = 64;                     // columns of V / dO handled per pass
 
 constexpr float kLog2e = 1.4426950408889634f;
 
@@ -138,7 +137,8 @@ __device__ __noinline__ void copy_chunk_scalar(T* dst, const T* src, int count) 
 // `columns` by cp.async (they land at the caller's cp_async_commit + cp_async_wait +
 // block_barrier), zero chunks by a 16-byte shared store, the rest through
 // copy_chunk_scalar. Does not commit: the caller groups tiles as it double-buffers.
-template <typename T, int ROWS, int WIDTH>
+// THREADS: the block's threads, which share the chunks.
+template <typename T, int ROWS, int WIDTH, int THREADS = kThreads>
 __device__ inline void load_tile_async(T* dst, int pitch, const Rows<const T>& src,
                                        const SampleRowSet& set, int sample, int slot0,
                                        int valid_rows, int col0, int columns) {
@@ -146,7 +146,7 @@ __device__ inline void load_tile_async(T* dst, int pitch, const Rows<const T>& s
   constexpr int kRowChunks = WIDTH / kChunk;
   static_assert(WIDTH % kChunk == 0, "tile widths are whole 16-byte chunks");
 #pragma unroll 2
-  for (int i = threadIdx.x; i < ROWS * kRowChunks; i += kThreads) {
+  for (int i = threadIdx.x; i < ROWS * kRowChunks; i += THREADS) {
     const int r = i / kRowChunks;
     const int c = (i % kRowChunks) * kChunk;
     T* const chunk = dst + r * pitch + c;
@@ -215,11 +215,11 @@ __device__ void store_rows_chunked(const Rows<T>& dst, const SampleRowSet& set, 
 
 // Writes zeros into the rows of `dst` (columns col0..col0+WIDTH, clipped to `columns`) whose
 // slots in [first, last) are outside the set: the part of a tile past the set's size.
-template <typename T, int WIDTH>
+template <typename T, int WIDTH, int THREADS = kThreads>
 __device__ void zero_rows(const Rows<T>& dst, const SampleRowSet& set, int sample, int first,
                           int last, int col0, int columns) {
   store_rows_chunked<T, WIDTH>(dst, set, sample, first, last - first, col0, columns, nullptr, 0,
-                               threadIdx.x, kThreads);
+                               threadIdx.x, THREADS);
 }
 
 // ----------------------------------------------------------------------------- warp GEMM
@@ -360,6 +360,19 @@ __device__ inline void store_strip(T* dst, int pitch, const float (&acc)[NT][4])
   }
 }
 
+// The mma A fragment (16 × 16, rounded to T) of two accumulator n-tiles of a warp's strip,
+// columns 16kk.. (lo = n-tile 2kk, hi = 2kk + 1): each lane's own accumulator pairs (c0, c1),
+// (c2, c3) are exactly its A registers, so no data moves between lanes.
+template <typename T>
+__device__ inline void pack_a_fragment(uint32_t (&frag)[4], const float (&lo)[4],
+                                       const float (&hi)[4]) {
+  using Traits = DTypeTraits<T>;
+  frag[0] = pack_pair(Traits::from_float(lo[0]), Traits::from_float(lo[1]));
+  frag[1] = pack_pair(Traits::from_float(lo[2]), Traits::from_float(lo[3]));
+  frag[2] = pack_pair(Traits::from_float(hi[0]), Traits::from_float(hi[1]));
+  frag[3] = pack_pair(Traits::from_float(hi[2]), Traits::from_float(hi[3]));
+}
+
 // Elements of the float32 scratch strip warp_gemm_acc_a needs per warp (none for 16-bit
 // dtypes, whose A operand stays in registers).
 template <typename T, int KTILES>
@@ -380,12 +393,8 @@ __device__ inline void warp_gemm_acc_a(float (&acc)[NT][4], const float (&a)[KTI
   if constexpr (Traits::kTensorCores) {
 #pragma unroll
     for (int kk = 0; kk < KTILES / 2; ++kk) {
-      const float(&lo)[4] = a[2 * kk];
-      const float(&hi)[4] = a[2 * kk + 1];
-      const uint32_t a_frag[4] = {pack_pair(Traits::from_float(lo[0]), Traits::from_float(lo[1])),
-                                  pack_pair(Traits::from_float(lo[2]), Traits::from_float(lo[3])),
-                                  pack_pair(Traits::from_float(hi[0]), Traits::from_float(hi[1])),
-                                  pack_pair(Traits::from_float(hi[2]), Traits::from_float(hi[3]))};
+      uint32_t a_frag[4];
+      pack_a_fragment<T>(a_frag, a[2 * kk], a[2 * kk + 1]);
       mma_row_strip<T, NT, LAYOUT>(acc, a_frag, b, ldb, 16 * kk);
     }
   } else {
@@ -458,13 +467,14 @@ void dispatch_dtype(ScalarKind dtype, F&& f) {
   }
 }
 
-// Raises the dynamic shared-memory limit of a kernel (needed above 48 KiB) and launches.
-template <typename Kernel, typename... Args>
+// Raises the dynamic shared-memory limit of a kernel (needed above 48 KiB) and launches
+// THREADS threads per block.
+template <int THREADS = kThreads, typename Kernel, typename... Args>
 cudaError_t launch_with_smem(Kernel kernel, dim3 grid, int smem_bytes, cudaStream_t stream,
                              Args... args) {
   const cudaError_t status = device::ensure_dynamic_shared_memory(kernel, smem_bytes);
   if (status != cudaSuccess) return status;
-  return device::launch(kernel, grid, kThreads, smem_bytes, stream, args...);
+  return device::launch(kernel, grid, THREADS, smem_bytes, stream, args...);
 }
 
 }  // namespace masked_attention

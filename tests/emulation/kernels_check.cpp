@@ -7,8 +7,8 @@
 //                               (two key tiles per block: a dropped barrier shows)
 //
 // Cases: float32 / float16 / bfloat16; Dqk in every padded bucket (16, 32, 64); Dv with a
-// partial last 64-column chunk, in every forward V width (64, 128, 256, two parts) and up
-// to 512 (the backward's key side split by V columns); L not a multiple of the 64-row tile;
+// partial last 64-column chunk, in every forward and key-side V width (64, 128, 256, two
+// halves; the 256-wide key side runs two warp groups) and up to 512; L not a multiple of the 64-row tile;
 // q, k, v as strided channel slices; q, k, v one element past 16-byte alignment with an
 // odd row pitch and Dqk, Dv not whole 16-byte chunks (the gather's scalar fallback); per
 // batch an empty, a full and random masks; cross, self, independent
@@ -523,6 +523,22 @@ int main(int argc, char** argv) {
       cases.push_back({Form::kDual, dtype, 3, 70, 20, 36, true, true});
       cases.push_back({Form::kCross, dtype, 3, 70, 32, 264, true});
       cases.push_back({Form::kCross, dtype, 2, 70, 8, 512, true});  // widest V: split key side
+    }
+  }
+  // The backward's key side holds the whole V width up to 256 columns for 16-bit dtypes (one
+  // block per key tile, no partial dK), and Dv = 512 in two halves; float32 in 64 columns.
+  struct Split { ScalarKind dtype; int v_dim, chunks; };
+  for (const Split& split : {Split{ScalarKind::kFloat16, 136, 1}, Split{ScalarKind::kBFloat16, 256, 1},
+                             Split{ScalarKind::kFloat16, 264, 2}, Split{ScalarKind::kBFloat16, 512, 2},
+                             Split{ScalarKind::kFloat32, 64, 1}, Split{ScalarKind::kFloat32, 512, 8}}) {
+    const int64_t rows = 2 * 70, qk_dim = 24;
+    const int64_t expected = rows + (split.chunks > 1 ? split.chunks * rows * qk_dim : 0);
+    const int64_t floats = backward_workspace_floats(split.dtype, 2, 70, qk_dim, split.v_dim);
+    if (floats != expected) {
+      std::printf("key side at Dv=%d: workspace of %lld floats, expected %d chunk(s): %lld  MISMATCH\n",
+                  split.v_dim, static_cast<long long>(floats), split.chunks,
+                  static_cast<long long>(expected));
+      ++failures;
     }
   }
   uint64_t seed = 1;
