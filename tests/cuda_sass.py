@@ -182,6 +182,11 @@ def _is_scalar_16bit_global_load(i: Instruction) -> bool:
     return i.base in ("LDG", "LD") and any(m in ("U16", "S16", "16") for m in i.modifiers)
 
 
+def _is_scalar_16bit_global_store(i: Instruction) -> bool:
+    # STG.E.U16 (sm_80, sm_90) and generic-space ST of 16 bits.
+    return i.base in ("STG", "ST") and any(m in ("U16", "S16", "16") for m in i.modifiers)
+
+
 def _is_vector_global_load(i: Instruction) -> bool:
     return i.base == "LDGSTS" or (i.base == "LDG" and "128" in i.modifiers)
 
@@ -208,6 +213,12 @@ CHECKS = {
                        False),
     "no_scalar_16bit_global_loads": Check("no 16-bit scalar global loads (LDG.E.U16 / .S16)",
                                           _is_scalar_16bit_global_load, False),
+    # Output strips leave through shared memory in 16-byte chunks (store_rows); asked of the
+    # MMA kernels, whose accumulator layout would otherwise store element pairs as scalars
+    # (the partial-dK reduction writes one element per thread by design).
+    "no_scalar_16bit_global_stores": Check("no 16-bit scalar global stores (STG.E.U16)",
+                                           _is_scalar_16bit_global_store, False,
+                                           mma_kernels_only=True),
 }
 
 

@@ -5,8 +5,9 @@ cached under build/sass/), and each float16 / bfloat16 kernel of dsa_ops::masked
 (and, separately, of dsa_ops::attention_kl) must, in its own body (not counting the
 __noinline__ subroutines it calls, where the scalar path for unaligned rows lives): spill
 nothing to local memory and issue no 16-bit scalar global loads; and, when it runs
-tensor-core MMAs, load tiles with cp.async (LDGSTS) or 128-bit global loads and feed the
-MMAs with ldmatrix (LDSM). The parser is tested on small synthetic listings, so its logic is
+tensor-core MMAs, load tiles with cp.async (LDGSTS) or 128-bit global loads, feed the
+MMAs with ldmatrix (LDSM) and issue no 16-bit scalar global stores (outputs leave in
+16-byte chunks). The parser is tested on small synthetic listings, so its logic is
 covered where the toolchain is absent; the same checks run on a built dsa_ops/_C*.so.
 """
 from __future__ import annotations
@@ -123,6 +124,22 @@ def test_load_classification(line, vector, scalar16):
     instructions = sass.parse_sass(listing)["f"]
     assert (sass.check(instructions, "cp_async_or_128bit_loads") is None) == vector
     assert (sass.check(instructions, "no_scalar_16bit_global_loads") is not None) == scalar16
+
+
+@pytest.mark.parametrize("line, scalar16", [
+    ("STG.E.U16 desc[UR4][R2.64], R3", True),
+    ("ST.E.U16 [R2.64], R3", True),                # generic space
+    ("STG.E.128 desc[UR4][R2.64], R4", False),
+    ("STG.E desc[UR4][R2.64], R3", False),         # float32 (the partial-dK workspace)
+    ("STS.U16 [R2], R3", False),                   # shared memory: the staging itself
+])
+def test_store_classification(line, scalar16):
+    listing = (f"\t\tFunction : f\n        /*0000*/    {line} ;   /* 0x0 */\n"
+               f"        /*0010*/    HMMA.16816.F32 R8, R4, R2, R8 ;   /* 0x0 */\n")
+    instructions = sass.parse_sass(listing)["f"]
+    assert (sass.check(instructions, "no_scalar_16bit_global_stores") is not None) == scalar16
+    # A kernel without MMAs (the partial-dK reduction) is not asked.
+    assert sass.check(instructions[:1], "no_scalar_16bit_global_stores") is None
 
 
 PTXAS = """\

@@ -56,6 +56,10 @@ struct GradientBlock {
                min(kBlockRows, own.size - slot0), in.qk_dim);
   }
 
+  // The calling warp's 16 own rows of the prediction tile: read by no other warp, so once its
+  // last product is done they stage its gradient strip (store_rows).
+  __device__ T* own_rows_of_warp() const { return tiles.own + warp * kWarpRows * Smem::kQkPitch; }
+
   // acc += (the warp's gradient strip, rounded to T) · streamed rows of the prediction.
   template <int NT>
   __device__ void accumulate(float (&acc)[NT][4], const float (&strip_values)[kScoreTiles][4]) const {
@@ -117,8 +121,10 @@ kl_dq_kernel(const __grid_constant__ KlBackwardLaunch launch) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc[j][e] *= row_grad[e / 2];
   }
+  device::block_barrier();  // other threads' copies into the own rows that stage the strip
   masked_attention::store_rows<T>(typed<T>(launch.grad_q), queries, block.sample, warp_slot0, 0,
-                                  in.qk_dim, acc, in.scale);
+                                  in.qk_dim, acc, in.scale, block.own_rows_of_warp(),
+                                  GradientBlock<T, D>::Smem::kQkPitch);
 }
 
 // ----------------------------------------------------------------------------- dK
@@ -182,9 +188,11 @@ kl_dk_kernel(const __grid_constant__ KlBackwardLaunch launch) {
       for (int e = 0; e < 4; ++e) acc[j][e] = fmaf(grad_max, tile_acc[j][e], acc[j][e]);
     }
   }
+  device::block_barrier();  // other threads' copies into the own rows that stage the strip
   masked_attention::store_rows<T>(typed<T>(launch.grad_k), keys, block.sample,
                                   block.slot0 + block.warp * kWarpRows, 0, in.qk_dim, acc,
-                                  in.scale);
+                                  in.scale, block.own_rows_of_warp(),
+                                  GradientBlock<T, D>::Smem::kQkPitch);
 }
 
 }  // namespace

@@ -280,7 +280,10 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const __grid_constant__ Ba
                                                                 strip);
     }
   }
-  store_rows<T>(grad_q, queries, sample, slot0 + warp_row0, 0, launch.qk_dim, acc, launch.scale);
+  // Staged through the warp's own Q rows: only it reads them, and every copy into them
+  // landed before the Δ pass's first barrier.
+  store_rows<T>(grad_q, queries, sample, slot0 + warp_row0, 0, launch.qk_dim, acc, launch.scale,
+                q_s + warp_row0 * Layout::kQkPitch, Layout::kQkPitch);
 }
 
 // ----------------------------------------------------------------------------- key side
@@ -538,14 +541,19 @@ __global__ void __launch_bounds__(KeyTiling<T, VK>::kThreads, 1)
     warp_gemm_acc_a<T, kOwnTiles, kGradKTiles, BLayout::kKN>(grad_k_acc, ds, own_q,
                                                              Layout::kQkPitch, strip);
   }
-  device::cp_async_wait<0>();  // no query tiles: the K / V group is still open
+  // Every copy has landed (with no query tiles the K / V group is still open: other threads'
+  // copies into this warp's rows) and every warp is done with the last tile: the epilogue
+  // stages its strips in the K and V tiles and hands dK over through the dO buffers.
+  device::cp_async_wait<0>();
+  device::block_barrier();
 
   const int warp_slot0 = slot0 + warp_row0;
-  store_rows<T>(grad_v, keys, sample, warp_slot0, col0 + group_col0, launch.v_dim, grad_v_acc, 1.f);
+  // Staged through the warp's own rows and columns of V (only its dPᵀ product reads them).
+  store_rows<T>(grad_v, keys, sample, warp_slot0, col0 + group_col0, launch.v_dim, grad_v_acc,
+                1.f, v_s + warp_row0 * Layout::kVPitch + group_col0, Layout::kVPitch);
   if constexpr (kGroups > 1) {
     // dK = group 0's strip + group 1's, through the (now idle) dO buffers.
     float4* const handover = reinterpret_cast<float4*>(smem + Layout::kGradOut) + warp * kGradKTiles * 32;
-    device::block_barrier();  // every warp is done with the last tile's dO
     if (group == 1) {
 #pragma unroll
       for (int j = 0; j < kGradKTiles; ++j) {
@@ -565,7 +573,9 @@ __global__ void __launch_bounds__(KeyTiling<T, VK>::kThreads, 1)
     }
   }
   if (chunks == 1) {
-    store_rows<T>(grad_k, keys, sample, warp_slot0, 0, launch.qk_dim, grad_k_acc, launch.scale);
+    // Staged through the warp's K rows: with two groups, group 1 is past its last product.
+    store_rows<T>(grad_k, keys, sample, warp_slot0, 0, launch.qk_dim, grad_k_acc, launch.scale,
+                  k_s + warp_row0 * Layout::kQkPitch, Layout::kQkPitch);
     return;
   }
   // Partial dK (unscaled) by key slot; the reduction reads only slots inside the set.

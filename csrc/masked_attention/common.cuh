@@ -197,6 +197,7 @@ __device__ void store_rows_chunked(const Rows<T>& dst, const SampleRowSet& set, 
   constexpr int kChunk = kChunkElements<T>;
   constexpr int kRowChunks = WIDTH / kChunk;
   static_assert(WIDTH % kChunk == 0, "row widths are whole 16-byte chunks");
+#pragma unroll 1
   for (int i = thread; i < rows * kRowChunks; i += threads) {
     const int r = i / kRowChunks;
     const int c = (i % kRowChunks) * kChunk;
@@ -346,16 +347,18 @@ __device__ inline void zero_fill(float (&acc)[NT][4]) {
   }
 }
 
-// Stores a warp's accumulator strip (16 × 8·NT) into shared memory as T: the A operand of
-// the next product (P for P·V, dS for dS·K).
+// Stores a warp's accumulator strip (16 × 8·NT), times `factor`, into shared memory as T:
+// float32's A operand of the next product (P for P·V, dS for dS·K), or an output strip on
+// its way to global memory (store_rows).
 template <typename T, int NT>
-__device__ inline void store_strip(T* dst, int pitch, const float (&acc)[NT][4]) {
+__device__ inline void store_strip(T* dst, int pitch, const float (&acc)[NT][4],
+                                   float factor = 1.f) {
   const LaneCoords lane;
 #pragma unroll
   for (int j = 0; j < NT; ++j) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      dst[lane.row(e) * pitch + lane.col(j, e)] = DTypeTraits<T>::from_float(acc[j][e]);
+      dst[lane.row(e) * pitch + lane.col(j, e)] = DTypeTraits<T>::from_float(acc[j][e] * factor);
     }
   }
 }
@@ -408,24 +411,22 @@ __device__ inline void warp_gemm_acc_a(float (&acc)[NT][4], const float (&a)[KTI
 
 // Writes a warp's 16 × 8·NT accumulator strip, times `factor`, to the rows of `dst` at the
 // slots slot0 + (strip rows) that are inside `set`, columns col0 + (strip cols) < columns.
+// The strip goes out through `staging`, 16 rows × `pitch` (rows 16-byte aligned) of shared
+// memory that no other warp touches meanwhile (e.g. the warp's own rows of an operand tile
+// after its last product): in the accumulator layout a lane holds two adjacent elements of
+// a row, so direct stores would be 16-bit scalars; staged, a row leaves in whole 16-byte
+// chunks (store_rows_chunked), one position lookup per chunk.
 template <typename T, int NT>
 __device__ void store_rows(const Rows<T>& dst, const SampleRowSet& set, int sample, int slot0,
-                           int col0, int columns, const float (&acc)[NT][4], float factor) {
-  const LaneCoords lane;
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int slot = slot0 + lane.g + 8 * i;
-    if (slot >= set.size) continue;
-    T* const row = dst.row(sample, set.position(slot));
-#pragma unroll
-    for (int j = 0; j < NT; ++j) {
-#pragma unroll
-      for (int e = 2 * i; e < 2 * i + 2; ++e) {
-        const int col = col0 + lane.col(j, e);
-        if (col < columns) row[col] = DTypeTraits<T>::from_float(acc[j][e] * factor);
-      }
-    }
-  }
+                           int col0, int columns, const float (&acc)[NT][4], float factor,
+                           T* staging, int pitch) {
+  device::warp_barrier();  // every lane is done reading `staging` as an operand
+  store_strip<T>(staging, pitch, acc, factor);
+  device::warp_barrier();
+  const int rows = min(kWarpRows, set.size - slot0);
+  if (rows <= 0) return;
+  store_rows_chunked<T, 8 * NT>(dst, set, sample, slot0, rows, col0, columns, staging, pitch,
+                                static_cast<int>(threadIdx.x % 32), 32);
 }
 
 // Sum / max over the four lanes (t = 0..3) that share a row.

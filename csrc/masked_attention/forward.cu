@@ -192,12 +192,9 @@ forward_kernel(const __grid_constant__ ForwardLaunch launch) {
   }
   T* const out_strip = smem + Smem::kV + (key_tiles % 2) * Smem::kVTile +
                        warp * kWarpRows * Smem::kVPitch;
-  store_strip<T>(out_strip, Smem::kVPitch, acc);
-  device::warp_barrier();
   const int warp_slot0 = slot0 + warp * kWarpRows;
-  store_rows_chunked<T, VW>(out, queries, sample, warp_slot0,
-                            min(kWarpRows, queries.size - warp_slot0), col0, launch.v_dim,
-                            out_strip, Smem::kVPitch, static_cast<int>(threadIdx.x % 32), 32);
+  store_rows<T>(out, queries, sample, warp_slot0, col0, launch.v_dim, acc, 1.f, out_strip,
+                Smem::kVPitch);
   if (col0 == 0 && lane.t == 0) {
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
