@@ -351,6 +351,30 @@ struct KeySmem {
                 "the dK hand-over fits in the dO buffers");
 };
 
+// A warp's float n-tiles to and from shared memory, one float4 per lane and tile (tile j of
+// lane l at area[32·j + l]: conflict-free), for the column groups' exchanges.
+template <int NT>
+__device__ inline void put_lane_tiles(float4* area, const float (&tiles)[NT][4]) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    area[32 * j + lane] = make_float4(tiles[j][0], tiles[j][1], tiles[j][2], tiles[j][3]);
+  }
+}
+
+template <int NT>
+__device__ inline void add_lane_tiles(float (&tiles)[NT][4], const float4* area) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    const float4 other = area[32 * j + lane];
+    tiles[j][0] += other.x;
+    tiles[j][1] += other.y;
+    tiles[j][2] += other.z;
+    tiles[j][3] += other.w;
+  }
+}
+
 // One block per SM as the minimum: without it ptxas aims at more and spills.
 template <typename T, int D, int VK>
 __global__ void __launch_bounds__(KeyTiling<T, VK>::kThreads, 1)
@@ -512,24 +536,17 @@ __global__ void __launch_bounds__(KeyTiling<T, VK>::kThreads, 1)
       }
     }
     if constexpr (kGroups > 1) {
-      float4* const handed = dp_partials + block_warp * kOwnTiles * 32;
+      float partner_share[kOwnTiles][4];
 #pragma unroll
       for (int j = 0; j < kOwnTiles; ++j) {
-        float other[4];
 #pragma unroll
-        for (int e = 0; e < 4; ++e) other[e] = group == 0 ? dp[kOwnTiles + j][e] : dp[j][e];
-        handed[j * 32 + lane_index] = make_float4(other[0], other[1], other[2], other[3]);
+        for (int e = 0; e < 4; ++e) {
+          partner_share[j][e] = group == 0 ? dp[kOwnTiles + j][e] : dp[j][e];
+        }
       }
+      put_lane_tiles(dp_partials + block_warp * kOwnTiles * 32, partner_share);
       device::block_barrier();  // the partner's partials are handed over
-      const float4* const received = dp_partials + partner_warp * kOwnTiles * 32;
-#pragma unroll
-      for (int j = 0; j < kOwnTiles; ++j) {
-        const float4 partial = received[j * 32 + lane_index];
-        ds[j][0] += partial.x;
-        ds[j][1] += partial.y;
-        ds[j][2] += partial.z;
-        ds[j][3] += partial.w;
-      }
+      add_lane_tiles(ds, dp_partials + partner_warp * kOwnTiles * 32);
     }
 #pragma unroll
     for (int j = 0; j < kOwnTiles; ++j) {
@@ -554,23 +571,10 @@ __global__ void __launch_bounds__(KeyTiling<T, VK>::kThreads, 1)
   if constexpr (kGroups > 1) {
     // dK = group 0's strip + group 1's, through the (now idle) dO buffers.
     float4* const handover = reinterpret_cast<float4*>(smem + Layout::kGradOut) + warp * kGradKTiles * 32;
-    if (group == 1) {
-#pragma unroll
-      for (int j = 0; j < kGradKTiles; ++j) {
-        handover[j * 32 + lane_index] =
-            make_float4(grad_k_acc[j][0], grad_k_acc[j][1], grad_k_acc[j][2], grad_k_acc[j][3]);
-      }
-    }
+    if (group == 1) put_lane_tiles(handover, grad_k_acc);
     device::block_barrier();
     if (group == 1) return;
-#pragma unroll
-    for (int j = 0; j < kGradKTiles; ++j) {
-      const float4 other = handover[j * 32 + lane_index];
-      grad_k_acc[j][0] += other.x;
-      grad_k_acc[j][1] += other.y;
-      grad_k_acc[j][2] += other.z;
-      grad_k_acc[j][3] += other.w;
-    }
+    add_lane_tiles(grad_k_acc, handover);
   }
   if (chunks == 1) {
     // Staged through the warp's K rows: with two groups, group 1 is past its last product.
