@@ -80,8 +80,6 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_report_collectionfinish(config, start_path, items):
-    if config.getoption("collectonly"):
-        return []
     return [expected_duration(len(items), selected_matrix(config), DEVICE.type)]
 
 
