@@ -89,7 +89,7 @@ def _extension_build():
                      "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"],
         },
     )
-    _say(f"building the CUDA extension dsa_ops._C for TORCH_CUDA_ARCH_LIST="
+    _say(f"CUDA extension dsa_ops._C: TORCH_CUDA_ARCH_LIST="
          f"{os.environ.get('TORCH_CUDA_ARCH_LIST', '(visible GPU)')} with {cuda_home}")
     return [extension], {"build_ext": _cached_build_ext(cpp_extension, build_stamp)}
 
