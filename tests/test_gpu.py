@@ -26,6 +26,19 @@ DTYPES = (torch.float32, torch.bfloat16)
 SHAPE = dict(batch=3, height=20, width=20, qk_dim=16, v_dim=72)
 
 
+@pytest.fixture
+def full_float32():
+    """cuDNN convolutions in full float32 (TF32 is their default on Ampere and later): the
+    module tests compare attention backends, not TF32 roundings of slightly different inputs."""
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        previous = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = previous
+
+
 def _require(backend: str) -> None:
     reason = dsa_ops.backend_unavailable_reason(backend, DEVICE)
     if reason is not None:
@@ -108,7 +121,7 @@ def test_attention_kl_matches_float64(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-def test_module_forward_and_backward_agree_across_backends(backend):
+def test_module_forward_and_backward_agree_across_backends(backend, full_float32):
     _require(backend)
     torch.manual_seed(0)
     x = torch.randn(2, 64, 32, 32, device=DEVICE)
@@ -156,7 +169,7 @@ def test_generator_training_step_under_cuda_autocast(amp_dtype):
 
 
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
-def test_module_under_torch_compile_inductor(backend):
+def test_module_under_torch_compile_inductor(backend, full_float32):
     _require(backend)
     torch.manual_seed(0)
     module = dsa_ops.DualSpatialAttention(64, backend=backend).to(DEVICE)
