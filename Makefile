@@ -1,18 +1,27 @@
 # Two entry points that set everything up themselves on a fresh machine:
 #   make test    install, build the CUDA extension when nvcc is there, run the test suite
-#   make bench   install, build, run the benchmarks on their default configurations; JSON, summary
+#   make bench   install, build, run the headline benchmarks (a few minutes); JSON, summary
 #                and chart land in benchmarks/results/<date>_<device>/ (or $BENCH_OUT)
+#   make bench-full  the whole benchmark matrix (prints its expected duration first)
+#   make rebuild     recompile the CUDA extension even when nothing changed
 #   make gpu-check  on a GPU machine: build, GPU tests, compute-sanitizer, benchmarks (benchmarks/gpu_check.sh)
 #   make emulate-sanitize  the CUDA kernels' host emulation under ASan+UBSan and TSan (before any kernel change lands)
+# The install step reinstalls and recompiles only when csrc/, setup.py, pyproject.toml, torch,
+# its CUDA version, nvcc or the arch list changed (dsa_ops/_build_stamp.py); DSA_OPS_FORCE_REBUILD=1
+# forces it.
 PYTHON ?= python3
 TORCH_VERSION ?= 2.14.1
 PIP := $(PYTHON) -m pip install --disable-pip-version-check -q
 
-.PHONY: install test bench gpu-check emulate-sanitize
+.PHONY: install rebuild test bench bench-full gpu-check emulate-sanitize
 install:
 	$(PIP) "torch==$(TORCH_VERSION)" ninja pybind11 setuptools wheel
-	$(PIP) --no-build-isolation -e ".[test,dlib]"
+	$(PYTHON) dsa_ops/_build_stamp.py check || \
+	    { $(PIP) --no-build-isolation -e ".[test,dlib]" && $(PYTHON) dsa_ops/_build_stamp.py record; }
 	$(PYTHON) -m dsa_ops
+
+rebuild:
+	DSA_OPS_FORCE_REBUILD=1 $(MAKE) install
 
 test: install
 	$(PYTHON) -m pytest tests/ -q
@@ -21,6 +30,9 @@ test: install
 
 bench: install
 	$(PYTHON) -m benchmarks.run
+
+bench-full: install
+	$(PYTHON) -m benchmarks.run --matrix=full
 
 gpu-check:
 	bash benchmarks/gpu_check.sh

@@ -3,26 +3,40 @@
     pip install --no-build-isolation -e .
 
 Environment: TORCH_CUDA_ARCH_LIST (default "8.0;9.0" when no GPU is visible, else the
-visible GPU's), MAX_JOBS (ninja parallelism), DSA_OPS_NO_CUDA=1 (skip the extension).
+visible GPU's), MAX_JOBS (ninja parallelism), DSA_OPS_NO_CUDA=1 (skip the extension),
+DSA_OPS_FORCE_REBUILD=1 (recompile even when nothing changed).
 Without a CUDA toolchain the pure-Python parts (reference and Triton backends) install.
+
+No needless rebuild: the library is recompiled only when csrc/, setup.py, pyproject.toml,
+torch, its CUDA version, nvcc or the arch list changed (dsa_ops/_build_stamp.py records a
+content stamp next to the library); and when it is, ninja works in the persistent
+build/ninja/ folder, so only the changed translation units compile.
 """
 import glob
+import importlib.util
 import os
 import pathlib
+import shutil
 import sys
 
 from setuptools import find_packages, setup
 
 ROOT = pathlib.Path(__file__).resolve().parent
+# Persistent, unlike the temporary folder pip's editable build hands build_ext.
+NINJA_BUILD_DIR = ROOT / "build" / "ninja"
+
+
+def _load_build_stamp():
+    """dsa_ops/_build_stamp.py by path: the package (and its torch import) is not installed yet."""
+    spec = importlib.util.spec_from_file_location("_dsa_ops_build_stamp", ROOT / "dsa_ops" / "_build_stamp.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _say(message: str) -> None:
     bar = "=" * 78
     print(f"\n{bar}\ndsa_ops: {message}\n{bar}\n", file=sys.stderr)
-
-
-def _has_nvcc(cuda_home) -> bool:
-    return bool(cuda_home) and (pathlib.Path(cuda_home) / "bin" / "nvcc").exists()
 
 
 def _extension_build():
@@ -41,17 +55,15 @@ def _extension_build():
         _say(f"torch {torch.__version__} is a CPU build: installing the pure-Python parts only "
              "(reference + Triton backends); no CUDA kernels.")
         return [], {}
-    # CUDA_HOME, then /usr/local/cuda, then torch's own guess (from nvcc on the PATH).
-    cuda_home = next((home for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda",
-                                        cpp_extension.CUDA_HOME) if _has_nvcc(home)), None)
+    build_stamp = _load_build_stamp()
+    cuda_home = build_stamp.resolve_cuda_home()
     if cuda_home is None:
         _say(f"nvcc not found (CUDA_HOME, /usr/local/cuda, PATH): installing the pure-Python parts "
              "only; set CUDA_HOME to a CUDA toolkit to build the CUDA kernels.")
         return [], {}
     os.environ.setdefault("CUDA_HOME", cuda_home)
     cpp_extension.CUDA_HOME = cuda_home
-    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+    os.environ["TORCH_CUDA_ARCH_LIST"] = build_stamp.resolve_arch_list()
 
     # csrc/emulation/ is the host emulation of the kernels (dsa_ops/extension.py builds it on
     # demand); the CUDA extension never contains it.
@@ -77,10 +89,40 @@ def _extension_build():
                      "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"],
         },
     )
-    _say(f"building the CUDA extension dsa_ops._C for TORCH_CUDA_ARCH_LIST="
+    _say(f"CUDA extension dsa_ops._C: TORCH_CUDA_ARCH_LIST="
          f"{os.environ.get('TORCH_CUDA_ARCH_LIST', '(visible GPU)')} with {cuda_home}")
-    build_ext = cpp_extension.BuildExtension.with_options(use_ninja=True)
-    return [extension], {"build_ext": build_ext}
+    return [extension], {"build_ext": _cached_build_ext(cpp_extension, build_stamp)}
+
+
+def _cached_build_ext(cpp_extension, build_stamp):
+    """torch's ninja ``BuildExtension`` that skips compiling when the stamp still matches
+    and otherwise compiles incrementally in ``NINJA_BUILD_DIR``."""
+
+    class CachedBuildExtension(cpp_extension.BuildExtension.with_options(use_ninja=True)):
+        def finalize_options(self):
+            super().finalize_options()
+            self.build_temp = str(NINJA_BUILD_DIR)
+
+        def build_extension(self, ext):
+            target = pathlib.Path(self.get_ext_fullpath(ext.name))
+            inputs = build_stamp.current_inputs()
+            reason = build_stamp.why_stale(inputs, expect_library=True)
+            in_tree = build_stamp.library_path()
+            if reason is None:
+                _say(f"{in_tree.name} is up to date (csrc/, setup.py, torch, CUDA and arch list "
+                     f"unchanged): not recompiling; {build_stamp.FORCE_VARIABLE}=1 forces it")
+                if target.resolve() != in_tree.resolve():
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(in_tree, target)
+                return
+            _say(f"compiling {ext.name}: {reason}")
+            super().build_extension(ext)
+            if target.resolve() != in_tree.resolve():
+                # The editable install copies the library into the tree after this command.
+                shutil.copyfile(target, in_tree)
+            build_stamp.write(inputs, in_tree)
+
+    return CachedBuildExtension
 
 
 ext_modules, cmdclass = _extension_build()

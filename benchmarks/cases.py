@@ -21,6 +21,13 @@ the op benchmarks time each branch as its own case (their shapes differ: at the 
 mask the cross branch has 3× the keys of the self branch), the module benchmarks time
 both together.
 
+Two matrices (``--matrix``, ``DSA_BENCH_MATRIX``): ``headline`` (the default; ``in_headline``)
+is what the results table must show, within minutes: the three paper layers, both branches,
+both passes, every contender, at the centre hole and one dtype (bfloat16 on the GPU,
+float32 on the CPU); the module against contextual attention and the oracle loss at
+layer 14; one generator training step per contender. ``full`` adds the random holes, the
+other dtype, the scale-up maps and the other layers of the module and loss families.
+
 On a machine without a GPU the batch shrinks (``LayerConfig.cpu_batch``; the test id and
 ``extra_info["batch"]`` say so) to keep the default run within a few minutes on 2 cores;
 layer 14 runs at batch 4 there, the size the ``cpu`` backend's speed goals are set at.
@@ -113,6 +120,54 @@ CONFIGS = (
     LayerConfig(128, 128, 64, gpu_batch=8, cpu_batch=1),
     LayerConfig(256, 256, 32, gpu_batch=8, cpu_batch=1),
 )
+
+
+# ----------------------------------------------------------------------------- matrices
+MATRICES = ("headline", "full")
+DEFAULT_MATRIX = "headline"
+MATRIX_VARIABLE = "DSA_BENCH_MATRIX"
+HEADLINE_MASK = "centre"
+# bfloat16 is what training under AMP feeds the kernels on a GPU; the CPU runs float32 only.
+HEADLINE_DTYPE = "bf16" if ON_GPU else "fp32"
+# Wall seconds per collected case (cases that skip at once included), for the duration
+# printed before a run: (device type, matrix) → (seconds, where the number comes from).
+SECONDS_PER_CASE = {
+    ("cpu", "full"): (2.33, "measured: 766 cases in 29:43 wall, 2-core CPU shared with other jobs, "
+                            "2026-11-26"),
+    ("cpu", "headline"): (3.8, "measured by make bench: 105 cases in 6:41 wall, 2:36 CPU time, "
+                               "on a 2-core CPU that other jobs held at load 15-17, 2026-12-03"),
+    ("cuda", "full"): (2.0, "not measured yet: the harness's design (0.3 s of timed rounds, "
+                            "warm-up, build, check; FlexAttention compiles per shape)"),
+    ("cuda", "headline"): (2.0, "not measured yet: the harness's design (0.3 s of timed rounds, "
+                                "warm-up, build, check; FlexAttention compiles per shape)"),
+}
+# The oracle loss's headline layer: 14 on the GPU; 13 on the CPU, where the dense maps fit
+# the CPU's memory budget (so the table has its baseline) and the streamed reference takes
+# seconds instead of a minute.
+ORACLE_KL_HEADLINE_LAYER = 14 if ON_GPU else 13
+
+
+def in_headline(family: str, config: Optional["LayerConfig"], mask_kind: Optional[str],
+                dtype: Optional[str]) -> bool:
+    """Whether a case of ``family`` ("op", "module", "oracle-kl", "training") is in the
+    headline matrix; None for a parameter the family does not have."""
+    if family == "training":
+        return True  # one step per contender
+    if mask_kind != HEADLINE_MASK or dtype not in (None, HEADLINE_DTYPE) or config is None:
+        return False
+    if family == "op":
+        return config.paper_layer is not None
+    if family == "oracle-kl":
+        return config.paper_layer == ORACLE_KL_HEADLINE_LAYER
+    return config.paper_layer == 14  # module vs CA: the paper's Table 3
+
+
+def expected_duration(cases: int, matrix: str, device: str) -> str:
+    """One line: the run's expected wall time from ``SECONDS_PER_CASE`` and where it comes from."""
+    seconds, source = SECONDS_PER_CASE[(device, matrix)]
+    total = cases * seconds
+    return (f"{matrix} matrix: {cases} cases × ~{seconds:g} s per case on {device} ≈ "
+            f"{total / 60:.0f} min{'' if total >= 60 else ' (under a minute)'} ({source})")
 
 
 # ----------------------------------------------------------------------------- masks

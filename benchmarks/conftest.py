@@ -22,19 +22,65 @@ recording: ``harness.py``. Without a GPU the CPU contenders run at a reduced bat
 test ids end in ``-cpu``) and the GPU-only ones skip with the reason; with
 ``--benchmark-disable`` every case runs once, as a smoke test.
 
+``--matrix=headline`` (the default, also ``DSA_BENCH_MATRIX``) runs the cases the headline
+table needs (``cases.in_headline``); ``--matrix=full`` every case. The expected duration
+is printed after collection. ``-k``/``-m`` select within the matrix.
+
 Cases that cannot run are skipped with status "unsupported" or "OOM" and the reason, and
 are listed in the JSON under ``"not_run"``; the JSON's ``machine_info`` carries the GPU,
 the torch/CUDA/Triton versions and the available ``dsa_ops`` backends.
 """
 from __future__ import annotations
 
+import os
 import platform
 
+import pytest
 import torch
 
 import dsa_ops
-from benchmarks.cases import DEVICE
+from benchmarks.cases import (DEFAULT_MATRIX, DEVICE, MATRICES, MATRIX_VARIABLE, expected_duration,
+                              in_headline)
 from benchmarks.harness import NOT_RUN
+
+# The benchmark family of each test function (the report's tables).
+FAMILIES = {"test_masked_attention": "op", "test_attention_module": "module",
+            "test_oracle_loss": "oracle-kl", "test_generator_training_step": "training"}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--matrix", choices=MATRICES, default=None,
+                     help=f"benchmark cases to run: headline (default; ${MATRIX_VARIABLE}) = the "
+                          "results table's cases in minutes, full = every case")
+
+
+def selected_matrix(config) -> str:
+    matrix = config.getoption("--matrix") or os.environ.get(MATRIX_VARIABLE) or DEFAULT_MATRIX
+    if matrix not in MATRICES:
+        raise pytest.UsageError(f"{MATRIX_VARIABLE} must be one of {', '.join(MATRICES)}; got {matrix!r}")
+    return matrix
+
+
+def _in_matrix(item, matrix: str) -> bool:
+    if matrix == "full" or not hasattr(item, "callspec"):
+        return True
+    family = FAMILIES.get(item.originalname)
+    if family is None:
+        return True
+    params = item.callspec.params
+    return in_headline(family, params.get("config"), params.get("mask_kind"), params.get("dtype"))
+
+
+def pytest_collection_modifyitems(config, items):
+    matrix = selected_matrix(config)
+    kept = [item for item in items if _in_matrix(item, matrix)]
+    if len(kept) < len(items):
+        config.hook.pytest_deselected(items=[item for item in items if not _in_matrix(item, matrix)])
+        items[:] = kept
+
+
+def pytest_report_collectionfinish(config, start_path, items):
+    return [expected_duration(len(items), selected_matrix(config), DEVICE.type)]
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):

@@ -1,6 +1,9 @@
 """``make bench``: run the benchmark suite, keep its files in one dated folder, print the report.
 
-    python -m benchmarks.run [PYTEST_ARGS...]        # e.g. -k "64x64x128"
+    python -m benchmarks.run [PYTEST_ARGS...]        # e.g. -k "64x64x128", --matrix=full
+
+The headline matrix by default (``--matrix=full``: every case; see ``benchmarks/cases.py``);
+the expected duration is printed before the first case.
 
 Writes into ``$BENCH_OUT``, or else ``benchmarks/results/<YYYY-MM-DD_HHMMSS>_<device>/``:
 

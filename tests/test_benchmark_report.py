@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -169,3 +170,55 @@ def test_default_output_folder_is_dated_under_results(monkeypatch):
     assert folder.name.startswith("2026-11-26_150405_")
     monkeypatch.setenv("BENCH_OUT", "/somewhere/else")
     assert run.output_dir() == Path("/somewhere/else")
+
+
+def _collect(*args, matrix_variable=None):
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "DSA_BENCH_DEVICE": "cpu", "PYTHONPATH": str(root)}
+    env.pop("DSA_BENCH_MATRIX", None)
+    if matrix_variable is not None:
+        env["DSA_BENCH_MATRIX"] = matrix_variable
+    return subprocess.run([sys.executable, "-m", "pytest", "benchmarks/", "--collect-only", "-q",
+                           "-p", "no:cacheprovider", *args], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_headline_matrix_has_the_paper_layers_both_branches_and_every_contender():
+    """The default run (CPU mode): every op contender on each paper layer, branch and pass;
+    every module contender at layer 14; every training contender; nothing else. The full
+    matrix keeps every case, and both print their expected duration."""
+    from benchmarks.contenders import MODULE_CONTENDERS, OP_CONTENDERS, TRAINING_CONTENDERS
+
+    headline = _collect()
+    assert headline.returncode == 0, headline.stdout + headline.stderr
+    ids = [line for line in headline.stdout.splitlines() if "::" in line]
+    op = [i for i in ids if "test_masked_attention[" in i]
+    for layer in ("16x16x512-b2-cpu", "32x32x256-b2-cpu", "64x64x128-b4-cpu"):
+        for branch in ("cross", "self"):
+            for pass_ in ("fwd", "fwd+bwd"):
+                for contender in OP_CONTENDERS:
+                    assert f"[{layer}-centre-{branch}-fp32-{pass_}-{contender}]" in " ".join(op)
+    assert len(op) == 3 * 2 * 2 * len(OP_CONTENDERS)
+    module = [i for i in ids if "test_attention_module[" in i]
+    for pass_ in ("fwd", "fwd+bwd"):
+        for contender in MODULE_CONTENDERS:
+            assert f"[64x64x128-b4-cpu-centre-fp32-{pass_}-{contender}]" in " ".join(module)
+    assert len(module) == 2 * len(MODULE_CONTENDERS)
+    assert len([i for i in ids if "test_generator_training_step[" in i]) == len(TRAINING_CONTENDERS)
+    assert not [i for i in ids if "random" in i or "bf16" in i or "128x128" in i or "256x256" in i]
+    assert re.search(rf"headline matrix: {len(ids)} cases × ~[\d.]+ s per case on cpu ≈ \d+ min \(measured",
+                     headline.stdout)
+
+    full = _collect("--matrix=full")
+    full_ids = [line for line in full.stdout.splitlines() if "::" in line]
+    assert set(ids) < set(full_ids)
+    assert any("256x256" in i and "random" in i for i in full_ids)
+    assert f"full matrix: {len(full_ids)} cases" in full.stdout
+    assert "deselected" not in full.stdout.splitlines()[-1]
+
+
+def test_matrix_variable_is_checked():
+    run = _collect(matrix_variable="everything")
+    assert run.returncode != 0
+    assert "DSA_BENCH_MATRIX must be one of headline, full; got 'everything'" in run.stderr + run.stdout
+    assert "Traceback" not in run.stderr + run.stdout
