@@ -115,6 +115,14 @@ def attended_offsets(attention: DualSpatialAttention, x: Tensor, hole_mask: Opti
     return offsets.transpose(1, 2).reshape(batch, 2, height, width)
 
 
+def _require_feature_maps(owner: nn.Module, **tensors) -> None:
+    """One-line error unless every named argument is a ``(B, C, H, W)`` tensor."""
+    for name, tensor in tensors.items():
+        if not isinstance(tensor, torch.Tensor) or tensor.dim() != 4:
+            got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise ValueError(f"{type(owner).__name__}: {name} must have shape (B, C, H, W); got {got}")
+
+
 def _shared_batch_mask(mask: Optional[Tensor], batch: int) -> Optional[Tensor]:
     """A ``(1, 1, h, w)`` mask serves the whole batch, as in the peers' training code."""
     if mask is not None and mask.dim() == 4 and mask.shape[0] == 1 and batch > 1:
@@ -153,19 +161,17 @@ class _DeepFillContextualAttention(nn.Module):
     def _guide(self, f: Tensor, b: Tensor, mask: Optional[Tensor]) -> Optional[Tensor]:
         if f is b:
             return None
-        name = type(self).__name__
-        if not isinstance(f, torch.Tensor) or not isinstance(b, torch.Tensor) or f.shape != b.shape:
-            got = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
-            want = tuple(b.shape) if isinstance(b, torch.Tensor) else type(b).__name__
-            raise ValueError(f"{name}: f must have the shape of b {want} (DSA attends between "
-                             f"positions of one map); got {got}")
+        if f.shape != b.shape:
+            raise ValueError(f"{type(self).__name__}: f must have the shape of b {tuple(b.shape)} "
+                             f"(DSA attends between positions of one map); got {tuple(f.shape)}")
         if mask is None:
             return b
         hole = self.attention._foreground(b, mask).view(b.shape[0], 1, *b.shape[2:])
         return torch.where(hole, f, b)
 
     def forward(self, f: Tensor, b: Tensor, mask: Optional[Tensor] = None, *, with_flow: bool = True):
-        mask = _shared_batch_mask(mask, b.shape[0] if isinstance(b, torch.Tensor) else 0)
+        _require_feature_maps(self, f=f, b=b)
+        mask = _shared_batch_mask(mask, b.shape[0])
         guide = self._guide(f, b, mask)
         y = self.attention(b, mask, guide=guide)
         if not with_flow:
@@ -261,10 +267,7 @@ class PENNetAtnConv(nn.Module):
             for dilation in rates[:groups]) if fuse else None
 
     def forward(self, x1: Tensor, x2: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-        for name, tensor in (("x1", x1), ("x2", x2)):
-            if not isinstance(tensor, torch.Tensor) or tensor.dim() != 4:
-                got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-                raise ValueError(f"PENNetAtnConv: {name} must have shape (B, C, H, W); got {got}")
+        _require_feature_maps(self, x1=x1, x2=x2)
         expected = self.attention.guide_channels
         if x2.shape[1] != expected:
             raise ValueError(f"PENNetAtnConv: x2 has {x2.shape[1]} channels but the module expects "

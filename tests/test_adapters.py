@@ -223,3 +223,16 @@ def test_pennet_guide_channels_mismatch_says_what_to_pass():
         attention(torch.randn(1, 8, 8, 8), torch.randn(1, 8, 4, 4))
     deepest = PENNetAtnConv(8, 8, ksize=1, fuse=False, guide_channels=8)
     assert deepest(torch.randn(1, 8, 4, 4), torch.randn(1, 8, 2, 2)).shape == (1, 8, 4, 4)
+
+
+@pytest.mark.parametrize("make, call", [
+    (lambda: DeepFillV1ContextualAttention(8), lambda m: m(torch.randn(8, 4, 4), torch.randn(1, 8, 4, 4))),
+    (lambda: DeepFillV2ContextualAttention(8), lambda m: m(torch.randn(1, 8, 4, 4), None)),
+    (lambda: PENNetAtnConv(8, 8), lambda m: m(torch.randn(1, 8, 4, 4), torch.randn(16, 2, 2)))])
+def test_bad_feature_maps_name_the_adapter_and_argument(make, call):
+    module = make()
+    argument = {"DeepFillV1ContextualAttention": "f", "DeepFillV2ContextualAttention": "b",
+                "PENNetAtnConv": "x2"}[type(module).__name__]
+    with pytest.raises(ValueError, match=rf"^{type(module).__name__}: {argument} must have shape "
+                                         r"\(B, C, H, W\); got"):
+        call(module)
