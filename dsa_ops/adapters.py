@@ -38,7 +38,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsa_ops.modules import DualSpatialAttention, reduce_hole_mask
-from dsa_ops.ops import masked_attention
 
 Tensor = torch.Tensor
 
@@ -91,28 +90,34 @@ def flow_to_image(offsets: Tensor) -> Tensor:
     return (torch.floor(255 * colour) / 255).permute(0, 3, 1, 2).float().contiguous()
 
 
-@torch.no_grad()
-def attended_offsets(attention: DualSpatialAttention, x: Tensor, hole_mask: Optional[Tensor],
-                     guide: Optional[Tensor] = None) -> Tensor:
-    """Where each hole pixel attends: the cross branch's attention-weighted mean key position
-    minus the pixel's own position, ``(B, 2, H, W)`` float32 (row, column) in feature pixels;
-    0 outside the hole and in samples without background.
+def attend_with_offsets(attention: DualSpatialAttention, x: Tensor, hole_mask: Optional[Tensor],
+                        guide: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """``attention(x, hole_mask, guide=guide)`` and where each hole pixel attends: the cross
+    branch's attention-weighted mean key position minus the pixel's own position,
+    ``(B, 2, H, W)`` float32 (row, column) in feature pixels, detached; 0 outside the hole and
+    in samples without background.
 
-    One extra forward pass of the cross branch with the key coordinates as values (no L×L
-    map); for visualisation only, so without gradient.
+    The coordinates (and a column of ones, whose mean is 1 exactly where a row attends) ride
+    along as three extra values of the cross branch: the same attention pass, no L×L map.
     """
-    foreground, pairs = attention.queries_keys(x, hole_mask, guide)
-    queries, keys = (t.float() for t in pairs["cross"])
     batch, _, height, width = x.shape
     grid = torch.stack(torch.meshgrid(torch.arange(height, device=x.device),
                                       torch.arange(width, device=x.device), indexing="ij"))
-    positions = grid.flatten(1).t().float().expand(batch, -1, -1)  # (B, L, 2)
-    # "auto": the op's backends may not take a 2-wide V; any of them gives the same mean.
-    mean_key = masked_attention(queries, keys, positions.contiguous(), foreground, ~foreground,
-                                scale=attention.scale, backend="auto")
-    attends = foreground & (~foreground).any(dim=1, keepdim=True)
-    offsets = (mean_key - positions) * attends.unsqueeze(-1)
-    return offsets.transpose(1, 2).reshape(batch, 2, height, width)
+    positions = grid.flatten(1).t().float()  # (L, 2)
+    extra_values = torch.cat([positions, torch.ones_like(positions[:, :1])], dim=1)
+    y, _, extra = attention.attend(x, hole_mask, guide,
+                                   cross_extra_values=extra_values.expand(batch, -1, -1))
+    extra = extra.detach().float()
+    attends = extra[..., 2:] > 0.5
+    offsets = (extra[..., :2] - positions) * attends
+    return y, offsets.transpose(1, 2).reshape(batch, 2, height, width)
+
+
+@torch.no_grad()
+def attended_offsets(attention: DualSpatialAttention, x: Tensor, hole_mask: Optional[Tensor],
+                     guide: Optional[Tensor] = None) -> Tensor:
+    """Only the offsets of ``attend_with_offsets`` ``(B, 2, H, W)``, without gradient."""
+    return attend_with_offsets(attention, x, hole_mask, guide)[1]
 
 
 def _require_feature_maps(owner: nn.Module, **tensors) -> None:
@@ -138,7 +143,8 @@ class _DeepFillContextualAttention(nn.Module):
     and then the module runs as is; if they differ (same shape required) the queries and
     keys come from ``b`` with ``f`` pasted into the hole (a ``guide``), the values from ``b``.
     ``y``: ``(B, C, H, W)``; ``flow``: ``flow_to_image`` of ``attended_offsets``, float32 on
-    ``f``'s device, at the peer's size (``_flow_size``).
+    ``f``'s device, at the peer's size (``_flow_size``); it rides along in the cross branch's
+    attention pass (``attend_with_offsets``).
 
     Args:
         channels: C of ``f`` and ``b`` (the DSA projections need it; the peer has no weights).
@@ -173,10 +179,9 @@ class _DeepFillContextualAttention(nn.Module):
         _require_feature_maps(self, f=f, b=b)
         mask = _shared_batch_mask(mask, b.shape[0])
         guide = self._guide(f, b, mask)
-        y = self.attention(b, mask, guide=guide)
         if not with_flow:
-            return y, None
-        offsets = attended_offsets(self.attention, b, mask, guide)
+            return self.attention(b, mask, guide=guide), None
+        y, offsets = attend_with_offsets(self.attention, b, mask, guide)
         flow = flow_to_image(offsets)
         size = self._flow_size(*b.shape[2:])
         if tuple(flow.shape[2:]) != size:

@@ -184,20 +184,37 @@ class DualSpatialAttention(nn.Module):
 
     def forward(self, x: Tensor, hole_mask: Tensor | None = None, return_attention: bool = False,
                 guide: Tensor | None = None):
+        y, maps, _ = self.attend(x, hole_mask, guide, return_attention=return_attention)
+        return (y, maps) if return_attention else y
+
+    def attend(self, x: Tensor, hole_mask: Tensor | None = None, guide: Tensor | None = None, *,
+               return_attention: bool = False, cross_extra_values: Tensor | None = None
+               ) -> tuple[Tensor, dict[str, Tensor] | None, Tensor | None]:
+        """``forward``'s work, returning ``(y, maps or None, extra or None)``.
+
+        ``cross_extra_values (B, L, E)``: more values for the cross branch, appended to its
+        ``V`` so they share its one attention pass (no second softmax); ``extra (B, L, E)`` is
+        their attention-weighted mean per hole pixel (zero elsewhere and where a sample has no
+        background). ``dsa_ops.adapters`` attends over pixel coordinates this way.
+        """
         self._check_inputs(x, hole_mask, guide)
         batch, channels, height, width = x.shape
         foreground = self._foreground(x, hole_mask)
-        cross, self_ = self._project(x, guide)
+        (q_cross, k_cross, v_cross), self_ = self._project(x, guide)
+        if cross_extra_values is not None:
+            v_cross = torch.cat([v_cross, cross_extra_values.to(v_cross.dtype)], dim=2)
         # Both branches in one call: on "cuda" and "triton" one fused launch per kernel.
-        branches = dual_masked_attention(*cross, *self_, foreground, scale=self.scale,
-                                         return_attention=return_attention, backend=self.backend)
+        branches = dual_masked_attention(q_cross, k_cross, v_cross, *self_, foreground,
+                                         scale=self.scale, return_attention=return_attention,
+                                         backend=self.backend)
         cross, self_ = branches[:2]
+        extra = None
+        if cross_extra_values is not None:
+            cross, extra = cross.split([channels, cross_extra_values.shape[2]], dim=2)
         attended = self.alpha * cross + self.beta * self_
         attended = attended.transpose(1, 2).reshape(batch, channels, height, width)
         y = self.fuse(2 * x + attended)
-        if return_attention:
-            return y, branches[2]
-        return y
+        return y, (branches[2] if return_attention else None), extra
 
     def queries_keys(self, x: Tensor, hole_mask: Tensor | None = None, guide: Tensor | None = None
                      ) -> tuple[Tensor, dict[str, tuple[Tensor, Tensor]]]:

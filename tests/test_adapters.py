@@ -6,7 +6,7 @@ from torch import nn
 
 from dsa_ops import DualSpatialAttention
 from dsa_ops.adapters import (DeepFillV1ContextualAttention, DeepFillV2ContextualAttention,
-                              PENNetAtnConv, attended_offsets, flow_to_image)
+                              PENNetAtnConv, attend_with_offsets, attended_offsets, flow_to_image)
 
 
 def centre_hole(batch, size, hole):
@@ -181,6 +181,24 @@ def test_attended_offsets_are_the_cross_attention_weighted_mean_offset():
     expected = (maps["cross"] @ positions - positions) * foreground.unsqueeze(-1)
     torch.testing.assert_close(offsets, expected.transpose(1, 2).reshape(2, 2, 6, 5))
     assert offsets[0].abs().sum() > 0 and torch.equal(offsets[1], torch.zeros_like(offsets[1]))
+
+
+def test_offsets_ride_along_without_changing_the_output_or_its_gradient():
+    torch.manual_seed(0)
+    module = DualSpatialAttention(16)
+    with torch.no_grad():
+        module.alpha.fill_(0.7)
+        module.beta.fill_(-0.2)
+    hole = centre_hole(2, 8, 4)
+    results = []
+    for run in (lambda x: module(x, hole), lambda x: attend_with_offsets(module, x, hole)[0]):
+        x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        module.zero_grad()
+        y = run(x)
+        y.square().sum().backward()
+        results.append((y, x.grad, module.projection.weight.grad.clone()))
+    for actual, expected in zip(*results):
+        torch.testing.assert_close(actual, expected)
 
 
 # ----------------------------------------------------------------------------- PEN-Net
