@@ -9,14 +9,18 @@ from dsa_ops.ops import BACKENDS, dual_masked_attention
 
 Tensor = torch.Tensor
 
+DEFAULT_MASK_THRESHOLD = 0.5
 
-def reduce_hole_mask(hole_mask: Tensor, size: tuple[int, int]) -> Tensor:
+
+def reduce_hole_mask(hole_mask: Tensor, size: tuple[int, int],
+                     threshold: float = DEFAULT_MASK_THRESHOLD) -> Tensor:
     """Foreground (hole) mask at feature resolution: ``(B, 1, h, w)`` → ``(B, H·W)`` bool.
 
     A mask at a higher resolution is reduced by adaptive max-pooling: a feature pixel is
     foreground if any image pixel it covers is missing (non-divisible sizes use PyTorch's
     adaptive windows, which overlap rather than drop pixels). A mask at a lower
-    resolution is upsampled with nearest neighbours. Values > 0.5 count as missing.
+    resolution is upsampled with nearest neighbours. Values > ``threshold`` count as
+    missing (0.5 for binary masks; 0 makes any non-zero value missing, as PEN-Net does).
     """
     if hole_mask.dim() != 4 or hole_mask.shape[1] != 1:
         raise ValueError(f"hole_mask must have shape (B, 1, h, w); got {tuple(hole_mask.shape)}")
@@ -26,7 +30,16 @@ def reduce_hole_mask(hole_mask: Tensor, size: tuple[int, int]) -> Tensor:
             mask = F.adaptive_max_pool2d(mask, size)
         else:
             mask = F.interpolate(mask, size=size, mode="nearest")
-    return (mask > 0.5).flatten(1)
+    return (mask > threshold).flatten(1)
+
+
+def _pointwise_channels_last(features: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """A 1×1 convolution of ``features (B, C, H, W)`` with ``weight (O, C, 1, 1)`` written as
+    ``(B, H·W, O)``: one batched GEMM ``Xᵀ·Wᵀ`` straight into channels-last, so the attention
+    kernels gather whole rows with vector loads (the conv layout would make every row a
+    strided gather). No copy of ``features``."""
+    pixels = features.flatten(2).transpose(1, 2)  # (B, L, C), a view
+    return torch.baddbmm(bias, pixels, weight.flatten(1).t().expand(features.shape[0], -1, -1))
 
 
 class DualSpatialAttention(nn.Module):
@@ -41,14 +54,23 @@ class DualSpatialAttention(nn.Module):
         fuse_kernel_size: kernel size of the fusion convolution (the paper does not say; 1).
         scale: multiplies ``q·k`` before the softmax (the paper uses 1).
         backend: forwarded to ``dsa_ops.masked_attention``.
+        mask_threshold: hole-mask values above it count as missing (default 0.5, for
+            binary masks; 0 makes any non-zero value missing, PEN-Net's rule).
+        guide_channels: channels of a ``guide`` tensor with its own Q/K projection (then every
+            call needs a guide). ``None``: a guide, if given, has C channels and shares the
+            Q/K weights that ``x`` would use (the paper's oracle path).
 
     Shapes: ``x (B, C, H, W)``, ``hole_mask (B, 1, h, w)`` with 1 = missing at any
-    resolution (see ``reduce_hole_mask``) → ``(B, C, H, W)``; with ``return_attention``
-    also ``{"cross": (B, L, L), "self": (B, L, L)}`` with ``L = H·W``.
+    resolution (see ``reduce_hole_mask``) or ``None`` (nothing missing: the output is
+    ``fuse(2·X)``), optional ``guide (B, G, H, W)`` from which queries and keys are projected
+    while values come from ``x`` (cross-scale matching: PEN-Net scores on a coarser level
+    and pastes the finer one) → ``(B, C, H, W)``; with ``return_attention`` also
+    ``{"cross": (B, L, L), "self": (B, L, L)}`` with ``L = H·W``.
     """
 
     def __init__(self, channels: int, qk_dim: int | None = None, fuse_kernel_size: int = 1,
-                 scale: float = 1.0, backend: str = "auto"):
+                 scale: float = 1.0, backend: str = "auto",
+                 mask_threshold: float = DEFAULT_MASK_THRESHOLD, guide_channels: int | None = None):
         super().__init__()
         if channels <= 0:
             raise ValueError(f"channels must be positive; got {channels}")
@@ -56,64 +78,153 @@ class DualSpatialAttention(nn.Module):
             raise ValueError(f"fuse_kernel_size must be a positive odd integer; got {fuse_kernel_size}")
         if backend != "auto" and backend not in BACKENDS:
             raise ValueError(f"backend must be 'auto' or one of {BACKENDS}; got {backend!r}")
+        if not 0.0 <= mask_threshold < 1.0:
+            raise ValueError(f"mask_threshold must be in [0, 1) (values above it are missing); "
+                             f"got {mask_threshold}")
+        if guide_channels is not None and guide_channels <= 0:
+            raise ValueError(f"guide_channels must be positive or None; got {guide_channels}")
         self.channels = channels
         self.qk_dim = qk_dim if qk_dim is not None else max(channels // 8, 8)
         self.scale = scale
         self.backend = backend
-        # One 1×1 convolution (one GEMM) projects Q, K, V of both branches:
-        # [q_cross, k_cross, v_cross, q_self, k_self, v_self].
-        self.projection = nn.Conv2d(channels, 2 * (2 * self.qk_dim + channels), kernel_size=1)
+        self.mask_threshold = mask_threshold
+        self.guide_channels = guide_channels
+        if guide_channels is None:
+            # One 1×1 convolution (one GEMM) projects Q, K, V of both branches:
+            # [q_cross, k_cross, v_cross, q_self, k_self, v_self].
+            self.projection = nn.Conv2d(channels, 2 * (2 * self.qk_dim + channels), kernel_size=1)
+        else:
+            # Values from x: [v_cross, v_self]; queries and keys from the guide:
+            # [q_cross, k_cross, q_self, k_self].
+            self.projection = nn.Conv2d(channels, 2 * channels, kernel_size=1)
+            self.guide_projection = nn.Conv2d(guide_channels, 4 * self.qk_dim, kernel_size=1)
         self.alpha = nn.Parameter(torch.zeros(1))
         self.beta = nn.Parameter(torch.zeros(1))
         self.fuse = nn.Conv2d(channels, channels, fuse_kernel_size, padding=fuse_kernel_size // 2)
 
     def extra_repr(self) -> str:
+        guide = "" if self.guide_channels is None else f", guide_channels={self.guide_channels}"
         return (f"channels={self.channels}, qk_dim={self.qk_dim}, scale={self.scale}, "
-                f"backend={self.backend!r}")
+                f"backend={self.backend!r}, mask_threshold={self.mask_threshold}{guide}")
 
-    def _project(self, x: Tensor) -> tuple[tuple[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]:
-        """``((q, k, v) cross, (q, k, v) self)`` from ``x (B, C, H, W)``: q, k ``(B, L, Dqk)``,
-        v ``(B, L, C)``, with unit-stride channels.
+    def _fail(self, message: str, error: type = ValueError):
+        raise error(f"{type(self).__name__}: {message}")
 
-        The 1×1 convolution runs as one batched GEMM ``Xᵀ·Wᵀ`` that writes ``(B, L, 2·(2·Dqk
-        + C))`` directly (channels last), so the attention kernels gather whole rows with
-        vector loads; the conv layout would make every row a strided gather. No copy.
-        """
-        batch = x.shape[0]
-        weight = self.projection.weight.flatten(1)  # (outputs, C)
-        pixels = x.flatten(2).transpose(1, 2)  # (B, L, C), a view
-        features = torch.baddbmm(self.projection.bias, pixels, weight.t().expand(batch, -1, -1))
-        q_cross, k_cross, v_cross, q_self, k_self, v_self = features.split(
-            [self.qk_dim, self.qk_dim, self.channels] * 2, dim=2)
+    def _check_features(self, name: str, tensor: Tensor, channels: int, like: Tensor | None) -> None:
+        """One-line errors for a feature input: shape, and dtype/device against the weights."""
+        if not isinstance(tensor, torch.Tensor):
+            self._fail(f"{name} must be a tensor of shape (B, {channels}, H, W); got "
+                       f"{type(tensor).__name__}", TypeError)
+        if tensor.dim() != 4 or tensor.shape[1] != channels:
+            expected = "H, W" if like is None else f"{like.shape[2]}, {like.shape[3]}"
+            self._fail(f"{name} must have shape (B, {channels}, {expected}); got {tuple(tensor.shape)}")
+        if like is not None and (tensor.shape[0] != like.shape[0] or tensor.shape[2:] != like.shape[2:]):
+            self._fail(f"{name} must have the batch size and spatial size of x "
+                       f"{tuple(like.shape)}; got {tuple(tensor.shape)}")
+        weight = self.projection.weight
+        if tensor.device != weight.device:
+            self._fail(f"{name} is on {tensor.device} but the module's weights are on "
+                       f"{weight.device}: move {name} there or call module.to({str(tensor.device)!r})")
+        if not tensor.is_floating_point():
+            self._fail(f"{name} must be a floating-point tensor; got {tensor.dtype}", TypeError)
+        if tensor.dtype != weight.dtype and not torch.is_autocast_enabled(tensor.device.type):
+            self._fail(f"{name} is {str(tensor.dtype).removeprefix('torch.')} but the module's weights "
+                       f"are {str(weight.dtype).removeprefix('torch.')}: cast {name} to "
+                       f"{str(weight.dtype).removeprefix('torch.')} or run under autocast", TypeError)
+
+    def _check_inputs(self, x: Tensor, hole_mask: Tensor | None, guide: Tensor | None) -> None:
+        self._check_features("x", x, self.channels, None)
+        if hole_mask is not None:
+            if not isinstance(hole_mask, torch.Tensor):
+                self._fail(f"hole_mask must be a tensor of shape (B, 1, h, w) or None; got "
+                           f"{type(hole_mask).__name__}", TypeError)
+            if hole_mask.dim() != 4 or hole_mask.shape[1] != 1:
+                self._fail(f"hole_mask must have shape (B, 1, h, w); got {tuple(hole_mask.shape)}")
+            if hole_mask.shape[0] != x.shape[0]:
+                self._fail(f"hole_mask must have batch size {x.shape[0]} like x; "
+                           f"got {tuple(hole_mask.shape)}")
+        if guide is None:
+            if self.guide_channels is not None:
+                self._fail(f"guide is required: the module was built with "
+                           f"guide_channels={self.guide_channels}")
+            return
+        guide_channels = self.channels if self.guide_channels is None else self.guide_channels
+        self._check_features("guide", guide, guide_channels, x)
+
+    def _foreground(self, x: Tensor, hole_mask: Tensor | None) -> Tensor:
+        """``(B, H·W)`` bool: the hole at ``x``'s resolution; all False for ``None``."""
+        if hole_mask is None:
+            return torch.zeros(x.shape[0], x.shape[2] * x.shape[3], dtype=torch.bool, device=x.device)
+        return reduce_hole_mask(hole_mask.to(x.device), tuple(x.shape[-2:]), self.mask_threshold)
+
+    def _project(self, x: Tensor, guide: Tensor | None = None
+                 ) -> tuple[tuple[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]:
+        """``((q, k, v) cross, (q, k, v) self)``: q, k ``(B, L, Dqk)`` from ``guide`` (or ``x``),
+        v ``(B, L, C)`` from ``x (B, C, H, W)``, all with unit-stride channels (slices of
+        channels-last GEMM outputs, see ``_pointwise_channels_last``)."""
+        qk, channels = self.qk_dim, self.channels
+        weight, bias = self.projection.weight, self.projection.bias
+        if guide is None:
+            q_cross, k_cross, v_cross, q_self, k_self, v_self = _pointwise_channels_last(
+                x, weight, bias).split([qk, qk, channels] * 2, dim=2)
+            return (q_cross, k_cross, v_cross), (q_self, k_self, v_self)
+        if self.guide_channels is None:  # the shared projection's Q/K rows and V rows
+            first_v, second_qk, second_v = 2 * qk, 2 * qk + channels, 4 * qk + channels
+            qk_weight = torch.cat([weight[:first_v], weight[second_qk:second_v]])
+            qk_bias = torch.cat([bias[:first_v], bias[second_qk:second_v]])
+            value_weight = torch.cat([weight[first_v:second_qk], weight[second_v:]])
+            value_bias = torch.cat([bias[first_v:second_qk], bias[second_v:]])
+        else:
+            qk_weight, qk_bias = self.guide_projection.weight, self.guide_projection.bias
+            value_weight, value_bias = weight, bias
+        q_cross, k_cross, q_self, k_self = _pointwise_channels_last(
+            guide, qk_weight, qk_bias).split(qk, dim=2)
+        v_cross, v_self = _pointwise_channels_last(x, value_weight, value_bias).split(channels, dim=2)
         return (q_cross, k_cross, v_cross), (q_self, k_self, v_self)
 
-    def forward(self, x: Tensor, hole_mask: Tensor, return_attention: bool = False):
-        if x.dim() != 4 or x.shape[1] != self.channels:
-            raise ValueError(f"x must have shape (B, {self.channels}, H, W); got {tuple(x.shape)}")
-        if hole_mask.shape[0] != x.shape[0]:
-            raise ValueError(f"hole_mask must have batch size {x.shape[0]} like x; "
-                             f"got {tuple(hole_mask.shape)}")
+    def forward(self, x: Tensor, hole_mask: Tensor | None = None, return_attention: bool = False,
+                guide: Tensor | None = None):
+        y, maps, _ = self.attend(x, hole_mask, guide, return_attention=return_attention)
+        return (y, maps) if return_attention else y
+
+    def attend(self, x: Tensor, hole_mask: Tensor | None = None, guide: Tensor | None = None, *,
+               return_attention: bool = False, cross_extra_values: Tensor | None = None
+               ) -> tuple[Tensor, dict[str, Tensor] | None, Tensor | None]:
+        """``forward``'s work, returning ``(y, maps or None, extra or None)``.
+
+        ``cross_extra_values (B, L, E)``: more values for the cross branch, appended to its
+        ``V`` so they share its one attention pass (no second softmax); ``extra (B, L, E)`` is
+        their attention-weighted mean per hole pixel (zero elsewhere and where a sample has no
+        background). ``dsa_ops.adapters`` attends over pixel coordinates this way.
+        """
+        self._check_inputs(x, hole_mask, guide)
         batch, channels, height, width = x.shape
-        foreground = reduce_hole_mask(hole_mask.to(x.device), (height, width))
-        cross, self_ = self._project(x)
+        foreground = self._foreground(x, hole_mask)
+        (q_cross, k_cross, v_cross), self_ = self._project(x, guide)
+        if cross_extra_values is not None:
+            v_cross = torch.cat([v_cross, cross_extra_values.to(v_cross.dtype)], dim=2)
         # Both branches in one call: on "cuda" and "triton" one fused launch per kernel.
-        branches = dual_masked_attention(*cross, *self_, foreground, scale=self.scale,
-                                         return_attention=return_attention, backend=self.backend)
+        branches = dual_masked_attention(q_cross, k_cross, v_cross, *self_, foreground,
+                                         scale=self.scale, return_attention=return_attention,
+                                         backend=self.backend)
         cross, self_ = branches[:2]
+        extra = None
+        if cross_extra_values is not None:
+            cross, extra = cross.split([channels, cross_extra_values.shape[2]], dim=2)
         attended = self.alpha * cross + self.beta * self_
         attended = attended.transpose(1, 2).reshape(batch, channels, height, width)
         y = self.fuse(2 * x + attended)
-        if return_attention:
-            return y, branches[2]
-        return y
+        return y, (branches[2] if return_attention else None), extra
 
-    def queries_keys(self, x: Tensor, hole_mask: Tensor) -> tuple[Tensor, dict[str, tuple[Tensor, Tensor]]]:
+    def queries_keys(self, x: Tensor, hole_mask: Tensor | None = None, guide: Tensor | None = None
+                     ) -> tuple[Tensor, dict[str, tuple[Tensor, Tensor]]]:
         """What the attention compares, without attending: the foreground ``(B, L)`` bool
         and each branch's ``(q, k)`` ``(B, L, Dqk)`` (views of ``forward``'s projection, unit-stride
         channels). The cross branch's queries/keys are foreground/background,
         the self branch's foreground/foreground; scores are ``self.scale·q·kᵀ``. With those,
         ``dsa_ops.attention_kl`` compares two passes' attention without any L×L map.
         """
-        foreground = reduce_hole_mask(hole_mask.to(x.device), tuple(x.shape[-2:]))
-        (q_cross, k_cross, _), (q_self, k_self, _) = self._project(x)
+        self._check_inputs(x, hole_mask, guide)
+        foreground = self._foreground(x, hole_mask)
+        (q_cross, k_cross, _), (q_self, k_self, _) = self._project(x, guide)
         return foreground, {"cross": (q_cross, k_cross), "self": (q_self, k_self)}

@@ -169,3 +169,116 @@ def test_triton_module_matches_the_reference_module(module):
         results.append((y, inputs.grad, module.projection.weight.grad.clone()))
     for actual, expected in zip(*results[::-1]):
         torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------ API for other people's models
+def test_no_hole_mask_means_nothing_missing(module):
+    """PEN-Net passes ``mask=None`` when nothing is missing: no queries, output fuse(2·X)."""
+    with torch.no_grad():
+        module.alpha.fill_(0.7)
+        module.beta.fill_(0.3)
+    x = torch.randn(2, 16, 4, 4)
+    torch.testing.assert_close(module(x), module.fuse(2 * x))
+    torch.testing.assert_close(module(x, None), module(x, torch.zeros(2, 1, 4, 4)))
+    foreground, _ = module.queries_keys(x, None)
+    assert foreground.shape == (2, 16) and not foreground.any()
+
+
+def test_mask_threshold_decides_what_counts_as_missing():
+    """A soft mask (0.3 inside the hole): missing for threshold 0 (PEN-Net), known for 0.5."""
+    torch.manual_seed(0)
+    strict, lenient = DualSpatialAttention(16, mask_threshold=0.0), DualSpatialAttention(16)
+    lenient.load_state_dict(strict.state_dict())
+    for module in (strict, lenient):
+        with torch.no_grad():
+            module.alpha.fill_(0.5)
+    x, binary = torch.randn(2, 16, 4, 4), centre_hole(2, 4, 2)
+    soft = 0.3 * binary
+    torch.testing.assert_close(strict(x, soft), strict(x, binary))
+    torch.testing.assert_close(lenient(x, soft), lenient(x, None))
+    assert not torch.allclose(strict(x, soft), lenient(x, soft))
+    assert reduce_hole_mask(soft, (4, 4), threshold=0.0).sum() == 8
+    with pytest.raises(ValueError, match=r"mask_threshold must be in \[0, 1\)"):
+        DualSpatialAttention(16, mask_threshold=1.0)
+
+
+def _branches_from(module, queries_keys_source, values_source, hole):
+    """The module's output computed by hand: Q/K projected from one tensor, V from another."""
+    size = tuple(values_source.shape[-2:])
+    foreground = reduce_hole_mask(hole, size)
+    qk_rows = [*range(0, 16), *range(32, 48)]  # [q_c, k_c, v_c, q_s, k_s, v_s] = [8, 8, 16] * 2
+    value_rows = [*range(16, 32), *range(48, 64)]
+    q_c, k_c, q_s, k_s = module.projection(queries_keys_source)[:, qk_rows].flatten(2).transpose(
+        1, 2).split(8, dim=2)
+    v_c, v_s = module.projection(values_source)[:, value_rows].flatten(2).transpose(1, 2).split(16, dim=2)
+    cross = dsa_ops.masked_attention(q_c, k_c, v_c, foreground, ~foreground)
+    self_ = dsa_ops.masked_attention(q_s, k_s, v_s, foreground, foreground)
+    attended = (module.alpha * cross + module.beta * self_).transpose(1, 2).reshape(values_source.shape)
+    return module.fuse(2 * values_source + attended)
+
+
+def test_guide_gives_queries_and_keys_values_come_from_x(module):
+    with torch.no_grad():
+        module.alpha.fill_(0.8)
+        module.beta.fill_(-0.5)
+    x, guide, hole = torch.randn(2, 16, 4, 6), torch.randn(2, 16, 4, 6), centre_hole(2, 8, 4)[..., :12]
+    torch.testing.assert_close(module(x, hole, guide=guide), _branches_from(module, guide, x, hole))
+    torch.testing.assert_close(module(x, hole, guide=x), module(x, hole))
+    foreground, pairs = module.queries_keys(x, hole, guide=guide)
+    expected_foreground, expected_pairs = module.queries_keys(guide, hole)
+    assert torch.equal(foreground, expected_foreground)
+    for branch in ("cross", "self"):
+        for actual, expected in zip(pairs[branch], expected_pairs[branch]):
+            torch.testing.assert_close(actual, expected)
+
+
+def test_guide_with_its_own_channels_learns():
+    torch.manual_seed(0)
+    module = DualSpatialAttention(16, guide_channels=32)
+    with torch.no_grad():
+        module.alpha.fill_(0.5)
+        module.beta.fill_(0.5)
+    x = torch.randn(2, 16, 4, 4, requires_grad=True)
+    guide = torch.randn(2, 32, 4, 4, requires_grad=True)
+    module(x, centre_hole(2, 4, 2), guide=guide).square().sum().backward()
+    assert module.guide_projection.weight.grad.abs().sum() > 0
+    assert guide.grad.abs().sum() > 0 and x.grad.abs().sum() > 0
+    assert module.projection.weight.shape == (32, 16, 1, 1)  # the values of both branches only
+    with pytest.raises(ValueError, match="DualSpatialAttention: guide is required"):
+        module(x, centre_hole(2, 4, 2))
+
+
+@pytest.mark.parametrize("guide, message", [
+    (torch.randn(2, 8, 4, 4), r"guide must have shape \(B, 16, 4, 4\)"),
+    (torch.randn(2, 16, 2, 2), "guide must have the batch size and spatial size of x"),
+    (torch.randn(3, 16, 4, 4), "guide must have the batch size and spatial size of x")])
+def test_bad_guide(module, guide, message):
+    with pytest.raises(ValueError, match=f"DualSpatialAttention: {message}"):
+        module(torch.randn(2, 16, 4, 4), centre_hole(2, 4, 2), guide=guide)
+
+
+@pytest.mark.parametrize("dtype, name", [(torch.float64, "float64"), (torch.bfloat16, "bfloat16")])
+def test_dtype_mismatch_names_module_argument_and_fix(module, dtype, name):
+    expected = (f"DualSpatialAttention: x is {name} but the module's weights are float32: "
+                f"cast x to float32 or run under autocast")
+    with pytest.raises(TypeError) as error:
+        module(torch.randn(2, 16, 4, 4, dtype=dtype), centre_hole(2, 4, 2))
+    assert str(error.value) == expected
+    with pytest.raises(TypeError, match="DualSpatialAttention: guide is float64"):
+        module(torch.randn(2, 16, 4, 4), centre_hole(2, 4, 2), guide=torch.randn(2, 16, 4, 4).double())
+
+
+def test_autocast_input_is_accepted():
+    torch.manual_seed(0)
+    module = DualSpatialAttention(16, backend="reference")
+    x = torch.randn(2, 16, 4, 4, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = module(x, centre_hole(2, 4, 2))
+    assert y.shape == x.shape and torch.isfinite(y.float()).all()
+
+
+def test_device_mismatch_names_module_argument_and_fix():
+    module = DualSpatialAttention(16).to("meta")
+    with pytest.raises(ValueError, match=r"DualSpatialAttention: x is on cpu but the module's weights "
+                                         r"are on meta: move x there or call module.to\('cpu'\)"):
+        module(torch.randn(2, 16, 4, 4), centre_hole(2, 4, 2))

@@ -69,9 +69,9 @@ def test_oracle_pass_stops_after_the_last_supervised_projection(monkeypatch):
     calls = collections.Counter()
     project = DualSpatialAttention._project
 
-    def counted_project(module, features):
+    def counted_project(module, *features):
         calls.update([module.projection])  # the projection GEMM runs inside _project
-        return project(module, features)
+        return project(module, *features)
 
     monkeypatch.setattr(DualSpatialAttention, "_project", counted_project)
     hook = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: calls.update([m]))
