@@ -18,6 +18,7 @@ import torch
 
 import dsa_ops
 from dsa_ops import ops, reference
+from dsa_ops.ops import registry
 from tests.attention_cases import (assert_close_by_dtype, assert_gradients_close_by_dtype, make_case,
                                    reference_results)
 from tests.triton_interpreter import install_bfloat16_dot
@@ -237,7 +238,7 @@ def _opcheck_utils():
 @pytest.mark.parametrize("backend", BACKEND_FLOAT32)
 def test_opcheck_forward_and_backward_ops(backend):
     case = _case(SHAPES[2], torch.float32, seed=5)
-    fwd_name, bwd_name = ops._op_names(backend)
+    fwd_name, bwd_name = registry.op_names("masked_attention", backend)
     test_utils = _opcheck_utils() if backend == "triton" else None
     options = {} if test_utils is None else {"test_utils": test_utils}
     q, k, v = (t.detach().requires_grad_() for t in case.inputs[:3])
@@ -257,7 +258,7 @@ def test_forward_returns_the_partitions_its_backward_reads(backend):
     works on masks, is the exception)."""
     _skip_unless_runnable(backend, torch.float32)
     case, other = _case(SHAPES[2], torch.float32, seed=5), _case(SHAPES[2], torch.float32, seed=6)
-    fwd, bwd = (getattr(torch.ops.dsa_ops, name) for name in ops._op_names(backend))
+    fwd, bwd = (getattr(torch.ops.dsa_ops, name) for name in registry.op_names("masked_attention", backend))
     out, lse, *partitions = fwd(*case.inputs, case.scale)
     expected = [*reference.partition_indices(case.query_mask.cpu()),
                 *reference.partition_indices(case.key_mask.cpu())]

@@ -1,4 +1,4 @@
-"""Masked attention on the CPU: compaction, PyTorch's fused CPU flash attention, scatter.
+"""The "cpu" backend of masked attention: compaction, PyTorch's CPU flash attention, scatter.
 
 Each sample's query rows and key rows are gathered into dense blocks (compaction with
 ``partition_indices``), PyTorch's flash-attention CPU kernels
@@ -19,7 +19,7 @@ In float32 the scale is folded into the gathered queries instead (``_score_scale
 CPU flash forward and backward apply an explicit scale with different roundings, which
 at score magnitudes near 10³ (scale 10, q/k std 3) left float32 dV at ~40× the
 reference's own error; with the scale in q both passes compute the same scores.
-These functions know nothing of autograd; ``dsa_ops.ops`` registers them.
+These functions know nothing of autograd; ``op`` and ``dual`` register them.
 
 Shapes: q, k ``(B, L, Dqk)``, v ``(B, L, Dv)``, any strides; out ``(B, L, Dv)``; lse
 ``(B, L)`` float32, +inf on rows that are no query or have no keys (``reference.py``).
@@ -31,7 +31,8 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from dsa_ops import reference
+from dsa_ops.ops.masked_attention import reference
+from dsa_ops.ops.partition.reference import partition_indices
 
 Tensor = torch.Tensor
 
@@ -75,7 +76,7 @@ def partition_slots(index: Tensor, count: Tensor, side: bool) -> Slots:
 
 def mask_slots(mask: Tensor) -> Slots:
     """Slots of the true positions of ``mask (B, L)`` bool."""
-    return partition_slots(*torch.ops.dsa_ops.partition_indices(mask), True)
+    return partition_slots(*partition_indices(mask), True)
 
 
 
@@ -219,10 +220,10 @@ def forward_slots(q: Tensor, k: Tensor, v: Tensor, queries: Slots, keys: Slots,
 
 def forward(q: Tensor, k: Tensor, v: Tensor, query_mask: Tensor, key_mask: Tensor,
             scale: float) -> tuple[Tensor, ...]:
-    """The ``cpu`` backend's forward op (``ops._FWD_SCHEMA``): ``(out, lse)`` and the two
+    """The ``cpu`` backend's forward op (``op.FORWARD_SCHEMA``): ``(out, lse)`` and the two
     partitions, which the backward op takes back."""
-    query_partition = torch.ops.dsa_ops.partition_indices(query_mask)
-    key_partition = torch.ops.dsa_ops.partition_indices(key_mask)
+    query_partition = partition_indices(query_mask)
+    key_partition = partition_indices(key_mask)
     out, lse = forward_slots(q, k, v, partition_slots(*query_partition, True),
                              partition_slots(*key_partition, True), scale)
     return out, lse, *query_partition, *key_partition
@@ -307,7 +308,7 @@ def backward_slots(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
 def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
              query_mask: Tensor, key_mask: Tensor, query_index: Tensor, query_count: Tensor,
              key_index: Tensor, key_count: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    """The ``cpu`` backend's backward op (``ops._BWD_SCHEMA``), on the forward's partitions."""
+    """The ``cpu`` backend's backward op (``op.BACKWARD_SCHEMA``), on the forward's partitions."""
     return backward_slots(grad_out, q, k, v, out, lse,
                           partition_slots(query_index, query_count, True),
                           partition_slots(key_index, key_count, True), scale)
@@ -323,7 +324,7 @@ def foreground_slots(index: Tensor, count: Tensor) -> tuple[Slots, Slots]:
 def dual_forward(q_cross, k_cross, v_cross, q_self, k_self, v_self, foreground, scale):
     """``(out_cross, lse_cross, out_self, lse_self, foreground_index, foreground_count)``:
     cross = fg → bg, self = fg → fg, and the foreground's partition for the backward."""
-    partition = torch.ops.dsa_ops.partition_indices(foreground)
+    partition = partition_indices(foreground)
     fg, bg = foreground_slots(*partition)
     return (*forward_slots(q_cross, k_cross, v_cross, fg, bg, scale),
             *forward_slots(q_self, k_self, v_self, fg, fg, scale), *partition)
