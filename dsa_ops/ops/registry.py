@@ -90,13 +90,17 @@ def register_op_family(family: str, *, forward_schema: str, fake_forward: Callab
                        fake_backward: Optional[Callable] = None,
                        setup_context: Optional[Callable] = None,
                        make_backward: Optional[Callable] = None,
+                       reference_double_backward: Optional[Callable] = None,
                        names: Callable[[str, str], tuple[str, Optional[str]]] = op_names
                        ) -> dict[str, tuple]:
     """Define, implement and fake every backend's ops of ``family``; wire autograd.
 
     ``make_backward(backward_op)`` returns the autograd backward of the forward op (it
-    calls ``backward_op`` with what ``setup_context`` saved). ``names(family, backend)``
-    gives the op names (default ``op_names``; a backward name of None: no backward op).
+    calls ``backward_op`` with what ``setup_context`` saved). Double backward (see
+    ``double_backward_policy``): the reference backend's gradients come from
+    ``reference_double_backward(ctx, *grads)`` when they must be differentiable; every
+    other backend refuses a second derivative. ``names(family, backend)`` gives the op
+    names (default ``op_names``; a backward name of None: no backward op).
     Returns ``{backend: (forward op, backward op or None)}``.
     """
     ops = {}
@@ -117,11 +121,74 @@ def register_op_family(family: str, *, forward_schema: str, fake_forward: Callab
             torch.library.register_fake(f"dsa_ops::{name}", fake, lib=LIBRARY)
         forward_name, backward_name = op_pair
         if backward_name is not None:
-            torch.library.register_autograd(f"dsa_ops::{forward_name}",
-                                            make_backward(op(backward_name)),
+            backward = double_backward_policy(
+                make_backward(op(backward_name)), f"dsa_ops::{forward_name}", backend,
+                reference_double_backward if backend == "reference" else None)
+            torch.library.register_autograd(f"dsa_ops::{forward_name}", backward,
                                             setup_context=setup_context, lib=LIBRARY)
         ops[backend] = (op(forward_name), op(backward_name))
     return ops
+
+
+# ----------------------------------------------------------------------------- double backward
+class _FirstDerivativeOnly(torch.autograd.Function):
+    """Attaches gradients (computed without a graph) to the tensors they depend on through
+    a node that refuses to be differentiated: ``apply(message, count, *gradients, *inputs)``
+    returns the ``count`` gradients, sharing their memory."""
+
+    @staticmethod
+    def forward(ctx, message, count, *tensors):
+        ctx.message = message
+        return tuple(tensors[:count])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(ctx.message)
+
+
+def double_backward_policy(backward: Callable, op_name: str, backend: str,
+                           differentiable_backward: Optional[Callable] = None) -> Callable:
+    """The autograd backward of a forward op, with one rule for second derivatives.
+
+    A first-order backward (grad mode off, the usual case) is ``backward``. When the
+    gradients must themselves be differentiable (``create_graph=True``), the reference
+    computes them with ``differentiable_backward`` (exact, checked by gradgradcheck);
+    every other backend returns them from a node that raises a RuntimeError naming the
+    backend as soon as anything differentiates them: never a silently wrong second
+    derivative.
+    """
+    message = (f"{op_name}: the {backend!r} backend computes first derivatives only; "
+               f"a second derivative (double backward) needs backend='reference'")
+
+    def guarded(ctx, *grads):
+        if not torch.is_grad_enabled():
+            return backward(ctx, *grads)
+        if differentiable_backward is not None:
+            return differentiable_backward(ctx, *grads)
+        with torch.no_grad():
+            result = backward(ctx, *grads)
+        inputs = [t for t in (*ctx.saved_tensors, *grads)
+                  if isinstance(t, torch.Tensor) and t.requires_grad]
+        gradients = [g for g in result if g is not None]
+        if not inputs or not gradients:
+            return result
+        attached = iter(_FirstDerivativeOnly.apply(message, len(gradients), *gradients, *inputs))
+        return tuple(None if g is None else next(attached) for g in result)
+
+    return guarded
+
+
+def recomputed_gradients(forward: Callable, inputs: tuple, grads: tuple) -> tuple:
+    """Differentiable gradients of ``forward(*inputs)`` (one output or a tuple), weighted by
+    ``grads``, with respect to each of ``inputs`` that requires grad (None for the others):
+    the reference's first derivatives when a second one will follow."""
+    wanted = [t for t in inputs if t.requires_grad]
+    if not wanted:
+        return (None,) * len(inputs)
+    with torch.enable_grad():
+        computed = iter(torch.autograd.grad(forward(*inputs), wanted, grads, create_graph=True,
+                                            allow_unused=True))
+    return tuple(next(computed) if t.requires_grad else None for t in inputs)
 
 
 # ----------------------------------------------------------------------------- backends

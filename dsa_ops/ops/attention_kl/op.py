@@ -76,6 +76,18 @@ def _make_backward(backward_op):
     return backward
 
 
+def _reference_double_backward(ctx, grad_kl, *_grads_of_statistics):
+    """Gradients a second derivative can follow: the reference KL again, differentiated by
+    plain autograd (the saved lse's are constants to autograd)."""
+    q, k, q_oracle, k_oracle, _, _, query_mask, key_mask, *_ = ctx.saved_tensors
+    with _without_autocast(grad_kl.device):
+        grads = registry.recomputed_gradients(
+            lambda q, k: reference.attention_kl_forward(q, k, q_oracle, k_oracle, query_mask,
+                                                        key_mask, ctx.scale)[0],
+            (q, k), (grad_kl,))
+    return (*grads, None, None, None, None, None)
+
+
 def _reference_forward(q, k, q_oracle, k_oracle, query_mask, key_mask, scale):
     """The reference forward with the partitions the op's schema returns."""
     return (*reference.attention_kl_forward(q, k, q_oracle, k_oracle, query_mask, key_mask, scale),
@@ -91,7 +103,8 @@ def _reference_backward(grad_kl, q, k, q_oracle, k_oracle, lse, lse_oracle, quer
 OPS = registry.register_op_family(
     FAMILY, forward_schema=FORWARD_SCHEMA, backward_schema=BACKWARD_SCHEMA,
     fake_forward=_fake_forward, fake_backward=_fake_backward, setup_context=_setup_context,
-    make_backward=_make_backward, implementations=registry.backend_implementations(
+    make_backward=_make_backward, reference_double_backward=_reference_double_backward,
+    implementations=registry.backend_implementations(
         (_reference_forward, _reference_backward), (cpu.forward, cpu.backward),
         ("dsa_ops.ops.attention_kl.triton", "attention_kl_forward", "attention_kl_backward")))
 

@@ -18,6 +18,7 @@ from dsa_ops.ops.masked_attention.reference import (
     accumulation_dtype,
     compute_dtype,
     masked_scores,
+    rows_in,
     softmax_and_lse,
 )
 
@@ -70,6 +71,8 @@ def attention_kl_forward(q: Tensor, k: Tensor, q_oracle: Tensor, k_oracle: Tenso
     """``(kl, lse, lse_oracle)``, each ``(B, L)`` in the accumulation dtype (the input dtype
     with ``upcast=False``): KL(E_oracle‖E) per row, 0 on rows that are no query or have no
     keys (lse +inf there). Inputs ``(B, L, D)`` any strides, masks ``(B, L)`` bool."""
+    q, q_oracle = rows_in(q, query_mask), rows_in(q_oracle, query_mask)
+    k, k_oracle = rows_in(k, key_mask), rows_in(k_oracle, key_mask)
     dtype = compute_dtype(q.dtype, upcast)
     batch, length, _ = q.shape
     kl, lse, oracle_lse = (q.new_empty((batch, length), dtype=dtype) for _ in range(3))
@@ -88,6 +91,9 @@ def attention_kl_backward(grad_kl: Tensor, q: Tensor, k: Tensor, q_oracle: Tenso
                           ) -> tuple[Tensor, Tensor]:
     """``(grad_q, grad_k)`` shaped like q, k from ``grad_kl`` ``(B, L)`` and the forward's
     lse's; the oracle gets no gradient (it is the target)."""
+    q, q_oracle = rows_in(q, query_mask), rows_in(q_oracle, query_mask)
+    k, k_oracle = rows_in(k, key_mask), rows_in(k_oracle, key_mask)
+    grad_kl = torch.where(query_mask, grad_kl, torch.zeros((), dtype=grad_kl.dtype))
     dtype = compute_dtype(q.dtype, upcast)
     grad_q = torch.zeros(q.shape, dtype=dtype, device=q.device)
     grad_k = torch.zeros(k.shape, dtype=dtype, device=k.device)

@@ -153,6 +153,10 @@ class Block:
             rows = channel_rows.transpose(1, 2)
         else:  # any other strides: one strided gather
             rows = t[self.reads // length, self.reads % length].view(*self.shape, dim)
+        if not self.is_full:
+            # Padding slots read rows outside the query/key set, whose values must reach no
+            # product (0·NaN is NaN): they are zeroed.
+            rows = rows.masked_fill(~self.valid.unsqueeze(-1), 0)
         if dim < width:
             rows = F.pad(rows, (0, width - dim))
         return rows.contiguous().unsqueeze(1)
@@ -199,6 +203,16 @@ def _scaled_(rows: Tensor, factor: float) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- forward
+def _poison_nonfinite_queries(block_q: Tensor, block_out: Tensor, block_lse: Tensor) -> None:
+    """NaN output and lse on query rows holding a non-finite value, as on every backend:
+    the CPU kernel's row maximum skips NaN scores, so a NaN query row would come out as a
+    row without keys (output 0)."""
+    nonfinite = ~torch.isfinite(block_q).all(dim=-1)  # (G, 1, Nq)
+    if bool(nonfinite.any()):
+        block_out.masked_fill_(nonfinite.unsqueeze(-1), float("nan"))
+        block_lse.masked_fill_(nonfinite, float("nan"))
+
+
 def forward_slots(q: Tensor, k: Tensor, v: Tensor, queries: Slots, keys: Slots,
                   scale: float) -> tuple[Tensor, Tensor]:
     """Attention from the query slots to the key slots; ``(out (B, L, Dv), lse (B, L))``."""
@@ -209,10 +223,11 @@ def forward_slots(q: Tensor, k: Tensor, v: Tensor, queries: Slots, keys: Slots,
     query_factor, kernel_scale = _score_scale(q.dtype, scale)
     for group in plan_groups(queries.counts, keys.counts):
         query_block, key_block = Block.of(queries, group), Block.of(keys, group)
+        block_q = _scaled_(query_block.gather(q, width), query_factor)
         block_out, block_lse = _flash_forward(
-            _scaled_(query_block.gather(q, width), query_factor), key_block.gather(k, width),
-            key_block.gather(v, width), attn_mask=_key_padding_mask(key_block, q.dtype),
-            scale=kernel_scale)
+            block_q, key_block.gather(k, width), key_block.gather(v, width),
+            attn_mask=_key_padding_mask(key_block, q.dtype), scale=kernel_scale)
+        _poison_nonfinite_queries(block_q, block_out, block_lse)
         query_block.scatter(out, block_out[:, 0, :, :v_dim])
         query_block.scatter(lse, block_lse[:, 0])
     return _result(out, batch, length), _result(lse, batch, length)

@@ -89,10 +89,24 @@ def _make_backward(backward_op):
     return backward
 
 
+def _reference_double_backward(ctx, grad_out_cross, _grad_lse_cross, grad_out_self,
+                               *_grads_of_statistics):
+    """Gradients a second derivative can follow (see ``op._reference_double_backward``)."""
+    *qkv, _, _, _, _, foreground, _, _ = ctx.saved_tensors
+
+    def both_branches(q_cross, k_cross, v_cross, q_self, k_self, v_self):
+        return (reference.forward(q_cross, k_cross, v_cross, foreground, ~foreground, ctx.scale)[0],
+                reference.forward(q_self, k_self, v_self, foreground, foreground, ctx.scale)[0])
+
+    grads = registry.recomputed_gradients(both_branches, tuple(qkv), (grad_out_cross, grad_out_self))
+    return (*grads, None, None)
+
+
 OPS = registry.register_op_family(
     FAMILY, forward_schema=FORWARD_SCHEMA, backward_schema=BACKWARD_SCHEMA,
     fake_forward=_fake_forward, fake_backward=_fake_backward, setup_context=_setup_context,
-    make_backward=_make_backward, implementations=registry.backend_implementations(
+    make_backward=_make_backward, reference_double_backward=_reference_double_backward,
+    implementations=registry.backend_implementations(
         (_reference_forward, _reference_backward), (cpu.dual_forward, cpu.dual_backward),
         ("dsa_ops.ops.masked_attention.triton", "dual_forward", "dual_backward")))
 

@@ -78,6 +78,17 @@ def _make_backward(backward_op):
     return backward
 
 
+def _reference_double_backward(ctx, grad_out, *_grads_of_statistics):
+    """Gradients a second derivative can follow: the reference forward again, differentiated
+    by plain autograd (the saved lse is a constant to autograd, so the backward op's
+    formula would miss its dependence on q and k)."""
+    q, k, v, _, _, query_mask, key_mask, *_ = ctx.saved_tensors
+    grads = registry.recomputed_gradients(
+        lambda q, k, v: reference.forward(q, k, v, query_mask, key_mask, ctx.scale)[0],
+        (q, k, v), (grad_out,))
+    return (*grads, None, None, None)
+
+
 # ----------------------------------------------------------------------------- backends
 def _reference_forward(q, k, v, query_mask, key_mask, scale):
     """The reference forward with the partitions the op's schema returns (the reference
@@ -94,7 +105,8 @@ def _reference_backward(grad_out, q, k, v, out, lse, query_mask, key_mask, query
 OPS = registry.register_op_family(
     FAMILY, forward_schema=FORWARD_SCHEMA, backward_schema=BACKWARD_SCHEMA,
     fake_forward=_fake_forward, fake_backward=_fake_backward, setup_context=_setup_context,
-    make_backward=_make_backward, implementations=registry.backend_implementations(
+    make_backward=_make_backward, reference_double_backward=_reference_double_backward,
+    implementations=registry.backend_implementations(
         (_reference_forward, _reference_backward), (cpu.forward, cpu.backward),
         ("dsa_ops.ops.masked_attention.triton", "forward", "backward")))
 
@@ -178,12 +190,19 @@ class MaskedAttentionFunction(torch.autograd.Function):
         chosen = resolve_backend(backend, q, v)
         out, lse, *partitions = chosen.forward(q, k, v, query_mask, key_mask, float(scale))
         ctx.save_for_backward(q, k, v, out, lse, query_mask, key_mask, *partitions)
-        ctx.scale, ctx.backward_op = float(scale), chosen.backward
+        ctx.scale, ctx.backend = float(scale), chosen
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, lse, *masks_and_partitions = ctx.saved_tensors
-        grads = ctx.backward_op(grad_out.contiguous(), q, k, v, out, lse, *masks_and_partitions,
-                                ctx.scale)
-        return (*grads, None, None, None, None)
+        backward = registry.double_backward_policy(
+            _function_backward, "MaskedAttentionFunction", ctx.backend.name,
+            _reference_double_backward if ctx.backend.name == "reference" else None)
+        return (*backward(ctx, grad_out), None)
+
+
+def _function_backward(ctx, grad_out):
+    q, k, v, out, lse, *masks_and_partitions = ctx.saved_tensors
+    grads = ctx.backend.backward(grad_out.contiguous(), q, k, v, out, lse, *masks_and_partitions,
+                                 ctx.scale)
+    return (*grads, None, None, None)

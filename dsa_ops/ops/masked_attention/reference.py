@@ -35,6 +35,12 @@ def compute_dtype(dtype: torch.dtype, upcast: bool) -> torch.dtype:
     return accumulation_dtype(dtype) if upcast else dtype
 
 
+def rows_in(t: Tensor, mask: Tensor) -> Tensor:
+    """``t (B, L, D)`` with its rows outside ``mask (B, L)`` set to 0, so that what they
+    hold (even NaN or inf) reaches no product: 0·NaN would be NaN (non-finite rule)."""
+    return torch.where(mask.unsqueeze(-1), t, torch.zeros((), dtype=t.dtype, device=t.device))
+
+
 def masked_scores(q: Tensor, k: Tensor, query_mask: Tensor, key_mask: Tensor,
                    scale: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Scaled scores ``(B, L, L)`` with -inf outside query×key pairs, and the pair mask."""
@@ -48,8 +54,10 @@ def softmax_and_lse(scores: Tensor, pairs: Tensor) -> tuple[Tensor, Tensor]:
 
     Rows without any pair get probabilities 0 and lse +inf. The shift is detached
     (softmax does not depend on it) and empty rows divide by 1, so neither values
-    nor gradients can turn into NaN.
+    nor gradients can turn into NaN (a NaN score of a pair makes its row NaN).
     """
+    if scores.shape[-1] == 0:  # L = 0: no row has keys (and amax refuses empty rows)
+        return scores.clone(), scores.new_full(scores.shape[:-1], float("inf"))
     row_has_keys = pairs.any(dim=-1, keepdim=True)
     shift = scores.amax(dim=-1, keepdim=True).masked_fill(~row_has_keys, 0).detach()
     weights = torch.exp(scores - shift)
@@ -66,6 +74,7 @@ def attention_probs(q: Tensor, k: Tensor, query_mask: Tensor, key_mask: Tensor,
     Differentiable with respect to q and k through ordinary autograd (the oracle KL
     loss needs that). Returned in the accumulation dtype (float32 for half inputs).
     """
+    q, k = rows_in(q, query_mask), rows_in(k, key_mask)
     scores, pairs = masked_scores(q, k, query_mask, key_mask, scale,
                                    compute_dtype(q.dtype, upcast))
     return softmax_and_lse(scores, pairs)[0]
@@ -74,10 +83,12 @@ def attention_probs(q: Tensor, k: Tensor, query_mask: Tensor, key_mask: Tensor,
 def forward(q: Tensor, k: Tensor, v: Tensor, query_mask: Tensor, key_mask: Tensor,
             scale: float = 1.0, *, upcast: bool = True) -> tuple[Tensor, Tensor]:
     """Returns ``(out (B, L, Dv) in v.dtype, lse (B, L) in the accumulation dtype)``."""
+    q, k, v = rows_in(q, query_mask), rows_in(k, key_mask), rows_in(v, key_mask)
     dtype = compute_dtype(q.dtype, upcast)
     scores, pairs = masked_scores(q, k, query_mask, key_mask, scale, dtype)
     probs, lse = softmax_and_lse(scores, pairs)
-    out = torch.matmul(probs, v.to(dtype))
+    # Rows without keys (non-queries included) are 0 even where a key's v is NaN (0·NaN).
+    out = rows_in(torch.matmul(probs, v.to(dtype)), pairs.any(dim=-1))
     return out.to(v.dtype), lse.to(accumulation_dtype(q.dtype))
 
 
@@ -88,8 +99,11 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
 
     With P = softmax(S), dP = dO·Vᵀ and Δᵢ = Σ_d dOᵢ_d·Oᵢ_d (= Σⱼ Pᵢⱼ dPᵢⱼ):
     dS = P ⊙ (dP − Δ), dQ = scale·dS·K, dK = scale·dSᵀ·Q, dV = Pᵀ·dO.
-    Rows outside the query set have P = 0, so whatever grad_out holds there is ignored.
+    Rows outside the query set have P = 0, and what grad_out (or q, k, v, out) holds in
+    rows outside the query and key sets is ignored, NaN included.
     """
+    q, k, v = rows_in(q, query_mask), rows_in(k, key_mask), rows_in(v, key_mask)
+    grad_out, out = rows_in(grad_out, query_mask), rows_in(out, query_mask)
     dtype = compute_dtype(q.dtype, upcast)
     scores, _ = masked_scores(q, k, query_mask, key_mask, scale, dtype)
     probs = torch.exp(scores - lse.to(dtype).unsqueeze(-1))
