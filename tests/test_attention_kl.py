@@ -276,6 +276,39 @@ def test_forward_returns_the_partitions_its_backward_reads(backend):
     assert all(torch.equal(a, b) for a, b in zip(from_partitions, reads))
 
 
+@pytest.mark.parametrize("batch, length", [(0, 6), (2, 0)])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch_and_length_work_forward_and_backward(backend, batch, length):
+    q, k = (torch.randn(batch, length, 8, requires_grad=True) for _ in range(2))
+    mask = torch.ones(batch, length, dtype=torch.bool)
+    kl = dsa_ops.attention_kl(q, k, q.detach(), k.detach(), mask, mask, backend=backend)
+    kl.sum().backward()
+    assert kl.shape == (batch, length) and q.grad.shape == k.grad.shape == (batch, length, 8)
+
+
+def test_double_backward_is_exact_on_the_reference():
+    """gradgradcheck in float64: the saved lse's are constants to autograd, so the backward
+    op's formula alone would give a wrong second derivative."""
+    case = kl_case(SHAPES[0], torch.float64, seed=13)
+    q, k = (t[:2, :9].detach().requires_grad_() for t in (case.q, case.k))
+    fixed = [t[:2, :9] for t in case.inputs[2:]]
+
+    def kl(q, k):
+        return dsa_ops.attention_kl(q, k, *fixed, scale=case.scale, backend="reference")
+
+    assert torch.autograd.gradgradcheck(kl, (q, k))
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] != "reference"])
+def test_double_backward_is_refused_naming_the_backend_off_the_reference(backend):
+    case = kl_case(SHAPES[0], seed=14)
+    q, k = (t.detach().requires_grad_() for t in (case.q, case.k))
+    kl = dsa_ops.attention_kl(q, k, *case.inputs[2:], scale=case.scale, backend=backend)
+    grads = torch.autograd.grad(kl.sum(), (q, k), create_graph=True)
+    with pytest.raises(RuntimeError, match=f"'{backend}' backend computes first derivatives only"):
+        torch.autograd.grad(sum(g.square().sum() for g in grads), (q, k))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_torch_compile_fullgraph(backend):
     if backend == "triton" and INTERPRETED:

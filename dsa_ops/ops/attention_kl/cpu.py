@@ -24,7 +24,7 @@ def _compact(index: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:
     each sample's partition ``(index (B, L), count (B,))`` of a mask and which of them are
     true positions."""
     size = int(count.max()) if count.numel() else 0
-    slots = torch.arange(size, device=mask.device)
+    slots = torch.arange(size, device=index.device)
     return index[:, :size].long(), slots < count.unsqueeze(1)
 
 

@@ -166,6 +166,17 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, query_mask: Tensor, key_ma
     Returns:
         ``out (B, L, Dv)`` (zero on non-query rows and on rows without keys), or
         ``(out, attn)`` when ``return_attention``.
+
+    Non-finite values and edge cases (the same on every backend):
+        * A NaN or infinity in a query's row (q) or in one of its keys' rows (k or v) makes
+          that query's output non-finite, and no other query's. The one latitude: an
+          infinity in k that drives a score to -inf may instead give that key weight 0.
+        * Values at positions that are neither query nor key (q, k, v and grad_out there,
+          NaN and inf included) affect nothing: not the output, not any gradient.
+        * B = 0 and L = 0 work, forward and backward.
+        * Double backward is exact on ``backend="reference"`` (checked with gradgradcheck
+          in float64); the other backends compute first derivatives only and raise a
+          RuntimeError naming the backend when a second derivative is taken.
     """
     validate_inputs(q, k, v, query_mask, key_mask, scale)
     chosen = resolve_backend(backend, q, v)
