@@ -221,6 +221,25 @@ class Backend:
         return None
 
 
+def backend_table(ops: Mapping[str, tuple], *, cpu_dtypes: tuple,
+                  cuda_unavailable: Callable[[torch.device], Optional[str]],
+                  v_dims: Optional[tuple] = FUSED_V_DIMS,
+                  cuda_device_dtype_reason: Optional[Callable] = None) -> dict[str, Backend]:
+    """The four backends of a family, by name, from its ops (``register_op_family``'s
+    result; a backend without ops, triton where it does not import, gets None)."""
+    def pair(name: str) -> tuple:
+        return ops.get(name, (None, None))
+
+    return {
+        "reference": Backend("reference", *pair("reference"), reference_unavailable, FLOAT_DTYPES),
+        "cpu": Backend("cpu", *pair("cpu"), cpu_unavailable, cpu_dtypes),
+        "triton": Backend("triton", *pair("triton"), triton_unavailable, FUSED_DTYPES,
+                          FUSED_QK_DIMS, v_dims),
+        "cuda": Backend("cuda", *pair("cuda"), cuda_unavailable, FUSED_DTYPES, FUSED_QK_DIMS,
+                        v_dims, cuda_device_dtype_reason),
+    }
+
+
 def default_device(device: torch.device | str | None) -> torch.device:
     """``device``, or CUDA when present, else the CPU."""
     if device is None:

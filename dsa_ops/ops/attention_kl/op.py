@@ -121,20 +121,9 @@ def _cuda_unavailable(device: torch.device) -> Optional[str]:
     return reason
 
 
-def _ops(name: str) -> tuple:
-    return OPS.get(name, (None, None))
-
-
 # The op has no values, so the Dv limits do not apply: backends are resolved with v = q.
-BACKEND_TABLE = {
-    "reference": Backend("reference", *_ops("reference"), registry.reference_unavailable,
-                         registry.FLOAT_DTYPES),
-    "cpu": Backend("cpu", *_ops("cpu"), registry.cpu_unavailable, registry.FLOAT_DTYPES),
-    "triton": Backend("triton", *_ops("triton"), registry.triton_unavailable,
-                      registry.FUSED_DTYPES, registry.FUSED_QK_DIMS),
-    "cuda": Backend("cuda", *_ops("cuda"), _cuda_unavailable, registry.FUSED_DTYPES,
-                    registry.FUSED_QK_DIMS),
-}
+BACKEND_TABLE = registry.backend_table(OPS, cpu_dtypes=registry.FLOAT_DTYPES,
+                                       cuda_unavailable=_cuda_unavailable, v_dims=None)
 
 
 def get_kl_backend(name: str) -> Backend:

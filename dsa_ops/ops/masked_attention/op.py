@@ -111,19 +111,9 @@ OPS = registry.register_op_family(
         ("dsa_ops.ops.masked_attention.triton", "forward", "backward")))
 
 
-def _ops(name: str) -> tuple:
-    return OPS.get(name, (None, None))
-
-
-BACKEND_TABLE = {
-    "reference": Backend("reference", *_ops("reference"), registry.reference_unavailable,
-                         registry.FLOAT_DTYPES),
-    "cpu": Backend("cpu", *_ops("cpu"), registry.cpu_unavailable, cpu.DTYPES),
-    "triton": Backend("triton", *_ops("triton"), registry.triton_unavailable,
-                      registry.FUSED_DTYPES, registry.FUSED_QK_DIMS, registry.FUSED_V_DIMS),
-    "cuda": Backend("cuda", *_ops("cuda"), cuda.unavailable, registry.FUSED_DTYPES,
-                    registry.FUSED_QK_DIMS, registry.FUSED_V_DIMS, cuda.shared_memory_reason),
-}
+BACKEND_TABLE = registry.backend_table(OPS, cpu_dtypes=cpu.DTYPES,
+                                       cuda_unavailable=cuda.unavailable,
+                                       cuda_device_dtype_reason=cuda.shared_memory_reason)
 
 
 def get_backend(name: str) -> Backend:
