@@ -56,7 +56,7 @@ SHAPES = [
     # float32 precision through forward and backward to stay within 2× the reference.
     # (A log2 ↔ ln round trip of the saved lse fails dv here in float32.)
     Shape("large-magnitude-32x32", "self", 32, 32, 5, 7, scale=10.0, qk_std=3.0),
-    # The paper's DSA layers 12 and 14 (DESIGN §2), lightly: one batch of every hole kind.
+    # The paper's DSA layers 12 and 14 (docs/design.md §2), lightly: one batch of every hole kind.
     # More than one query block and key block of PyTorch's CPU flash kernels (cpu backend).
     Shape("cross-24x32-16x128-strided", "cross", 16, 128, 24, 32, noncontiguous=True,
           too_slow_to_emulate=True),
