@@ -364,10 +364,9 @@ void check_kl_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
 
 // After the checks, on the kernels' device: unit-stride inputs and the two partitions.
 KlTensors kl_tensors(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_oracle,
-                     const at::Tensor& k_oracle, const at::Tensor& query_mask,
-                     const at::Tensor& key_mask) {
+                     const at::Tensor& k_oracle, Partition queries, Partition keys) {
   return {with_unit_last_stride(q), with_unit_last_stride(k), with_unit_last_stride(q_oracle),
-          with_unit_last_stride(k_oracle), partition_of(query_mask), partition_of(key_mask)};
+          with_unit_last_stride(k_oracle), std::move(queries), std::move(keys)};
 }
 
 kl::KlInputs kl_inputs(const KlTensors& t, double scale) {
@@ -386,14 +385,17 @@ kl::KlInputs kl_inputs(const KlTensors& t, double scale) {
   return in;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_kl_fwd_cuda(
+// Returns (kl, lse, lse_oracle) and the masks' partitions, which the backward takes back.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+attention_kl_fwd_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_oracle,
     const at::Tensor& k_oracle, const at::Tensor& query_mask, const at::Tensor& key_mask,
     double scale) {
   constexpr const char* op = "attention_kl_fwd_cuda";
   check_kl_inputs(op, q, k, q_oracle, k_oracle, query_mask, key_mask);
   const KernelDeviceGuard guard(q.device());
-  const KlTensors tensors = kl_tensors(q, k, q_oracle, k_oracle, query_mask, key_mask);
+  const KlTensors tensors =
+      kl_tensors(q, k, q_oracle, k_oracle, partition_of(query_mask), partition_of(key_mask));
   auto statistic = [&] {
     return kernel_output(at::empty({q.size(0), q.size(1)}, q.options().dtype(at::kFloat)));
   };
@@ -404,14 +406,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_kl_fwd_cuda(
   launch.lse = lse.data_ptr<float>();
   launch.lse_oracle = lse_oracle.data_ptr<float>();
   check_launch(kl::launch_forward(launch, kernel_stream()), op);
-  return {kl_out, lse, lse_oracle};
+  return {kl_out, lse, lse_oracle, tensors.queries.index, tensors.queries.count,
+          tensors.keys.index, tensors.keys.count};
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_kl_bwd_cuda(
     const at::Tensor& grad_kl, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& q_oracle, const at::Tensor& k_oracle, const at::Tensor& lse,
     const at::Tensor& lse_oracle, const at::Tensor& query_mask, const at::Tensor& key_mask,
-    double scale) {
+    const at::Tensor& query_index, const at::Tensor& query_count, const at::Tensor& key_index,
+    const at::Tensor& key_count, double scale) {
   constexpr const char* op = "attention_kl_bwd_cuda";
   check_kl_inputs(op, q, k, q_oracle, k_oracle, query_mask, key_mask);
   check_lse(op, "lse", lse, q);
@@ -424,7 +428,10 @@ std::tuple<at::Tensor, at::Tensor> attention_kl_bwd_cuda(
   TORCH_CHECK(at::isFloatingType(grad_kl.scalar_type()), op,
               ": grad_kl must be a floating-point tensor, got ", grad_kl.scalar_type());
   const KernelDeviceGuard guard(q.device());
-  const KlTensors tensors = kl_tensors(q, k, q_oracle, k_oracle, query_mask, key_mask);
+  const KlTensors tensors = kl_tensors(
+      q, k, q_oracle, k_oracle,
+      saved_partition(op, "query_index", query_index, "query_count", query_count, query_mask),
+      saved_partition(op, "key_index", key_index, "key_count", key_count, key_mask));
   // The kernels read float32 statistics; the forward's kl is float32 already.
   const at::Tensor grad = grad_kl.to(at::kFloat).contiguous();
   const at::Tensor lse_c = lse.contiguous(), lse_oracle_c = lse_oracle.contiguous();

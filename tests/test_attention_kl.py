@@ -18,6 +18,7 @@ import torch
 
 import dsa_ops
 from dsa_ops import extension, ops, reference
+from dsa_ops.ops import registry
 from tests.attention_cases import assert_close_by_dtype, assert_gradients_close_by_dtype, make_case
 
 INTERPRETED = not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "1"
@@ -242,15 +243,70 @@ def _opcheck_options(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck_forward_and_backward_ops(backend):
     case = kl_case(SHAPES[1], seed=5)
-    fwd_name, bwd_name = ops._kl_op_names(backend)
+    fwd_name, bwd_name = registry.op_names("attention_kl", backend)
     fwd, bwd = getattr(torch.ops.dsa_ops, fwd_name), getattr(torch.ops.dsa_ops, bwd_name)
     q, k = (t.detach().requires_grad_() for t in (case.q, case.k))
     torch.library.opcheck(fwd.default, (q, k, *case.inputs[2:], case.scale),
                           **_opcheck_options(backend))
-    _, lse, lse_oracle = fwd(*case.inputs, case.scale)
+    _, lse, lse_oracle, *partitions = fwd(*case.inputs, case.scale)
     torch.library.opcheck(bwd.default, (case.grad_kl, *case.inputs[:4], lse, lse_oracle,
-                                        case.query_mask, case.key_mask, case.scale),
+                                        case.query_mask, case.key_mask, *partitions, case.scale),
                           **_opcheck_options(backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_returns_the_partitions_its_backward_reads(backend):
+    """Like masked attention, the KL forward returns its masks' partitions and the fused
+    backends' backward works from the partitions it is handed, not from the masks: given
+    another mask's partition, it computes that mask's gradients (the reference, which
+    works on masks, is the exception)."""
+    case, other = kl_case(SHAPES[0], seed=11), kl_case(SHAPES[0], seed=12)
+    fwd, bwd = (getattr(torch.ops.dsa_ops, name)
+                for name in registry.op_names("attention_kl", backend))
+    _, lse, lse_oracle, *partitions = fwd(*case.inputs, case.scale)
+    expected = [*reference.partition_indices(case.query_mask), *reference.partition_indices(case.key_mask)]
+    assert all(torch.equal(got, want) for got, want in zip(partitions, expected))
+    other_partitions = [*ops.partition_indices(other.query_mask),
+                        *ops.partition_indices(other.key_mask)]
+    saved = (case.grad_kl, *case.inputs[:4], lse, lse_oracle)
+    from_partitions = bwd(*saved, case.query_mask, case.key_mask, *other_partitions, case.scale)
+    from_masks = bwd(*saved, other.query_mask, other.key_mask, *other_partitions, case.scale)
+    reads = from_masks if backend != "reference" else bwd(*saved, case.query_mask, case.key_mask,
+                                                          *partitions, case.scale)
+    assert all(torch.equal(a, b) for a, b in zip(from_partitions, reads))
+
+
+@pytest.mark.parametrize("batch, length", [(0, 6), (2, 0)])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch_and_length_work_forward_and_backward(backend, batch, length):
+    q, k = (torch.randn(batch, length, 8, requires_grad=True) for _ in range(2))
+    mask = torch.ones(batch, length, dtype=torch.bool)
+    kl = dsa_ops.attention_kl(q, k, q.detach(), k.detach(), mask, mask, backend=backend)
+    kl.sum().backward()
+    assert kl.shape == (batch, length) and q.grad.shape == k.grad.shape == (batch, length, 8)
+
+
+def test_double_backward_is_exact_on_the_reference():
+    """gradgradcheck in float64: the saved lse's are constants to autograd, so the backward
+    op's formula alone would give a wrong second derivative."""
+    case = kl_case(SHAPES[0], torch.float64, seed=13)
+    q, k = (t[:2, :9].detach().requires_grad_() for t in (case.q, case.k))
+    fixed = [t[:2, :9] for t in case.inputs[2:]]
+
+    def kl(q, k):
+        return dsa_ops.attention_kl(q, k, *fixed, scale=case.scale, backend="reference")
+
+    assert torch.autograd.gradgradcheck(kl, (q, k))
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] != "reference"])
+def test_double_backward_is_refused_naming_the_backend_off_the_reference(backend):
+    case = kl_case(SHAPES[0], seed=14)
+    q, k = (t.detach().requires_grad_() for t in (case.q, case.k))
+    kl = dsa_ops.attention_kl(q, k, *case.inputs[2:], scale=case.scale, backend=backend)
+    grads = torch.autograd.grad(kl.sum(), (q, k), create_graph=True)
+    with pytest.raises(RuntimeError, match=f"'{backend}' backend computes first derivatives only"):
+        torch.autograd.grad(sum(g.square().sum() for g in grads), (q, k))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

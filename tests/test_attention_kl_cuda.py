@@ -36,9 +36,9 @@ def test_several_tiles_per_sample_match_float64(dtype, qk_dim):
     query/key pair of the two halves of a random hole (cross form)."""
     inputs, grad_kl = _inputs(3, 150, qk_dim, dtype, seed=qk_dim)
     scale = qk_dim ** -0.5
-    kl, lse, lse_oracle = torch.ops.dsa_ops.attention_kl_fwd_cuda(*inputs, scale)
+    kl, lse, lse_oracle, *partitions = torch.ops.dsa_ops.attention_kl_fwd_cuda(*inputs, scale)
     grads = torch.ops.dsa_ops.attention_kl_bwd_cuda(grad_kl, *inputs[:4], lse, lse_oracle,
-                                                    *inputs[4:], scale)
+                                                    *inputs[4:], *partitions, scale)
     exact = [t.double() if t.is_floating_point() else t for t in inputs]
     want_kl, want_lse, want_lse_oracle = reference.attention_kl_forward(*exact, scale)
     want_grads = reference.attention_kl_backward(grad_kl.double(), *exact[:4], want_lse,
@@ -54,9 +54,10 @@ def test_several_tiles_per_sample_match_float64(dtype, qk_dim):
 
 def test_backward_is_deterministic():
     inputs, grad_kl = _inputs(2, 130, 24, torch.float16, seed=1)
-    _, lse, lse_oracle = torch.ops.dsa_ops.attention_kl_fwd_cuda(*inputs, 0.3)
+    _, lse, lse_oracle, *partitions = torch.ops.dsa_ops.attention_kl_fwd_cuda(*inputs, 0.3)
     runs = [torch.ops.dsa_ops.attention_kl_bwd_cuda(grad_kl, *inputs[:4], lse, lse_oracle,
-                                                    *inputs[4:], 0.3) for _ in range(2)]
+                                                    *inputs[4:], *partitions, 0.3)
+            for _ in range(2)]
     for first, second in zip(*runs):
         assert torch.equal(first, second)
 
@@ -66,11 +67,11 @@ def test_small_upstream_gradient_keeps_float16_precision():
     subnormals; the dK kernel rescales each tile by its max |g| first."""
     inputs, grad_kl = _inputs(2, 100, 16, torch.float16, seed=2)
     small = grad_kl * 1e-4
-    _, lse, lse_oracle = torch.ops.dsa_ops.attention_kl_fwd_cuda(*inputs, 0.5)
+    _, lse, lse_oracle, *partitions = torch.ops.dsa_ops.attention_kl_fwd_cuda(*inputs, 0.5)
     small_grads = torch.ops.dsa_ops.attention_kl_bwd_cuda(small, *inputs[:4], lse, lse_oracle,
-                                                          *inputs[4:], 0.5)
+                                                          *inputs[4:], *partitions, 0.5)
     grads = torch.ops.dsa_ops.attention_kl_bwd_cuda(grad_kl, *inputs[:4], lse, lse_oracle,
-                                                    *inputs[4:], 0.5)
+                                                    *inputs[4:], *partitions, 0.5)
     for small_grad, grad in zip(small_grads, grads):
         torch.testing.assert_close(small_grad.float() * 1e4, grad.float(), rtol=2e-2,
                                    atol=2e-2 * grad.float().abs().max().item())
@@ -81,10 +82,10 @@ def test_public_op_runs_the_kernels():
     q, k = (t.detach().requires_grad_() for t in inputs[:2])
     kl = dsa_ops.attention_kl(q, k, *inputs[2:], scale=0.5, backend="cuda")
     kl.backward(grad_kl)
-    want, lse, lse_oracle = torch.ops.dsa_ops.attention_kl_fwd_cuda(*inputs, 0.5)
+    want, lse, lse_oracle, *partitions = torch.ops.dsa_ops.attention_kl_fwd_cuda(*inputs, 0.5)
     assert torch.equal(kl.detach(), want)
     assert torch.equal(q.grad, torch.ops.dsa_ops.attention_kl_bwd_cuda(
-        grad_kl, *inputs[:4], lse, lse_oracle, *inputs[4:], 0.5)[0])
+        grad_kl, *inputs[:4], lse, lse_oracle, *inputs[4:], *partitions, 0.5)[0])
 
 
 BAD = [
@@ -111,8 +112,9 @@ def test_bindings_reject_bad_inputs_naming_the_argument(name, corrupt, message):
     forward_args = [args[n] for n in ("q", "k", "q_oracle", "k_oracle", "query_mask", "key_mask")]
     with pytest.raises(RuntimeError, match=message.replace("(", r"\(").replace(")", r"\)")):
         if name in ("grad_kl", "lse_oracle"):
+            partitions = [*dsa_ops.partition_indices(mask), *dsa_ops.partition_indices(mask)]
             torch.ops.dsa_ops.attention_kl_bwd_cuda(
                 args["grad_kl"], *forward_args[:4], args["lse"], args["lse_oracle"],
-                *forward_args[4:], 1.0)
+                *forward_args[4:], *partitions, 1.0)
         else:
             torch.ops.dsa_ops.attention_kl_fwd_cuda(*forward_args, 1.0)

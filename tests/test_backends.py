@@ -18,6 +18,7 @@ import torch
 
 import dsa_ops
 from dsa_ops import ops, reference
+from dsa_ops.ops import registry
 from tests.attention_cases import (assert_close_by_dtype, assert_gradients_close_by_dtype, make_case,
                                    reference_results)
 from tests.triton_interpreter import install_bfloat16_dot
@@ -55,7 +56,7 @@ SHAPES = [
     # float32 precision through forward and backward to stay within 2× the reference.
     # (A log2 ↔ ln round trip of the saved lse fails dv here in float32.)
     Shape("large-magnitude-32x32", "self", 32, 32, 5, 7, scale=10.0, qk_std=3.0),
-    # The paper's DSA layers 12 and 14 (DESIGN §2), lightly: one batch of every hole kind.
+    # The paper's DSA layers 12 and 14 (docs/design.md §2), lightly: one batch of every hole kind.
     # More than one query block and key block of PyTorch's CPU flash kernels (cpu backend).
     Shape("cross-24x32-16x128-strided", "cross", 16, 128, 24, 32, noncontiguous=True,
           too_slow_to_emulate=True),
@@ -237,7 +238,7 @@ def _opcheck_utils():
 @pytest.mark.parametrize("backend", BACKEND_FLOAT32)
 def test_opcheck_forward_and_backward_ops(backend):
     case = _case(SHAPES[2], torch.float32, seed=5)
-    fwd_name, bwd_name = ops._op_names(backend)
+    fwd_name, bwd_name = registry.op_names("masked_attention", backend)
     test_utils = _opcheck_utils() if backend == "triton" else None
     options = {} if test_utils is None else {"test_utils": test_utils}
     q, k, v = (t.detach().requires_grad_() for t in case.inputs[:3])
@@ -257,7 +258,7 @@ def test_forward_returns_the_partitions_its_backward_reads(backend):
     works on masks, is the exception)."""
     _skip_unless_runnable(backend, torch.float32)
     case, other = _case(SHAPES[2], torch.float32, seed=5), _case(SHAPES[2], torch.float32, seed=6)
-    fwd, bwd = (getattr(torch.ops.dsa_ops, name) for name in ops._op_names(backend))
+    fwd, bwd = (getattr(torch.ops.dsa_ops, name) for name in registry.op_names("masked_attention", backend))
     out, lse, *partitions = fwd(*case.inputs, case.scale)
     expected = [*reference.partition_indices(case.query_mask.cpu()),
                 *reference.partition_indices(case.key_mask.cpu())]
@@ -319,3 +320,133 @@ def test_auto_picks_triton_on_cuda_without_the_cuda_backend():
     case = _case(SHAPES[0], torch.float16)
     expected = "cuda" if dsa_ops.backend_unavailable_reason("cuda", DEVICE) is None else "triton"
     assert ops.resolve_backend("auto", case.q, case.v).name == expected
+
+
+# ----------------------------------------------------------------------------- non-finite and edges
+# One rule for every backend (the op's docstring, "Non-finite values and edge cases"):
+# a non-finite value in a query's row or in one of its keys' rows gives non-finite output
+# for that query only; rows that are neither query nor key affect nothing; B = 0 and
+# L = 0 work; a second derivative is exact on the reference and refused elsewhere.
+def _edge_case():
+    """B = 2, L = 12, float32 on DEVICE. Sample 0: queries 0..3, keys 4..8; sample 1:
+    queries 0..4, keys 5..9. Rows 9..11 / 10..11 are neither. The counts differ a little,
+    so the cpu backend runs both samples as one padded call (padding slots read rows that
+    are neither)."""
+    generator = torch.Generator().manual_seed(8)
+    q, k, v, grad_out = (torch.randn(2, 12, 8, generator=generator) for _ in range(4))
+    query_mask = torch.zeros(2, 12, dtype=torch.bool)
+    key_mask = torch.zeros(2, 12, dtype=torch.bool)
+    query_mask[0, :4], key_mask[0, 4:9] = True, True
+    query_mask[1, :5], key_mask[1, 5:10] = True, True
+    return [t.to(DEVICE) for t in (q, k, v, query_mask, key_mask, grad_out)]
+
+
+def _run(backend, q, k, v, query_mask, key_mask, grad_out):
+    """``(out, (dq, dk, dv))`` of ``dsa_ops.masked_attention`` on ``backend``."""
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = dsa_ops.masked_attention(q, k, v, query_mask, key_mask, scale=0.5, backend=backend)
+    out.backward(grad_out)
+    return out.detach(), (q.grad, k.grad, v.grad)
+
+
+def _rows_nonfinite(t):
+    return ~torch.isfinite(t).all(dim=-1)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("where", ["query-q", "key-k", "key-v"])
+@pytest.mark.parametrize("backend", BACKEND_FLOAT32)
+def test_a_nonfinite_query_or_key_row_makes_only_its_queries_nonfinite(backend, where, value):
+    q, k, v, query_mask, key_mask, grad_out = _edge_case()
+    clean, _ = _run(backend, q, k, v, query_mask, key_mask, grad_out)
+    poisoned = {"q": q.clone(), "k": k.clone(), "v": v.clone()}
+    row = 1 if where == "query-q" else 6  # a query row, or a key row, of sample 0
+    poisoned[where[-1]][0, row, 3] = value
+    out, _ = _run(backend, poisoned["q"], poisoned["k"], poisoned["v"], query_mask, key_mask,
+                  grad_out)
+    affected = torch.zeros_like(query_mask)
+    if where == "query-q":
+        affected[0, row] = True
+    else:
+        affected[0] = query_mask[0]  # every query of the sample attends to that key
+    nonfinite = _rows_nonfinite(out)
+    if where == "key-k" and value == float("inf"):
+        # The one latitude: where the infinity makes a score -inf (q₃ < 0), softmax may give
+        # that key weight 0 and the query stays finite (the reference and triton do; the
+        # cpu kernel gives NaN). Where it makes the score +inf (q₃ > 0), the output is
+        # non-finite everywhere.
+        must = affected & (q[:, :, 3] > 0)
+        assert must.any() and (affected & ~must).any()
+        assert torch.equal(nonfinite & must, must) and torch.equal(nonfinite & ~affected,
+                                                                   torch.zeros_like(affected))
+    else:
+        assert torch.equal(nonfinite, affected)
+    torch.testing.assert_close(out[~affected], clean[~affected], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("backend", BACKEND_FLOAT32)
+def test_values_at_positions_that_are_neither_query_nor_key_affect_nothing(backend, value):
+    q, k, v, query_mask, key_mask, grad_out = _edge_case()
+    clean_out, clean_grads = _run(backend, q, k, v, query_mask, key_mask, grad_out)
+    neither = ~(query_mask | key_mask)
+    poisoned = [t.masked_fill(neither.unsqueeze(-1), value) for t in (q, k, v, grad_out)]
+    # grad_out is also ignored on key-only rows (they are no query).
+    poisoned[3] = grad_out.masked_fill((~query_mask).unsqueeze(-1), value)
+    out, grads = _run(backend, *poisoned[:3], query_mask, key_mask, poisoned[3])
+    torch.testing.assert_close(out, clean_out, rtol=0, atol=0)
+    for grad, clean in zip(grads, clean_grads):
+        torch.testing.assert_close(grad, clean, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("batch, length", [(0, 12), (2, 0), (0, 0)])
+@pytest.mark.parametrize("backend", BACKEND_FLOAT32)
+def test_empty_batch_and_length_work_forward_and_backward(backend, batch, length):
+    q, k, v, grad_out = (torch.randn(batch, length, 8, device=DEVICE) for _ in range(4))
+    masks = [torch.ones(batch, length, dtype=torch.bool, device=DEVICE)] * 2
+    out, grads = _run(backend, q, k, v, *masks, grad_out)
+    assert out.shape == (batch, length, 8)
+    assert all(grad.shape == (batch, length, 8) for grad in grads)
+    out_cross, out_self = dsa_ops.dual_masked_attention(q, k, v, q, k, v, masks[0], backend=backend)
+    assert out_cross.shape == out_self.shape == (batch, length, 8)
+
+
+def _double_backward_case(dtype):
+    generator = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(2, 6, 8, generator=generator, dtype=dtype).to(DEVICE) for _ in range(3))
+    query_mask = torch.tensor([[1, 1, 0, 0, 1, 0], [0, 1, 1, 1, 0, 0]], dtype=torch.bool)
+    key_mask = torch.tensor([[0, 1, 1, 1, 0, 1], [1, 0, 1, 1, 1, 0]], dtype=torch.bool)
+    return q, k, v, query_mask.to(DEVICE), key_mask.to(DEVICE)
+
+
+def test_double_backward_is_exact_on_the_reference():
+    """gradgradcheck in float64 (the backward op's formula treats the saved lse as a
+    constant, so a second derivative through it would be about 40 % off)."""
+    q, k, v, query_mask, key_mask = _double_backward_case(torch.float64)
+    inputs = tuple(t.requires_grad_() for t in (q, k, v))
+
+    def attention(q, k, v):
+        return dsa_ops.masked_attention(q, k, v, query_mask, key_mask, scale=0.7,
+                                        backend="reference")
+
+    def both_branches(q, k, v):
+        return dsa_ops.dual_masked_attention(q, k, v, k, q, v, query_mask, scale=0.7,
+                                             backend="reference")
+
+    assert torch.autograd.gradgradcheck(attention, inputs)
+    assert torch.autograd.gradgradcheck(both_branches, inputs)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKEND_FLOAT32 if b.values[0] != "reference"])
+def test_double_backward_is_refused_naming_the_backend_off_the_reference(backend):
+    q, k, v, query_mask, key_mask = _double_backward_case(torch.float32)
+    inputs = [t.requires_grad_() for t in (q, k, v)]
+    out = dsa_ops.masked_attention(*inputs, query_mask, key_mask, backend=backend)
+    grads = torch.autograd.grad(out.square().sum(), inputs, create_graph=True)
+    # The first derivatives themselves are the backend's usual ones.
+    plain = [t.detach().requires_grad_() for t in inputs]
+    out = dsa_ops.masked_attention(*plain, query_mask, key_mask, backend=backend)
+    for grad, expected in zip(grads, torch.autograd.grad(out.square().sum(), plain)):
+        torch.testing.assert_close(grad.detach(), expected, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match=f"'{backend}' backend computes first derivatives only"):
+        torch.autograd.grad(sum(g.square().sum() for g in grads), inputs)

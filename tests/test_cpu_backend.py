@@ -12,7 +12,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dsa_ops
-from dsa_ops import cpu_kernels, ops
+from dsa_ops import ops
+from dsa_ops.ops.masked_attention import cpu as cpu_backend
 from tests.attention_cases import Case, assert_close_by_dtype, reference_results
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -24,21 +25,21 @@ def _dtype_id(dtype):
 
 def test_plan_groups_batches_similar_samples_and_leaves_out_empty_ones():
     # Equal holes: one call for the whole batch.
-    assert cpu_kernels.plan_groups([10, 10, 10], [30, 30, 30]) == [[0, 1, 2]]
+    assert cpu_backend.plan_groups([10, 10, 10], [30, 30, 30]) == [[0, 1, 2]]
     # Samples without queries or keys run nowhere; 1 and 3 are alike, 4 is far larger.
-    groups = cpu_kernels.plan_groups([0, 10, 5, 11, 40], [30, 30, 0, 29, 80])
+    groups = cpu_backend.plan_groups([0, 10, 5, 11, 40], [30, 30, 0, 29, 80])
     assert groups == [[1, 3], [4]]
     # Padding beyond the allowed waste splits the batch, sorted by work.
-    assert cpu_kernels.plan_groups([4, 40], [4, 40]) == [[0], [1]]
-    assert cpu_kernels.plan_groups([], []) == []
+    assert cpu_backend.plan_groups([4, 40], [4, 40]) == [[0], [1]]
+    assert cpu_backend.plan_groups([], []) == []
 
 
 def test_partition_slots_pad_with_distinct_rows_of_the_other_side():
     mask = torch.tensor([[True, False, True, False, False],
                          [False, False, False, False, True]])
     index, count = dsa_ops.partition_indices(mask)
-    fg = cpu_kernels.partition_slots(index, count, True)
-    bg = cpu_kernels.partition_slots(index, count, False)
+    fg = cpu_backend.partition_slots(index, count, True)
+    bg = cpu_backend.partition_slots(index, count, False)
     assert fg.counts == [2, 1] and bg.counts == [3, 4]
     assert fg.positions.tolist() == [[0, 2], [4, 0]]
     assert fg.valid.tolist() == [[True, True], [True, False]]
@@ -70,8 +71,8 @@ def _holes_case(sizes, height=20, width=24, qk_dim=16, v_dim=40, dtype=torch.flo
 ], ids=["equal", "padded", "apart"])
 def test_grouped_calls_match_the_float64_reference(sizes, calls, dtype):
     case = _holes_case(sizes, dtype=dtype)
-    queries, keys = (cpu_kernels.mask_slots(m) for m in (case.query_mask, case.key_mask))
-    assert len(cpu_kernels.plan_groups(queries.counts, keys.counts)) == calls
+    queries, keys = (cpu_backend.mask_slots(m) for m in (case.query_mask, case.key_mask))
+    assert len(cpu_backend.plan_groups(queries.counts, keys.counts)) == calls
     q, k, v = (t.detach().requires_grad_() for t in case.inputs[:3])
     out = dsa_ops.masked_attention(q, k, v, case.query_mask, case.key_mask, scale=case.scale,
                                    backend="cpu")
@@ -98,9 +99,9 @@ def test_backward_splits_16_bit_queries_across_threads(sizes, dtype, four_thread
     """With more threads than samples in a call, the 16-bit backward splits each sample's
     queries into chunks (extra heads, here 15 queries in 4 chunks: padded rows too)."""
     case = _holes_case(sizes, dtype=dtype)
-    queries, keys = (cpu_kernels.mask_slots(m) for m in (case.query_mask, case.key_mask))
-    groups = cpu_kernels.plan_groups(queries.counts, keys.counts)
-    assert cpu_kernels.query_chunks(len(groups[0]), queries.counts[groups[0][0]], dtype) > 1
+    queries, keys = (cpu_backend.mask_slots(m) for m in (case.query_mask, case.key_mask))
+    groups = cpu_backend.plan_groups(queries.counts, keys.counts)
+    assert cpu_backend.query_chunks(len(groups[0]), queries.counts[groups[0][0]], dtype) > 1
     q, k, v = (t.detach().requires_grad_() for t in case.inputs[:3])
     dsa_ops.masked_attention(q, k, v, case.query_mask, case.key_mask, scale=case.scale,
                              backend="cpu").backward(case.grad_out)
@@ -113,7 +114,7 @@ def test_backward_splits_16_bit_queries_across_threads(sizes, dtype, four_thread
 def test_float32_backward_keeps_the_forward_query_blocks(four_threads):
     """float32 is not split (see ``query_chunks``): its backward recomputes the forward's
     scores bit for bit, which keeps dV within 2× the reference error at large magnitudes."""
-    assert cpu_kernels.query_chunks(1, 15, torch.float32) == 1
+    assert cpu_backend.query_chunks(1, 15, torch.float32) == 1
 
 
 @pytest.mark.parametrize("layout", ["channels-first", "length-major"])

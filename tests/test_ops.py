@@ -1,5 +1,7 @@
 """The op's contract: validation, registration (opcheck), torch.compile, dispatch."""
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -151,3 +153,23 @@ def test_extension_loads_and_registers_cuda_kernels_when_built():
         pytest.skip(f"extension not built here: {extension.load_error()}")
     assert extension.is_loaded(), extension.load_error()
     assert torch._C._dispatch_has_kernel_for_dispatch_key("dsa_ops::partition_indices", "CUDA")
+
+
+def test_public_functions_stay_callable_after_every_submodule_is_imported():
+    """The op packages (dsa_ops.ops.masked_attention, .attention_kl) share their names with
+    the public functions; importing any submodule, in any order, must not replace
+    ``dsa_ops.masked_attention`` or ``dsa_ops.attention_kl`` with a package."""
+    import importlib
+    import pkgutil
+
+    for module in pkgutil.walk_packages(dsa_ops.__path__, "dsa_ops."):
+        if "triton" in module.name and ops.registry.TRITON_IMPORT_ERROR is not None:
+            continue
+        importlib.import_module(module.name)
+    for name in ("masked_attention", "attention_kl", "dual_masked_attention", "partition_indices"):
+        assert callable(getattr(dsa_ops, name)), name
+    # A fresh interpreter that imports an op package before the top-level package.
+    code = ("import dsa_ops.ops.masked_attention.op, dsa_ops.ops.attention_kl.cpu, dsa_ops; "
+            "assert callable(dsa_ops.masked_attention) and callable(dsa_ops.attention_kl)")
+    root = os.path.dirname(os.path.dirname(dsa_ops.__file__))
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": root})

@@ -15,7 +15,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dsa_ops
-from dsa_ops import ops, reference, triton_kernels
+from dsa_ops import reference
+from dsa_ops.ops import registry, triton_common
+from dsa_ops.ops.masked_attention import triton as masked_triton
+from dsa_ops.ops.partition import triton as partition_triton
 from tests.attention_cases import assert_close_by_dtype, hole_masks
 from tests.triton_interpreter import install_bfloat16_dot
 
@@ -98,7 +101,7 @@ def test_dual_op_passes_opcheck():
     branches, foreground, grad_outs = dual_inputs(2, 4, 5, 8, 12, torch.float32, seed=3)
     utils = ({"test_utils": ("test_schema", "test_autograd_registration", "test_faketensor")}
              if INTERPRETED else {})
-    fwd, bwd = (getattr(torch.ops.dsa_ops, name).default for name in ops._dual_op_names("triton"))
+    fwd, bwd = (getattr(torch.ops.dsa_ops, name).default for name in registry.op_names("dual_masked_attention", "triton"))
     inputs = [t.detach().requires_grad_() for t in branches]
     torch.library.opcheck(fwd, (*inputs, foreground, 0.5), **utils)
     outputs = fwd(*branches, foreground, 0.5)
@@ -120,7 +123,7 @@ GPU_TABLE_CASES = [
 @pytest.mark.parametrize("batch, height, width, qk_dim, v_dim, dtype, form", GPU_TABLE_CASES)
 def test_gpu_tile_table_under_the_interpreter(monkeypatch, batch, height, width, qk_dim, v_dim,
                                               dtype, form):
-    monkeypatch.setattr(triton_kernels, "_capability", lambda device: (9, 0))
+    monkeypatch.setattr(triton_common, "capability", lambda device: (9, 0))
     branches, foreground, grad_outs = dual_inputs(batch, height, width, qk_dim, v_dim, dtype,
                                                   seed=4)
     if form == "self":
@@ -195,7 +198,7 @@ def test_partition_kernel_matches_the_reference(length):
     mask = mask.to(DEVICE)
     strided = torch.stack([mask, ~mask], dim=2)[:, :, 0]  # non-unit position stride
     for m in (mask, strided):
-        index, count = triton_kernels.partition_indices(m)
+        index, count = partition_triton.partition_indices(m)
         expected_index, expected_count = reference.partition_indices(m)
         assert torch.equal(index, expected_index) and torch.equal(count, expected_count)
 
@@ -217,11 +220,11 @@ def test_batch_shares_grid_axis_0_with_the_tiles(monkeypatch):
     batch = 100_000
     q = torch.zeros(batch, 4, 8)
     mask = torch.ones(batch, 4, dtype=torch.bool)
-    triton_kernels.forward(q, q, q, mask, mask, 1.0)
+    masked_triton.forward(q, q, q, mask, mask, 1.0)
     _, _, grid = grids  # the two partitions, then the attention
     assert grid[0] == batch * 1 and grid[1] == 1 and grid[2] == 1
     with pytest.raises(ValueError, match="exceed the grid limit"):
-        triton_kernels._tiles(2 ** 31, 16, 16)
+        triton_common.tiles(2 ** 31, 16, 16)
 
 
 # ----------------------------------------------------------------------------- precision
@@ -231,8 +234,8 @@ def test_float32_follows_the_matmul_precision_setting(setting, expected):
     saved = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision(setting)
-        assert triton_kernels._dot_precision(torch.float32) == expected
-        assert triton_kernels._dot_precision(torch.float16) == "ieee"  # ignored for 16-bit
+        assert triton_common.dot_precision(torch.float32) == expected
+        assert triton_common.dot_precision(torch.float16) == "ieee"  # ignored for 16-bit
     finally:
         torch.set_float32_matmul_precision(saved)
 
@@ -240,7 +243,7 @@ def test_float32_follows_the_matmul_precision_setting(setting, expected):
 def test_ieee_float32_gets_its_own_smaller_tiles():
     """IEEE products run on the FMA units: smaller V chunks than the tensor-core paths."""
     def config(pass_name, dtype, precision):
-        return triton_kernels._block_config(pass_name, (9, 0), 64, 512, dtype, precision)
+        return triton_common.block_config(pass_name, (9, 0), 64, 512, dtype, precision)
 
     for pass_name in ("forward", "grad_kv", "grad_q"):
         assert config(pass_name, torch.float32, "tf32") == config(pass_name, torch.float32, "tf32x3")
@@ -251,11 +254,11 @@ def test_ieee_float32_gets_its_own_smaller_tiles():
 # ----------------------------------------------------------------------------- devices
 def test_gpus_without_enough_shared_memory_are_declined_with_the_reason(monkeypatch):
     turing = types.SimpleNamespace(name="Tesla T4", shared_memory_per_block_optin=64 * 1024)
-    monkeypatch.setattr(triton_kernels, "_compute_capability", lambda index: (7, 5))
+    monkeypatch.setattr(triton_common, "_compute_capability", lambda index: (7, 5))
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: turing)
-    reason = ops._triton_unavailable(torch.device("cuda", 0))
+    reason = registry.triton_unavailable(torch.device("cuda", 0))
     assert "sm_75" in reason and "64 KiB" in reason and "Tesla T4" in reason
     ampere = types.SimpleNamespace(name="A100", shared_memory_per_block_optin=163 * 1024)
-    monkeypatch.setattr(triton_kernels, "_compute_capability", lambda index: (8, 0))
+    monkeypatch.setattr(triton_common, "_compute_capability", lambda index: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: ampere)
-    assert ops._triton_unavailable(torch.device("cuda", 0)) is None
+    assert registry.triton_unavailable(torch.device("cuda", 0)) is None

@@ -18,7 +18,7 @@ import sys
 import pytest
 import triton
 
-from dsa_ops import triton_kernels
+from dsa_ops.ops import triton_common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
@@ -53,7 +53,7 @@ def test_every_kernel_compiles_within_the_shared_memory_limits(capability):
     kernels = {report["kernel"] for report in reports}
     assert kernels == {"_forward_kernel", "_delta_kernel", "_grad_kv_kernel", "_grad_q_kernel"}
     for report in reports:
-        assert report["shared_bytes"] <= min(triton_kernels.SHARED_MEMORY_PER_BLOCK,
+        assert report["shared_bytes"] <= min(triton_common.SHARED_MEMORY_PER_BLOCK,
                                              SHARED_LIMIT[capability]), describe(report)
 
 

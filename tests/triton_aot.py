@@ -3,9 +3,9 @@ architecture this machine need not have; print one JSON line per distinct kernel
 
     python -m tests.triton_aot '{"capability": 90, "cases": [[B, L, Dqk, Dv, "float16", "highest"], ...]}'
 
-The launches are recorded by running ``dsa_ops.triton_kernels``'s launchers on CPU
+The launches are recorded by running the masked-attention Triton launchers on CPU
 tensors with ``torch.library.wrap_triton`` replaced by a recorder and the GPU tile table
-forced (``_capability``); each distinct launch is then compiled with
+forced (``triton_common.capability``); each distinct launch is then compiled with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", capability, 32))`` and
 ``ptxas -v`` reports registers and spills. Runs without TRITON_INTERPRET (the kernels
 must be real ``JITFunction``s), hence a subprocess of the tests.
@@ -27,7 +27,10 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
-from dsa_ops import reference, triton_kernels  # noqa: E402
+from dsa_ops import reference  # noqa: E402
+from dsa_ops.ops import triton_common  # noqa: E402
+from dsa_ops.ops.masked_attention import triton as masked_triton  # noqa: E402
+from dsa_ops.ops.partition import triton as partition_triton  # noqa: E402
 
 
 def record_launches(case, capability):
@@ -44,23 +47,23 @@ def record_launches(case, capability):
         def __getitem__(self, grid):
             return lambda *args, **kwargs: records.append((self.fn, args, kwargs))
 
-    saved = (torch.library.wrap_triton, triton_kernels._capability, triton_kernels.partition_indices,
-             torch.get_float32_matmul_precision())
+    saved = (torch.library.wrap_triton, triton_common.capability,
+             partition_triton.partition_indices, torch.get_float32_matmul_precision())
     torch.library.wrap_triton = Recorder
-    triton_kernels._capability = lambda device: (capability // 10, capability % 10)
-    triton_kernels.partition_indices = reference.partition_indices
+    triton_common.capability = lambda device: (capability // 10, capability % 10)
+    partition_triton.partition_indices = reference.partition_indices
     torch.set_float32_matmul_precision(precision)
     try:
         packed = torch.zeros(batch, length, 2 * (2 * qk_dim + v_dim), dtype=dtype)
         branches = packed.split([qk_dim, qk_dim, v_dim] * 2, dim=2)
         foreground = torch.zeros(batch, length, dtype=torch.bool)
         foreground[:, : length // 4] = True
-        outputs = triton_kernels.dual_forward(*branches, foreground, 0.125)
+        outputs = masked_triton.dual_forward(*branches, foreground, 0.125)
         grad_out = torch.zeros(batch, v_dim, length, dtype=dtype).transpose(1, 2)
-        triton_kernels.dual_backward(grad_out, grad_out, *branches, *outputs[:4], foreground,
-                                     *outputs[4:], 0.125)
+        masked_triton.dual_backward(grad_out, grad_out, *branches, *outputs[:4], foreground,
+                                    *outputs[4:], 0.125)
     finally:
-        (torch.library.wrap_triton, triton_kernels._capability, triton_kernels.partition_indices,
+        (torch.library.wrap_triton, triton_common.capability, partition_triton.partition_indices,
          precision) = saved
         torch.set_float32_matmul_precision(precision)
     return records

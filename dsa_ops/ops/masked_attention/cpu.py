@@ -1,4 +1,4 @@
-"""Masked attention on the CPU: compaction, PyTorch's fused CPU flash attention, scatter.
+"""The "cpu" backend of masked attention: compaction, PyTorch's CPU flash attention, scatter.
 
 Each sample's query rows and key rows are gathered into dense blocks (compaction with
 ``partition_indices``), PyTorch's flash-attention CPU kernels
@@ -19,7 +19,7 @@ In float32 the scale is folded into the gathered queries instead (``_score_scale
 CPU flash forward and backward apply an explicit scale with different roundings, which
 at score magnitudes near 10³ (scale 10, q/k std 3) left float32 dV at ~40× the
 reference's own error; with the scale in q both passes compute the same scores.
-These functions know nothing of autograd; ``dsa_ops.ops`` registers them.
+These functions know nothing of autograd; ``op`` and ``dual`` register them.
 
 Shapes: q, k ``(B, L, Dqk)``, v ``(B, L, Dv)``, any strides; out ``(B, L, Dv)``; lse
 ``(B, L)`` float32, +inf on rows that are no query or have no keys (``reference.py``).
@@ -31,7 +31,8 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from dsa_ops import reference
+from dsa_ops.ops.masked_attention import reference
+from dsa_ops.ops.partition.reference import partition_indices
 
 Tensor = torch.Tensor
 
@@ -75,7 +76,7 @@ def partition_slots(index: Tensor, count: Tensor, side: bool) -> Slots:
 
 def mask_slots(mask: Tensor) -> Slots:
     """Slots of the true positions of ``mask (B, L)`` bool."""
-    return partition_slots(*torch.ops.dsa_ops.partition_indices(mask), True)
+    return partition_slots(*partition_indices(mask), True)
 
 
 
@@ -152,6 +153,10 @@ class Block:
             rows = channel_rows.transpose(1, 2)
         else:  # any other strides: one strided gather
             rows = t[self.reads // length, self.reads % length].view(*self.shape, dim)
+        if not self.is_full:
+            # Padding slots read rows outside the query/key set, whose values must reach no
+            # product (0·NaN is NaN): they are zeroed.
+            rows = rows.masked_fill(~self.valid.unsqueeze(-1), 0)
         if dim < width:
             rows = F.pad(rows, (0, width - dim))
         return rows.contiguous().unsqueeze(1)
@@ -198,6 +203,16 @@ def _scaled_(rows: Tensor, factor: float) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- forward
+def _poison_nonfinite_queries(block_q: Tensor, block_out: Tensor, block_lse: Tensor) -> None:
+    """NaN output and lse on query rows holding a non-finite value, as on every backend:
+    the CPU kernel's row maximum skips NaN scores, so a NaN query row would come out as a
+    row without keys (output 0)."""
+    nonfinite = ~torch.isfinite(block_q).all(dim=-1)  # (G, 1, Nq)
+    if bool(nonfinite.any()):
+        block_out.masked_fill_(nonfinite.unsqueeze(-1), float("nan"))
+        block_lse.masked_fill_(nonfinite, float("nan"))
+
+
 def forward_slots(q: Tensor, k: Tensor, v: Tensor, queries: Slots, keys: Slots,
                   scale: float) -> tuple[Tensor, Tensor]:
     """Attention from the query slots to the key slots; ``(out (B, L, Dv), lse (B, L))``."""
@@ -208,10 +223,11 @@ def forward_slots(q: Tensor, k: Tensor, v: Tensor, queries: Slots, keys: Slots,
     query_factor, kernel_scale = _score_scale(q.dtype, scale)
     for group in plan_groups(queries.counts, keys.counts):
         query_block, key_block = Block.of(queries, group), Block.of(keys, group)
+        block_q = _scaled_(query_block.gather(q, width), query_factor)
         block_out, block_lse = _flash_forward(
-            _scaled_(query_block.gather(q, width), query_factor), key_block.gather(k, width),
-            key_block.gather(v, width), attn_mask=_key_padding_mask(key_block, q.dtype),
-            scale=kernel_scale)
+            block_q, key_block.gather(k, width), key_block.gather(v, width),
+            attn_mask=_key_padding_mask(key_block, q.dtype), scale=kernel_scale)
+        _poison_nonfinite_queries(block_q, block_out, block_lse)
         query_block.scatter(out, block_out[:, 0, :, :v_dim])
         query_block.scatter(lse, block_lse[:, 0])
     return _result(out, batch, length), _result(lse, batch, length)
@@ -219,10 +235,10 @@ def forward_slots(q: Tensor, k: Tensor, v: Tensor, queries: Slots, keys: Slots,
 
 def forward(q: Tensor, k: Tensor, v: Tensor, query_mask: Tensor, key_mask: Tensor,
             scale: float) -> tuple[Tensor, ...]:
-    """The ``cpu`` backend's forward op (``ops._FWD_SCHEMA``): ``(out, lse)`` and the two
+    """The ``cpu`` backend's forward op (``op.FORWARD_SCHEMA``): ``(out, lse)`` and the two
     partitions, which the backward op takes back."""
-    query_partition = torch.ops.dsa_ops.partition_indices(query_mask)
-    key_partition = torch.ops.dsa_ops.partition_indices(key_mask)
+    query_partition = partition_indices(query_mask)
+    key_partition = partition_indices(key_mask)
     out, lse = forward_slots(q, k, v, partition_slots(*query_partition, True),
                              partition_slots(*key_partition, True), scale)
     return out, lse, *query_partition, *key_partition
@@ -307,7 +323,7 @@ def backward_slots(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
 def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
              query_mask: Tensor, key_mask: Tensor, query_index: Tensor, query_count: Tensor,
              key_index: Tensor, key_count: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    """The ``cpu`` backend's backward op (``ops._BWD_SCHEMA``), on the forward's partitions."""
+    """The ``cpu`` backend's backward op (``op.BACKWARD_SCHEMA``), on the forward's partitions."""
     return backward_slots(grad_out, q, k, v, out, lse,
                           partition_slots(query_index, query_count, True),
                           partition_slots(key_index, key_count, True), scale)
@@ -323,7 +339,7 @@ def foreground_slots(index: Tensor, count: Tensor) -> tuple[Slots, Slots]:
 def dual_forward(q_cross, k_cross, v_cross, q_self, k_self, v_self, foreground, scale):
     """``(out_cross, lse_cross, out_self, lse_self, foreground_index, foreground_count)``:
     cross = fg → bg, self = fg → fg, and the foreground's partition for the backward."""
-    partition = torch.ops.dsa_ops.partition_indices(foreground)
+    partition = partition_indices(foreground)
     fg, bg = foreground_slots(*partition)
     return (*forward_slots(q_cross, k_cross, v_cross, fg, bg, scale),
             *forward_slots(q_self, k_self, v_self, fg, fg, scale), *partition)

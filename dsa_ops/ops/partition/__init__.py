@@ -1,0 +1,1 @@
+"""Stable partition of a mask (true positions first): the compaction of every backend."""
