@@ -96,10 +96,13 @@ def cuda_include_dir() -> str | None:
 
 
 def emulation_sources(build_directory: pathlib.Path) -> list[str]:
-    """The bindings, the emulation runtime, and one C++ wrapper per kernel file of csrc/
-    (the JIT builder sends ``.cu`` files to nvcc; these must go to the host compiler)."""
+    """Every op's bindings (the ``.cpp`` files of csrc/ outside ``emulation/``, as setup.py
+    takes them), the emulation runtime, and one C++ wrapper per kernel file of csrc/ (the
+    JIT builder sends ``.cu`` files to nvcc; these must go to the host compiler)."""
     build_directory.mkdir(parents=True, exist_ok=True)
-    sources = [str(_CSRC / "bindings.cpp"), str(_CSRC / "emulation" / "emulation.cpp")]
+    emulation = _CSRC / "emulation"
+    sources = [str(path) for path in sorted(_CSRC.glob("**/*.cpp")) if emulation not in path.parents]
+    sources.append(str(emulation / "emulation.cpp"))
     for kernel in sorted(_CSRC.glob("**/*.cu")):
         stem = "_".join(kernel.relative_to(_CSRC).with_suffix("").parts)
         wrapper = build_directory / f"kernel_{stem}.cpp"
