@@ -6,10 +6,7 @@
 #pragma once
 
 #include "attention_kl/launch.cuh"
-#include "device/dispatch.cuh"
-#include "device/online_softmax.cuh"
-#include "device/tiles.cuh"
-#include "device/warp_gemm.cuh"
+#include "device/kernel.cuh"
 
 namespace dsa_ops {
 namespace attention_kl {

@@ -32,10 +32,7 @@
 // in parallel; backward.cu dispatches the dtype.
 #pragma once
 
-#include "device/dispatch.cuh"
-#include "device/online_softmax.cuh"
-#include "device/tiles.cuh"
-#include "device/warp_gemm.cuh"
+#include "device/kernel.cuh"
 #include "masked_attention/launch.cuh"
 
 namespace dsa_ops {
@@ -674,6 +671,12 @@ cudaError_t launch_backward_for(const BackwardLaunch& launch, cudaStream_t strea
   return device::launch(dk_reduce_kernel<T>, dim3(tiles, batch, branches), kThreads, 0, stream,
                         launch);
 }
+
+// Each dtype's instantiation is compiled once, in backward_<dtype>.cu: the other files that
+// include this header (backward.cu) only call it.
+extern template cudaError_t launch_backward_for<float>(const BackwardLaunch&, cudaStream_t);
+extern template cudaError_t launch_backward_for<__half>(const BackwardLaunch&, cudaStream_t);
+extern template cudaError_t launch_backward_for<__nv_bfloat16>(const BackwardLaunch&, cudaStream_t);
 
 }  // namespace masked_attention
 }  // namespace dsa_ops

@@ -22,10 +22,7 @@
 // in parallel; forward.cu dispatches the dtype.
 #pragma once
 
-#include "device/dispatch.cuh"
-#include "device/online_softmax.cuh"
-#include "device/tiles.cuh"
-#include "device/warp_gemm.cuh"
+#include "device/kernel.cuh"
 #include "masked_attention/launch.cuh"
 
 namespace dsa_ops {
@@ -248,6 +245,12 @@ cudaError_t launch_forward_for(const ForwardLaunch& launch, cudaStream_t stream)
   });
   return status;
 }
+
+// Each dtype's instantiation is compiled once, in forward_<dtype>.cu: the other files that
+// include this header (forward.cu) only call it.
+extern template cudaError_t launch_forward_for<float>(const ForwardLaunch&, cudaStream_t);
+extern template cudaError_t launch_forward_for<__half>(const ForwardLaunch&, cudaStream_t);
+extern template cudaError_t launch_forward_for<__nv_bfloat16>(const ForwardLaunch&, cudaStream_t);
 
 }  // namespace masked_attention
 }  // namespace dsa_ops
