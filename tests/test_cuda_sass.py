@@ -215,6 +215,30 @@ def test_kernel_files_include_no_torch_headers():
             assert not re.search(r"#include\s*[<\"](torch|ATen|c10)/", text), header
 
 
+# What each directory of csrc/ may include: the shared layers, and an op only itself.
+SHARED_LAYERS = {"device": {"device", "emulation"}, "common": {"common", "device"},
+                 "emulation": {"emulation", "device"}}
+
+
+def test_op_directories_include_only_the_shared_layers_and_themselves():
+    """csrc/device/ (kernel layer) and csrc/common/ (bindings layer) are shared; an op
+    directory (partition/, masked_attention/, attention_kl/) includes them and its own
+    headers, never another op's."""
+    found = []
+    for path in sorted(sass.CSRC.glob("**/*")):
+        if path.suffix not in (".cu", ".cuh", ".cpp", ".h"):
+            continue
+        directory = path.relative_to(sass.CSRC).parts[0]
+        allowed = SHARED_LAYERS.get(directory, {directory, "device", "common"})
+        for name in re.findall(r'#include\s*"([^"]+)"', path.read_text()):
+            if "/" in name and name.split("/")[0] not in allowed:
+                found.append(f"{path.relative_to(sass.CSRC)} includes {name}")
+    assert not found, "\n".join(found)
+    ops = {p.parent.name for p in sass.CSRC.glob("*/bindings.cpp")}
+    assert ops == {"partition", "masked_attention", "attention_kl"}
+    assert not (sass.CSRC / "bindings.cpp").exists(), "each op registers its own kernels"
+
+
 def _local_includes(source: pathlib.Path, seen: set | None = None) -> set[pathlib.Path]:
     seen = set() if seen is None else seen
     if source in seen:
