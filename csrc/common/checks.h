@@ -59,7 +59,8 @@ inline AttentionShape check_qkv(const char* op, const at::Tensor& q, const at::T
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kHalf ||
                   q.scalar_type() == at::kBFloat16,
               op, ": ", q_name, " must be float32, float16 or bfloat16, got ", q.scalar_type());
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{k_name, &k}, {v_name, v}}) {
+  using Named = std::pair<const char*, const at::Tensor*>;
+  for (const auto& [name, t] : {Named{k_name, &k}, Named{v_name, v}}) {
     if (t == nullptr) continue;
     TORCH_CHECK(t->device() == q.device(), op, ": ", name, " is on ", t->device(), " but ", q_name,
                 " is on ", q.device());
@@ -73,7 +74,8 @@ inline AttentionShape check_qkv(const char* op, const at::Tensor& q, const at::T
                 v_name, " must have shape (B, L, Dv) = (", q.size(0), ", ", q.size(1),
                 ", Dv), got ", v->sizes());
   }
-  const AttentionShape shape{q.size(0), q.size(1), q.size(2), v != nullptr ? v->size(2) : q.size(2)};
+  const int64_t v_dim = v != nullptr ? v->size(2) : q.size(2);
+  const AttentionShape shape{q.size(0), q.size(1), q.size(2), v_dim};
   TORCH_CHECK(shape.qk_dim >= kMinQkDim && shape.qk_dim <= kMaxQkDim, op,
               ": the CUDA kernels support Dqk (last dim of ", q_name, ", ", k_name, ") in ",
               kMinQkDim, "..", kMaxQkDim, ", got ", shape.qk_dim,
