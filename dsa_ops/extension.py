@@ -96,14 +96,19 @@ def cuda_include_dir() -> str | None:
 
 
 def emulation_sources(build_directory: pathlib.Path) -> list[str]:
-    """The bindings, the emulation runtime, and one C++ wrapper per kernel file of csrc/
-    (the JIT builder sends ``.cu`` files to nvcc; these must go to the host compiler)."""
+    """The emulation runtime, then one C++ wrapper per file of csrc/ that setup.py compiles
+    (every op's ``bindings.cpp`` and every kernel file, ``.cu``): the JIT builder sends ``.cu``
+    files to nvcc, and names objects by file name alone, so the op directories' files of one
+    name (``bindings.cpp``, ``forward.cu``) need wrappers named by their paths."""
     build_directory.mkdir(parents=True, exist_ok=True)
-    sources = [str(_CSRC / "bindings.cpp"), str(_CSRC / "emulation" / "emulation.cpp")]
-    for kernel in sorted(_CSRC.glob("**/*.cu")):
-        stem = "_".join(kernel.relative_to(_CSRC).with_suffix("").parts)
-        wrapper = build_directory / f"kernel_{stem}.cpp"
-        text = f'#include "{kernel}"\n'
+    emulation = _CSRC / "emulation"
+    sources = [str(emulation / "emulation.cpp")]
+    compiled = sorted(path for pattern in ("**/*.cpp", "**/*.cu") for path in _CSRC.glob(pattern)
+                      if emulation not in path.parents)
+    for source in compiled:
+        stem = "_".join(source.relative_to(_CSRC).with_suffix("").parts)
+        wrapper = build_directory / f"emulated_{stem}.cpp"
+        text = f'#include "{source}"\n'
         if not wrapper.is_file() or wrapper.read_text() != text:
             wrapper.write_text(text)
         sources.append(str(wrapper))

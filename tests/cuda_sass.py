@@ -2,6 +2,8 @@
 read the SASS (cuobjdump, shipped in Triton's wheel) and ptxas's resource report.
 
     python3 -m tests.cuda_sass --table            # markdown: registers / spills / smem per kernel
+    python3 -m tests.cuda_sass --write-docs       # the summary table of docs/kernels.md, rewritten
+    python3 -m tests.cuda_sass --check-docs       # exit 1 when docs/kernels.md's table is stale
     python3 -m tests.cuda_sass --check            # the SASS checks of tests/test_cuda_sass.py
     python3 -m tests.cuda_sass --check --csrc DIR # the same for another copy of csrc/
 
@@ -445,15 +447,84 @@ def table(kernels: list[Kernel]) -> str:
     return "\n".join(lines)
 
 
+# docs/kernels.md carries summary_table() between these markers; --write-docs rewrites it and
+# tests/test_cuda_sass.py checks it against the current sources (same nvcc release only:
+# another ptxas allocates registers differently).
+DOCS = ROOT / "docs" / "kernels.md"
+DOCS_BEGIN = "<!-- generated: kernels table (python3 -m tests.cuda_sass --write-docs) -->"
+DOCS_END = "<!-- end generated: kernels table -->"
+
+
+def nvcc_release(nvcc: str) -> str:
+    """'12.8, V12.8.93' from nvcc --version's last 'release' line."""
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
+    return re.findall(r"release (.+)", version)[-1].strip()
+
+
+def _dtype_class(kernel: Kernel) -> str:
+    match = re.search(r"<([\w:]+)", short_name(kernel))
+    first = match.group(1) if match else ""
+    return {"__half": "16-bit", "__nv_bfloat16": "16-bit", "float": "float32"}.get(first, "-")
+
+
+def _span(values: list[int]) -> str:
+    return str(min(values)) if min(values) == max(values) else f"{min(values)}–{max(values)}"
+
+
+def summary_table(kernels: list[Kernel], release: str) -> str:
+    """Per kernel template and dtype class (16-bit, float32): the op directory, the number of
+    instantiations, ptxas's register range per arch, static shared memory, and every
+    instantiation that spills (bytes stored / loaded)."""
+    archs = sorted({k.arch for k in kernels})
+    groups: dict[tuple[str, str, str], list[Kernel]] = {}
+    for kernel in kernels:
+        template = short_name(kernel).split("<")[0]
+        op = kernel.source.split("/")[0]
+        groups.setdefault((op, template, _dtype_class(kernel)), []).append(kernel)
+    lines = [f"ptxas of CUDA {release}, setup.py's nvcc flags, `-Xptxas -v`; "
+             f"{len({(k.source, k.name) for k in kernels})} kernel instantiations.", "",
+             "| op | kernel | dtypes | variants | " + " | ".join(f"registers {a}" for a in archs) +
+             " | static smem (bytes) | spills (store/load bytes) |",
+             "|---|---|---|---:|" + "---:|" * len(archs) + "---:|---|"]
+    for (op, template, dtypes), members in sorted(groups.items()):
+        by_arch = {a: [k for k in members if k.arch == a] for a in archs}
+        registers = [_span([k.resources.registers for k in by_arch[a]]) if by_arch[a] else "-"
+                     for a in archs]
+        smem = _span([k.resources.static_smem_bytes for k in members])
+        spills = [f"{k.resources.spill_store_bytes}/{k.resources.spill_load_bytes} "
+                  f"({short_name(k).split('<', 1)[-1].rstrip('>')}, {k.arch})"
+                  for k in sorted(members, key=lambda k: (short_name(k), k.arch))
+                  if k.resources.spill_store_bytes or k.resources.spill_load_bytes]
+        variants = len(by_arch[archs[0]])
+        lines.append(f"| {op} | `{template}` | {dtypes} | {variants} | " + " | ".join(registers) +
+                     f" | {smem} | {'; '.join(spills) or 'none'} |")
+    return "\n".join(lines)
+
+
+def docs_with_table(text: str, table_text: str) -> str:
+    """``text`` (docs/kernels.md) with the block between the markers replaced."""
+    begin, end = text.index(DOCS_BEGIN) + len(DOCS_BEGIN), text.index(DOCS_END)
+    return text[:begin] + "\n" + table_text + "\n" + text[end:]
+
+
+def documented_table(text: str) -> str:
+    """The generated block of docs/kernels.md as it is committed."""
+    return text[text.index(DOCS_BEGIN) + len(DOCS_BEGIN):text.index(DOCS_END)].strip("\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--table", action="store_true", help="print the ptxas resource table")
+    parser.add_argument("--write-docs", action="store_true",
+                        help="rewrite the generated table of docs/kernels.md")
+    parser.add_argument("--check-docs", action="store_true",
+                        help="exit 1 when docs/kernels.md's generated table is not current")
     parser.add_argument("--check", action="store_true", help="run the SASS checks, list failures")
     parser.add_argument("--csrc", type=pathlib.Path, default=CSRC, help="kernel sources (csrc/)")
     parser.add_argument("--arch", action="append", help="sm_80, sm_90 (default both)")
     args = parser.parse_args(argv)
-    if not (args.table or args.check):
-        parser.error("give --table and/or --check")
+    if not (args.table or args.check or args.write_docs or args.check_docs):
+        parser.error("give --table, --write-docs, --check-docs and/or --check")
     reason = missing_tools()
     if reason:
         print(f"cuda_sass: {reason}", file=sys.stderr)
@@ -462,6 +533,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.table:
         print(table(kernels))
     failed = 0
+    if args.write_docs or args.check_docs:
+        generated = summary_table(kernels, nvcc_release(find_nvcc()))
+        if args.write_docs:
+            DOCS.write_text(docs_with_table(DOCS.read_text(), generated))
+            print(f"cuda_sass: wrote the kernels table of {DOCS.relative_to(ROOT)}")
+        elif documented_table(DOCS.read_text()) != generated:
+            print(f"cuda_sass: {DOCS.relative_to(ROOT)}'s kernels table is stale: "
+                  "python3 -m tests.cuda_sass --write-docs", file=sys.stderr)
+            failed += 1
     if args.check:
         for family in FAMILIES:
             selected = sixteen_bit_kernels(kernels, family)

@@ -1,4 +1,4 @@
-"""The compiled CUDA backend (csrc/masked_attention, csrc/bindings.cpp).
+"""The compiled CUDA backend (csrc/masked_attention/, its bindings.cpp).
 
 The numerical tests run on a GPU, or on CPU tensors through the host emulation of the same
 kernels when ``DSA_OPS_CUDA_EMULATE=1`` was set before the import (``make test`` runs this
@@ -22,7 +22,9 @@ from attention_cases import assert_close_by_dtype, make_case, reference_results
 CUDA_OPS = ("partition_indices", "masked_attention_fwd_cuda", "masked_attention_bwd_cuda",
             "dual_masked_attention_fwd_cuda", "dual_masked_attention_bwd_cuda")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-LAUNCH_HEADER = pathlib.Path(__file__).resolve().parents[1] / "csrc" / "masked_attention" / "launch.cuh"
+CSRC = pathlib.Path(__file__).resolve().parents[1] / "csrc"
+# Where the kernels' head-size limits are written: Dqk for every op, Dv for masked attention.
+LIMIT_HEADERS = (CSRC / "device" / "kernel_args.h", CSRC / "masked_attention" / "launch.cuh")
 
 needs_extension = pytest.mark.skipif(extension.load_error() is not None,
                                      reason=f"{extension.load_error()}")
@@ -44,7 +46,7 @@ def test_extension_registers_a_cuda_kernel_for_every_cuda_op(name):
 
 
 def test_python_head_size_limits_mirror_the_kernels():
-    header = LAUNCH_HEADER.read_text()
+    header = "\n".join(path.read_text() for path in LIMIT_HEADERS)
     value = lambda name: int(re.search(rf"constexpr int {name} = (\d+);", header).group(1))  # noqa: E731
     assert ops.FUSED_QK_DIMS == (value("kMinQkDim"), value("kMaxQkDim"))
     assert ops.FUSED_V_DIMS == (value("kMinVDim"), value("kMaxVDim"))

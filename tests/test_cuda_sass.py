@@ -215,6 +215,30 @@ def test_kernel_files_include_no_torch_headers():
             assert not re.search(r"#include\s*[<\"](torch|ATen|c10)/", text), header
 
 
+# What each directory of csrc/ may include: the shared layers, and an op only itself.
+SHARED_LAYERS = {"device": {"device", "emulation"}, "common": {"common", "device"},
+                 "emulation": {"emulation", "device"}}
+
+
+def test_op_directories_include_only_the_shared_layers_and_themselves():
+    """csrc/device/ (kernel layer) and csrc/common/ (bindings layer) are shared; an op
+    directory (partition/, masked_attention/, attention_kl/) includes them and its own
+    headers, never another op's."""
+    found = []
+    for path in sorted(sass.CSRC.glob("**/*")):
+        if path.suffix not in (".cu", ".cuh", ".cpp", ".h"):
+            continue
+        directory = path.relative_to(sass.CSRC).parts[0]
+        allowed = SHARED_LAYERS.get(directory, {directory, "device", "common"})
+        for name in re.findall(r'#include\s*"([^"]+)"', path.read_text()):
+            if "/" in name and name.split("/")[0] not in allowed:
+                found.append(f"{path.relative_to(sass.CSRC)} includes {name}")
+    assert not found, "\n".join(found)
+    ops = {p.parent.name for p in sass.CSRC.glob("*/bindings.cpp")}
+    assert ops == {"partition", "masked_attention", "attention_kl"}
+    assert not (sass.CSRC / "bindings.cpp").exists(), "each op registers its own kernels"
+
+
 def _local_includes(source: pathlib.Path, seen: set | None = None) -> set[pathlib.Path]:
     seen = set() if seen is None else seen
     if source in seen:
@@ -243,22 +267,39 @@ def _selected(kernels, family: str, arch: str) -> list[sass.Kernel]:
     return [k for k in sass.sixteen_bit_kernels(kernels, family) if k.arch == arch]
 
 
+# Kernel templates that run no MMA by design: the partial-dK sum is elementwise.
+NO_MMA_KERNELS = {"dk_reduce_kernel"}
+_KERNEL_DEFINITION = re.compile(
+    r"__global__\s+void\s+(?:__launch_bounds__\((?:[^()]|\([^()]*\))*\)\s*)?(\w+)\s*\(")
+
+
+def kernel_templates(family: str) -> set[str]:
+    """The names of the __global__ kernels defined in csrc/<family>/."""
+    return {name for path in sorted((sass.CSRC / family).glob("*.cu*"))
+            for name in _KERNEL_DEFINITION.findall(path.read_text())}
+
+
+def test_kernel_templates_are_found_in_the_sources():
+    assert kernel_templates("masked_attention") == {"forward_kernel", "dq_kernel", "key_kernel",
+                                                   "dk_reduce_kernel"}
+    assert kernel_templates("attention_kl") == {"kl_forward_kernel", "kl_dq_kernel",
+                                               "kl_dk_kernel"}
+
+
 @needs_toolchain
 @pytest.mark.parametrize("arch", sass.ARCHS)
-def test_every_attention_kernel_file_has_tensor_core_kernels_for_both_dtypes(kernels, arch):
-    """The checks below would pass vacuously if the kernels were missing or ran no MMAs."""
+def test_every_attention_kernel_has_tensor_core_instantiations_for_both_dtypes(kernels, arch):
+    """The checks below would pass vacuously if the kernels were missing or ran no MMAs: every
+    kernel template of each family (but the elementwise ones) is built for float16 and
+    bfloat16 (each dtype in its own instantiation file) and runs tensor-core MMAs."""
     for family in sass.FAMILIES:
-        found = {(k.source, dtype) for k in _selected(kernels, family, arch)
+        found = {(sass.short_name(k).split("<")[0], dtype) for k in _selected(kernels, family, arch)
                  if sass.runs_tensor_core_mma(k)
                  for dtype in ("__half", "__nv_bfloat16") if f"<{dtype}" in k.name}
-        sources = {str(p.relative_to(sass.CSRC)) for p in sass.kernel_sources(sass.CSRC)
-                   if p.parent.name == family}
-        assert found == {(s, d) for s in sources for d in ("__half", "__nv_bfloat16")}
+        expected = kernel_templates(family) - NO_MMA_KERNELS
+        assert found == {(name, d) for name in expected for d in ("__half", "__nv_bfloat16")}
 
 
-# The attention-KL kernels share the attention kernels' tile loads and warp GEMM
-# (masked_attention/common.cuh), so they get the same machine code; each family is its
-# own parametrisation so a failure names it.
 @needs_toolchain
 @pytest.mark.parametrize("check_name", list(sass.CHECKS))
 @pytest.mark.parametrize("arch", sass.ARCHS)
@@ -291,3 +332,37 @@ def test_built_extension_masked_attention_kernels(check_name):
 @functools.cache
 def _built_kernels(library: pathlib.Path) -> list[sass.Kernel]:
     return sass.built_extension_kernels(library)
+
+
+def test_docs_table_block_is_replaced_between_the_markers():
+    text = f"intro\n{sass.DOCS_BEGIN}\nold table\n{sass.DOCS_END}\noutro\n"
+    updated = sass.docs_with_table(text, "| new |")
+    assert updated == f"intro\n{sass.DOCS_BEGIN}\n| new |\n{sass.DOCS_END}\noutro\n"
+    assert sass.documented_table(updated) == "| new |"
+
+
+def test_summary_table_groups_instantiations_and_names_spills():
+    kernels = [_kernel("void dsa_ops::masked_attention::forward_kernel<__half, 16, 64>(int)"),
+               _kernel("void dsa_ops::masked_attention::forward_kernel<__nv_bfloat16, 64, 256>(int)"),
+               _kernel("void dsa_ops::masked_attention::forward_kernel<float, 64, 64>(int)")]
+    for kernel, registers in zip(kernels, (160, 254, 168)):
+        kernel.resources.registers = registers
+    kernels[2].resources.spill_store_bytes, kernels[2].resources.spill_load_bytes = 8, 4
+    rows = sass.summary_table(kernels, "12.8, V12.8.93").splitlines()
+    assert rows[0].startswith("ptxas of CUDA 12.8, V12.8.93") and "3 kernel instantiations" in rows[0]
+    assert rows[4:] == [
+        "| masked_attention | `forward_kernel` | 16-bit | 2 | 160–254 | 0 | none |",
+        "| masked_attention | `forward_kernel` | float32 | 1 | 168 | 0 | 8/4 (float, 64, 64, sm_90) |"]
+
+
+@needs_toolchain
+def test_docs_kernels_table_is_current(kernels):
+    """docs/kernels.md's resource table is what the current sources compile to."""
+    text = sass.DOCS.read_text()
+    recorded = re.search(r"ptxas of CUDA (.+?), setup\.py", sass.documented_table(text))
+    release = sass.nvcc_release(sass.find_nvcc())
+    if recorded is None or recorded.group(1) != release:
+        pytest.skip(f"the table records another nvcc ({recorded and recorded.group(1)}) than "
+                    f"this one ({release}): register counts differ between releases")
+    assert sass.documented_table(text) == sass.summary_table(kernels, release), (
+        "docs/kernels.md's kernels table is stale: python3 -m tests.cuda_sass --write-docs")

@@ -12,7 +12,7 @@
 //                 tile's dSᵀ is divided by the tile's max |g| before its 16-bit copy and
 //                 the product multiplied back in float32: a small g (a mean over B·L rows)
 //                 never lands in float16's subnormals.
-#include "attention_kl/common.cuh"
+#include "attention_kl/tiles.cuh"
 
 namespace dsa_ops {
 namespace attention_kl {
@@ -46,7 +46,7 @@ struct GradientBlock {
     const int tile_end = min(slot0 + kBlockRows, in.length);
     const int outside_begin = max(slot0, own.size);
     if (outside_begin < tile_end) {
-      masked_attention::zero_rows<T, D>(typed<T>(grad), own, sample, outside_begin, tile_end, 0,
+      zero_rows<T, D>(typed<T>(grad), own, sample, outside_begin, tile_end, 0,
                                         in.qk_dim);
     }
     active = slot0 < own.size;
@@ -63,7 +63,7 @@ struct GradientBlock {
   // acc += (the warp's gradient strip, rounded to T) · streamed rows of the prediction.
   template <int NT>
   __device__ void accumulate(float (&acc)[NT][4], const float (&strip_values)[kScoreTiles][4]) const {
-    masked_attention::warp_gemm_acc_a<T, kScoreTiles, NT, BLayout::kKN>(
+    warp_gemm_acc_a<T, kScoreTiles, NT, BLayout::kKN>(
         acc, strip_values, tiles.streamed, Smem::kQkPitch, strip);
   }
 };
@@ -122,7 +122,7 @@ kl_dq_kernel(const __grid_constant__ KlBackwardLaunch launch) {
     for (int e = 0; e < 4; ++e) acc[j][e] *= row_grad[e / 2];
   }
   device::block_barrier();  // other threads' copies into the own rows that stage the strip
-  masked_attention::store_rows<T>(typed<T>(launch.grad_q), queries, block.sample, warp_slot0, 0,
+  store_rows<T>(typed<T>(launch.grad_q), queries, block.sample, warp_slot0, 0,
                                   in.qk_dim, acc, in.scale, block.own_rows_of_warp(),
                                   GradientBlock<T, D>::Smem::kQkPitch);
 }
@@ -189,7 +189,7 @@ kl_dk_kernel(const __grid_constant__ KlBackwardLaunch launch) {
     }
   }
   device::block_barrier();  // other threads' copies into the own rows that stage the strip
-  masked_attention::store_rows<T>(typed<T>(launch.grad_k), keys, block.sample,
+  store_rows<T>(typed<T>(launch.grad_k), keys, block.sample,
                                   block.slot0 + block.warp * kWarpRows, 0, in.qk_dim, acc,
                                   in.scale, block.own_rows_of_warp(),
                                   GradientBlock<T, D>::Smem::kQkPitch);
@@ -205,9 +205,9 @@ cudaError_t launch_backward(const KlBackwardLaunch& launch, cudaStream_t stream)
     constexpr int D = decltype(dim)::value;
     constexpr int bytes = KlSmem<T, D>::kBackwardBytes;
     const dim3 grid = tile_grid(launch.in);
-    status = masked_attention::launch_with_smem(kl_dq_kernel<T, D>, grid, bytes, stream, launch);
+    status = launch_with_smem(kl_dq_kernel<T, D>, grid, bytes, stream, launch);
     if (status != cudaSuccess) return;
-    status = masked_attention::launch_with_smem(kl_dk_kernel<T, D>, grid, bytes, stream, launch);
+    status = launch_with_smem(kl_dk_kernel<T, D>, grid, bytes, stream, launch);
   });
   return status;
 }

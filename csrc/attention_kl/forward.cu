@@ -10,34 +10,11 @@
 // rescaled with the oracle's running max. At the end
 //   KL = C / l° − (m° + log l°) + (m + log l).
 // The gap enters as s° − s, never as log p, so the KL stays exact where p underflows.
-#include "attention_kl/common.cuh"
+#include "attention_kl/tiles.cuh"
 
 namespace dsa_ops {
 namespace attention_kl {
 namespace {
-
-using masked_attention::row_max;
-using masked_attention::row_sum;
-
-// Online-softmax state of the two rows (g and g + 8 of the warp's strip) a lane touches.
-struct RunningRows {
-  float max[2] = {-INFINITY, -INFINITY};
-  float sum[2] = {0.f, 0.f};  // this lane's share of exp(s − max), summed over its columns
-
-  // Takes in a tile's per-lane row maxima; returns in `shift` the max to subtract from this
-  // tile's scores and the factor that rescales everything accumulated against the old max.
-  __device__ void advance(const float (&tile_max)[2], float (&shift)[2], float (&rescale)[2]) {
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const float new_max = fmaxf(max[i], row_max(tile_max[i]));
-      // A row that has seen only -inf scores keeps a finite shift: no (-inf) - (-inf).
-      shift[i] = new_max == -INFINITY ? 0.f : new_max;
-      rescale[i] = exp_difference(max[i] - shift[i]);
-      max[i] = new_max;
-      sum[i] *= rescale[i];
-    }
-  }
-};
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads)
@@ -70,7 +47,7 @@ kl_forward_kernel(const __grid_constant__ KlForwardLaunch launch) {
 
   const int warp = threadIdx.x / 32;
   const LaneCoords lane;
-  RunningRows prediction, oracle;
+  OnlineSoftmaxRows prediction, oracle;
   float gap[2] = {0.f, 0.f};  // this lane's share of C
 
   for (int key0 = 0; key0 < keys.size; key0 += kBlockCols) {
@@ -142,7 +119,7 @@ cudaError_t launch_forward(const KlForwardLaunch& launch, cudaStream_t stream) {
   dispatch_kernel(launch.in, [&](auto tag, auto dim) {
     using T = typename decltype(tag)::type;
     constexpr int D = decltype(dim)::value;
-    status = masked_attention::launch_with_smem(kl_forward_kernel<T, D>, tile_grid(launch.in),
+    status = launch_with_smem(kl_forward_kernel<T, D>, tile_grid(launch.in),
                                                 KlSmem<T, D>::kForwardBytes, stream, launch);
   });
   return status;

@@ -1,7 +1,7 @@
 // Host-side entry points of the streaming attention-KL kernels: KL(E_oracle‖E) per query
 // row from the q, k of two passes (prediction and oracle) over the same query and key
 // sets, with no L×L map (dsa_ops.attention_kl). Plain structs of pointers and strides, no
-// ATen types; csrc/bindings.cpp checks the tensors and fills these in.
+// ATen types; attention_kl/bindings.cpp checks the tensors and fills these in.
 //
 // Per query row i (keys j of its sample's key set, s = scale·q·kᵀ, s° = scale·q°·k°ᵀ):
 //   KL_i = Σ_j p°_ij (s°_ij − s_ij) − lse°_i + lse_i,   ∂KL_i/∂s_ij = p_ij − p°_ij.
@@ -11,18 +11,12 @@
 #include <cstdint>
 #include <cuda_runtime.h>
 
-#include "masked_attention/launch.cuh"
+#include "device/kernel_args.h"
 
 namespace dsa_ops {
 namespace attention_kl {
 
-using masked_attention::MatrixArg;
-using masked_attention::RowSetArg;
-using masked_attention::ScalarKind;
-
-// Same head sizes as the attention kernels (Dqk zero-padded to 16, 32 or 64).
-constexpr int kMinQkDim = masked_attention::kMinQkDim;
-constexpr int kMaxQkDim = masked_attention::kMaxQkDim;
+// Head sizes: kMinQkDim..kMaxQkDim of device/kernel_args.h (zero-padded to 16, 32 or 64).
 
 // The four (B, L, Dqk) inputs, unit stride along Dqk, all of one dtype.
 struct KlInputs {

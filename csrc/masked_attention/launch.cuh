@@ -1,6 +1,6 @@
 // Host-side entry points of the masked-attention kernels. Plain structs of pointers and
 // strides (no ATen types), so the kernels compile without torch headers; the bindings in
-// csrc/bindings.cpp check the tensors and fill these in.
+// masked_attention/bindings.cpp check the tensors and fill these in.
 //
 // Each launch handles one or two "branches" (independent attention problems over the same
 // batch and length, e.g. the cross and self branches of Dual Spatial Attention) in a
@@ -10,36 +10,18 @@
 #include <cstdint>
 #include <cuda_runtime.h>
 
+#include "device/kernel_args.h"
+
 namespace dsa_ops {
 namespace masked_attention {
 
-// Head sizes the kernels accept (dsa_ops/ops.py FUSED_QK_DIMS / FUSED_V_DIMS mirror these).
-// Dqk is zero-padded to 16, 32 or 64 in shared memory. Dv: a forward block holds a V width
-// of 64, 128 or 256 columns for 16-bit dtypes (Dv in (256, 512] in two parts), 64 for
-// float32 (forward.cu); the backward's split is described in backward.cu.
-constexpr int kMinQkDim = 8;
-constexpr int kMaxQkDim = 64;
+// Dv the kernels accept (FUSED_V_DIMS in dsa_ops/ops/registry.py mirrors these; Dqk:
+// kMinQkDim..kMaxQkDim of device/kernel_args.h). A forward block holds a V width of 64, 128 or 256
+// columns for 16-bit dtypes (Dv in (256, 512] in two parts), 64 for float32 (forward.cuh); the
+// backward's split is described in backward.cuh.
 constexpr int kMinVDim = 8;
 constexpr int kMaxVDim = 512;
 constexpr int kMaxBranches = 2;
-
-enum class ScalarKind { kFloat32, kFloat16, kBFloat16 };
-
-// A (B, L, D) tensor whose last dimension has unit stride; strides in elements.
-struct MatrixArg {
-  const void* data = nullptr;
-  int64_t batch_stride = 0;
-  int64_t row_stride = 0;
-};
-
-// A set of positions per sample as a stable partition of a mask (partition_indices):
-// index (B, L) int32 contiguous, count (B,) int32. complement = the set is the mask's
-// false positions (index[b, count[b]:]) instead of its true ones.
-struct RowSetArg {
-  const int32_t* index = nullptr;
-  const int32_t* count = nullptr;
-  bool complement = false;
-};
 
 struct ForwardBranch {
   MatrixArg q, k, v;       // inputs

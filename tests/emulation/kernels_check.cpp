@@ -27,7 +27,7 @@
 #include "emulation/emulation.h"
 #include "attention_kl/launch.cuh"
 #include "masked_attention/launch.cuh"
-#include "partition.cuh"
+#include "partition/partition.cuh"
 
 namespace {
 using namespace dsa_ops;

@@ -1,6 +1,6 @@
 """``partition_indices`` in plain PyTorch: the compaction every fused backend starts from.
 
-The reference and cpu backends use it on every device; ``csrc/partition.cu`` is its CUDA
+The reference and cpu backends use it on every device; ``csrc/partition/partition.cu`` is its CUDA
 kernel and ``dsa_ops.ops.partition.triton`` the triton backend's.
 """
 from __future__ import annotations

@@ -1,28 +1,17 @@
 // Device-side pieces shared by the attention-KL forward and backward: the shared-memory
 // layout (the block's own 64-row tiles and the streamed 64-row tiles, each for both passes)
 // and the scores of both passes for a warp's strip. Tile loads, the warp GEMM (tensor cores
-// for 16-bit dtypes, FMA for float32) and the row-set addressing are the attention kernels'
-// (masked_attention/common.cuh).
+// for 16-bit dtypes, FMA for float32), the online softmax and the row-set addressing are the
+// shared tile layer's (csrc/device/).
 #pragma once
 
 #include "attention_kl/launch.cuh"
-#include "masked_attention/common.cuh"
+#include "device/kernel.cuh"
 
 namespace dsa_ops {
 namespace attention_kl {
 
-using masked_attention::BLayout;
-using masked_attention::DTypeTraits;
-using masked_attention::LaneCoords;
-using masked_attention::Rows;
-using masked_attention::SampleRowSet;
-using masked_attention::exp_difference;
-using masked_attention::kBlockCols;
-using masked_attention::kBlockRows;
-using masked_attention::kThreads;
-using masked_attention::kWarpRows;
-using masked_attention::typed;
-using masked_attention::zero_fill;
+using namespace device;  // the shared tile layer, which these kernels are written in
 
 constexpr int kScoreTiles = kBlockCols / 8;  // n-tiles of a warp's 16 × 64 score strip
 static_assert(kBlockRows == kBlockCols, "own and streamed tiles share one loader");
@@ -33,16 +22,15 @@ static_assert(kBlockRows == kBlockCols, "own and streamed tiles share one loader
 // statistics per streamed column.
 template <typename T, int D>
 struct KlSmem {
-  static constexpr int kQkPitch = masked_attention::padded_pitch<T>(D);
-  static constexpr int kStripScratch =
-      masked_attention::acc_a_scratch_elements<T, kScoreTiles>();  // per warp
+  static constexpr int kQkPitch = padded_pitch<T>(D);
+  static constexpr int kStripScratch = acc_a_scratch_elements<T, kScoreTiles>();  // per warp
   static constexpr int kOwn = 0;
   static constexpr int kOwnOracle = kOwn + kBlockRows * kQkPitch;
   static constexpr int kStreamed = kOwnOracle + kBlockRows * kQkPitch;
   static constexpr int kStreamedOracle = kStreamed + kBlockCols * kQkPitch;
   static constexpr int kStrip = kStreamedOracle + kBlockCols * kQkPitch;
   static constexpr int kForwardBytes = kStrip * static_cast<int>(sizeof(T));
-  static constexpr int kElements = kStrip + masked_attention::kWarps * kStripScratch;
+  static constexpr int kElements = kStrip + kWarps * kStripScratch;
   static constexpr int kStatsFloats = 3 * kBlockCols;
   static constexpr int kBackwardBytes = kElements * static_cast<int>(sizeof(T)) +
                                         kStatsFloats * static_cast<int>(sizeof(float));
@@ -67,9 +55,9 @@ struct KlTiles {
                        int qk_dim) const {
     T* const dst = own_rows ? own : streamed;
     T* const dst_oracle = own_rows ? own_oracle : streamed_oracle;
-    masked_attention::load_tile<T, kBlockRows, D>(dst, Smem::kQkPitch, x, set, sample, slot0, rows,
+    load_tile<T, kBlockRows, D>(dst, Smem::kQkPitch, x, set, sample, slot0, rows,
                                                   0, qk_dim);
-    masked_attention::load_tile<T, kBlockRows, D>(dst_oracle, Smem::kQkPitch, x_oracle, set,
+    load_tile<T, kBlockRows, D>(dst_oracle, Smem::kQkPitch, x_oracle, set,
                                                   sample, slot0, rows, 0, qk_dim);
   }
 
@@ -80,9 +68,9 @@ struct KlTiles {
     const int offset = warp * kWarpRows * Smem::kQkPitch;
     zero_fill(s);
     zero_fill(s_oracle);
-    masked_attention::warp_gemm<T, D, kScoreTiles, BLayout::kNK>(s, own + offset, Smem::kQkPitch,
+    warp_gemm<T, D, kScoreTiles, BLayout::kNK>(s, own + offset, Smem::kQkPitch,
                                                                  streamed, Smem::kQkPitch);
-    masked_attention::warp_gemm<T, D, kScoreTiles, BLayout::kNK>(
+    warp_gemm<T, D, kScoreTiles, BLayout::kNK>(
         s_oracle, own_oracle + offset, Smem::kQkPitch, streamed_oracle, Smem::kQkPitch);
 #pragma unroll
     for (int j = 0; j < kScoreTiles; ++j) {
@@ -103,8 +91,8 @@ inline dim3 tile_grid(const KlInputs& in) {
 // Calls f(TypeTag<T>{}, integral_constant<int, D>{}) for the inputs' dtype and padded Dqk.
 template <typename F>
 void dispatch_kernel(const KlInputs& in, F&& f) {
-  masked_attention::dispatch_dtype(in.dtype, [&](auto tag) {
-    masked_attention::dispatch_qk_dim(in.qk_dim, [&](auto dim) { f(tag, dim); });
+  dispatch_dtype(in.dtype, [&](auto tag) {
+    dispatch_qk_dim(in.qk_dim, [&](auto dim) { f(tag, dim); });
   });
 }
 

@@ -1,11 +1,11 @@
 // Where the bindings' kernels run: CUDA tensors on a GPU (nvcc build), or CPU tensors
 // through the host emulation (-DDSA_OPS_HOST_EMULATION, the emulated "cuda" backend).
-// bindings.cpp is written once against this.
+// Every op's bindings.cpp is written once against this.
 #pragma once
 
 #include <limits>
 
-#include <torch/types.h>
+#include <ATen/core/Tensor.h>
 
 #ifdef DSA_OPS_HOST_EMULATION
 #include <cuda_runtime.h>

@@ -2,7 +2,7 @@
 // counts the true entries of every slice, a block-wide exclusive scan of those counts
 // gives each warp its write offsets, and a second pass writes positions using warp
 // ballots, so the order of positions within each part is kept (a stable partition).
-#include "partition.cuh"
+#include "partition/partition.cuh"
 
 #include "device/primitives.cuh"
 

@@ -1,0 +1,236 @@
+// The tile layer every attention-like kernel is built from: the block's warp layout, dtype
+// traits, rows addressed through partition index lists (SampleRowSet), tile gathers into
+// shared memory (cp.async in 16-byte chunks), chunked row stores, and the double-buffered
+// pipeline step. Kernels of every op (masked_attention/, attention_kl/) include this; it
+// includes no op's headers.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include "device/kernel_args.h"
+#include "device/primitives.cuh"
+
+namespace dsa_ops {
+namespace device {
+
+// ----------------------------------------------------------------------------- tiles
+// Four warps; each owns a strip of 16 rows of a 64-row tile (FlashAttention-2 layout:
+// no cross-warp reductions inside the softmax).
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kWarpRows = 16;
+constexpr int kBlockRows = kWarps * kWarpRows;  // query rows (forward, dQ) or key rows (dK, dV)
+constexpr int kBlockCols = 64;                  // key columns (forward, dQ) or query columns
+
+// ----------------------------------------------------------------------------- dtypes
+template <typename T>
+struct DTypeTraits;
+
+template <>
+struct DTypeTraits<float> {
+  static constexpr bool kTensorCores = false;
+  __device__ static float to_float(float x) { return x; }
+  __device__ static float from_float(float x) { return x; }
+};
+
+template <>
+struct DTypeTraits<__half> {
+  static constexpr bool kTensorCores = true;
+  __device__ static float to_float(__half x) { return __half2float(x); }
+  __device__ static __half from_float(float x) { return __float2half_rn(x); }
+};
+
+template <>
+struct DTypeTraits<__nv_bfloat16> {
+  static constexpr bool kTensorCores = true;
+  __device__ static float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+  __device__ static __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
+};
+
+// Shared-memory row pitch: 16 bytes of padding per row, so the eight rows a warp reads in
+// one fragment load start in different banks. For a width in whole 16-byte chunks every
+// row stays 16-byte aligned, as ldmatrix and cp.async need (rows_16_byte_aligned).
+template <typename T>
+constexpr int padded_pitch(int width) {
+  return width + 16 / static_cast<int>(sizeof(T));
+}
+
+// ----------------------------------------------------------------------------- rows
+// A (B, L, D) tensor with unit stride along D, addressed by (sample, position).
+template <typename T>
+struct Rows {
+  T* data;
+  int64_t batch_stride;
+  int64_t row_stride;
+
+  __device__ T* row(int64_t sample, int64_t position) const {
+    return data + sample * batch_stride + position * row_stride;
+  }
+};
+
+template <typename T>
+__device__ Rows<T> typed(const MatrixArg& arg) {
+  return Rows<T>{static_cast<T*>(const_cast<void*>(arg.data)), arg.batch_stride, arg.row_stride};
+}
+
+// One sample's row set, read off a stable partition (index, count) of a mask. Slots
+// [0, size) are the members in increasing position order, slots [size, L) the other
+// positions: for a plain set the list is index[0..L); for the complement of the mask
+// (the background in the dual kernel) it is index rotated by count, so the same
+// partition serves both sets.
+struct SampleRowSet {
+  const int32_t* index;  // this sample's (L,) partition
+  int begin;
+  int size;
+  int length;
+
+  __device__ SampleRowSet(const RowSetArg& set, int sample, int length_)
+      : index(set.index + static_cast<int64_t>(sample) * length_), length(length_) {
+    const int count = set.count[sample];
+    begin = set.complement ? count : 0;
+    size = set.complement ? length_ - count : count;
+  }
+
+  __device__ int position(int slot) const {
+    int i = begin + slot;
+    if (i >= length) i -= length;
+    return index[i];
+  }
+};
+
+// Tiles are gathered in 16-byte chunks (8 halves or 4 floats): the unit of cp.async and of
+// ldmatrix rows.
+template <typename T>
+constexpr int kChunkElements = 16 / static_cast<int>(sizeof(T));
+
+// A tile pitch whose rows all start 16-byte aligned (cp.async destinations, uint4 stores,
+// ldmatrix rows): padded_pitch of a width in whole chunks.
+template <typename T>
+constexpr bool rows_16_byte_aligned(int pitch) {
+  return (pitch * static_cast<int>(sizeof(T))) % 16 == 0;
+}
+
+// The slow path of a gathered chunk: `count` (< chunk) leading elements of a row end, or a
+// chunk whose global address is not 16-byte aligned (rows of odd pitch, odd channel
+// offsets). Kept out of line so the kernels' tile loops hold only vector copies.
+template <typename T>
+__device__ __noinline__ void copy_chunk_scalar(T* dst, const T* src, int count) {
+#pragma unroll 1
+  for (int c = 0; c < kChunkElements<T>; ++c) {
+    dst[c] = c < count ? src[c] : DTypeTraits<T>::from_float(0.f);
+  }
+}
+
+// Issues the gather of `valid_rows` rows (slots slot0.. of `set`) of `src`, columns
+// col0..col0+WIDTH, into dst[ROWS][pitch] (rows 16-byte aligned); rows past `valid_rows`
+// and columns past `columns` become zero, which makes padded dot products exact. Each
+// thread moves whole chunks, one position lookup per chunk: aligned chunks inside
+// `columns` by cp.async (they land at the caller's cp_async_commit + cp_async_wait +
+// block_barrier), zero chunks by a 16-byte shared store, the rest through
+// copy_chunk_scalar. Does not commit: the caller groups tiles as it double-buffers.
+// THREADS: the block's threads, which share the chunks.
+template <typename T, int ROWS, int WIDTH, int THREADS = kThreads>
+__device__ inline void load_tile_async(T* dst, int pitch, const Rows<const T>& src,
+                                       const SampleRowSet& set, int sample, int slot0,
+                                       int valid_rows, int col0, int columns) {
+  constexpr int kChunk = kChunkElements<T>;
+  constexpr int kRowChunks = WIDTH / kChunk;
+  static_assert(WIDTH % kChunk == 0, "tile widths are whole 16-byte chunks");
+#pragma unroll 2
+  for (int i = threadIdx.x; i < ROWS * kRowChunks; i += THREADS) {
+    const int r = i / kRowChunks;
+    const int c = (i % kRowChunks) * kChunk;
+    T* const chunk = dst + r * pitch + c;
+    const int col = col0 + c;
+    if (r >= valid_rows || col >= columns) {
+      *reinterpret_cast<uint4*>(chunk) = make_uint4(0u, 0u, 0u, 0u);
+      continue;
+    }
+    const T* const from = src.row(sample, set.position(slot0 + r)) + col;
+    if (col + kChunk <= columns && reinterpret_cast<uintptr_t>(from) % 16 == 0) {
+      device::cp_async_16(chunk, from);
+    } else {
+      copy_chunk_scalar(chunk, from, min(kChunk, columns - col));
+    }
+  }
+}
+
+// The synchronous form: the tile is in shared memory for the calling thread on return
+// (a block_barrier before other threads read it stays the caller's).
+template <typename T, int ROWS, int WIDTH>
+__device__ void load_tile(T* dst, int pitch, const Rows<const T>& src, const SampleRowSet& set,
+                          int sample, int slot0, int valid_rows, int col0, int columns) {
+  load_tile_async<T, ROWS, WIDTH>(dst, pitch, src, set, sample, slot0, valid_rows, col0, columns);
+  device::cp_async_commit();
+  device::cp_async_wait<0>();
+}
+
+// The slow path of a scattered chunk store: `count` (≤ chunk) leading elements of src, or
+// zeros when src is null; for a partial chunk at the end of `columns` or a chunk whose
+// global address is not 16-byte aligned. Out of line, as copy_chunk_scalar.
+template <typename T>
+__device__ __noinline__ void store_chunk_scalar(T* dst, const T* src, int count) {
+#pragma unroll 1
+  for (int c = 0; c < count; ++c) {
+    dst[c] = src != nullptr ? src[c] : DTypeTraits<T>::from_float(0.f);
+  }
+}
+
+// Writes `rows` rows to the rows of `dst` at slots slot0.. of `set`, columns
+// col0..col0+WIDTH clipped to `columns`: row r from src + r·pitch (shared memory, rows
+// 16-byte aligned), or zeros when src is null. Thread `thread` of `threads` takes every
+// threads-th chunk, one position lookup per chunk: whole aligned chunks as 16-byte stores,
+// the rest through store_chunk_scalar.
+template <typename T, int WIDTH>
+__device__ void store_rows_chunked(const Rows<T>& dst, const SampleRowSet& set, int sample,
+                                   int slot0, int rows, int col0, int columns, const T* src,
+                                   int pitch, int thread, int threads) {
+  constexpr int kChunk = kChunkElements<T>;
+  constexpr int kRowChunks = WIDTH / kChunk;
+  static_assert(WIDTH % kChunk == 0, "row widths are whole 16-byte chunks");
+  // Not unrolled: the epilogue is once per block, and unrolling it pushed the dQ kernel
+  // (Dqk 64, Dv ≤ 64) past 128 registers into spills.
+#pragma unroll 1
+  for (int i = thread; i < rows * kRowChunks; i += threads) {
+    const int r = i / kRowChunks;
+    const int c = (i % kRowChunks) * kChunk;
+    const int col = col0 + c;
+    if (col >= columns) continue;
+    T* const to = dst.row(sample, set.position(slot0 + r)) + col;
+    const T* const from = src != nullptr ? src + r * pitch + c : nullptr;
+    if (col + kChunk <= columns && reinterpret_cast<uintptr_t>(to) % 16 == 0) {
+      *reinterpret_cast<uint4*>(to) =
+          from != nullptr ? *reinterpret_cast<const uint4*>(from) : make_uint4(0u, 0u, 0u, 0u);
+    } else {
+      store_chunk_scalar(to, from, min(kChunk, columns - col));
+    }
+  }
+}
+
+// Writes zeros into the rows of `dst` (columns col0..col0+WIDTH, clipped to `columns`) whose
+// slots in [first, last) are outside the set: the part of a tile past the set's size.
+template <typename T, int WIDTH, int THREADS = kThreads>
+__device__ void zero_rows(const Rows<T>& dst, const SampleRowSet& set, int sample, int first,
+                          int last, int col0, int columns) {
+  store_rows_chunked<T, WIDTH>(dst, set, sample, first, last - first, col0, columns, nullptr, 0,
+                               threadIdx.x, THREADS);
+}
+
+
+// One step of a double-buffered cp.async pipeline: issues the next stage's copies when
+// there is one (`issue_next` commits them as one group) and waits until at most those are
+// in flight, so this thread's copies of the current stage have landed. The caller's block
+// barrier then makes every thread's copies visible.
+template <typename IssueNext>
+__device__ inline void pipeline_step(bool has_next, IssueNext&& issue_next) {
+  if (has_next) {
+    issue_next();
+    device::cp_async_wait<1>();
+  } else {
+    device::cp_async_wait<0>();
+  }
+}
+
+}  // namespace device
+}  // namespace dsa_ops
