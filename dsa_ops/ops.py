@@ -24,6 +24,8 @@ lives in one place. Nothing here knows about block sizes or launch configuration
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import math
 import numbers
 import os
@@ -154,6 +156,26 @@ if extension.emulation_requested():
     extension.load_emulation()
 
 
+_SCHEMA_TYPES = {"Tensor": Tensor, "Optional[Tensor]": Optional[Tensor], "float": float, "int": int,
+                 "SymInt": int, "bool": bool}
+
+
+def _triton_op(name: str, impl: Callable, schema: str) -> None:
+    """``torch.library.triton_op(dsa_ops::name)`` with ``schema`` (arguments and returns,
+    no name). torch 2.11 accepts ``schema=`` but infers one from the annotations anyway, and
+    rejects the implementations' ``tuple[Tensor, ...]``; so ``impl`` is passed with a
+    signature that states the schema's types (newer torch reads the schema itself)."""
+    parsed = torch._C.parse_schema(name + schema)
+    parameters = [inspect.Parameter(argument.name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                    annotation=_SCHEMA_TYPES[str(argument.type)])
+                  for argument in parsed.arguments]
+    returns = [_SCHEMA_TYPES[str(value.type)] for value in parsed.returns]
+    implementation = functools.wraps(impl)(lambda *args, **kwargs: impl(*args, **kwargs))
+    implementation.__signature__ = inspect.Signature(
+        parameters, return_annotation=returns[0] if len(returns) == 1 else tuple[tuple(returns)])
+    torch.library.triton_op(f"dsa_ops::{name}", implementation, mutates_args=(), schema=schema)
+
+
 def _triton_import_error() -> Optional[str]:
     try:
         from dsa_ops import triton_kernels  # noqa: F401
@@ -168,7 +190,7 @@ if _TRITON_IMPORT_ERROR is None:
 
     for _name, _schema, _impl in zip(_op_names("triton"), (_FWD_SCHEMA, _BWD_SCHEMA),
                                      (triton_kernels.forward, triton_kernels.backward)):
-        torch.library.triton_op(f"dsa_ops::{_name}", _impl, mutates_args=(), schema=_schema)
+        _triton_op(_name, _impl, _schema)
     _register_meta_and_autograd("triton")
 
 
@@ -516,7 +538,7 @@ for _backend in DUAL_BACKENDS:
 if _TRITON_IMPORT_ERROR is None:
     for _name, _schema, _impl in zip(_dual_op_names("triton"), (_DUAL_FWD_SCHEMA, _DUAL_BWD_SCHEMA),
                                      (triton_kernels.dual_forward, triton_kernels.dual_backward)):
-        torch.library.triton_op(f"dsa_ops::{_name}", _impl, mutates_args=(), schema=_schema)
+        _triton_op(_name, _impl, _schema)
     _register_dual_meta_and_autograd("triton")
 # Dual ops that need both branches to have the same shapes (one grid serves both); the cpu
 # dual op makes one kernel call per branch and takes any shapes.
@@ -644,7 +666,7 @@ def _define_kl_backend(backend: str, forward=None, backward=None, dispatch_key=N
     for name, schema, impl in zip(_kl_op_names(backend), (_KL_FWD_SCHEMA, _KL_BWD_SCHEMA),
                                   (forward, backward)):
         if backend == "triton":
-            torch.library.triton_op(f"dsa_ops::{name}", impl, mutates_args=(), schema=schema)
+            _triton_op(name, impl, schema)
             continue
         _lib.define(name + schema)
         if impl is not None:
