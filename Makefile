@@ -4,11 +4,15 @@
 #                and chart land in benchmarks/results/<date>_<device>/ (or $BENCH_OUT)
 #   make gpu-check  on a GPU machine: build, GPU tests, compute-sanitizer, benchmarks (benchmarks/gpu_check.sh)
 #   make emulate-sanitize  the CUDA kernels' host emulation under ASan+UBSan and TSan (before any kernel change lands)
+#   make test-avx2  the numerics-sensitive tests on the AVX2 code paths of torch, oneDNN, MKL and
+#                numpy's OpenBLAS, forced on any AVX2 CPU (what AMD and older Intel machines run)
+#   make compat  the CPU suite (a subset covering every backend and the trainer) on the oldest and
+#                newest torch/triton stacks, one virtual environment each under .compat/
 PYTHON ?= python3
 TORCH_VERSION ?= 2.14.1
 PIP := $(PYTHON) -m pip install --disable-pip-version-check -q
 
-.PHONY: install test bench gpu-check emulate-sanitize
+.PHONY: install test bench gpu-check emulate-sanitize test-avx2 compat
 install:
 	$(PIP) "torch==$(TORCH_VERSION)" ninja pybind11 setuptools wheel
 	$(PIP) --no-build-isolation -e ".[test,dlib]"
@@ -27,3 +31,12 @@ gpu-check:
 
 emulate-sanitize:
 	$(PYTHON) tests/emulation/harness.py --sanitize
+
+# The backend suite, the Triton and KL ops, DDP/synchronised BatchNorm: the tests whose
+# values depend on the CPU's kernels (docs/testing.md). Run after `make test` (or install).
+AVX2_TESTS ?= tests/test_backends.py tests/test_triton.py tests/test_attention_kl.py tests/test_ddp.py
+test-avx2:
+	$(PYTHON) -m tests.cpu_paths avx2 -- $(PYTHON) -m pytest $(AVX2_TESTS) -q
+
+compat:
+	bash tools/compat.sh
