@@ -74,3 +74,37 @@ def orientation_sensitive_dot():
         yield
     finally:
         builder.create_dot = installed
+
+
+
+@functools.lru_cache(maxsize=None)
+def install_boolean_masks() -> Optional[str]:
+    """Hand the interpreter's loads and stores their masks as NumPy bool; returns None, or
+    why this Triton cannot be patched.
+
+    The interpreter labels a comparison with its operands' type and keeps whatever NumPy
+    type the arithmetic gave (``(slots < n) & (n > 0)`` arrives as int32 data). Triton 3.9's
+    native load and store reject such masks ("mask has unsupported dtype"; 3.8 and earlier
+    took them). Compiled kernels are not affected; nonzero means true, as on a GPU.
+    """
+    try:
+        import triton.language as tl
+        from triton.runtime import interpreter
+        builder = interpreter.InterpreterBuilder
+        load, store = builder.create_masked_load, builder.create_masked_store
+    except (ImportError, AttributeError) as error:
+        return f"this Triton's interpreter has no patchable masked load/store ({error})"
+
+    def boolean(mask):
+        if mask.data.dtype == np.bool_:
+            return mask
+        return interpreter.TensorHandle(mask.data.astype(np.bool_), tl.int1)
+
+    def create_masked_load(self, ptrs, mask, other, *args, **kwargs):
+        return load(self, ptrs, boolean(mask), other, *args, **kwargs)
+
+    def create_masked_store(self, ptrs, value, mask, *args, **kwargs):
+        return store(self, ptrs, value, boolean(mask), *args, **kwargs)
+
+    builder.create_masked_load, builder.create_masked_store = create_masked_load, create_masked_store
+    return None
