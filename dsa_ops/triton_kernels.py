@@ -102,6 +102,18 @@ class BlockConfig:
         return triton.cdiv(v_dim, self.block_dv)
 
 
+def _wrap_triton(kernel):
+    """``torch.library.wrap_triton(kernel)`` (traceable by ``torch.compile``). Under the
+    interpreter (``TRITON_INTERPRET=1``) ``triton.jit`` gives an ``InterpretedFunction``,
+    which newer torch returns unwrapped and torch 2.11 rejects: launch it directly."""
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+
+    if not isinstance(kernel, (JITFunction, Autotuner)):
+        return kernel
+    return torch.library.wrap_triton(kernel)
+
+
 def _padded(size: int) -> int:
     return max(_MIN_DOT_SIZE, triton.next_power_of_2(size))
 
@@ -609,7 +621,7 @@ def partition_indices(mask: Tensor) -> tuple[Tensor, Tensor]:
         return index, count.zero_()
     flags = mask.view(torch.uint8)  # same bytes; Triton loads bytes, not i1
     with _device_guard(mask):
-        torch.library.wrap_triton(_partition_kernel)[(batch,)](
+        _wrap_triton(_partition_kernel)[(batch,)](
             flags, index, count, length, *flags.stride(), BLOCK=_PARTITION_BLOCK)
     return index, count
 
@@ -686,7 +698,7 @@ def _launch_forward(branches: Sequence[tuple[Tensor, Tensor, Tensor]], lists: Li
     out, lse = results[0]
     grid = (_tiles(batch, length, config.block_m), config.dv_chunks(int(v_dim)), len(branches))
     with _device_guard(q):
-        torch.library.wrap_triton(_forward_kernel)[grid](
+        _wrap_triton(_forward_kernel)[grid](
             q, k, v, out, lse, *_second(branches), *_second(results),
             *lists.args(),
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), lse.stride(0),
@@ -729,7 +741,7 @@ def _launch_backward(branches: Sequence[tuple[Tensor, ...]], lists: Lists, scale
     inputs1 = _second(branches)
     grads1 = _second(grads)
     with _device_guard(q):
-        torch.library.wrap_triton(_delta_kernel)[
+        _wrap_triton(_delta_kernel)[
             (_tiles(batch, length, kv_config.block_m), num_branches)](
             grad_out, out, inputs1[0], inputs1[4], delta, lists.q_index, lists.q_count,
             *grad_out.stride(), *out.stride(), length, v_dim,
@@ -737,7 +749,7 @@ def _launch_backward(branches: Sequence[tuple[Tensor, ...]], lists: Lists, scale
             BLOCK_M=kv_config.block_m, BLOCK_DV=q_config.block_dv,
         )
         num_chunks = kv_config.dv_chunks(int(v_dim))
-        torch.library.wrap_triton(_grad_kv_kernel)[
+        _wrap_triton(_grad_kv_kernel)[
             (_tiles(batch, length, kv_config.block_n), num_chunks * num_branches)](
             grad_out, q, k, v, lse, grad_k, grad_v,
             *inputs1[:4], inputs1[5], *grads1[1:],
@@ -748,7 +760,7 @@ def _launch_backward(branches: Sequence[tuple[Tensor, ...]], lists: Lists, scale
             BLOCK_DV=kv_config.block_dv,
             num_warps=kv_config.num_warps, num_stages=kv_config.num_stages,
         )
-        torch.library.wrap_triton(_grad_q_kernel)[
+        _wrap_triton(_grad_q_kernel)[
             (_tiles(batch, length, q_config.block_m), num_branches)](
             grad_out, q, k, v, lse, grad_q,
             *inputs1[:4], inputs1[5], grads1[0],
@@ -1047,7 +1059,7 @@ def attention_kl_forward(q: Tensor, k: Tensor, q_oracle: Tensor, k_oracle: Tenso
     k_index, k_count = partition_indices(key_mask)
     options = _kl_launch_options(q)
     grid = (triton.cdiv(length, options["BLOCK_M"]), batch)
-    torch.library.wrap_triton(_kl_forward_kernel)[grid](
+    _wrap_triton(_kl_forward_kernel)[grid](
         q, k, q_oracle, k_oracle, kl, lse, lse_oracle,
         q_index, q_count, k_index, k_count,
         *q.stride(), *k.stride(), *q_oracle.stride(), *k_oracle.stride(), kl.stride(0),
@@ -1075,7 +1087,7 @@ def attention_kl_backward(grad_kl: Tensor, q: Tensor, k: Tensor, q_oracle: Tenso
     indices = (q_index, q_count, k_index, k_count)
     for grad_k_pass, grad, block in ((False, grad_q, options["BLOCK_M"]),
                                      (True, grad_k, options["BLOCK_N"])):
-        torch.library.wrap_triton(_kl_backward_kernel)[(triton.cdiv(length, block), batch)](
+        _wrap_triton(_kl_backward_kernel)[(triton.cdiv(length, block), batch)](
             *inputs, grad, *indices, *strides, *grad.stride(),
             length, qk_dim, scale, scale * LOG2_E, GRAD_K=grad_k_pass, **options)
     return grad_q, grad_k

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make compat`: the CPU test suite on each supported stack, one virtual environment per stack
 # under .compat/<stack>/ (git-ignored, kept between runs: the first build downloads several GB of
-# PyPI CUDA wheels; a stack whose requirements are unchanged is not reinstalled).
+# PyPI CUDA wheels; a stack whose requirements are unchanged is not reinstalled, a changed one
+# is updated in place).
 #
 #   tools/compat.sh [STACK ...]        default: every stack below
 #   COMPAT_SETUP_ONLY=1 tools/compat.sh   build the environments, run nothing
@@ -19,7 +20,9 @@ declare -A STACK_PYTHON=(
     [newest]="${COMPAT_PYTHON_NEWEST:-python3.13}"
 )
 declare -A STACK_PINS=(
-    [oldest]="torch==2.11.* triton==3.6.*"
+    # triton 3.6's interpreter turns 1-element arrays into Python ints, which NumPy 2.5
+    # refuses ("only 0-dimensional arrays can be converted"): the NumPy of its time.
+    [oldest]="torch==2.11.* triton==3.6.* numpy<2.4"
     [newest]="torch==2.15.* triton==3.9.*"
 )
 # install_requires and the test extra, without the project itself (tests import it from the
@@ -50,8 +53,7 @@ build_stack() {
     if [[ -f "$venv/.requirements" && "$(cat "$venv/.requirements")" == "$wanted" ]]; then
         return
     fi
-    rm -rf "$venv"
-    "$(find_python "${STACK_PYTHON[$stack]}")" -m venv "$venv"
+    [[ -x "$venv/bin/python" ]] || "$(find_python "${STACK_PYTHON[$stack]}")" -m venv "$venv"
     # shellcheck disable=SC2086  # the pins and names are word lists
     PIP_CONSTRAINT=/dev/null "$venv/bin/python" -m pip install --disable-pip-version-check -q \
         ${STACK_PINS[$stack]} $DEPENDENCIES
