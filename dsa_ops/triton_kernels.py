@@ -109,9 +109,12 @@ def _wrap_triton(kernel):
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
 
-    if not isinstance(kernel, (JITFunction, Autotuner)):
+    try:
+        return torch.library.wrap_triton(kernel)
+    except RuntimeError:
+        if isinstance(kernel, (JITFunction, Autotuner)):
+            raise
         return kernel
-    return torch.library.wrap_triton(kernel)
 
 
 def _padded(size: int) -> int:
