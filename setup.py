@@ -135,7 +135,7 @@ setup(
     packages=find_packages(include=["dsa_ops", "dsa_ops.*", "oracleface", "oracleface.*"]),
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.6",
+        "torch>=2.11",  # the oldest torch tested (`make compat`: 2.11 + triton 3.6, 2.15 + triton 3.9)
         "numpy",
         "ninja",
         "pybind11",

@@ -10,10 +10,10 @@ global batch:
 - CPU tensors: ``torch.nn.SyncBatchNorm`` supports only GPU inputs, so
   ``GlobalBatchNorm2d`` all-reduces the per-channel statistics itself (gloo): the sum
   and count first, then the sum of squared deviations from the global mean (two passes:
-  no E[x²] − E[x]² cancellation). The all-reduces are differentiable
-  (``torch.distributed.nn.functional.all_reduce``, whose backward all-reduces the
-  gradient), so each process's backward includes what its samples did to the other
-  processes' normalisation — the gradient of the global batch, as one process computes it.
+  no E[x²] − E[x]² cancellation). The all-reduces are differentiable (``_AllReduceSum``,
+  whose backward all-reduces the gradient), so each process's backward includes what its
+  samples did to the other processes' normalisation — the gradient of the global batch, as
+  one process computes it.
 
 Both keep the parameter and buffer names of ``nn.BatchNorm2d``, so checkpoints load
 either way. Every process must run every training-mode forward and backward of a
@@ -24,7 +24,30 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.nn.functional import all_reduce
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum of a tensor over all processes; the gradient of each input is the sum of the
+    output's gradients over all processes. (What ``torch.distributed.nn.functional.
+    all_reduce`` did: that warns as deprecated (torch 2.14) and its replacement in
+    ``torch.distributed._functional_collectives`` is private.)"""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        total = tensor.clone()
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        total = grad.clone()
+        dist.all_reduce(total)
+        return total
+
+
+def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+    """Differentiable sum over the processes of the default group (any backend)."""
+    return _AllReduceSum.apply(tensor)
 
 
 class GlobalBatchNorm2d(nn.BatchNorm2d):
@@ -38,7 +61,8 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         self._check_input_dim(x)
         channels = x.shape[1]
-        values = x.float().transpose(0, 1).reshape(channels, -1)  # statistics in float32
+        wide = x.to(torch.promote_types(x.dtype, torch.float32))  # statistics in float32 or float64
+        values = wide.transpose(0, 1).reshape(channels, -1)
         local = torch.cat([values.sum(1), values.new_full((1,), values.shape[1])])
         totals = all_reduce(local)
         count = totals[-1]
@@ -47,7 +71,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         if self.track_running_stats:
             self._update_running_statistics(mean.detach(), variance.detach(), count.item())
         shape = (1, channels, 1, 1)
-        y = (x.float() - mean.view(shape)) * torch.rsqrt(variance.view(shape) + self.eps)
+        y = (wide - mean.view(shape)) * torch.rsqrt(variance.view(shape) + self.eps)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
         return y.to(x.dtype)
@@ -77,8 +101,8 @@ def _convert(module: nn.Module) -> nn.Module:
         converted = GlobalBatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,
                                       module.track_running_stats)
         tensors = list(module.parameters()) + list(module.buffers())
-        if tensors:
-            converted.to(tensors[0].device)
+        if tensors:  # same device and floating dtype (load_state_dict would round to float32)
+            converted.to(device=tensors[0].device, dtype=tensors[0].dtype)
         converted.load_state_dict(module.state_dict())
         return converted.train(module.training)
     for name, child in module.named_children():

@@ -9,6 +9,10 @@ from PIL import Image
 # variable when kernels are defined: set it before dsa_ops is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("TRITON_INTERPRET") == "1":
+    from tests.triton_interpreter import install_boolean_masks
+
+    assert install_boolean_masks() is None, install_boolean_masks()
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ from dsa_ops.ops import registry, triton_common
 from dsa_ops.ops.masked_attention import triton as masked_triton
 from dsa_ops.ops.partition import triton as partition_triton
 from tests.attention_cases import assert_close_by_dtype, hole_masks
-from tests.triton_interpreter import install_bfloat16_dot
+from tests.triton_interpreter import install_bfloat16_dot, orientation_sensitive_dot
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 INTERPRETED = DEVICE.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
@@ -95,6 +95,19 @@ def test_dual_op_large_magnitudes_float32():
     branches, foreground, grad_outs = dual_inputs(4, 5, 7, 8, 12, torch.float32, seed=2,
                                                   qk_std=3.0)
     assert_dual_matches_reference(branches, foreground, grad_outs, 10.0)
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="replaces the interpreter's tl.dot")
+def test_backward_recomputes_the_scores_as_the_forward_rounded_them():
+    """P = exp(S − lse) is a normalised softmax only if the backward's S rounds exactly as
+    the forward's; at |S| ~ 1000 one ulp moves a whole row of P. Under a dot whose rounding
+    depends on the operand order, a backward that recomputes S in the other orientation
+    (Kᵀ·Qᵀ instead of Q·Kᵀ) gives dV ~25× the float32 reference's error on every machine
+    (on OpenBLAS's Haswell kernels the real dot does this; tests/cpu_paths.py)."""
+    branches, foreground, grad_outs = dual_inputs(4, 5, 7, 32, 32, torch.float32, seed=2,
+                                                  qk_std=3.0)
+    with orientation_sensitive_dot():
+        assert_dual_matches_reference(branches, foreground, grad_outs, 10.0)
 
 
 def test_dual_op_passes_opcheck():

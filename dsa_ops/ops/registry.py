@@ -20,7 +20,9 @@ about block sizes or launch configurations.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
+import inspect
 import os
 from typing import Callable, Mapping, Optional
 
@@ -52,6 +54,26 @@ class Implementation:
     forward: Optional[Callable] = None
     backward: Optional[Callable] = None
     dispatch_key: Optional[str] = None
+
+
+_SCHEMA_TYPES = {"Tensor": Tensor, "Optional[Tensor]": Optional[Tensor], "float": float, "int": int,
+                 "SymInt": int, "bool": bool}
+
+
+def _triton_op(name: str, function: Callable, schema: str) -> None:
+    """``torch.library.triton_op(dsa_ops::name)`` with ``schema`` (arguments and returns,
+    no name). torch 2.11 accepts ``schema=`` but infers one from the annotations anyway, and
+    rejects the implementations' ``tuple[Tensor, ...]``; so ``function`` is passed with a
+    signature that states the schema's types (newer torch reads the schema itself)."""
+    parsed = torch._C.parse_schema(name + schema)
+    parameters = [inspect.Parameter(argument.name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                    annotation=_SCHEMA_TYPES[str(argument.type)])
+                  for argument in parsed.arguments]
+    returns = [_SCHEMA_TYPES[str(value.type)] for value in parsed.returns]
+    implementation = functools.wraps(function)(lambda *args, **kwargs: function(*args, **kwargs))
+    implementation.__signature__ = inspect.Signature(
+        parameters, return_annotation=returns[0] if len(returns) == 1 else tuple[tuple(returns)])
+    torch.library.triton_op(f"dsa_ops::{name}", implementation, mutates_args=(), schema=schema)
 
 
 def op_names(family: str, backend: str) -> tuple[str, str]:
@@ -112,8 +134,7 @@ def register_op_family(family: str, *, forward_schema: str, fake_forward: Callab
             if name is None:
                 continue
             if implementation.dispatch_key == TRITON_OP:
-                torch.library.triton_op(f"dsa_ops::{name}", function, mutates_args=(),
-                                        schema=schema)
+                _triton_op(name, function, schema)
             else:
                 LIBRARY.define(name + schema)
                 if function is not None:

@@ -39,6 +39,21 @@ MIN_CAPABILITY = (8, 0)
 _MAX_GRID_X = 2 ** 31 - 1
 
 
+def wrap_triton(kernel):
+    """``torch.library.wrap_triton(kernel)`` (traceable by ``torch.compile``). Under the
+    interpreter (``TRITON_INTERPRET=1``) ``triton.jit`` gives an ``InterpretedFunction``,
+    which newer torch returns unwrapped and torch 2.11 rejects: launch it directly."""
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+
+    try:
+        return torch.library.wrap_triton(kernel)
+    except RuntimeError:
+        if isinstance(kernel, (JITFunction, Autotuner)):
+            raise
+        return kernel
+
+
 # ----------------------------------------------------------------------------- block table
 @dataclasses.dataclass(frozen=True)
 class BlockConfig:

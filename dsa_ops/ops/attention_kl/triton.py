@@ -221,7 +221,7 @@ def attention_kl_forward(q: Tensor, k: Tensor, q_oracle: Tensor, k_oracle: Tenso
         return kl, lse, lse_oracle, *partitions
     options = _kl_launch_options(q)
     grid = (triton.cdiv(length, options["BLOCK_M"]), batch)
-    torch.library.wrap_triton(_kl_forward_kernel)[grid](
+    common.wrap_triton(_kl_forward_kernel)[grid](
         q, k, q_oracle, k_oracle, kl, lse, lse_oracle, *partitions,
         *q.stride(), *k.stride(), *q_oracle.stride(), *k_oracle.stride(), kl.stride(0),
         length, qk_dim, scale * LOG2_E, **options)
@@ -247,7 +247,7 @@ def attention_kl_backward(grad_kl: Tensor, q: Tensor, k: Tensor, q_oracle: Tenso
     indices = (query_index, query_count, key_index, key_count)
     for grad_k_pass, grad, block in ((False, grad_q, options["BLOCK_M"]),
                                      (True, grad_k, options["BLOCK_N"])):
-        torch.library.wrap_triton(_kl_backward_kernel)[(triton.cdiv(length, block), batch)](
+        common.wrap_triton(_kl_backward_kernel)[(triton.cdiv(length, block), batch)](
             *inputs, grad, *indices, *strides, *grad.stride(),
             length, qk_dim, scale, scale * LOG2_E, GRAD_K=grad_k_pass, **options)
     return grad_q, grad_k

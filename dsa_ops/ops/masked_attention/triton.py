@@ -85,7 +85,7 @@ def _launch_forward(branches: Sequence[tuple[Tensor, Tensor, Tensor]], lists: Li
     out, lse = results[0]
     grid = (common.tiles(batch, length, config.block_m), config.dv_chunks(int(v_dim)), len(branches))
     with common.device_guard(q):
-        torch.library.wrap_triton(_forward_kernel)[grid](
+        common.wrap_triton(_forward_kernel)[grid](
             q, k, v, out, lse, *_second(branches), *_second(results),
             *lists.args(),
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), lse.stride(0),
@@ -128,7 +128,7 @@ def _launch_backward(branches: Sequence[tuple[Tensor, ...]], lists: Lists, scale
     inputs1 = _second(branches)
     grads1 = _second(grads)
     with common.device_guard(q):
-        torch.library.wrap_triton(_delta_kernel)[
+        common.wrap_triton(_delta_kernel)[
             (common.tiles(batch, length, kv_config.block_m), num_branches)](
             grad_out, out, inputs1[0], inputs1[4], delta, lists.q_index, lists.q_count,
             *grad_out.stride(), *out.stride(), length, v_dim,
@@ -136,7 +136,7 @@ def _launch_backward(branches: Sequence[tuple[Tensor, ...]], lists: Lists, scale
             BLOCK_M=kv_config.block_m, BLOCK_DV=q_config.block_dv,
         )
         num_chunks = kv_config.dv_chunks(int(v_dim))
-        torch.library.wrap_triton(_grad_kv_kernel)[
+        common.wrap_triton(_grad_kv_kernel)[
             (common.tiles(batch, length, kv_config.block_n), num_chunks * num_branches)](
             grad_out, q, k, v, lse, grad_k, grad_v,
             *inputs1[:4], inputs1[5], *grads1[1:],
@@ -147,7 +147,7 @@ def _launch_backward(branches: Sequence[tuple[Tensor, ...]], lists: Lists, scale
             BLOCK_DV=kv_config.block_dv,
             num_warps=kv_config.num_warps, num_stages=kv_config.num_stages,
         )
-        torch.library.wrap_triton(_grad_q_kernel)[
+        common.wrap_triton(_grad_q_kernel)[
             (common.tiles(batch, length, q_config.block_m), num_branches)](
             grad_out, q, k, v, lse, grad_q,
             *inputs1[:4], inputs1[5], grads1[0],

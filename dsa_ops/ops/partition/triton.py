@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsa_ops.ops.triton_common import device_guard
+from dsa_ops.ops.triton_common import device_guard, wrap_triton
 
 Tensor = torch.Tensor
 
@@ -53,7 +53,7 @@ def partition_indices(mask: Tensor) -> tuple[Tensor, Tensor]:
         return index, count.zero_()
     flags = mask.view(torch.uint8)  # same bytes; Triton loads bytes, not i1
     with device_guard(mask):
-        torch.library.wrap_triton(_partition_kernel)[(batch,)](
+        wrap_triton(_partition_kernel)[(batch,)](
             flags, index, count, length, *flags.stride(), BLOCK=_PARTITION_BLOCK)
     return index, count
 
