@@ -76,17 +76,63 @@ def save_checkpoint(state: dict, path) -> Path:
     missing = [key for key in REQUIRED_KEYS if key not in state]
     if missing:
         raise ValueError(f"checkpoint state is missing {missing}")
+    return write_atomic(path, lambda stream: torch.save({"format": FORMAT, "version": VERSION, **state}, stream))
+
+
+TEMPORARY_SUFFIX = ".tmp"  # ``.NAME.XXXX.tmp``: an atomic write in progress (or interrupted)
+
+
+def write_atomic(path, write, mode: str = "wb") -> Path:
+    """Create or replace ``path`` so that it is never seen partly written, even after a crash
+    or power loss: ``write(stream)`` fills a temporary file in the same folder, which is
+    flushed and fsynced, renamed over ``path`` (``os.replace``), and the folder is fsynced."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX)
     try:
-        torch.save({"format": FORMAT, "version": VERSION, **state}, temporary)
+        with os.fdopen(handle, mode) as stream:
+            write(stream)
+            stream.flush()
+            os.fsync(stream.fileno())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+    _fsync_folder(path.parent)
     return path
+
+
+def copy_atomic(source, path) -> Path:
+    """An independent copy of ``source`` at ``path`` (not a link: either may break alone)."""
+    import shutil
+
+    with open(source, "rb") as original:
+        return write_atomic(path, lambda stream: shutil.copyfileobj(original, stream, 1 << 22))
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (POSIX; Windows cannot open folders)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass  # some file systems do not fsync folders; the rename itself is still atomic
+    finally:
+        os.close(descriptor)
+
+
+def remove_leftover_temporaries(folder) -> list[Path]:
+    """Delete the temporary files of interrupted atomic writes in ``folder`` (not recursive);
+    call only while holding the folder (``oracleface.run_lock``). Returns what was removed."""
+    removed = []
+    for path in sorted(Path(folder).glob(f".*{TEMPORARY_SUFFIX}")):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 # What torch.load raises for truncated/garbled files and for non-checkpoint pickles.
@@ -147,6 +193,30 @@ def latest_checkpoint(run_dir) -> Path:
     return Path(run_dir) / "checkpoints" / "latest.pt"
 
 
+def numbered_checkpoints(run_dir) -> list[Path]:
+    """``RUN_DIR/checkpoints/step_*.pt``, newest (highest step) first."""
+    return sorted((Path(run_dir) / "checkpoints").glob("step_*.pt"), reverse=True)
+
+
+def load_newest_readable(run_dir) -> tuple[dict, Path, list[str]]:
+    """The checkpoint ``--resume`` continues: ``latest.pt``, or when that cannot be read the
+    newest readable ``step_*.pt``. Returns ``(state, its path, reasons)`` where ``reasons``
+    names every newer checkpoint that was passed over and why (one line each).
+    Raises ``FileNotFoundError`` when the run holds no checkpoint and ``CheckpointError``
+    (naming each file) when none is readable."""
+    reasons = []
+    for path in [latest_checkpoint(run_dir), *numbered_checkpoints(run_dir)]:
+        try:
+            return load_checkpoint(path), path, reasons
+        except FileNotFoundError:
+            continue
+        except CheckpointError as error:
+            reasons.append(str(error))
+    if not reasons:
+        raise FileNotFoundError(f"no checkpoint in {Path(run_dir) / 'checkpoints'}")
+    raise CheckpointError("no readable checkpoint to resume: " + "; ".join(reasons))
+
+
 def prune_numbered(directory, keep: int) -> None:
     """Delete all but the ``keep`` newest ``step_*.pt`` files in ``directory``."""
     numbered = sorted(Path(directory).glob("step_*.pt"))
@@ -175,14 +245,11 @@ def generator_from_checkpoint(path, device="cpu", dsa_backend: str = "auto"):
 
 
 def write_json_atomic(data, path) -> Path:
-    """Write ``data`` as indented JSON via a temporary file and ``os.replace``."""
+    """Write ``data`` as indented JSON atomically (see ``write_atomic``)."""
     import json
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(handle, "w") as stream:
+    def write(stream):
         json.dump(data, stream, indent=2)
         stream.write("\n")
-    os.replace(temporary, path)
-    return path
+
+    return write_atomic(path, write, mode="w")

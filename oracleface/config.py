@@ -14,7 +14,6 @@ A YAML config file is a flat mapping of ``TrainConfig`` field names (``batch_siz
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -24,6 +23,8 @@ AMP_MODES = ("off", "bf16", "fp16")
 
 # Fields that change the networks' shapes: a resumed run must keep them.
 ARCHITECTURE_FIELDS = ("resolution", "attention", "width")
+# Fields that decide the train/test split: a resumed run must keep them (see oracleface.data).
+SPLIT_FIELDS = ("seed", "test_size")
 
 
 @dataclasses.dataclass
@@ -156,10 +157,7 @@ def merge_config(*layers: dict[str, Any]) -> TrainConfig:
 
 
 def save_config(config: TrainConfig, path) -> None:
-    """Write ``config`` as YAML atomically (temporary file + ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(temporary, "w") as handle:
-        yaml.safe_dump(config.to_dict(), handle, sort_keys=False)
-    os.replace(temporary, path)
+    """Write ``config`` as YAML atomically (``oracleface.checkpoint.write_atomic``)."""
+    from oracleface.checkpoint import write_atomic
+
+    write_atomic(path, lambda stream: yaml.safe_dump(config.to_dict(), stream, sort_keys=False), mode="w")

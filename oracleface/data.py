@@ -238,8 +238,13 @@ class FaceFolder(torch.utils.data.Dataset):
 
         manifest = self._read_manifest()
         todo = []
+        unstatable = {}
         for name in names:
-            stat = (self.root / name).stat()
+            try:
+                stat = (self.root / name).stat()
+            except OSError:  # a dangling symlink or a symlink loop: unreadable like a broken file
+                unstatable[name] = {"size": -1, "mtime_ns": -1, "ok": False}
+                continue
             entry = manifest.get(name)
             fresh = entry is not None and entry["size"] == stat.st_size and entry["mtime_ns"] == stat.st_mtime_ns
             if not fresh or (entry["ok"] and not self._cached_path(name).is_file()):
@@ -265,6 +270,7 @@ class FaceFolder(torch.utils.data.Dataset):
                 for name, entry in tqdm(results, total=len(todo), desc=description, unit="img", delay=2):
                     manifest[name] = entry
             self._write_manifest(manifest)
+        manifest.update(unstatable)  # not remembered: the link may be fixed before the next run
         return [name for name in names if not manifest[name]["ok"]]
 
     def _setup_landmarks(self, landmarks) -> None:

@@ -110,9 +110,12 @@ def run_command(args) -> int:
         layers = [load_config_file(args.config)] if args.config else []
         layers.append(flag_values(args))
         summary = train(layers, resume=args.resume)
-    except (FileNotFoundError, ValueError) as error:
+    except (OSError, ValueError, FloatingPointError) as error:  # FloatingPointError: a non-finite loss
         print(f"oracleface train: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started: nothing to save
+        print("oracleface train: interrupted", file=sys.stderr)
+        return 130
     announce(f"trained to step {summary['step']} (epoch {summary['epoch']}); "
              f"checkpoint: {summary['checkpoint']}")
     return 0

@@ -25,10 +25,22 @@ Design decisions:
   normalises over the global batch (``oracleface.sync_batchnorm``; ``--no-sync-bn``: per
   process). Only rank 0 logs, samples and writes checkpoints.
 - Exact resume: the data order is a ``DistributedSampler`` permutation of
-  ``(seed, epoch)`` started at the saved batch; masks depend on ``(seed, epoch, index)``
+  ``(seed, epoch)`` started at the saved position, kept in samples (so a resumed run may
+  use another batch size: it continues with the next unseen samples of the epoch); masks depend on ``(seed, epoch, index)``
   (``FaceFolder.set_epoch``); the DataLoader draws its worker seeds from its own
   generator, never from the global RNG; the checkpoint holds every process's RNG states.
   So a resumed run computes the same next batch, masks and losses as an uninterrupted one.
+- Resuming applies the command line: learning rates, loss weights, batch size, length,
+  cadences, ... take their new values (the optimizers' restored ``param_groups`` get the
+  configured learning rates). Settings that would invalidate the run are refused:
+  the architecture (``config.ARCHITECTURE_FIELDS``) and the split (``config.SPLIT_FIELDS``).
+- One writer per run folder: ``train`` holds ``RUN_DIR/train.lock`` (``oracleface.run_lock``)
+  from before it reads the run until it ends; temporary files of interrupted atomic
+  writes are removed at start; ``step_N.pt`` are independent copies of ``latest.pt``, and
+  ``--resume`` falls back to the newest readable one (with a warning) when ``latest.pt``
+  cannot be read.
+- A non-finite loss stops training with one line naming the step and the losses; the
+  step is not saved, so the last checkpoint stays the last good one.
 - Stopping: SIGTERM and Ctrl-C set a flag; the current step finishes, a checkpoint is
   written and training returns. Across processes the flag is all-reduced with the
   logged losses (one small all-reduce per step).
@@ -52,7 +64,9 @@ from torch import nn
 from oracleface.checkpoint import (
     CheckpointError,
     capture_rng_state,
+    copy_atomic,
     latest_checkpoint,
+    numbered_checkpoints,
     prune_numbered,
     restore_rng_state,
     save_checkpoint,
@@ -72,14 +86,18 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # ----------------------------------------------------------------------------- data stream
 class ResumableSampler(torch.utils.data.distributed.DistributedSampler):
     """``DistributedSampler`` (shuffled by ``seed + epoch``) that can start mid-epoch:
-    ``start_batch`` skips this process's first batches, so a resumed run sees exactly the
-    batches an uninterrupted one would have seen next."""
+    ``start_sample`` skips this process's first samples, so a resumed run sees exactly the
+    samples an uninterrupted one would have seen next.
+
+    Each process takes every ``num_replicas``-th index of the epoch's permutation, so
+    after ``n`` global samples (a multiple of the process count) each process has taken
+    its first ``n / num_replicas``: the position does not depend on the batch size."""
 
     def __init__(self, dataset, num_replicas: int, rank: int, seed: int, batch_size: int):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
                          drop_last=False)
         self.batch_size = batch_size
-        self.start_batch = 0
+        self.start_sample = 0
 
     @property
     def batches_per_epoch(self) -> int:
@@ -87,10 +105,10 @@ class ResumableSampler(torch.utils.data.distributed.DistributedSampler):
 
     def __iter__(self):
         indices = list(super().__iter__())
-        return iter(indices[self.start_batch * self.batch_size:])
+        return iter(indices[self.start_sample:])
 
     def __len__(self) -> int:
-        return max(0, self.num_samples - self.start_batch * self.batch_size)
+        return max(0, self.num_samples - self.start_sample)
 
 
 class ZeroPerceptual(nn.Module):
@@ -181,7 +199,7 @@ class Trainer:
         self.d_optimizer = torch.optim.RMSprop(self.model.discriminator.parameters(),
                                                lr=config.lr_discriminator)
         self.scaler = torch.amp.GradScaler(group.device.type) if config.amp == "fp16" else None
-        self.step = self.epoch = self.batch_in_epoch = 0
+        self.step = self.epoch = self.sample_in_epoch = 0  # sample_in_epoch: global samples
         if checkpoint is not None:
             self._restore(checkpoint)
         if group.distributed:
@@ -231,9 +249,17 @@ class Trainer:
             self.d_optimizer.load_state_dict(state["optimizer_discriminator"])
         except (RuntimeError, ValueError, KeyError) as error:
             raise CheckpointError(f"the checkpoint's weights do not fit the configured model: {error}") from error
+        # The restored param_groups carry the saved learning rates; the command line wins.
+        for optimizer, lr in ((self.g_optimizer, self.config.lr_generator),
+                              (self.d_optimizer, self.config.lr_discriminator)):
+            for param_group in optimizer.param_groups:
+                param_group["lr"] = lr
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.sample_in_epoch = saved_sample_in_epoch(state)
+        if self._epoch_exhausted():  # a larger batch no longer fits in what is left of the epoch
+            self._next_epoch()
         rng = state.get("rng") or []
         if self.group.rank < len(rng):
             restore_rng_state(rng[self.group.rank])
@@ -253,7 +279,8 @@ class Trainer:
         else:
             rng = [rng]
         return {
-            "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+            "step": self.step, "epoch": self.epoch, "sample_in_epoch": self.sample_in_epoch,
+            "batch_in_epoch": self.sample_in_epoch // self.config.batch_size,  # read by older versions
             "config": self.config.to_dict(),
             "generator": self.model.generator.state_dict(),
             "discriminator": self.model.discriminator.state_dict(),
@@ -271,10 +298,9 @@ class Trainer:
             return None
         directory = self.out / "checkpoints"
         path = save_checkpoint(state, latest_checkpoint(self.out))
-        numbered = directory / f"step_{self.step:08d}.pt"
         if self.config.keep_checkpoints > 0:
-            numbered.unlink(missing_ok=True)
-            os.link(path, numbered)  # the same bytes, no second write
+            # A copy, not a link: a latest.pt damaged later must not take the snapshots with it.
+            copy_atomic(path, directory / f"step_{self.step:08d}.pt")
             prune_numbered(directory, self.config.keep_checkpoints)
         return path
 
@@ -282,7 +308,7 @@ class Trainer:
     def _loader(self) -> torch.utils.data.DataLoader:
         self.dataset.set_epoch(self.epoch)
         self.sampler.set_epoch(self.epoch)
-        self.sampler.start_batch = self.batch_in_epoch
+        self.sampler.start_sample = self.sample_in_epoch // self.group.world_size
         return torch.utils.data.DataLoader(
             self.dataset, batch_size=self.local_batch, sampler=self.sampler, drop_last=True,
             num_workers=self.workers, pin_memory=self.group.device.type == "cuda",
@@ -313,6 +339,11 @@ class Trainer:
         values = (packed[1:] / self.group.world_size).tolist()
         return dict(zip(terms, values)), bool(packed[0].item() > 0)
 
+    def _last_good_checkpoint(self) -> str:
+        if self.last_saved_step < 0:
+            return "and no checkpoint was written yet"
+        return f"the last good checkpoint is step {self.last_saved_step} ({latest_checkpoint(self.out)})"
+
     def _write_sample(self, batch: dict) -> None:
         from oracleface.models import batchnorm_statistics_frozen
         from oracleface.visualize import sample_grid, save_png
@@ -333,7 +364,17 @@ class Trainer:
         self.writer.add_scalar("throughput/images_per_second", images_per_second, self.step)
 
     def _finished(self) -> bool:
+        if self.config.steps is None and self.config.epochs is not None:
+            return self.epoch >= self.config.epochs  # holds whatever batch sizes the run used
         return self.total_steps is not None and self.step >= self.total_steps
+
+    def _epoch_exhausted(self) -> bool:
+        """Whether this epoch has no full batch left for this process (the loader drops partial ones)."""
+        taken = self.sample_in_epoch // self.group.world_size
+        return self.sampler.num_samples - taken < self.local_batch
+
+    def _next_epoch(self) -> None:
+        self.epoch, self.sample_in_epoch = self.epoch + 1, 0
 
     # ------------------------------------------------------------------ run
     def run(self) -> dict:
@@ -361,7 +402,9 @@ class Trainer:
         checkpoint_path = None
         with StopRequest() as stop_request:
             while not stop:
+                stepped = False
                 for batch in self._loader():
+                    stepped = True
                     batch = self._to_device(batch)
                     started = time.perf_counter()
                     scale_before = self.scaler.get_scale() if self.scaler is not None else None
@@ -373,15 +416,21 @@ class Trainer:
                     images_per_second = config.batch_size / (time.perf_counter() - started)
                     speed = images_per_second if speed is None else 0.9 * speed + 0.1 * images_per_second
                     self.step += 1
-                    self.batch_in_epoch += 1
-                    if self.batch_in_epoch == self.batches_per_epoch:
-                        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                    self.sample_in_epoch += config.batch_size
+                    if self._epoch_exhausted():
+                        self._next_epoch()
                     terms, stop_requested = self._synchronise(terms, stop_request.requested)
                     stop = stop_requested or self._finished()
                     # fp16: a step the GradScaler skipped (overflow, scale lowered) has
                     # non-finite losses by design; every applied step must be finite.
                     if scale_before is None or self.scaler.get_scale() >= scale_before:
-                        _check_finite(terms, self.step)
+                        try:
+                            _check_finite(terms, self.step, self._last_good_checkpoint())
+                        except NonFiniteLoss:
+                            progress.close()
+                            if self.writer is not None:
+                                self.writer.close()
+                            raise
                     if group.is_main:
                         progress.update(1)
                         progress.set_postfix(G=f"{terms['g_total']:.3f}", D=f"{terms['d_total']:.3f}",
@@ -394,6 +443,8 @@ class Trainer:
                         checkpoint_path = self.save()
                     if stop:
                         break
+                if not stepped and not stop:  # cannot happen (positions are normalised); never spin
+                    self._next_epoch()
             if self.last_saved_step != self.step:
                 checkpoint_path = self.save()
             stopped_by_signal = stop_request.requested
@@ -432,10 +483,26 @@ def _collate(items: list[dict]) -> dict:
             "index": torch.tensor([item["index"] for item in items])}
 
 
-def _check_finite(terms: dict[str, float], step: int) -> None:
-    bad = {name: value for name, value in terms.items() if not math.isfinite(value)}
-    if bad:
-        raise FloatingPointError(f"non-finite losses at step {step}: {bad} (try --amp off or a lower lr)")
+class NonFiniteLoss(FloatingPointError):
+    """A training step produced a non-finite loss; its message is one line for the user."""
+
+
+def _check_finite(terms: dict[str, float], step: int, kept: str) -> None:
+    """Raise ``NonFiniteLoss`` when a logged loss is NaN/inf; ``kept``: the last good checkpoint."""
+    if all(math.isfinite(value) for value in terms.values()):
+        return
+    losses = ", ".join(f"{name}={value:.4g}" for name, value in terms.items())
+    raise NonFiniteLoss(f"non-finite loss at step {step} ({losses}); training stopped without saving "
+                        f"this step, {kept}. Resume with --amp off or a lower --lr-generator / "
+                        "--lr-discriminator")
+
+
+def saved_sample_in_epoch(state: dict) -> int:
+    """The position in the epoch a checkpoint saved, in global samples (checkpoints before
+    ``sample_in_epoch`` existed count batches of their own batch size)."""
+    if "sample_in_epoch" in state:
+        return int(state["sample_in_epoch"])
+    return int(state["batch_in_epoch"]) * int(state["config"].get("batch_size", 16))
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -444,12 +511,13 @@ def prepare_run(config_layers: list[dict], resume) -> tuple[TrainConfig, dict | 
 
     ``config_layers``: the config file's values then the flags given (lowest first).
     ``resume``: None (a fresh run), ``"latest"`` (RUN_DIR/checkpoints/latest.pt, which must
-    exist), ``"if-any"`` (latest.pt when there is one, else a fresh run, said so) or a
-    checkpoint path. Returns ``(config, checkpoint state or None, its path or None)``.
+    exist; when it cannot be read, the newest readable ``step_*.pt``, with a warning),
+    ``"if-any"`` (like ``"latest"`` when the run holds a checkpoint, else a fresh run, said
+    so) or a checkpoint path. Returns ``(config, checkpoint state or None, its path or None)``.
     Raises FileNotFoundError/ValueError/CheckpointError with the reason; on error
     nothing in the run folder has been touched.
     """
-    from oracleface.checkpoint import check_compatible, load_checkpoint
+    from oracleface.checkpoint import check_compatible, load_checkpoint, load_newest_readable
     from oracleface.config import ARCHITECTURE_FIELDS, merge_config
 
     config = merge_config(*config_layers)
@@ -459,23 +527,29 @@ def prepare_run(config_layers: list[dict], resume) -> tuple[TrainConfig, dict | 
     if not data.is_dir():
         raise FileNotFoundError(f"--data {data}: no such folder")
     latest = latest_checkpoint(config.out)
+    holds_run = latest.exists() or bool(numbered_checkpoints(config.out))
     if resume == "if-any":
-        if latest.exists():
+        if holds_run:
             resume = "latest"
         else:
             announce(f"nothing to resume in {config.out} (no {latest}): starting a fresh run")
             resume = None
     if resume is None:
-        if latest.exists():
-            raise ValueError(f"{config.out} already holds a run ({latest}); "
+        if holds_run:
+            raise ValueError(f"{config.out} already holds a run ({latest.parent}); "
                              "pass --resume to continue it or choose another --out")
         return config, None, None
-    if resume == "latest" and not latest.exists():
+    if resume == "latest" and not holds_run:
         raise FileNotFoundError(f"nothing to resume: {latest} does not exist. Leave out --resume to "
                                 f"start a fresh run in {config.out}, or pass --resume if-any to start "
                                 "fresh whenever there is nothing to resume")
-    path = latest if resume == "latest" else Path(resume)
-    state = load_checkpoint(path)
+    if resume == "latest":
+        state, path, passed_over = load_newest_readable(config.out)
+        for reason in passed_over:
+            warn(f"{reason}; resuming from {path} instead")
+    else:
+        path = Path(resume)
+        state = load_checkpoint(path)
     saved = state["config"]
     if not isinstance(saved, dict):
         raise CheckpointError(f"checkpoint {path} has no readable config")
@@ -483,16 +557,58 @@ def prepare_run(config_layers: list[dict], resume) -> tuple[TrainConfig, dict | 
     saved = {key: value for key, value in saved.items() if key in TrainConfig.__dataclass_fields__}
     config = merge_config(saved, *config_layers)
     check_compatible(state, config.to_dict(), path, ARCHITECTURE_FIELDS)
+    refuse_split_changes(saved, config, path)
+    changed = [f"{name} {saved[name]!r} → {value!r}" for name, value in config.to_dict().items()
+               if name in saved and saved[name] != value]
+    if changed:
+        announce(f"resuming with changed settings: {', '.join(changed)}")
     return config, state, path
 
 
+def refuse_split_changes(saved: dict, config: TrainConfig, path) -> None:
+    """Raise ValueError naming the first ``SPLIT_FIELDS`` setting that differs from the
+    resumed run's: a new split would train on images the run holds out (or the reverse)."""
+    from oracleface.config import SPLIT_FIELDS
+
+    for name in SPLIT_FIELDS:
+        if name in saved and saved[name] != getattr(config, name):
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(config, name)!r} differs from the resumed "
+                             f"run's {saved[name]!r} ({path}): it decides the train/test split, so the run "
+                             "would train on images it holds out; keep it, or start a new run (another --out)")
+
+
+def warn(message: str) -> None:
+    """One warning line on stderr from rank 0 only."""
+    from oracleface.runtime import is_main_process
+
+    if is_main_process():
+        print(f"oracleface train: warning: {message}", file=sys.stderr, flush=True)
+
+
 def train(config_layers: list[dict], resume=None) -> dict:
-    """Prepare (see ``prepare_run``), train, tear down; returns ``Trainer.run``'s summary."""
-    config, state, path = prepare_run(config_layers, resume)
-    trainer = Trainer(config, state)
-    try:
-        if state is not None:
-            announce(f"resuming from step {trainer.step} (epoch {trainer.epoch}) — {path}")
-        return trainer.run()
-    finally:
-        trainer.close()
+    """Lock the run folder (``oracleface.run_lock``; rank 0), prepare (see ``prepare_run``),
+    train, tear down; returns ``Trainer.run``'s summary."""
+    from contextlib import nullcontext
+
+    from oracleface.checkpoint import remove_leftover_temporaries
+    from oracleface.config import merge_config
+    from oracleface.run_lock import RunLock
+    from oracleface.runtime import is_main_process
+
+    out = merge_config(*config_layers).out
+    lock = RunLock(out) if out is not None and is_main_process() else nullcontext()
+    with lock:
+        config, state, path = prepare_run(config_layers, resume)
+        if is_main_process():
+            out = Path(config.out)
+            leftovers = remove_leftover_temporaries(out) + remove_leftover_temporaries(out / "checkpoints")
+            if leftovers:
+                warn(f"removed {len(leftovers)} temporary file(s) left by an interrupted write: "
+                     f"{', '.join(leftover.name for leftover in leftovers)}")
+        trainer = Trainer(config, state)
+        try:
+            if state is not None:
+                announce(f"resuming from step {trainer.step} (epoch {trainer.epoch}) — {path}")
+            return trainer.run()
+        finally:
+            trainer.close()

@@ -77,6 +77,8 @@ def test_resuming_with_another_resolution_is_refused(faces, run_dir, capsys):
 def test_corrupt_checkpoint_is_refused_by_train_eval_and_complete(faces, run_dir, tmp_path, capsys):
     latest = run_dir / "checkpoints" / "latest.pt"
     latest.write_bytes(latest.read_bytes()[:1000])
+    for snapshot_file in (run_dir / "checkpoints").glob("step_*.pt"):  # else --resume falls back to it
+        snapshot_file.write_bytes(latest.read_bytes())
     before = snapshot(run_dir)
     assert main(["train", "--data", str(faces), "--out", str(run_dir), "--resume"]) == 2
     assert main(["eval", "--data", str(faces), "--checkpoint", str(latest), "--device", "cpu"]) == 2
@@ -85,7 +87,8 @@ def test_corrupt_checkpoint_is_refused_by_train_eval_and_complete(faces, run_dir
     assert main(["complete", str(photo), "--mask", "center", "--checkpoint", str(latest),
                  "--out", str(tmp_path / "o.png"), "--device", "cpu"]) == 2
     errors = capsys.readouterr().err
-    assert errors.count("cannot read checkpoint") == 3 and "corrupt" in errors
+    # train names latest.pt and the snapshot step_00000000.pt it tried next; eval and complete one each
+    assert errors.count("cannot read checkpoint") == 4 and "corrupt" in errors
     assert snapshot(run_dir) == before and not (tmp_path / "o.png").exists()
 
 
