@@ -214,11 +214,11 @@ def check_outputs(inputs: dict[str, Path], outputs: dict[str, Path], overwrite: 
     for flag, path in outputs.items():
         if path.is_dir():
             raise ValueError(f"{flag} {path} is a folder; give a file name such as {path / 'completed.png'}")
-        formats[flag] = output_format(path, flag)
         for input_flag, source in inputs.items():
             if not overwrite and _same_file(path, source):
                 raise ValueError(f"{flag} {path} is the {input_flag} {source}: writing it would destroy the "
                                  "input; choose another path (or pass --overwrite to replace it)")
+        formats[flag] = output_format(path, flag)
         folder = next((parent for parent in path.absolute().parents if parent.exists()), None)
         if folder is not None and not os.access(folder, os.W_OK):
             raise ValueError(f"{flag} {path}: cannot write in {folder} (permission denied)")
