@@ -47,7 +47,7 @@ def _wide_to_gray(image: Image.Image) -> Image.Image:
     else:
         top = 65535.0
     scaled = np.clip(np.round(values * (255.0 / top)), 0, 255).astype(np.uint8)
-    return Image.fromarray(scaled, mode="L")
+    return Image.fromarray(scaled)  # 2-D uint8: mode L
 
 
 def _upright(image: Image.Image) -> Image.Image:

@@ -33,13 +33,13 @@ def test_sixteen_bit_gray_is_scaled_not_clipped(mode, tmp_path):
 
 
 def test_thirty_two_bit_integer_and_float_gray():
-    sixteen_bit_in_i = Image.fromarray(np.array([[0, 257 * 200]], dtype=np.int32), mode="I")
+    sixteen_bit_in_i = Image.fromarray(np.array([[0, 257 * 200]], dtype=np.int32))
     assert _rgb(sixteen_bit_in_i)[0, :, 1].tolist() == [0, 200]
-    wide = Image.fromarray(np.array([[0, 2**30, 2**31 - 1]], dtype=np.int32), mode="I")
+    wide = Image.fromarray(np.array([[0, 2**30, 2**31 - 1]], dtype=np.int32))
     assert _rgb(wide)[0, :, 1].tolist() == [0, 128, 255]
-    unit = Image.fromarray(np.array([[0.0, 0.5, 1.0, np.nan]], dtype=np.float32), mode="F")
+    unit = Image.fromarray(np.array([[0.0, 0.5, 1.0, np.nan]], dtype=np.float32))
     assert _rgb(unit)[0, :, 0].tolist() == [0, 128, 255, 0]
-    bytes_range = Image.fromarray(np.array([[0.0, 100.0, 300.0]], dtype=np.float32), mode="F")
+    bytes_range = Image.fromarray(np.array([[0.0, 100.0, 300.0]], dtype=np.float32))
     assert _rgb(bytes_range)[0, :, 0].tolist() == [0, 100, 255]
 
 

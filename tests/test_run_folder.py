@@ -62,3 +62,16 @@ def test_a_refused_fresh_run_leaves_no_folder_behind(tmp_path, capsys):
     run = tmp_path / "new_run"
     assert main(["train", "--data", str(tmp_path / "missing"), "--out", str(run)]) == 2
     assert "no such folder" in capsys.readouterr().err and not run.exists()
+
+
+def test_ctrl_c_before_training_is_one_line_and_releases_the_folder(faces, tmp_path, monkeypatch, capsys):
+    from oracleface.trainer import Trainer
+
+    def interrupted(self, *args, **kwargs):  # Ctrl-C while the dataset or landmarks are prepared
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "__init__", interrupted)
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(faces), "--out", str(run), "--steps", "1"]) == 130
+    assert capsys.readouterr().err.strip() == "oracleface train: interrupted"
+    assert not run.exists()  # it was created for the lock only, and nothing was written
