@@ -4,14 +4,17 @@ A checkpoint is one ``torch.save`` file holding plain types and tensors only, so
 loads with ``torch.load(weights_only=True)`` (no pickled code runs)::
 
     {"format": "oracleface-checkpoint", "version": 1,
-     "step": int, "epoch": int, "batch_in_epoch": int,     # where the data stream resumes
+     "step": int, "epoch": int, "sample_in_epoch": int,    # where the data stream resumes (global samples)
+     "batch_in_epoch": int,                                  # the same in batches (older readers)
      "config": dict,                                         # TrainConfig.to_dict()
      "generator": state_dict, "discriminator": state_dict,   # all seven critics
      "optimizer_generator": ..., "optimizer_discriminator": ..., "scaler": ... | None,
      "rng": [per-process RNG states, rank order]}             # see ``capture_rng_state``
 
-Writes go to a temporary file in the same folder and then ``os.replace``: a crash
-mid-write leaves the previous checkpoint intact, never a truncated one.
+Writes go to a temporary file in the same folder, fsynced, then ``os.replace`` and an
+fsync of the folder (``write_atomic``): a crash or power loss mid-write leaves the
+previous checkpoint intact, never a truncated one; ``remove_leftover_temporaries``
+clears what an interrupted write leaves behind.
 """
 from __future__ import annotations
 

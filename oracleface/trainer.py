@@ -9,7 +9,8 @@ Run folder::
 
     RUN_DIR/config.yaml              the merged config (see oracleface.config)
     RUN_DIR/checkpoints/latest.pt    newest checkpoint (what --resume continues)
-    RUN_DIR/checkpoints/step_*.pt    the last ``keep_checkpoints`` numbered ones
+    RUN_DIR/checkpoints/step_*.pt    the last ``keep_checkpoints`` numbered ones (copies)
+    RUN_DIR/train.lock               while a trainer runs: its pid, host, start time
     RUN_DIR/tensorboard/             scalars: every loss term, images/s
     RUN_DIR/samples/step_*.png       input | output | ground truth, component boxes drawn
 
@@ -26,7 +27,8 @@ Design decisions:
   process). Only rank 0 logs, samples and writes checkpoints.
 - Exact resume: the data order is a ``DistributedSampler`` permutation of
   ``(seed, epoch)`` started at the saved position, kept in samples (so a resumed run may
-  use another batch size: it continues with the next unseen samples of the epoch); masks depend on ``(seed, epoch, index)``
+  use another batch size: it continues with the next unseen samples of the epoch, or the
+  next epoch when less than a batch is left); masks depend on ``(seed, epoch, index)``
   (``FaceFolder.set_epoch``); the DataLoader draws its worker seeds from its own
   generator, never from the global RNG; the checkpoint holds every process's RNG states.
   So a resumed run computes the same next batch, masks and losses as an uninterrupted one.
