@@ -220,6 +220,8 @@ def check_outputs(inputs: dict[str, Path], outputs: dict[str, Path], overwrite: 
                                  "input; choose another path (or pass --overwrite to replace it)")
         formats[flag] = output_format(path, flag)
         folder = next((parent for parent in path.absolute().parents if parent.exists()), None)
+        if folder is not None and not folder.is_dir():
+            raise ValueError(f"{flag} {path}: {folder} is a file, so it cannot hold the output")
         if folder is not None and not os.access(folder, os.W_OK):
             raise ValueError(f"{flag} {path}: cannot write in {folder} (permission denied)")
     flags = list(outputs)

@@ -71,6 +71,8 @@ def test_two_outputs_in_one_file_and_unknown_extensions_are_refused_first(photo,
         assert "image extension" in one_error_line(capsys)
     assert complete(photo, checkpoint, "--out", str(tmp_path)) == 2
     assert "is a folder" in one_error_line(capsys)
+    assert complete(photo, checkpoint, "--out", str(photo / "o.png")) == 2  # under a file
+    assert "is a file" in one_error_line(capsys)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["photo.png"]
 
 
