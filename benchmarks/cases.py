@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 
 from dsa_ops import reduce_hole_mask
-from oracleface.masks import center_mask, random_rectangle_mask
+from oracleface.data.masks import center_mask, random_rectangle_mask
 
 Tensor = torch.Tensor
 

@@ -55,8 +55,8 @@ def write_demo_photos(folder) -> tuple[Path, Path]:
 def run_demo(out="oracleface-demo", steps: int = DEFAULT_STEPS, device: str = "cpu",
              width: float = DEFAULT_WIDTH, batch_size: int = 4) -> Path:
     """Train, complete, write ``OUT/before_after.png``; returns its path."""
-    from oracleface.complete import complete_file
-    from oracleface.trainer import train
+    from oracleface.completion import complete_file
+    from oracleface.training.trainer import train
 
     out = Path(out)
     train_folder, held_out = write_demo_photos(out / "photos")
@@ -94,7 +94,7 @@ def run_command(args) -> int:
 
 
 def command():
-    from oracleface.command import Command
+    from oracleface.cli.command import Command
 
     return Command("demo", "train a tiny model on photos shipped with scikit-image and complete a held-out face",
                    configure_parser, run_command)

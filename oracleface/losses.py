@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from dsa_ops import attention_kl, reduce_hole_mask
-from oracleface.boxes import component_masks
+from oracleface.data.boxes import component_masks
 
 Tensor = torch.Tensor
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from oracleface.boxes import COMPONENTS
+from oracleface.data.boxes import COMPONENTS
 
 BOX_COLOURS = {"left_eye": (0, 200, 255), "right_eye": (0, 255, 120), "nose": (255, 200, 0),
                "mouth": (255, 60, 60)}

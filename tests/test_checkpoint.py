@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from oracleface.checkpoint import (
+from oracleface.training.checkpoint import (
     CheckpointError,
     capture_rng_state,
     check_compatible,

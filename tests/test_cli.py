@@ -3,9 +3,9 @@ import pytest
 from PIL import Image
 
 from oracleface.cli import build_parser, main
-from oracleface.config import TrainConfig, load_config_file, merge_config, save_config
-from oracleface.train import flag_values
-from oracleface.trainer import Trainer
+from oracleface.training.config import TrainConfig, load_config_file, merge_config, save_config
+from oracleface.cli.train import flag_values
+from oracleface.training.trainer import Trainer
 
 
 @pytest.fixture()
@@ -108,7 +108,7 @@ def test_resume_with_nothing_to_resume_says_so_and_starts_nothing(faces, tmp_pat
 
 
 def test_default_workers_fit_the_cpus_this_process_may_use(monkeypatch):
-    from oracleface import runtime
+    from oracleface.training import runtime
 
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
@@ -151,7 +151,7 @@ def _trainer_config(data, out, *flags):
 def test_train_defaults_to_dlib_landmarks_computed_once_into_a_cache(celeba_hq, tmp_path, capsys):
     import shutil
 
-    from oracleface.landmarks import read_landmark_cache
+    from oracleface.data.landmarks import read_landmark_cache
 
     data = tmp_path / "faces"
     data.mkdir()
@@ -180,7 +180,7 @@ def test_the_landmark_cache_is_kept_in_the_run_folder_when_the_data_is_read_only
     import os
     import shutil
 
-    from oracleface.trainer import landmark_cache_path
+    from oracleface.training.trainer import landmark_cache_path
 
     data = shutil.copytree(faces, tmp_path / "faces", ignore=shutil.ignore_patterns("*.json"))
     assert landmark_cache_path(_trainer_config(data, tmp_path / "run")) == data / "landmarks_dlib.json"

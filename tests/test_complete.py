@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from oracleface.complete import complete_photo, hole_to_model, load_hole
+from oracleface.completion import complete_photo, hole_to_model, load_hole
 from oracleface.models import Generator
 
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from oracleface.evaluate import composite, format_table, image_metrics, load_lpips
+from oracleface.evaluation import composite, format_table, image_metrics, load_lpips
 
 
 def test_composite_copies_the_valid_pixels():
@@ -63,8 +63,8 @@ def test_table_shows_na_for_unavailable_lpips():
 
 
 def test_eval_uses_the_runs_recorded_test_list(tmp_path):
-    from oracleface.data import write_test_list
-    from oracleface.evaluate import recorded_test_list
+    from oracleface.data.folders import write_test_list
+    from oracleface.evaluation import recorded_test_list
 
     checkpoint = tmp_path / "run" / "checkpoints" / "latest.pt"
     with pytest.warns(UserWarning, match="no recorded test list"):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from oracleface.masks import (
+from oracleface.data.masks import (
     MaskFolder,
     center_mask,
     irregular_mask,

@@ -8,8 +8,8 @@ import torch
 from dsa_ops import DualSpatialAttention, reference
 from oracleface.losses import PerceptualLoss, attention_kl_loss, streaming_oracle_kl_loss
 from oracleface.models import Generator
-from oracleface.step import OracleFaceModel
-from oracleface.train import configure_parser
+from oracleface.training.step import OracleFaceModel
+from oracleface.cli.train import configure_parser
 
 WIDTH = 0.125  # narrow generator: the CPU test budget
 

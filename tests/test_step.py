@@ -4,7 +4,7 @@ import torch
 
 from oracleface.losses import PerceptualLoss
 from oracleface.models.discriminators import DISCRIMINATOR_NAMES
-from oracleface.step import OracleFaceModel, check_batch
+from oracleface.training.step import OracleFaceModel, check_batch
 
 BOXES = torch.tensor([[[80, 96, 128, 144], [128, 96, 176, 144], [104, 128, 152, 176], [96, 176, 160, 224]]])
 

@@ -60,16 +60,16 @@ def test_the_package_has_no_import_circles():
 
 def test_commands_evaluation_and_completion_import_neither_the_cli_nor_the_trainer():
     graph = import_graph()
-    for name in ("oracleface.train", "oracleface.evaluate", "oracleface.complete", "oracleface.demo"):
+    for name in ("oracleface.cli.train", "oracleface.evaluation", "oracleface.completion", "oracleface.demo"):
         assert "oracleface.cli" not in graph[name], name
-    for name in ("oracleface.evaluate", "oracleface.complete"):
-        assert not graph[name] & {"oracleface.train", "oracleface.trainer"}, name
-    assert "oracleface.data" not in graph["oracleface.landmarks"]
+    for name in ("oracleface.evaluation", "oracleface.completion"):
+        assert not graph[name] & {"oracleface.cli.train", "oracleface.training.trainer"}, name
+    assert "oracleface.data.folders" not in graph["oracleface.data.landmarks"]
 
 
 def test_train_is_split_into_the_trainer_and_its_command_line():
-    assert "oracleface.trainer" in import_graph()["oracleface.train"]
-    front = ast.parse((PACKAGE / "train.py").read_text())
-    trainer = ast.parse((PACKAGE / "trainer.py").read_text())
+    assert "oracleface.training.trainer" in import_graph()["oracleface.cli.train"]
+    front = ast.parse((PACKAGE / "cli" / "train.py").read_text())
+    trainer = ast.parse((PACKAGE / "training" / "trainer.py").read_text())
     assert not [node for node in ast.walk(front) if isinstance(node, ast.ClassDef)]  # no trainer logic
     assert "add_argument" not in ast.dump(trainer)  # no command line in the trainer

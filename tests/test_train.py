@@ -132,10 +132,10 @@ def test_paper_configuration_trains_one_step_with_random_vgg(faces, tmp_path):
 
 def test_oracle_pass_stops_at_the_last_supervised_layer():
     """Layers after the last KL layer run once per step (the prediction), earlier ones twice."""
-    from oracleface.landmarks import boxes_tensor, canonical_landmarks, component_boxes
-    from oracleface.masks import center_mask
-    from oracleface.step import OracleFaceModel
-    from oracleface.trainer import ZeroPerceptual
+    from oracleface.data.landmarks import boxes_tensor, canonical_landmarks, component_boxes
+    from oracleface.data.masks import center_mask
+    from oracleface.training.step import OracleFaceModel
+    from oracleface.training.trainer import ZeroPerceptual
 
     torch.manual_seed(0)
     model = OracleFaceModel(256, dsa_backend="reference", width=0.125, perceptual=ZeroPerceptual())

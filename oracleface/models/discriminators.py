@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from oracleface.boxes import COMPONENTS, box_sizes
+from oracleface.data.boxes import COMPONENTS, box_sizes
 from oracleface.models.generator import scaled_channels
 
 Tensor = torch.Tensor

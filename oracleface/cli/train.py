@@ -3,8 +3,8 @@
 """
 from __future__ import annotations
 
-from oracleface.command import Command
-from oracleface.runtime import announce
+from oracleface.cli.command import Command
+from oracleface.training.runtime import announce
 
 
 def configure_parser(parser) -> None:
@@ -12,7 +12,7 @@ def configure_parser(parser) -> None:
     the flags on the command line override the config file (see ``oracleface.config``)."""
     import argparse
 
-    from oracleface.config import AMP_MODES, parse_layer_list
+    from oracleface.training.config import AMP_MODES, parse_layer_list
 
     keep = argparse.SUPPRESS
     parser.add_argument("--data", metavar="DIR", default=keep, help="folder of face images (recursive)")
@@ -103,8 +103,8 @@ def flag_values(args) -> dict:
 def run_command(args) -> int:
     import sys
 
-    from oracleface.config import load_config_file
-    from oracleface.trainer import train
+    from oracleface.training.config import load_config_file
+    from oracleface.training.trainer import train
 
     try:
         layers = [load_config_file(args.config)] if args.config else []

@@ -53,8 +53,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from oracleface.boxes import mirror_boxes
-from oracleface.images import (
+from oracleface.data.boxes import mirror_boxes
+from oracleface.data.images import (
     CACHE_MARKER,
     DECODE_ERRORS,
     IMAGE_EXTENSIONS,
@@ -63,7 +63,7 @@ from oracleface.images import (
     image_to_tensor,
     load_square_image,
 )
-from oracleface.landmarks import (
+from oracleface.data.landmarks import (
     PROVIDERS,
     boxes_tensor,
     canonical_landmarks,
@@ -71,7 +71,7 @@ from oracleface.landmarks import (
     get_provider,
     read_landmark_cache,
 )
-from oracleface.masks import make_mask_sampler
+from oracleface.data.masks import make_mask_sampler
 
 PAPER_TEST_SIZES = ((70_000, 10_000), (30_000, 2_000))  # (folder size at least, test images)
 SMALL_FOLDER_TEST_FRACTION = 0.1
@@ -122,7 +122,7 @@ TEST_LIST_FILE = "split.json"  # in the run folder: the files a run holds out
 
 def write_test_list(run_dir, files: list[str], seed: int) -> Path:
     """Record a run's held-out files in ``RUN_DIR/split.json`` (atomically)."""
-    from oracleface.checkpoint import write_json_atomic
+    from oracleface.training.checkpoint import write_json_atomic
 
     return write_json_atomic({"seed": seed, "test": sorted(files)}, Path(run_dir) / TEST_LIST_FILE)
 

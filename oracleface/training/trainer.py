@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from oracleface.checkpoint import (
+from oracleface.training.checkpoint import (
     CheckpointError,
     capture_rng_state,
     latest_checkpoint,
@@ -57,8 +57,8 @@ from oracleface.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from oracleface.config import TrainConfig, save_config
-from oracleface.runtime import (
+from oracleface.training.config import TrainConfig, save_config
+from oracleface.training.runtime import (
     StopRequest,
     announce,
     default_workers,
@@ -103,7 +103,7 @@ class ZeroPerceptual(nn.Module):
 def build_model(config: TrainConfig, device: torch.device) -> nn.Module:
     """``OracleFaceModel`` (generator, seven critics, losses) for ``config``, on ``device``."""
     from oracleface.losses import LossWeights, PerceptualLoss
-    from oracleface.step import OracleFaceModel
+    from oracleface.training.step import OracleFaceModel
 
     weights = LossWeights(reconstruction=config.lambda_reconstruction, kl=config.lambda_kl,
                           perceptual=config.lambda_perceptual, adversarial=config.lambda_adversarial,
@@ -141,7 +141,7 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig, checkpoint: dict | None = None):
-        from oracleface.data import TEST_LIST_FILE, FaceFolder, read_test_list
+        from oracleface.data.folders import TEST_LIST_FILE, FaceFolder, read_test_list
 
         self.config = config
         self.out = Path(config.out)
@@ -174,7 +174,7 @@ class Trainer:
         seed_everything(config.seed + group.rank)
         self.model = build_model(config, group.device)
         if group.distributed and config.sync_bn:
-            from oracleface.sync_batchnorm import synchronise_batchnorm
+            from oracleface.training.sync_batchnorm import synchronise_batchnorm
 
             synchronise_batchnorm(self.model.generator, group.device)
         self.g_optimizer = torch.optim.RMSprop(self.model.generator.parameters(), lr=config.lr_generator)
@@ -185,7 +185,7 @@ class Trainer:
         if checkpoint is not None:
             self._restore(checkpoint)
         if group.distributed:
-            from oracleface.step import broadcast_parameters
+            from oracleface.training.step import broadcast_parameters
             broadcast_parameters(self.model)
         self.last_saved_step = self.step if checkpoint is not None else -1
         # The machine decides when the config does not (resumed runs may move machines).
@@ -196,7 +196,7 @@ class Trainer:
         """What ``FaceFolder`` gets as ``landmarks``: for a provider (``dlib``, the default) its
         cache file, computed on first use by rank 0 (progress bar, resumable: an interrupted
         run continues it) while the other processes wait; ``canonical`` with a warning."""
-        from oracleface.landmarks import PROVIDERS, build_landmark_cache
+        from oracleface.data.landmarks import PROVIDERS, build_landmark_cache
 
         config, group = self.config, self.group
         if config.landmarks == "canonical":
@@ -343,7 +343,7 @@ class Trainer:
 
         config, group = self.config, self.group
         if group.is_main:
-            from oracleface.data import write_test_list
+            from oracleface.data.folders import write_test_list
 
             save_config(config, self.out / "config.yaml")
             write_test_list(self.out, self.dataset.test_files, config.seed)
@@ -351,7 +351,7 @@ class Trainer:
         model, autocast = self.model, self._autocast()
         gradient_sync = None
         if group.distributed:
-            from oracleface.step import all_reduce_gradients
+            from oracleface.training.step import all_reduce_gradients
             gradient_sync = all_reduce_gradients
         progress = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
                         disable=not (group.is_main and config.progress), desc="train")
@@ -414,7 +414,7 @@ def landmark_cache_path(config: TrainConfig) -> Path:
     ``--cache-dir`` when given, else where ``oracleface landmarks DATA_DIR`` writes
     (``DATA_DIR/landmarks_<provider>.json``) when that folder is writable, else in the run
     folder."""
-    from oracleface.landmarks import default_cache_path
+    from oracleface.data.landmarks import default_cache_path
 
     name = default_cache_path(config.data, config.landmarks).name
     if config.cache_dir is not None:
@@ -449,8 +449,8 @@ def prepare_run(config_layers: list[dict], resume) -> tuple[TrainConfig, dict | 
     Raises FileNotFoundError/ValueError/CheckpointError with the reason; on error
     nothing in the run folder has been touched.
     """
-    from oracleface.checkpoint import check_compatible, load_checkpoint
-    from oracleface.config import ARCHITECTURE_FIELDS, merge_config
+    from oracleface.training.checkpoint import check_compatible, load_checkpoint
+    from oracleface.training.config import ARCHITECTURE_FIELDS, merge_config
 
     config = merge_config(*config_layers)
     if config.data is None or config.out is None:

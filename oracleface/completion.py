@@ -40,7 +40,7 @@ MASK_KEYWORDS = ("center", "random")
 def load_hole(mask: str, size: tuple[int, int], seed: int = 0) -> np.ndarray:
     """The hole ``(H, W)`` bool for ``mask`` (a file, ``center`` or ``random``) and an image
     of ``size = (width, height)``."""
-    from oracleface.masks import center_mask, random_rectangle_mask
+    from oracleface.data.masks import center_mask, random_rectangle_mask
 
     width, height = size
     side = min(width, height)
@@ -122,7 +122,7 @@ def complete_aligned(generator, photo: np.ndarray, hole: np.ndarray, provider: s
     (module docstring, 2); ``covered`` marks the pixels inside the aligned crop."""
     from skimage.transform import warp
 
-    from oracleface.landmarks import canonical_landmarks, get_provider
+    from oracleface.data.landmarks import canonical_landmarks, get_provider
 
     resolution = generator.resolution
     points = get_provider(provider)((photo * 255).round().astype(np.uint8))
@@ -165,8 +165,8 @@ def complete_photo(generator, photo: Image.Image, hole: np.ndarray, align: str |
 def complete_file(image, mask: str, checkpoint, out, side_by_side_path=None, align: str | None = None,
                   device: str = "auto", seed: int = 0) -> Path:
     """The ``complete`` command as a function; returns the written path."""
-    from oracleface.checkpoint import generator_from_checkpoint
-    from oracleface.runtime import resolve_device
+    from oracleface.training.checkpoint import generator_from_checkpoint
+    from oracleface.training.runtime import resolve_device
 
     image = Path(image)
     if not image.is_file():
@@ -213,7 +213,7 @@ def run_command(args) -> int:
 
 
 def command():
-    from oracleface.command import Command
+    from oracleface.cli.command import Command
 
     return Command("complete", "complete the masked region of one photo with a trained checkpoint",
                    configure_parser, run_command)

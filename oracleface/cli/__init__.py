@@ -12,7 +12,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from oracleface.command import Command
+from oracleface.cli.command import Command
 
 
 COMMANDS: dict[str, Command] = {}
@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 # ----------------------------------------------------------------------------- landmarks
 
 def _configure_landmarks(parser: argparse.ArgumentParser) -> None:
-    from oracleface.landmarks import PROVIDERS
+    from oracleface.data.landmarks import PROVIDERS
 
     parser.add_argument("data_dir", metavar="DATA_DIR", help="folder of face images (searched recursively)")
     parser.add_argument("--provider", default="dlib", choices=sorted(PROVIDERS),
@@ -64,7 +64,7 @@ def _configure_landmarks(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_landmarks(args: argparse.Namespace) -> int:
-    from oracleface.landmarks import build_landmark_cache
+    from oracleface.data.landmarks import build_landmark_cache
 
     summary = build_landmark_cache(args.data_dir, provider=args.provider, out=args.out, size=args.size,
                                    flush_every=args.flush_every, progress=not args.quiet)
@@ -81,9 +81,10 @@ register(Command("landmarks", "compute 68-point landmarks for every image once, 
 
 # ----------------------------------------------------------------------------- train, eval, complete, demo
 def _register_pipeline_commands() -> None:
-    from oracleface import complete, demo, evaluate, train
+    from oracleface import completion, demo, evaluation
+    from oracleface.cli import train
 
-    for module in (train, evaluate, complete, demo):
+    for module in (train, evaluation, completion, demo):
         register(module.command())
 
 

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from oracleface.boxes import COMPONENTS
+from oracleface.data.boxes import COMPONENTS
 from oracleface.losses import (
     LossWeights,
     PerceptualLoss,

@@ -33,7 +33,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from oracleface.boxes import COMPONENTS, box_sizes
+from oracleface.data.boxes import COMPONENTS, box_sizes
 
 NUM_LANDMARKS = 68
 
@@ -309,7 +309,7 @@ def build_landmark_cache(data_dir, provider: str = "dlib", out=None, size: int =
     """
     from tqdm import tqdm
 
-    from oracleface.images import DECODE_ERRORS, find_images, load_square_image
+    from oracleface.data.images import DECODE_ERRORS, find_images, load_square_image
 
     _check_positive_int(size, "size")
     _check_positive_int(flush_every, "flush_every")

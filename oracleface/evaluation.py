@@ -147,7 +147,7 @@ def recorded_test_list(checkpoint, test_list=None) -> list[str] | None:
     """The run's held-out files: ``test_list`` (a ``split.json``), else the ``split.json`` of
     the run folder holding ``checkpoint`` (``RUN_DIR/checkpoints/*.pt``); None (with a
     warning) when there is none."""
-    from oracleface.data import TEST_LIST_FILE, read_test_list
+    from oracleface.data.folders import TEST_LIST_FILE, read_test_list
 
     if test_list is not None:
         return read_test_list(test_list)
@@ -165,9 +165,9 @@ def run_evaluation(data, checkpoint, masks: str = "random", batch_size: int = 8,
                    lpips_net: str = DEFAULT_LPIPS_NET) -> dict:
     """Load ``checkpoint``, evaluate on the run's held-out images of ``data`` (see
     ``recorded_test_list``); returns the results dict."""
-    from oracleface.checkpoint import generator_from_checkpoint
-    from oracleface.data import FaceFolder
-    from oracleface.runtime import resolve_device
+    from oracleface.training.checkpoint import generator_from_checkpoint
+    from oracleface.data.folders import FaceFolder
+    from oracleface.training.runtime import resolve_device
 
     if masks not in MASK_CHOICES:
         raise ValueError(f"masks must be one of {MASK_CHOICES}; got {masks!r}")
@@ -207,7 +207,7 @@ def configure_parser(parser) -> None:
 
 
 def run_command(args) -> int:
-    from oracleface.checkpoint import write_json_atomic
+    from oracleface.training.checkpoint import write_json_atomic
 
     try:
         results = run_evaluation(args.data, args.checkpoint, args.masks, args.batch_size, args.device,
@@ -223,7 +223,7 @@ def run_command(args) -> int:
 
 
 def command():
-    from oracleface.command import Command
+    from oracleface.cli.command import Command
 
     return Command("eval", "L1, PSNR, SSIM and LPIPS of a checkpoint on the held-out split",
                    configure_parser, run_command)
