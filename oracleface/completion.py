@@ -23,7 +23,6 @@ the paper's random rectangles, scaled to the photo (``--seed``).
 """
 from __future__ import annotations
 
-import sys
 import warnings
 from pathlib import Path
 
@@ -183,37 +182,3 @@ def complete_file(image, mask: str, checkpoint, out, side_by_side_path=None, ali
         Path(side_by_side_path).parent.mkdir(parents=True, exist_ok=True)
         side_by_side([photo, masked_picture(photo, hole), result]).save(side_by_side_path)
     return out
-
-
-# ----------------------------------------------------------------------------- command line
-def configure_parser(parser) -> None:
-    parser.add_argument("image", metavar="IMAGE", help="photo to complete (any size)")
-    parser.add_argument("--mask", required=True, metavar="MASK.png|center|random",
-                        help="hole: an image of the photo's size (bright = missing), center or random")
-    parser.add_argument("--checkpoint", required=True, metavar="CKPT")
-    parser.add_argument("--out", required=True, metavar="OUT.png")
-    parser.add_argument("--side-by-side", metavar="PATH", default=None,
-                        help="also write input | masked | output")
-    parser.add_argument("--align", choices=("dlib", "face-alignment"), default=None,
-                        help="align an unaligned photo with this landmark detector first")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--seed", type=int, default=0, help="for --mask random")
-
-
-def run_command(args) -> int:
-    try:
-        out = complete_file(args.image, args.mask, args.checkpoint, args.out, args.side_by_side,
-                            args.align, args.device, args.seed)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"oracleface complete: error: {error}", file=sys.stderr)
-        return 2
-    print(f"completed image written to {out}" +
-          (f"; side by side: {args.side_by_side}" if args.side_by_side else ""))
-    return 0
-
-
-def command():
-    from oracleface.cli.command import Command
-
-    return Command("complete", "complete the masked region of one photo with a trained checkpoint",
-                   configure_parser, run_command)

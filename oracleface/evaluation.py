@@ -21,7 +21,6 @@ dataset cache inside it, never enter the test set; masks are a pure function of
 """
 from __future__ import annotations
 
-import sys
 import warnings
 from pathlib import Path
 
@@ -186,44 +185,3 @@ def run_evaluation(data, checkpoint, masks: str = "random", batch_size: int = 8,
     return {"checkpoint": str(checkpoint), "step": state["step"], "data": str(data), "masks": masks,
             "resolution": generator.resolution, **metrics, "lpips_net": lpips_net,
             "lpips_unavailable": reason}
-
-
-# ----------------------------------------------------------------------------- command line
-def configure_parser(parser) -> None:
-    parser.add_argument("--data", metavar="DIR", required=True, help="the dataset folder used in training")
-    parser.add_argument("--checkpoint", metavar="CKPT", required=True, help="a training checkpoint")
-    parser.add_argument("--masks", choices=MASK_CHOICES, default="random",
-                        help="random rectangles (default) or the 128×128 centre hole")
-    parser.add_argument("--out", metavar="metrics.json", default=None, help="also write the results as JSON")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N test images")
-    parser.add_argument("--no-progress", dest="progress", action="store_false")
-    parser.add_argument("--lpips-net", choices=sorted(LPIPS_BACKBONES), default=DEFAULT_LPIPS_NET,
-                        help="LPIPS backbone (default: alex, the LPIPS authors' default); its torchvision "
-                             "weights must be in the torch hub cache")
-    parser.add_argument("--test-list", metavar="SPLIT_JSON", default=None,
-                        help="the run's held-out files (default: RUN_DIR/split.json beside the checkpoint)")
-
-
-def run_command(args) -> int:
-    from oracleface.training.checkpoint import write_json_atomic
-
-    try:
-        results = run_evaluation(args.data, args.checkpoint, args.masks, args.batch_size, args.device,
-                                 args.limit, args.progress, args.test_list, args.lpips_net)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"oracleface eval: error: {error}", file=sys.stderr)
-        return 2
-    print(format_table(results))
-    if args.out:
-        write_json_atomic(results, args.out)
-        print(f"metrics written to {args.out}")
-    return 0
-
-
-def command():
-    from oracleface.cli.command import Command
-
-    return Command("eval", "L1, PSNR, SSIM and LPIPS of a checkpoint on the held-out split",
-                   configure_parser, run_command)

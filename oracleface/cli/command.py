@@ -1,10 +1,17 @@
-"""What an ``oracleface`` subcommand is. Command modules build one; ``oracleface.cli``
-collects them (so no command module imports the CLI back)."""
+"""What an ``oracleface`` subcommand is, and the one way every command reports a user error.
+Command modules build a ``Command``; ``oracleface.cli`` collects them (so no command module
+imports the CLI back)."""
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import dataclass
 from typing import Callable
+
+# What a command raises for bad input (a missing file, an impossible option, a corrupt
+# checkpoint: ``CheckpointError`` is a ValueError): one line on stderr, exit status 2.
+USER_ERRORS = (FileNotFoundError, ValueError)
+USER_ERROR_STATUS = 2
 
 
 @dataclass(frozen=True)
@@ -16,3 +23,12 @@ class Command:
     help: str
     configure: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], "int | None"]
+
+    def __call__(self, args: argparse.Namespace) -> int:
+        """Run with the shared error handling: a user error becomes
+        ``oracleface NAME: error: MESSAGE`` on stderr and exit status 2, never a traceback."""
+        try:
+            return int(self.run(args) or 0)
+        except USER_ERRORS as error:
+            print(f"oracleface {self.name}: error: {error}", file=sys.stderr)
+            return USER_ERROR_STATUS

@@ -1,5 +1,5 @@
 """``oracleface train --data DIR --out RUN_DIR``: the command line of the trainer
-(``oracleface.trainer``), which does the work.
+(``oracleface.training.trainer``), which does the work.
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from oracleface.training.runtime import announce
 
 def configure_parser(parser) -> None:
     """``oracleface train`` arguments. Every option defaults to "not given" so that only
-    the flags on the command line override the config file (see ``oracleface.config``)."""
+    the flags on the command line override the config file (see ``oracleface.training.config``)."""
     import argparse
 
     from oracleface.training.config import AMP_MODES, parse_layer_list
@@ -101,18 +101,12 @@ def flag_values(args) -> dict:
 
 
 def run_command(args) -> int:
-    import sys
-
     from oracleface.training.config import load_config_file
     from oracleface.training.trainer import train
 
-    try:
-        layers = [load_config_file(args.config)] if args.config else []
-        layers.append(flag_values(args))
-        summary = train(layers, resume=args.resume)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"oracleface train: error: {error}", file=sys.stderr)
-        return 2
+    layers = [load_config_file(args.config)] if args.config else []
+    layers.append(flag_values(args))
+    summary = train(layers, resume=args.resume)
     announce(f"trained to step {summary['step']} (epoch {summary['epoch']}); "
              f"checkpoint: {summary['checkpoint']}")
     return 0
