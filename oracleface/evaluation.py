@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from oracleface.common import composite
+
 METRICS = ("l1_percent", "psnr", "ssim", "lpips")
 MASK_CHOICES = ("random", "center")
 
@@ -80,12 +82,6 @@ def load_lpips(device, net: str = DEFAULT_LPIPS_NET) -> tuple[torch.nn.Module | 
     if loaded != expected:
         raise ValueError(f"{path}: expected {expected} conv layers for LPIPS-{net}, loaded {loaded}")
     return model.eval().requires_grad_(False).to(device), None
-
-
-def composite(image: torch.Tensor, output: torch.Tensor, hole_mask: torch.Tensor) -> torch.Tensor:
-    """Valid pixels from ``image``, hole pixels from ``output`` (all ``(B, C, H, W)``)."""
-    hole = hole_mask.to(image.dtype)
-    return image * (1 - hole) + output.to(image.dtype) * hole
 
 
 def image_metrics(prediction: torch.Tensor, target: torch.Tensor, lpips_model=None) -> dict[str, torch.Tensor]:

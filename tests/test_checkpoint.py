@@ -1,4 +1,4 @@
-"""oracleface.checkpoint: RNG capture/restore, atomic writes, safe and checked loads."""
+"""oracleface.training.checkpoint: RNG capture/restore, atomic writes, safe and checked loads."""
 import random
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""oracleface.complete: holes for photos of any size, conservative resizing, known pixels kept."""
+"""oracleface.completion: holes for photos of any size, conservative resizing, known pixels kept."""
 import numpy as np
 import pytest
 import torch

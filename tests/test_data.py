@@ -1,4 +1,4 @@
-"""oracleface.data.FaceFolder on tiny generated folders: split, resize, corrupt files, cache."""
+"""oracleface.data.folders.FaceFolder on tiny generated folders: split, resize, corrupt files, cache."""
 import warnings
 
 import numpy as np

@@ -1,18 +1,10 @@
-"""oracleface.evaluate: metric definitions, composite, LPIPS availability, the table."""
+"""oracleface.evaluation: metric definitions, LPIPS availability, the table."""
 import math
 
 import pytest
 import torch
 
-from oracleface.evaluation import composite, format_table, image_metrics, load_lpips
-
-
-def test_composite_copies_the_valid_pixels():
-    image, output = torch.zeros(1, 3, 8, 8), torch.ones(1, 3, 8, 8)
-    hole = torch.zeros(1, 1, 8, 8)
-    hole[..., 2:4, 2:6] = 1
-    result = composite(image, output, hole)
-    assert result.sum() == 3 * 8 and torch.equal(result[..., 2:4, 2:6], torch.ones(1, 3, 2, 4))
+from oracleface.evaluation import format_table, image_metrics, load_lpips
 
 
 def test_l1_psnr_and_ssim_per_image():

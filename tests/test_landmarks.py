@@ -1,4 +1,4 @@
-"""oracleface.landmarks: providers, component boxes, the landmark cache and its CLI."""
+"""oracleface.data.landmarks: providers, component boxes, the landmark cache and its CLI."""
 import json
 import sys
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""oracleface.masks: shapes, the paper's rectangle statistics, irregular strokes, folders."""
+"""oracleface.data.masks: shapes, the paper's rectangle statistics, irregular strokes, folders."""
 import numpy as np
 import pytest
 import torch

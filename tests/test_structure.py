@@ -141,3 +141,9 @@ def test_no_module_is_over_the_line_limit_without_a_stated_reason():
             for path in package.rglob("*.py")}
     long = {path: lines for path, lines in long.items() if lines > MAX_LINES and path not in LONG_MODULES}
     assert not long, f"over {MAX_LINES} lines (split them or state the reason in LONG_MODULES): {long}"
+
+
+def test_files_are_replaced_atomically_in_one_place_only():
+    writers = sorted(str(path.relative_to(REPOSITORY)) for path in PACKAGE.rglob("*.py")
+                     if any(call in path.read_text() for call in ("os.replace(", "mkstemp(", "os.rename(")))
+    assert writers == ["oracleface/common.py"], "use oracleface.common.atomic_write"

@@ -149,7 +149,7 @@ def test_oracle_pass_stops_at_the_last_supervised_layer():
     g_optimizer = torch.optim.RMSprop(model.generator.parameters())
     d_optimizer = torch.optim.RMSprop(model.discriminator.parameters())
     model.training_step(batch, g_optimizer, d_optimizer)
-    last_supervised = max(model.kl_layers)
+    last_supervised = max(model.oracle_layers)
     assert last_supervised == 12
     assert all(calls[layer] == 2 for layer in range(1, last_supervised + 1))
     assert all(calls[layer] == 1 for layer in range(last_supervised + 1, model.generator.last_layer + 1))

@@ -32,3 +32,18 @@ class Command:
         except USER_ERRORS as error:
             print(f"oracleface {self.name}: error: {error}", file=sys.stderr)
             return USER_ERROR_STATUS
+
+
+class DeprecatedAlias(argparse.Action):
+    """An old flag that keeps working: it warns once (``warn_deprecated``) and stores its
+    value into the setting of ``new_flag``."""
+
+    def __init__(self, option_strings, dest, new_flag: str, **kwargs):
+        self.new_flag = new_flag
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from oracleface.training.config import warn_deprecated
+
+        warn_deprecated(option_string, self.new_flag)
+        setattr(namespace, self.dest, values)

@@ -26,7 +26,7 @@ def configure_parser(parser) -> None:
 
 def run_command(args) -> int:
     from oracleface.evaluation import format_table, run_evaluation
-    from oracleface.training.checkpoint import write_json_atomic
+    from oracleface.common import write_json_atomic
 
     results = run_evaluation(args.data, args.checkpoint, args.masks, args.batch_size, args.device,
                              args.limit, args.progress, args.test_list, args.lpips_net)

@@ -1,6 +1,6 @@
 """Image files: finding them in a folder, decoding them to squares, as tensors.
 
-Shared by the dataset (``oracleface.data``) and the landmark cache (``oracleface.landmarks``).
+Shared by the dataset (``oracleface.data.folders``) and the landmark cache (``oracleface.data.landmarks``).
 """
 from __future__ import annotations
 

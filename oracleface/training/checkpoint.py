@@ -10,20 +10,20 @@ loads with ``torch.load(weights_only=True)`` (no pickled code runs)::
      "optimizer_generator": ..., "optimizer_discriminator": ..., "scaler": ... | None,
      "rng": [per-process RNG states, rank order]}             # see ``capture_rng_state``
 
-Writes go to a temporary file in the same folder and then ``os.replace``: a crash
-mid-write leaves the previous checkpoint intact, never a truncated one.
+Writes are atomic (``oracleface.common.atomic_write``): a crash mid-write leaves the
+previous checkpoint intact, never a truncated one.
 """
 from __future__ import annotations
 
-import os
 import pickle
 import random
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from oracleface.common import atomic_write
 
 FORMAT = "oracleface-checkpoint"
 VERSION = 1
@@ -76,17 +76,9 @@ def save_checkpoint(state: dict, path) -> Path:
     missing = [key for key in REQUIRED_KEYS if key not in state]
     if missing:
         raise ValueError(f"checkpoint state is missing {missing}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
+    with atomic_write(path) as temporary:
         torch.save({"format": FORMAT, "version": VERSION, **state}, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 # What torch.load raises for truncated/garbled files and for non-checkpoint pickles.
@@ -173,16 +165,3 @@ def generator_from_checkpoint(path, device="cpu", dsa_backend: str = "auto"):
                               f"config describes: {error}") from error
     return generator.to(device).eval(), state
 
-
-def write_json_atomic(data, path) -> Path:
-    """Write ``data`` as indented JSON via a temporary file and ``os.replace``."""
-    import json
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(handle, "w") as stream:
-        json.dump(data, stream, indent=2)
-        stream.write("\n")
-    os.replace(temporary, path)
-    return path

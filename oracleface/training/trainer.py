@@ -1,13 +1,13 @@
 """The trainer behind ``oracleface train`` (one process, or one per GPU under ``torchrun``);
-the command line is ``oracleface.train``.
+the command line is ``oracleface.cli.train``.
 
 The per-batch logic (critic update, generator update, every loss) lives in
-``oracleface.step.OracleFaceModel.training_step``; this module owns everything around
+``oracleface.training.step.OracleFaceModel.training_step``; this module owns everything around
 it: devices and processes, the data stream, checkpoints, resuming, signals, logging.
 
 Run folder::
 
-    RUN_DIR/config.yaml              the merged config (see oracleface.config)
+    RUN_DIR/config.yaml              the merged config (see oracleface.training.config)
     RUN_DIR/checkpoints/latest.pt    newest checkpoint (what --resume continues)
     RUN_DIR/checkpoints/step_*.pt    the last ``keep_checkpoints`` numbered ones
     RUN_DIR/tensorboard/             scalars: every loss term, images/s
@@ -18,11 +18,11 @@ Design decisions:
 - Multi-process: one process per GPU (``torchrun``), or any number on the CPU (gloo).
   The GAN step runs several forwards per backward and a double backward (gradient
   penalty), which ``DistributedDataParallel``'s reducer does not support; so, as
-  ``oracleface.step`` recommends, every process holds a full model, rank 0's weights
+  ``oracleface.training.step`` recommends, every process holds a full model, rank 0's weights
   are broadcast once, and gradients are averaged by one all-reduce after each backward
   (``all_reduce_gradients``) — numerically what DDP does. ``--batch-size`` is the global
   batch, split evenly across processes (each needs ≥ 2 for BatchNorm); BatchNorm
-  normalises over the global batch (``oracleface.sync_batchnorm``; ``--no-sync-bn``: per
+  normalises over the global batch (``oracleface.training.sync_batchnorm``; ``--no-sync-bn``: per
   process). Only rank 0 logs, samples and writes checkpoints.
 - Exact resume: the data order is a ``DistributedSampler`` permutation of
   ``(seed, epoch)`` started at the saved batch; masks depend on ``(seed, epoch, index)``
@@ -121,7 +121,7 @@ def build_model(config: TrainConfig, device: torch.device) -> nn.Module:
     extra = {"width": config.width} if config.width != 1 else {}
     model = OracleFaceModel(resolution=config.resolution, attention=config.attention,
                             dsa_backend=config.dsa_backend, weights=weights,
-                            kl_layers=None if config.kl_layers is None else tuple(config.kl_layers),
+                            oracle_layers=None if config.oracle_layers is None else tuple(config.oracle_layers),
                             perceptual=perceptual, **extra)
     return model.to(device)
 
@@ -136,7 +136,7 @@ def seed_everything(seed: int) -> None:
 class Trainer:
     """One training run; ``run()`` trains until the configured length or a stop signal.
 
-    ``checkpoint``: a loaded checkpoint (``oracleface.checkpoint.load_checkpoint``) to
+    ``checkpoint``: a loaded checkpoint (``oracleface.training.checkpoint.load_checkpoint``) to
     continue from, already checked against ``config`` by the caller.
     """
 
@@ -152,7 +152,7 @@ class Trainer:
                              f"samples for each of the {group.world_size} processes (BatchNorm)")
         self.local_batch = config.batch_size // group.world_size
         landmarks = self._landmark_source()
-        # A run's held-out files stay held out when the folder changes (see oracleface.data).
+        # A run's held-out files stay held out when the folder changes (see oracleface.data.folders).
         recorded = read_test_list(self.out) if (self.out / TEST_LIST_FILE).is_file() else None
         self.dataset = FaceFolder(config.data, resolution=config.resolution, split="train",
                                   test_size=config.test_size, seed=config.seed, masks=config.masks,
@@ -450,7 +450,7 @@ def prepare_run(config_layers: list[dict], resume) -> tuple[TrainConfig, dict | 
     nothing in the run folder has been touched.
     """
     from oracleface.training.checkpoint import check_compatible, load_checkpoint
-    from oracleface.training.config import ARCHITECTURE_FIELDS, merge_config
+    from oracleface.training.config import ARCHITECTURE_FIELDS, merge_config, rename_old_fields
 
     config = merge_config(*config_layers)
     if config.data is None or config.out is None:
@@ -480,7 +480,8 @@ def prepare_run(config_layers: list[dict], resume) -> tuple[TrainConfig, dict | 
     if not isinstance(saved, dict):
         raise CheckpointError(f"checkpoint {path} has no readable config")
     # The resumed run's config is the base; the config file and flags override it.
-    saved = {key: value for key, value in saved.items() if key in TrainConfig.__dataclass_fields__}
+    saved = {key: value for key, value in rename_old_fields(saved, warn=False).items()
+             if key in TrainConfig.__dataclass_fields__}
     config = merge_config(saved, *config_layers)
     check_compatible(state, config.to_dict(), path, ARCHITECTURE_FIELDS)
     return config, state, path
