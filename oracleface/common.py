@@ -3,7 +3,7 @@
 - Atomic writes (``atomic_write``, ``write_json_atomic``): checkpoints, configs, test
   lists, metrics, landmark caches and cached images are written to a temporary file in
   the target's folder (hidden: ``.NAME.XXXX.tmp``), flushed to disk and renamed over the
-  target with ``os.replace``. A crash or error mid-write leaves the previous file intact,
+  target with ``os.replace`` (then the folder is flushed, so the rename is durable too). A crash or error mid-write leaves the previous file intact,
   never a truncated one, and the temporary file is removed; concurrent writers (ranks
   caching the same image) each replace the file whole.
 - Compositing (``composite``): the completed image keeps every known pixel of the input
@@ -40,6 +40,17 @@ def atomic_write(path) -> Iterator[Path]:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+    _fsync_folder(path.parent)  # and the rename itself survives a power cut
+
+
+def _fsync_folder(folder: Path) -> None:
+    if not hasattr(os, "O_DIRECTORY"):  # Windows: folders cannot be opened for fsync
+        return
+    handle = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
 
 
 def write_json_atomic(data, path, indent: int | None = 2) -> Path:
