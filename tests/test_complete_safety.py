@@ -5,8 +5,8 @@ import pytest
 from PIL import Image
 
 from oracleface.cli import main
-from oracleface.config import TrainConfig
-from oracleface.trainer import Trainer
+from oracleface.training.config import TrainConfig
+from oracleface.training.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -29,12 +29,12 @@ def photo(tmp_path):
 @pytest.fixture()
 def no_model(monkeypatch):
     """Fail if the model is loaded: the checks must come first."""
-    import oracleface.checkpoint
+    import oracleface.training.checkpoint as checkpoint_module
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model ran before the output was checked")
 
-    monkeypatch.setattr(oracleface.checkpoint, "generator_from_checkpoint", refuse)
+    monkeypatch.setattr(checkpoint_module, "generator_from_checkpoint", refuse)
 
 
 def complete(photo, checkpoint, *extra):

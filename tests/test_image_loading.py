@@ -1,4 +1,4 @@
-"""One image loader for every path (oracleface.images): each Pillow mode becomes the right
+"""One image loader for every path (oracleface.data.images): each Pillow mode becomes the right
 8-bit RGB, and unreadable files are skipped with a count by datasets, refused by mask folders."""
 import os
 import warnings
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from oracleface.data import FaceFolder
-from oracleface.images import TRANSPARENT_BACKGROUND, load_rgb, load_square_image, to_gray, to_rgb
-from oracleface.masks import MaskFolder
+from oracleface.data.folders import FaceFolder
+from oracleface.data.images import TRANSPARENT_BACKGROUND, load_rgb, load_square_image, to_gray, to_rgb
+from oracleface.data.masks import MaskFolder
 
 
 def _rgb(image):
@@ -112,7 +112,7 @@ def test_dataset_skips_every_kind_of_unreadable_file_with_one_counted_warning(tm
 
 
 def test_a_symlink_loop_in_the_data_folder_does_not_stop_training_setup(tmp_path):
-    from oracleface.trainer import prepare_run
+    from oracleface.training.trainer import prepare_run
 
     folder = _folder_with_bad_files(tmp_path)
     config, state, _ = prepare_run([{"data": str(folder), "out": str(tmp_path / "run")}], None)

@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from oracleface.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from oracleface.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from oracleface.cli import main
-from oracleface.config import TrainConfig
-from oracleface.trainer import Trainer, prepare_run
+from oracleface.training.config import TrainConfig
+from oracleface.training.trainer import Trainer, prepare_run
 
 TINY = dict(width=0.125, attention="none", batch_size=2, lambda_perceptual=0.0, workers=0, device="cpu",
             dsa_backend="reference", landmarks="canonical", progress=False)
@@ -99,7 +99,7 @@ def test_leftover_temporary_files_are_removed_at_start(faces, tmp_path, capsys):
 
 def test_a_non_finite_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(faces, tmp_path, capsys,
                                                                                   monkeypatch):
-    from oracleface.step import OracleFaceModel
+    from oracleface.training.step import OracleFaceModel
 
     steps = []
 

@@ -7,11 +7,11 @@ import sys
 import pytest
 
 from oracleface.cli import main
-from oracleface.run_lock import LOCK_FILE, RunFolderBusy, RunLock
+from oracleface.training.run_lock import LOCK_FILE, RunFolderBusy, RunLock
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="fcntl.flock is POSIX")
 
-HOLD = ("import sys, time; from oracleface.run_lock import RunLock; "
+HOLD = ("import sys, time; from oracleface.training.run_lock import RunLock; "
         "lock = RunLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(600)")
 
 
@@ -40,7 +40,7 @@ def test_a_second_trainer_is_refused_naming_the_holder_before_writing_anything(f
 
 
 def test_the_lock_is_held_while_training_and_gone_after(faces, tmp_path, monkeypatch):
-    from oracleface.trainer import Trainer
+    from oracleface.training.trainer import Trainer
 
     run = tmp_path / "run"
     seen = []
@@ -65,7 +65,7 @@ def test_a_refused_fresh_run_leaves_no_folder_behind(tmp_path, capsys):
 
 
 def test_ctrl_c_before_training_is_one_line_and_releases_the_folder(faces, tmp_path, monkeypatch, capsys):
-    from oracleface.trainer import Trainer
+    from oracleface.training.trainer import Trainer
 
     def interrupted(self, *args, **kwargs):  # Ctrl-C while the dataset or landmarks are prepared
         raise KeyboardInterrupt

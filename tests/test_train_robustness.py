@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from oracleface.checkpoint import load_checkpoint
+from oracleface.training.checkpoint import load_checkpoint
 from oracleface.cli import main
 from tests.test_train import CHEAP, FAST, scalars
 
@@ -100,7 +100,7 @@ def test_only_steps_the_grad_scaler_skipped_may_have_non_finite_losses(faces, tm
                                                                        capsys):
     """An overflowing fp16 step is skipped by the GradScaler (which lowers its scale) and must
     not stop training; a non-finite loss on an applied step must."""
-    from oracleface.step import OracleFaceModel
+    from oracleface.training.step import OracleFaceModel
 
     original = OracleFaceModel.training_step
 

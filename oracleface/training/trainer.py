@@ -1,13 +1,13 @@
 """The trainer behind ``oracleface train`` (one process, or one per GPU under ``torchrun``);
-the command line is ``oracleface.train``.
+the command line is ``oracleface.cli.train``.
 
 The per-batch logic (critic update, generator update, every loss) lives in
-``oracleface.step.OracleFaceModel.training_step``; this module owns everything around
+``oracleface.training.step.OracleFaceModel.training_step``; this module owns everything around
 it: devices and processes, the data stream, checkpoints, resuming, signals, logging.
 
 Run folder::
 
-    RUN_DIR/config.yaml              the merged config (see oracleface.config)
+    RUN_DIR/config.yaml              the merged config (see oracleface.training.config)
     RUN_DIR/checkpoints/latest.pt    newest checkpoint (what --resume continues)
     RUN_DIR/checkpoints/step_*.pt    the last ``keep_checkpoints`` numbered ones (copies)
     RUN_DIR/train.lock               while a trainer runs: its pid, host, start time
@@ -19,11 +19,11 @@ Design decisions:
 - Multi-process: one process per GPU (``torchrun``), or any number on the CPU (gloo).
   The GAN step runs several forwards per backward and a double backward (gradient
   penalty), which ``DistributedDataParallel``'s reducer does not support; so, as
-  ``oracleface.step`` recommends, every process holds a full model, rank 0's weights
+  ``oracleface.training.step`` recommends, every process holds a full model, rank 0's weights
   are broadcast once, and gradients are averaged by one all-reduce after each backward
   (``all_reduce_gradients``) — numerically what DDP does. ``--batch-size`` is the global
   batch, split evenly across processes (each needs ≥ 2 for BatchNorm); BatchNorm
-  normalises over the global batch (``oracleface.sync_batchnorm``; ``--no-sync-bn``: per
+  normalises over the global batch (``oracleface.training.sync_batchnorm``; ``--no-sync-bn``: per
   process). Only rank 0 logs, samples and writes checkpoints.
 - Exact resume: the data order is a ``DistributedSampler`` permutation of
   ``(seed, epoch)`` started at the saved position, kept in samples (so a resumed run may
@@ -32,13 +32,14 @@ Design decisions:
   (``FaceFolder.set_epoch``); the DataLoader draws its worker seeds from its own
   generator, never from the global RNG; the checkpoint holds every process's RNG states.
   So a resumed run computes the same next batch, masks and losses as an uninterrupted one.
-- Resuming applies the command line: learning rates, loss weights, batch size, length,
-  cadences, ... take their new values (the optimizers' restored ``param_groups`` get the
-  configured learning rates). Settings that would invalidate the run are refused:
-  the architecture (``config.ARCHITECTURE_FIELDS``) and the split (``config.SPLIT_FIELDS``).
-- One writer per run folder: ``train`` holds ``RUN_DIR/train.lock`` (``oracleface.run_lock``)
-  from before it reads the run until it ends; temporary files of interrupted atomic
-  writes are removed at start; ``step_N.pt`` are independent copies of ``latest.pt``, and
+- Resuming (``oracleface.training.resume``) applies the command line: learning rates, loss
+  weights, batch size, length, cadences, ... take their new values (the optimizers'
+  restored ``param_groups`` get the configured learning rates). Settings that would
+  invalidate the run are refused: the architecture (``config.ARCHITECTURE_FIELDS``) and
+  the split (``config.SPLIT_FIELDS``).
+- One writer per run folder: ``train`` holds ``RUN_DIR/train.lock``
+  (``oracleface.training.run_lock``) from before it reads the run until it ends; temporary
+  files of interrupted atomic writes are removed at start; ``step_N.pt`` are independent copies of ``latest.pt``, and
   ``--resume`` falls back to the newest readable one (with a warning) when ``latest.pt``
   cannot be read.
 - A non-finite loss stops training with one line naming the step and the losses; the
@@ -52,7 +53,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import random
 import time
 import warnings
@@ -63,23 +63,25 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from oracleface.checkpoint import (
+from oracleface.common import copy_atomic
+from oracleface.training.checkpoint import (
     CheckpointError,
     capture_rng_state,
-    copy_atomic,
     latest_checkpoint,
-    numbered_checkpoints,
     prune_numbered,
     restore_rng_state,
     save_checkpoint,
 )
-from oracleface.config import TrainConfig, save_config
-from oracleface.runtime import (
+from oracleface.training.config import TrainConfig, merge_config, save_config
+from oracleface.training.resume import prepare_run
+from oracleface.training.runtime import (
     StopRequest,
     announce,
     default_workers,
+    is_main_process,
     setup_processes,
     teardown_processes,
+    warn,
 )
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -123,7 +125,7 @@ class ZeroPerceptual(nn.Module):
 def build_model(config: TrainConfig, device: torch.device) -> nn.Module:
     """``OracleFaceModel`` (generator, seven critics, losses) for ``config``, on ``device``."""
     from oracleface.losses import LossWeights, PerceptualLoss
-    from oracleface.step import OracleFaceModel
+    from oracleface.training.step import OracleFaceModel
 
     weights = LossWeights(reconstruction=config.lambda_reconstruction, kl=config.lambda_kl,
                           perceptual=config.lambda_perceptual, adversarial=config.lambda_adversarial,
@@ -141,7 +143,7 @@ def build_model(config: TrainConfig, device: torch.device) -> nn.Module:
     extra = {"width": config.width} if config.width != 1 else {}
     model = OracleFaceModel(resolution=config.resolution, attention=config.attention,
                             dsa_backend=config.dsa_backend, weights=weights,
-                            kl_layers=None if config.kl_layers is None else tuple(config.kl_layers),
+                            oracle_layers=None if config.oracle_layers is None else tuple(config.oracle_layers),
                             perceptual=perceptual, **extra)
     return model.to(device)
 
@@ -156,12 +158,12 @@ def seed_everything(seed: int) -> None:
 class Trainer:
     """One training run; ``run()`` trains until the configured length or a stop signal.
 
-    ``checkpoint``: a loaded checkpoint (``oracleface.checkpoint.load_checkpoint``) to
+    ``checkpoint``: a loaded checkpoint (``oracleface.training.checkpoint.load_checkpoint``) to
     continue from, already checked against ``config`` by the caller.
     """
 
     def __init__(self, config: TrainConfig, checkpoint: dict | None = None):
-        from oracleface.data import TEST_LIST_FILE, FaceFolder, read_test_list
+        from oracleface.data.folders import TEST_LIST_FILE, FaceFolder, read_test_list
 
         self.config = config
         self.out = Path(config.out)
@@ -172,7 +174,7 @@ class Trainer:
                              f"samples for each of the {group.world_size} processes (BatchNorm)")
         self.local_batch = config.batch_size // group.world_size
         landmarks = self._landmark_source()
-        # A run's held-out files stay held out when the folder changes (see oracleface.data).
+        # A run's held-out files stay held out when the folder changes (see oracleface.data.folders).
         recorded = read_test_list(self.out) if (self.out / TEST_LIST_FILE).is_file() else None
         self.dataset = FaceFolder(config.data, resolution=config.resolution, split="train",
                                   test_size=config.test_size, seed=config.seed, masks=config.masks,
@@ -194,7 +196,7 @@ class Trainer:
         seed_everything(config.seed + group.rank)
         self.model = build_model(config, group.device)
         if group.distributed and config.sync_bn:
-            from oracleface.sync_batchnorm import synchronise_batchnorm
+            from oracleface.training.sync_batchnorm import synchronise_batchnorm
 
             synchronise_batchnorm(self.model.generator, group.device)
         self.g_optimizer = torch.optim.RMSprop(self.model.generator.parameters(), lr=config.lr_generator)
@@ -205,7 +207,7 @@ class Trainer:
         if checkpoint is not None:
             self._restore(checkpoint)
         if group.distributed:
-            from oracleface.step import broadcast_parameters
+            from oracleface.training.step import broadcast_parameters
             broadcast_parameters(self.model)
         self.last_saved_step = self.step if checkpoint is not None else -1
         # The machine decides when the config does not (resumed runs may move machines).
@@ -216,14 +218,13 @@ class Trainer:
         """What ``FaceFolder`` gets as ``landmarks``: for a provider (``dlib``, the default) its
         cache file, computed on first use by rank 0 (progress bar, resumable: an interrupted
         run continues it) while the other processes wait; ``canonical`` with a warning."""
-        from oracleface.landmarks import PROVIDERS, build_landmark_cache
+        from oracleface.data.landmarks import PROVIDERS, build_landmark_cache
 
         config, group = self.config, self.group
         if config.landmarks == "canonical":
             if group.is_main:
-                print("oracleface train: warning: --landmarks canonical: one template for every face "
-                      "(2-6 px off per face on CelebA-HQ, the nose up to 14 px); the paper uses "
-                      "per-image landmarks (the default, dlib)", file=sys.stderr, flush=True)
+                warn("--landmarks canonical: one template for every face (2-6 px off per face on "
+                     "CelebA-HQ, the nose up to 14 px); the paper uses per-image landmarks (the default, dlib)")
             return "canonical"
         if config.landmarks not in PROVIDERS:
             return config.landmarks  # a cache file written by `oracleface landmarks`
@@ -386,7 +387,7 @@ class Trainer:
 
         config, group = self.config, self.group
         if group.is_main:
-            from oracleface.data import write_test_list
+            from oracleface.data.folders import write_test_list
 
             save_config(config, self.out / "config.yaml")
             write_test_list(self.out, self.dataset.test_files, config.seed)
@@ -394,7 +395,7 @@ class Trainer:
         model, autocast = self.model, self._autocast()
         gradient_sync = None
         if group.distributed:
-            from oracleface.step import all_reduce_gradients
+            from oracleface.training.step import all_reduce_gradients
             gradient_sync = all_reduce_gradients
         progress = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
                         disable=not (group.is_main and config.progress), desc="train")
@@ -467,7 +468,7 @@ def landmark_cache_path(config: TrainConfig) -> Path:
     ``--cache-dir`` when given, else where ``oracleface landmarks DATA_DIR`` writes
     (``DATA_DIR/landmarks_<provider>.json``) when that folder is writable, else in the run
     folder."""
-    from oracleface.landmarks import default_cache_path
+    from oracleface.data.landmarks import default_cache_path
 
     name = default_cache_path(config.data, config.landmarks).name
     if config.cache_dir is not None:
@@ -508,94 +509,13 @@ def saved_sample_in_epoch(state: dict) -> int:
 
 
 # ----------------------------------------------------------------------------- entry point
-def prepare_run(config_layers: list[dict], resume) -> tuple[TrainConfig, dict | None, Path | None]:
-    """Merge the config and load the checkpoint to resume, before anything is written.
-
-    ``config_layers``: the config file's values then the flags given (lowest first).
-    ``resume``: None (a fresh run), ``"latest"`` (RUN_DIR/checkpoints/latest.pt, which must
-    exist; when it cannot be read, the newest readable ``step_*.pt``, with a warning),
-    ``"if-any"`` (like ``"latest"`` when the run holds a checkpoint, else a fresh run, said
-    so) or a checkpoint path. Returns ``(config, checkpoint state or None, its path or None)``.
-    Raises FileNotFoundError/ValueError/CheckpointError with the reason; on error
-    nothing in the run folder has been touched.
-    """
-    from oracleface.checkpoint import check_compatible, load_checkpoint, load_newest_readable
-    from oracleface.config import ARCHITECTURE_FIELDS, merge_config
-
-    config = merge_config(*config_layers)
-    if config.data is None or config.out is None:
-        raise ValueError("train needs --data DIR and --out RUN_DIR (flags or config file)")
-    data = Path(config.data)
-    if not data.is_dir():
-        raise FileNotFoundError(f"--data {data}: no such folder")
-    latest = latest_checkpoint(config.out)
-    holds_run = latest.exists() or bool(numbered_checkpoints(config.out))
-    if resume == "if-any":
-        if holds_run:
-            resume = "latest"
-        else:
-            announce(f"nothing to resume in {config.out} (no {latest}): starting a fresh run")
-            resume = None
-    if resume is None:
-        if holds_run:
-            raise ValueError(f"{config.out} already holds a run ({latest.parent}); "
-                             "pass --resume to continue it or choose another --out")
-        return config, None, None
-    if resume == "latest" and not holds_run:
-        raise FileNotFoundError(f"nothing to resume: {latest} does not exist. Leave out --resume to "
-                                f"start a fresh run in {config.out}, or pass --resume if-any to start "
-                                "fresh whenever there is nothing to resume")
-    if resume == "latest":
-        state, path, passed_over = load_newest_readable(config.out)
-        for reason in passed_over:
-            warn(f"{reason}; resuming from {path} instead")
-    else:
-        path = Path(resume)
-        state = load_checkpoint(path)
-    saved = state["config"]
-    if not isinstance(saved, dict):
-        raise CheckpointError(f"checkpoint {path} has no readable config")
-    # The resumed run's config is the base; the config file and flags override it.
-    saved = {key: value for key, value in saved.items() if key in TrainConfig.__dataclass_fields__}
-    config = merge_config(saved, *config_layers)
-    check_compatible(state, config.to_dict(), path, ARCHITECTURE_FIELDS)
-    refuse_split_changes(saved, config, path)
-    changed = [f"{name} {saved[name]!r} → {value!r}" for name, value in config.to_dict().items()
-               if name in saved and saved[name] != value]
-    if changed:
-        announce(f"resuming with changed settings: {', '.join(changed)}")
-    return config, state, path
-
-
-def refuse_split_changes(saved: dict, config: TrainConfig, path) -> None:
-    """Raise ValueError naming the first ``SPLIT_FIELDS`` setting that differs from the
-    resumed run's: a new split would train on images the run holds out (or the reverse)."""
-    from oracleface.config import SPLIT_FIELDS
-
-    for name in SPLIT_FIELDS:
-        if name in saved and saved[name] != getattr(config, name):
-            raise ValueError(f"--{name.replace('_', '-')} {getattr(config, name)!r} differs from the resumed "
-                             f"run's {saved[name]!r} ({path}): it decides the train/test split, so the run "
-                             "would train on images it holds out; keep it, or start a new run (another --out)")
-
-
-def warn(message: str) -> None:
-    """One warning line on stderr from rank 0 only."""
-    from oracleface.runtime import is_main_process
-
-    if is_main_process():
-        print(f"oracleface train: warning: {message}", file=sys.stderr, flush=True)
-
-
 def train(config_layers: list[dict], resume=None) -> dict:
-    """Lock the run folder (``oracleface.run_lock``; rank 0), prepare (see ``prepare_run``),
+    """Lock the run folder (``oracleface.training.run_lock``; rank 0), prepare (see ``prepare_run``),
     train, tear down; returns ``Trainer.run``'s summary."""
     from contextlib import nullcontext
 
-    from oracleface.checkpoint import remove_leftover_temporaries
-    from oracleface.config import merge_config
-    from oracleface.run_lock import RunLock
-    from oracleface.runtime import is_main_process
+    from oracleface.common import remove_leftover_temporaries
+    from oracleface.training.run_lock import RunLock
 
     out = merge_config(*config_layers).out
     lock = RunLock(out) if out is not None and is_main_process() else nullcontext()

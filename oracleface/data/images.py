@@ -1,8 +1,8 @@
 """Image files: finding them in a folder, decoding them to squares, as tensors.
 
-Shared by every reader of images: the dataset (``oracleface.data``, so training and
-``eval``), the landmark cache (``oracleface.landmarks``), mask folders
-(``oracleface.masks``) and ``complete``.
+Shared by every reader of images: the dataset (``oracleface.data.folders``, so training
+and ``eval``), the landmark cache (``oracleface.data.landmarks``), mask folders
+(``oracleface.data.masks``) and ``oracleface.completion``.
 
 Every Pillow mode becomes 8-bit RGB the same way (``to_rgb``):
 

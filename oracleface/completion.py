@@ -1,5 +1,6 @@
-"""Inference on one photo: ``oracleface complete IMAGE --mask MASK.png|center|random
---checkpoint CKPT --out OUT.png [--side-by-side PATH] [--align dlib|face-alignment]``.
+"""Inference on one photo, behind ``oracleface complete IMAGE --mask MASK.png|center|random
+--checkpoint CKPT [--out OUT.png] [--side-by-side PATH] [--align dlib|face-alignment]
+[--overwrite]`` (the command line is ``oracleface.cli.complete``).
 
 Any image size. The model works at its training resolution R (256 or 1024), so:
 
@@ -25,7 +26,7 @@ Any image size. The model works at its training resolution R (256 or 1024), so:
    (the photo, the mask, the checkpoint) are refused unless ``--overwrite``; the two
    outputs must be different files.
 
-Photos and masks are read by ``oracleface.images`` (every Pillow mode, EXIF orientation,
+Photos and masks are read by ``oracleface.data.images`` (every Pillow mode, EXIF orientation,
 transparency on white). Mask files: any image of the photo's size; bright pixels (≥ 128
 in grayscale) are the hole. ``center``: a centred square of half the photo's shorter side; ``random``: one of
 the paper's random rectangles, scaled to the photo (``--seed``).
@@ -33,7 +34,6 @@ the paper's random rectangles, scaled to the photo (``--seed``).
 from __future__ import annotations
 
 import os
-import sys
 import warnings
 from pathlib import Path
 
@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from oracleface.common import atomic_write
 from oracleface.visualize import masked_picture, side_by_side
 
 MASK_KEYWORDS = ("center", "random")
@@ -50,7 +51,7 @@ MASK_KEYWORDS = ("center", "random")
 def load_hole(mask: str, size: tuple[int, int], seed: int = 0) -> np.ndarray:
     """The hole ``(H, W)`` bool for ``mask`` (a file, ``center`` or ``random``) and an image
     of ``size = (width, height)``."""
-    from oracleface.masks import center_mask, random_rectangle_mask
+    from oracleface.data.masks import center_mask, random_rectangle_mask
 
     width, height = size
     side = min(width, height)
@@ -61,7 +62,7 @@ def load_hole(mask: str, size: tuple[int, int], seed: int = 0) -> np.ndarray:
     elif mask == "random":
         square = random_rectangle_mask(side, torch.Generator().manual_seed(seed)).numpy()[0] > 0
     else:
-        from oracleface.images import DECODE_ERRORS, decode_error_reason, load_gray
+        from oracleface.data.images import DECODE_ERRORS, decode_error_reason, load_gray
 
         path = Path(mask)
         if not path.is_file():
@@ -137,7 +138,7 @@ def complete_aligned(generator, photo: np.ndarray, hole: np.ndarray, provider: s
     (module docstring, 2); ``covered`` marks the pixels inside the aligned crop."""
     from skimage.transform import warp
 
-    from oracleface.landmarks import canonical_landmarks, get_provider
+    from oracleface.data.landmarks import canonical_landmarks, get_provider
 
     resolution = generator.resolution
     points = get_provider(provider)((photo * 255).round().astype(np.uint8))
@@ -234,9 +235,8 @@ def check_outputs(inputs: dict[str, Path], outputs: dict[str, Path], overwrite: 
 
 def save_image(picture: Image.Image, path: Path, format: str) -> None:
     """Write ``picture`` atomically in ``format`` (WebP losslessly)."""
-    from oracleface.checkpoint import write_atomic
-
-    write_atomic(path, lambda stream: picture.save(stream, format=format, **SAVE_OPTIONS.get(format, {})))
+    with atomic_write(path) as temporary:
+        picture.save(temporary, format=format, **SAVE_OPTIONS.get(format, {}))
 
 
 def default_output(image) -> Path:
@@ -249,9 +249,9 @@ def complete_file(image, mask: str, checkpoint, out=None, side_by_side_path=None
                   device: str = "auto", seed: int = 0, overwrite: bool = False) -> Path:
     """The ``complete`` command as a function; returns the written path. Every check
     (inputs readable, outputs safe, see ``check_outputs``) runs before the model does."""
-    from oracleface.checkpoint import generator_from_checkpoint
-    from oracleface.images import DECODE_ERRORS, decode_error_reason, load_rgb
-    from oracleface.runtime import resolve_device
+    from oracleface.data.images import DECODE_ERRORS, decode_error_reason, load_rgb
+    from oracleface.training.checkpoint import generator_from_checkpoint
+    from oracleface.training.runtime import resolve_device
 
     image = Path(image)
     if not image.is_file():
@@ -280,47 +280,3 @@ def complete_file(image, mask: str, checkpoint, out=None, side_by_side_path=None
         save_image(side_by_side([photo, masked_picture(photo, hole), result]), Path(side_by_side_path),
                    formats["--side-by-side"])
     return out
-
-
-# ----------------------------------------------------------------------------- command line
-def configure_parser(parser) -> None:
-    parser.add_argument("image", metavar="IMAGE", help="photo to complete (any size)")
-    parser.add_argument("--mask", required=True, metavar="MASK.png|center|random",
-                        help="hole: an image of the photo's size (bright = missing), center or random")
-    parser.add_argument("--checkpoint", required=True, metavar="CKPT")
-    parser.add_argument("--out", default=None, metavar="OUT.png",
-                        help="completed photo; its extension picks the format (default: "
-                             "IMAGE_completed.png; lossy formats such as .jpg change known pixels)")
-    parser.add_argument("--side-by-side", metavar="PATH", default=None,
-                        help="also write input | masked | output")
-    parser.add_argument("--align", choices=("dlib", "face-alignment"), default=None,
-                        help="align an unaligned photo with this landmark detector first")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--seed", type=int, default=0, help="for --mask random")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="allow --out / --side-by-side to replace an input file (the photo, the mask)")
-
-
-def run_command(args) -> int:
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", UserWarning)
-            try:
-                out = complete_file(args.image, args.mask, args.checkpoint, args.out, args.side_by_side,
-                                    args.align, args.device, args.seed, args.overwrite)
-            finally:
-                for warning in caught:  # one line each, not Python's two-line format
-                    print(f"oracleface complete: warning: {warning.message}", file=sys.stderr)
-    except (OSError, ValueError) as error:
-        print(f"oracleface complete: error: {error}", file=sys.stderr)
-        return 2
-    print(f"completed image written to {out}" +
-          (f"; side by side: {args.side_by_side}" if args.side_by_side else ""))
-    return 0
-
-
-def command():
-    from oracleface.command import Command
-
-    return Command("complete", "complete the masked region of one photo with a trained checkpoint",
-                   configure_parser, run_command)

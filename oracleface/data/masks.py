@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from oracleface.images import DECODE_ERRORS, decode_error_reason, load_gray
+from oracleface.data.images import DECODE_ERRORS, decode_error_reason, load_gray
 
 MaskSampler = Callable[["torch.Generator | None"], torch.Tensor]
 

@@ -11,22 +11,21 @@ loads with ``torch.load(weights_only=True)`` (no pickled code runs)::
      "optimizer_generator": ..., "optimizer_discriminator": ..., "scaler": ... | None,
      "rng": [per-process RNG states, rank order]}             # see ``capture_rng_state``
 
-Writes go to a temporary file in the same folder, fsynced, then ``os.replace`` and an
-fsync of the folder (``write_atomic``): a crash or power loss mid-write leaves the
-previous checkpoint intact, never a truncated one; ``remove_leftover_temporaries``
-clears what an interrupted write leaves behind.
+Writes are atomic and durable (``oracleface.common.atomic_write``: temporary file in the
+same folder, fsync, ``os.replace``, fsync of the folder): a crash or power loss mid-write
+leaves the previous checkpoint intact, never a truncated one.
 """
 from __future__ import annotations
 
-import os
 import pickle
 import random
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from oracleface.common import atomic_write
 
 FORMAT = "oracleface-checkpoint"
 VERSION = 1
@@ -79,63 +78,9 @@ def save_checkpoint(state: dict, path) -> Path:
     missing = [key for key in REQUIRED_KEYS if key not in state]
     if missing:
         raise ValueError(f"checkpoint state is missing {missing}")
-    return write_atomic(path, lambda stream: torch.save({"format": FORMAT, "version": VERSION, **state}, stream))
-
-
-TEMPORARY_SUFFIX = ".tmp"  # ``.NAME.XXXX.tmp``: an atomic write in progress (or interrupted)
-
-
-def write_atomic(path, write, mode: str = "wb") -> Path:
-    """Create or replace ``path`` so that it is never seen partly written, even after a crash
-    or power loss: ``write(stream)`` fills a temporary file in the same folder, which is
-    flushed and fsynced, renamed over ``path`` (``os.replace``), and the folder is fsynced."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX)
-    try:
-        with os.fdopen(handle, mode) as stream:
-            write(stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    _fsync_folder(path.parent)
-    return path
-
-
-def copy_atomic(source, path) -> Path:
-    """An independent copy of ``source`` at ``path`` (not a link: either may break alone)."""
-    import shutil
-
-    with open(source, "rb") as original:
-        return write_atomic(path, lambda stream: shutil.copyfileobj(original, stream, 1 << 22))
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (POSIX; Windows cannot open folders)."""
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass  # some file systems do not fsync folders; the rename itself is still atomic
-    finally:
-        os.close(descriptor)
-
-
-def remove_leftover_temporaries(folder) -> list[Path]:
-    """Delete the temporary files of interrupted atomic writes in ``folder`` (not recursive);
-    call only while holding the folder (``oracleface.run_lock``). Returns what was removed."""
-    removed = []
-    for path in sorted(Path(folder).glob(f".*{TEMPORARY_SUFFIX}")):
-        if path.is_file():
-            path.unlink(missing_ok=True)
-            removed.append(path)
-    return removed
+    with atomic_write(path) as temporary:
+        torch.save({"format": FORMAT, "version": VERSION, **state}, temporary)
+    return Path(path)
 
 
 # What torch.load raises for truncated/garbled files and for non-checkpoint pickles.
@@ -245,14 +190,3 @@ def generator_from_checkpoint(path, device="cpu", dsa_backend: str = "auto"):
         raise CheckpointError(f"checkpoint {path}: its generator weights do not fit the model its "
                               f"config describes: {error}") from error
     return generator.to(device).eval(), state
-
-
-def write_json_atomic(data, path) -> Path:
-    """Write ``data`` as indented JSON atomically (see ``write_atomic``)."""
-    import json
-
-    def write(stream):
-        json.dump(data, stream, indent=2)
-        stream.write("\n")
-
-    return write_atomic(path, write, mode="w")
