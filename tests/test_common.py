@@ -5,7 +5,8 @@ import pytest
 import torch
 import yaml
 
-from oracleface.common import atomic_write, composite, write_json_atomic
+from oracleface.common import (atomic_write, composite, copy_atomic, remove_leftover_temporaries,
+                               write_json_atomic)
 
 
 class WriteFailed(Exception):
@@ -33,6 +34,46 @@ def test_json_is_indented_or_compact_and_round_trips(tmp_path):
     assert json.loads((tmp_path / "indented.json").read_text()) == data
     assert (tmp_path / "indented.json").read_text().endswith("\n")
     assert " " not in (tmp_path / "compact.json").read_text().replace("a.png", "")
+
+
+def test_copy_atomic_makes_an_independent_copy(tmp_path):
+    # step_N.pt must survive damage to latest.pt: a hard link would share its bytes.
+    source, copy = tmp_path / "latest.pt", tmp_path / "checkpoints" / "step_1.pt"
+    source.write_bytes(b"weights")
+    copy_atomic(source, copy)
+    assert copy.read_bytes() == b"weights" and copy.stat().st_ino != source.stat().st_ino
+    source.write_bytes(b"damaged")
+    assert copy.read_bytes() == b"weights"
+    assert sorted(p.name for p in copy.parent.iterdir()) == ["step_1.pt"]
+
+
+def test_only_the_temporaries_of_atomic_writes_are_removed_as_leftovers(tmp_path):
+    with pytest.raises(WriteFailed):
+        with atomic_write(tmp_path / "latest.pt") as temporary:
+            leftover = temporary.with_name(temporary.name.replace("latest", "step_1"))
+            leftover.write_bytes(b"what a killed process leaves")  # an error cleans up its own
+            raise WriteFailed
+    for name in ("latest.pt", ".hidden", "notes.tmp"):
+        (tmp_path / name).write_text("keep")
+    assert remove_leftover_temporaries(tmp_path) == [leftover]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden", "latest.pt", "notes.tmp"]
+
+
+def test_a_folder_that_cannot_be_fsynced_does_not_fail_the_write(tmp_path, monkeypatch):
+    # Some file systems refuse fsync on folders; the rename is atomic all the same.
+    import os
+    import stat
+
+    fsync = os.fsync
+
+    def fsync_files_only(descriptor):
+        if stat.S_ISDIR(os.fstat(descriptor).st_mode):
+            raise OSError(22, "Invalid argument")
+        fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", fsync_files_only)
+    write_json_atomic({"a": 1}, tmp_path / "a.json")
+    assert json.loads((tmp_path / "a.json").read_text()) == {"a": 1}
 
 
 def _failing_dump(*args, **kwargs):
