@@ -12,7 +12,7 @@ larger maps that only fused kernels can hold (batch 8)::
 ``Dqk`` follows ``DualSpatialAttention``'s rule ``max(C // 8, 8)``, so the op benchmarks
 measure exactly the shapes the module feeds the op.
 
-Masks are drawn at the 256² image resolution with ``oracleface.masks`` (the centre
+Masks are drawn at the 256² image resolution with ``oracleface.data.masks`` (the centre
 128×128 hole, or per-sample random rectangles of 13.5–25 % of the area, seeded) and
 reduced to the feature map with ``dsa_ops.reduce_hole_mask``, exactly as the module does.
 Foreground = hole pixels. Each DSA layer runs two attention branches: ``cross``
@@ -41,7 +41,7 @@ from typing import Optional
 import torch
 
 from dsa_ops import reduce_hole_mask
-from oracleface.masks import center_mask, random_rectangle_mask
+from oracleface.data.masks import center_mask, random_rectangle_mask
 
 Tensor = torch.Tensor
 

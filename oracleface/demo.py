@@ -15,7 +15,6 @@ hundred CPU steps on ~100 tiny photos claim nothing about quality.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -55,8 +54,8 @@ def write_demo_photos(folder) -> tuple[Path, Path]:
 def run_demo(out="oracleface-demo", steps: int = DEFAULT_STEPS, device: str = "cpu",
              width: float = DEFAULT_WIDTH, batch_size: int = 4) -> Path:
     """Train, complete, write ``OUT/before_after.png``; returns its path."""
-    from oracleface.complete import complete_file
-    from oracleface.trainer import train
+    from oracleface.completion import complete_file
+    from oracleface.training.trainer import train
 
     out = Path(out)
     train_folder, held_out = write_demo_photos(out / "photos")
@@ -71,30 +70,3 @@ def run_demo(out="oracleface-demo", steps: int = DEFAULT_STEPS, device: str = "c
     complete_file(held_out, "center", summary["checkpoint"] or checkpoint, out / "completed.png",
                   side_by_side_path=before_after, device=device)
     return before_after
-
-
-def configure_parser(parser) -> None:
-    parser.add_argument("--out", default="oracleface-demo", metavar="DIR",
-                        help="folder for photos, run and pictures (default: ./oracleface-demo)")
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS,
-                        help=f"training steps (default {DEFAULT_STEPS}: a few minutes on 2 CPU cores)")
-    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
-    parser.add_argument("--width", type=float, default=DEFAULT_WIDTH,
-                        help=f"channel multiplier of the demo model (default {DEFAULT_WIDTH})")
-
-
-def run_command(args) -> int:
-    try:
-        path = run_demo(args.out, args.steps, args.device, args.width)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"oracleface demo: error: {error}", file=sys.stderr)
-        return 2
-    print(f"before/after (input | masked | output) written to {path}")
-    return 0
-
-
-def command():
-    from oracleface.command import Command
-
-    return Command("demo", "train a tiny model on photos shipped with scikit-image and complete a held-out face",
-                   configure_parser, run_command)

@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from dsa_ops import attention_kl, reduce_hole_mask
-from oracleface.boxes import component_masks
+from oracleface.data.boxes import component_masks
+from oracleface.training.config import DEFAULTS
 
 Tensor = torch.Tensor
 
@@ -38,13 +39,14 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclasses.dataclass(frozen=True)
 class LossWeights:
-    """Trade-offs of Eq. 10 and the gradient-penalty weight γ of Eq. 8 (paper defaults)."""
+    """Trade-offs of Eq. 10 and the gradient-penalty weight γ of Eq. 8 (paper defaults, from
+    ``oracleface.training.config.TrainConfig``, the one place defaults are written)."""
 
-    reconstruction: float = 10.0
-    kl: float = 2.0
-    perceptual: float = 1.0
-    adversarial: float = 1.0
-    gradient_penalty: float = 10.0
+    reconstruction: float = DEFAULTS.lambda_reconstruction
+    kl: float = DEFAULTS.lambda_kl
+    perceptual: float = DEFAULTS.lambda_perceptual
+    adversarial: float = DEFAULTS.lambda_adversarial
+    gradient_penalty: float = DEFAULTS.gradient_penalty
 
 
 # ----------------------------------------------------------------------------- Eq. 6

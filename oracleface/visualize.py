@@ -1,7 +1,7 @@
 """Image grids for training samples and before/after pictures.
 
 ``sample_grid`` lays out one row per sample: masked input | completed output | ground
-truth, with the component boxes (``oracleface.boxes`` order) drawn on the ground truth.
+truth, with the component boxes (``oracleface.data.boxes`` order) drawn on the ground truth.
 Holes in the input are shown in mid grey.
 """
 from __future__ import annotations
@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from oracleface.boxes import COMPONENTS
+from oracleface.common import composite
+from oracleface.data.boxes import COMPONENTS
 
 BOX_COLOURS = {"left_eye": (0, 200, 255), "right_eye": (0, 255, 120), "nose": (255, 200, 0),
                "mouth": (255, 60, 60)}
@@ -30,8 +31,7 @@ def to_pil(image: torch.Tensor) -> Image.Image:
 
 def masked_input(image: torch.Tensor, hole_mask: torch.Tensor) -> torch.Tensor:
     """What the network sees, for display: hole pixels replaced by grey. Shapes as ``image``."""
-    hole = hole_mask.to(image.dtype)
-    return image * (1 - hole) + HOLE_GREY * hole
+    return composite(image, torch.full_like(image, HOLE_GREY), hole_mask)
 
 
 def draw_boxes(picture: Image.Image, boxes: torch.Tensor) -> Image.Image:
@@ -66,15 +66,14 @@ def sample_grid(image: torch.Tensor, hole_mask: torch.Tensor, output: torch.Tens
     if image.shape != output.shape or image.dim() != 4:
         raise ValueError(f"image and output must both be (B, 3, H, W); got {tuple(image.shape)} "
                          f"and {tuple(output.shape)}")
-    hole = hole_mask.to(image.dtype)
-    composite = image * (1 - hole) + output.to(image.dtype) * hole
+    completed = composite(image, output, hole_mask)
     shown = masked_input(image, hole_mask)
     rows = []
     for b in range(min(max_rows, image.shape[0])):
         truth = to_pil(image[b])
         if boxes is not None:
             truth = draw_boxes(truth, boxes[b])
-        rows.append([to_pil(shown[b]), to_pil(composite[b]), truth])
+        rows.append([to_pil(shown[b]), to_pil(completed[b]), truth])
     return tile(rows)
 
 

@@ -1,11 +1,11 @@
-"""oracleface.checkpoint: RNG capture/restore, atomic writes, safe and checked loads."""
+"""oracleface.training.checkpoint: RNG capture/restore, atomic writes, safe and checked loads."""
 import random
 
 import numpy as np
 import pytest
 import torch
 
-from oracleface.checkpoint import (
+from oracleface.training.checkpoint import (
     CheckpointError,
     capture_rng_state,
     check_compatible,

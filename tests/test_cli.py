@@ -1,11 +1,13 @@
 """The command line: config precedence, and clear errors that leave the run folder untouched."""
+import warnings
+
 import pytest
 from PIL import Image
 
 from oracleface.cli import build_parser, main
-from oracleface.config import TrainConfig, load_config_file, merge_config, save_config
-from oracleface.train import flag_values
-from oracleface.trainer import Trainer
+from oracleface.training.config import TrainConfig, load_config_file, merge_config, save_config
+from oracleface.cli.train import flag_values
+from oracleface.training.trainer import Trainer
 
 
 @pytest.fixture()
@@ -77,6 +79,8 @@ def test_resuming_with_another_resolution_is_refused(faces, run_dir, capsys):
 def test_corrupt_checkpoint_is_refused_by_train_eval_and_complete(faces, run_dir, tmp_path, capsys):
     latest = run_dir / "checkpoints" / "latest.pt"
     latest.write_bytes(latest.read_bytes()[:1000])
+    for snapshot_file in (run_dir / "checkpoints").glob("step_*.pt"):  # else --resume falls back to it
+        snapshot_file.write_bytes(latest.read_bytes())
     before = snapshot(run_dir)
     assert main(["train", "--data", str(faces), "--out", str(run_dir), "--resume"]) == 2
     assert main(["eval", "--data", str(faces), "--checkpoint", str(latest), "--device", "cpu"]) == 2
@@ -85,7 +89,8 @@ def test_corrupt_checkpoint_is_refused_by_train_eval_and_complete(faces, run_dir
     assert main(["complete", str(photo), "--mask", "center", "--checkpoint", str(latest),
                  "--out", str(tmp_path / "o.png"), "--device", "cpu"]) == 2
     errors = capsys.readouterr().err
-    assert errors.count("cannot read checkpoint") == 3 and "corrupt" in errors
+    # train names latest.pt and the snapshot step_00000000.pt it tried next; eval and complete one each
+    assert errors.count("cannot read checkpoint") == 4 and "corrupt" in errors
     assert snapshot(run_dir) == before and not (tmp_path / "o.png").exists()
 
 
@@ -108,7 +113,7 @@ def test_resume_with_nothing_to_resume_says_so_and_starts_nothing(faces, tmp_pat
 
 
 def test_default_workers_fit_the_cpus_this_process_may_use(monkeypatch):
-    from oracleface import runtime
+    from oracleface.training import runtime
 
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
@@ -151,7 +156,7 @@ def _trainer_config(data, out, *flags):
 def test_train_defaults_to_dlib_landmarks_computed_once_into_a_cache(celeba_hq, tmp_path, capsys):
     import shutil
 
-    from oracleface.landmarks import read_landmark_cache
+    from oracleface.data.landmarks import read_landmark_cache
 
     data = tmp_path / "faces"
     data.mkdir()
@@ -180,7 +185,7 @@ def test_the_landmark_cache_is_kept_in_the_run_folder_when_the_data_is_read_only
     import os
     import shutil
 
-    from oracleface.trainer import landmark_cache_path
+    from oracleface.training.trainer import landmark_cache_path
 
     data = shutil.copytree(faces, tmp_path / "faces", ignore=shutil.ignore_patterns("*.json"))
     assert landmark_cache_path(_trainer_config(data, tmp_path / "run")) == data / "landmarks_dlib.json"
@@ -197,3 +202,78 @@ def test_new_train_defaults_and_their_opt_out_flags():
                                                     "--landmarks", "canonical", "--workers", "3"])))
     assert (changed.landmarks, changed.flip, changed.sync_bn, changed.workers) == ("canonical", False, False, 3)
     assert parse_train(["--resume", "if-any"]).resume == "if-any" and parse_train(["--resume"]).resume == "latest"
+
+
+def test_the_help_quotes_the_defaults_of_the_config(monkeypatch, capsys):
+    # TrainConfig is the one source of defaults: the help reads them from it.
+    import oracleface.training.config as config
+
+    monkeypatch.setattr(config, "DEFAULTS", TrainConfig(lambda_kl=3.5, batch_size=24, lr_generator=2e-4))
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for expected in ("weight of the kl loss (default 3.5)", "(default 24)", "RMSprop lr of G (default 0.0002)"):
+        assert expected in help_text
+
+
+def test_loss_weights_default_to_the_config():
+    from oracleface.losses import LossWeights
+
+    defaults = TrainConfig()
+    assert LossWeights() == LossWeights(defaults.lambda_reconstruction, defaults.lambda_kl,
+                                        defaults.lambda_perceptual, defaults.lambda_adversarial,
+                                        defaults.gradient_penalty)
+
+
+def test_the_old_kl_layers_name_still_works_and_warns_once(tmp_path, monkeypatch):
+    import oracleface.training.config as config
+
+    monkeypatch.setattr(config, "_warned_deprecated", set())
+    with pytest.warns(FutureWarning, match="--kl-layers is deprecated: use --oracle-layers"):
+        args = parse_train(["--kl-layers", "12", "13"])
+    assert flag_values(args)["oracle_layers"] == [12, 13] and "kl_layers" not in flag_values(args)
+    old_file = tmp_path / "old.yaml"
+    old_file.write_text("kl_layers: [12, 14]\n")
+    with pytest.warns(FutureWarning, match="kl_layers is deprecated: use oracle_layers"):
+        assert merge_config(load_config_file(old_file)).oracle_layers == [12, 14]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process: the second use is quiet
+        parse_train(["--kl-layers", "12"])
+        assert merge_config(load_config_file(old_file)).oracle_layers == [12, 14]
+    with pytest.raises(ValueError, match="kl_layers and oracle_layers are one setting"):
+        merge_config({"kl_layers": [12], "oracle_layers": [13]})
+
+
+def test_a_run_saved_with_the_old_name_resumes_with_its_oracle_layers(run_dir):
+    # Checkpoints written before the rename store kl_layers in their config.
+    from oracleface.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from oracleface.training.trainer import prepare_run
+
+    path = latest_checkpoint(run_dir)
+    state = load_checkpoint(path)
+    del state["config"]["oracle_layers"]
+    state["config"]["kl_layers"] = [12, 13]
+    save_checkpoint(state, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nobody typed the old name: no warning
+        config, _, _ = prepare_run([{"data": state["config"]["data"], "out": str(run_dir)}], "latest")
+    assert config.oracle_layers == [12, 13]
+
+
+def test_every_command_reports_bad_input_in_one_line(tmp_path, capsys):
+    # The landmarks command used to end in a traceback here (its cache is from another provider).
+    (tmp_path / "faces").mkdir()
+    cache = tmp_path / "landmarks.json"
+    cache.write_text('{"format": "oracleface-landmarks", "version": 1, "provider": "dlib", '
+                     '"landmarks": {}, "no_face": [], "unreadable": []}')
+    commands = {
+        "landmarks": ["landmarks", str(tmp_path / "faces"), "--provider", "canonical", "--out", str(cache)],
+        "eval": ["eval", "--data", str(tmp_path / "absent"), "--checkpoint", str(tmp_path / "c.pt")],
+        "complete": ["complete", str(tmp_path / "absent.png"), "--mask", "center", "--checkpoint",
+                     str(tmp_path / "c.pt"), "--out", str(tmp_path / "out.png")],
+        "train": ["train", "--data", str(tmp_path / "absent"), "--out", str(tmp_path / "run")],
+    }
+    for name, argv in commands.items():
+        assert main(argv) == 2, name
+        error = capsys.readouterr().err
+        assert error.startswith(f"oracleface {name}: error: ") and error.count("\n") == 1, error

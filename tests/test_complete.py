@@ -1,10 +1,10 @@
-"""oracleface.complete: holes for photos of any size, conservative resizing, known pixels kept."""
+"""oracleface.completion: holes for photos of any size, conservative resizing, known pixels kept."""
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from oracleface.complete import complete_photo, hole_to_model, load_hole
+from oracleface.completion import complete_photo, hole_to_model, load_hole
 from oracleface.models import Generator
 
 

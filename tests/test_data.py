@@ -1,4 +1,4 @@
-"""oracleface.data.FaceFolder on tiny generated folders: split, resize, corrupt files, cache."""
+"""oracleface.data.folders.FaceFolder on tiny generated folders: split, resize, corrupt files, cache."""
 import warnings
 
 import numpy as np
@@ -6,11 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
-import oracleface.data as data
-import oracleface.landmarks as landmarks
-from oracleface.boxes import COMPONENTS
-from oracleface.data import FaceFolder, default_test_size, find_images, split_files
-from oracleface.landmarks import canonical_landmarks
+import oracleface.data.folders as data
+import oracleface.data.landmarks as landmarks
+from oracleface.data.boxes import COMPONENTS
+from oracleface.data.folders import FaceFolder, default_test_size, find_images, split_files
+from oracleface.data.landmarks import canonical_landmarks
 
 RESOLUTION = 16
 
@@ -89,7 +89,7 @@ def test_adding_files_and_a_cache_never_moves_a_file_between_splits(face_dir):
 
 
 def test_a_recorded_test_list_pins_the_test_split(face_dir, tmp_path):
-    from oracleface.data import read_test_list, write_test_list
+    from oracleface.data.folders import read_test_list, write_test_list
 
     test = FaceFolder(face_dir, RESOLUTION, "test", test_size=0.25, seed=1)
     record = write_test_list(tmp_path / "run", test.files + ["a/gone.png"], seed=1)
@@ -290,7 +290,7 @@ def test_dataset_pickles_for_spawned_workers(face_dir, monkeypatch):
 
 
 def test_flip_mirrors_half_the_training_images_with_their_boxes_and_never_the_test_split(face_dir):
-    from oracleface.boxes import mirror_boxes
+    from oracleface.data.boxes import mirror_boxes
 
     landmarks_file = face_dir.parent / "landmarks.json"
     points = canonical_landmarks(1).copy()

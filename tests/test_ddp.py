@@ -44,12 +44,12 @@ def _one_training_step(rank: int, world_size: int, port: int, sync_bn: bool, out
     In float64 by default (see the test below for why)."""
     import torch.distributed as dist
 
-    from oracleface.landmarks import boxes_tensor, canonical_landmarks, component_boxes
+    from oracleface.data.landmarks import boxes_tensor, canonical_landmarks, component_boxes
     from oracleface.losses import LossWeights
-    from oracleface.masks import random_rectangle_mask
-    from oracleface.step import OracleFaceModel, all_reduce_gradients
-    from oracleface.sync_batchnorm import synchronise_batchnorm
-    from oracleface.trainer import ZeroPerceptual
+    from oracleface.data.masks import random_rectangle_mask
+    from oracleface.training.step import OracleFaceModel, all_reduce_gradients
+    from oracleface.training.sync_batchnorm import synchronise_batchnorm
+    from oracleface.training.trainer import ZeroPerceptual
 
     torch.set_num_threads(1)
     if world_size > 1:

@@ -1,18 +1,10 @@
-"""oracleface.evaluate: metric definitions, composite, LPIPS availability, the table."""
+"""oracleface.evaluation: metric definitions, LPIPS availability, the table."""
 import math
 
 import pytest
 import torch
 
-from oracleface.evaluate import composite, format_table, image_metrics, load_lpips
-
-
-def test_composite_copies_the_valid_pixels():
-    image, output = torch.zeros(1, 3, 8, 8), torch.ones(1, 3, 8, 8)
-    hole = torch.zeros(1, 1, 8, 8)
-    hole[..., 2:4, 2:6] = 1
-    result = composite(image, output, hole)
-    assert result.sum() == 3 * 8 and torch.equal(result[..., 2:4, 2:6], torch.ones(1, 3, 2, 4))
+from oracleface.evaluation import format_table, image_metrics, load_lpips
 
 
 def test_l1_psnr_and_ssim_per_image():
@@ -63,8 +55,8 @@ def test_table_shows_na_for_unavailable_lpips():
 
 
 def test_eval_uses_the_runs_recorded_test_list(tmp_path):
-    from oracleface.data import write_test_list
-    from oracleface.evaluate import recorded_test_list
+    from oracleface.data.folders import write_test_list
+    from oracleface.evaluation import recorded_test_list
 
     checkpoint = tmp_path / "run" / "checkpoints" / "latest.pt"
     with pytest.warns(UserWarning, match="no recorded test list"):

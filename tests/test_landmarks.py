@@ -1,4 +1,4 @@
-"""oracleface.landmarks: providers, component boxes, the landmark cache and its CLI."""
+"""oracleface.data.landmarks: providers, component boxes, the landmark cache and its CLI."""
 import json
 import sys
 from pathlib import Path
@@ -8,11 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-import oracleface.landmarks as landmarks
-from oracleface.boxes import COMPONENTS, box_sizes, component_masks
+import oracleface.data.landmarks as landmarks
+from oracleface.data.boxes import COMPONENTS, box_sizes, component_masks
 from oracleface.cli import main
-from oracleface.data import FaceFolder
-from oracleface.landmarks import (
+from oracleface.data.folders import FaceFolder
+from oracleface.data.landmarks import (
     LANDMARK_GROUPS,
     boxes_tensor,
     build_landmark_cache,

@@ -1,10 +1,10 @@
-"""oracleface.masks: shapes, the paper's rectangle statistics, irregular strokes, folders."""
+"""oracleface.data.masks: shapes, the paper's rectangle statistics, irregular strokes, folders."""
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from oracleface.masks import (
+from oracleface.data.masks import (
     MaskFolder,
     center_mask,
     irregular_mask,

@@ -8,8 +8,8 @@ import torch
 from dsa_ops import DualSpatialAttention, reference
 from oracleface.losses import PerceptualLoss, attention_kl_loss, streaming_oracle_kl_loss
 from oracleface.models import Generator
-from oracleface.step import OracleFaceModel
-from oracleface.train import configure_parser
+from oracleface.training.step import OracleFaceModel
+from oracleface.cli.train import configure_parser
 
 WIDTH = 0.125  # narrow generator: the CPU test budget
 
@@ -104,9 +104,9 @@ def perceptual():
 
 def test_training_step_supervising_every_dsa_layer(perceptual, monkeypatch):
     torch.manual_seed(0)
-    model = OracleFaceModel(256, dsa_backend="reference", kl_layers=(12, 13, 14), width=WIDTH,
+    model = OracleFaceModel(256, dsa_backend="reference", oracle_layers=(12, 13, 14), width=WIDTH,
                             perceptual=perceptual)
-    assert model.kl_layers == model.generator.oracle_layers == (12, 13, 14)
+    assert model.oracle_layers == model.generator.oracle_layers == (12, 13, 14)
     monkeypatch.setattr(reference, "attention_probs", lambda *a, **k: pytest.fail("dense map"))
     x, mask = _batch()
     batch = {"image": x, "hole_mask": mask,
@@ -129,7 +129,7 @@ def test_training_step_supervising_every_dsa_layer(perceptual, monkeypatch):
 def test_train_flag_oracle_layers():
     parser = argparse.ArgumentParser()
     configure_parser(parser)
-    assert parser.parse_args(["--oracle-layers", "12,13,14"]).kl_layers == [12, 13, 14]
-    assert parser.parse_args(["--oracle-layers", ""]).kl_layers == []
+    assert parser.parse_args(["--oracle-layers", "12,13,14"]).oracle_layers == [12, 13, 14]
+    assert parser.parse_args(["--oracle-layers", ""]).oracle_layers == []
     with pytest.raises(SystemExit):
         parser.parse_args(["--oracle-layers", "12,x"])

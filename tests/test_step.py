@@ -4,7 +4,7 @@ import torch
 
 from oracleface.losses import PerceptualLoss
 from oracleface.models.discriminators import DISCRIMINATOR_NAMES
-from oracleface.step import OracleFaceModel, check_batch
+from oracleface.training.step import OracleFaceModel, check_batch
 
 BOXES = torch.tensor([[[80, 96, 128, 144], [128, 96, 176, 144], [104, 128, 152, 176], [96, 176, 160, 224]]])
 
@@ -26,7 +26,7 @@ def perceptual():
 def test_full_training_step_updates_generator_and_every_critic(perceptual):
     torch.manual_seed(0)
     model = OracleFaceModel(256, dsa_backend="reference", perceptual=perceptual)
-    assert model.kl_layers == (12,)
+    assert model.oracle_layers == (12,)
     g_opt = torch.optim.RMSprop(model.generator.parameters(), lr=1e-4)
     d_opt = torch.optim.RMSprop(model.discriminator.parameters(), lr=1e-4)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -50,10 +50,10 @@ def test_full_training_step_updates_generator_and_every_critic(perceptual):
 
 def test_configuration_and_batch_validation(perceptual):
     with pytest.raises(ValueError, match="oracle layers need attention='dsa'"):
-        OracleFaceModel(256, attention="none", kl_layers=(12,), perceptual=perceptual)
+        OracleFaceModel(256, attention="none", oracle_layers=(12,), perceptual=perceptual)
     with pytest.raises(ValueError, match="oracle layers must be DSA layers"):
-        OracleFaceModel(256, kl_layers=(15,), perceptual=perceptual)
-    assert OracleFaceModel(256, attention="ca", perceptual=perceptual).kl_layers == ()
+        OracleFaceModel(256, oracle_layers=(15,), perceptual=perceptual)
+    assert OracleFaceModel(256, attention="ca", perceptual=perceptual).oracle_layers == ()
     batch = _batch()
     with pytest.raises(ValueError, match="boxes"):
         check_batch({**batch, "boxes": batch["boxes"].int()}, 256)

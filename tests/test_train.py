@@ -132,10 +132,10 @@ def test_paper_configuration_trains_one_step_with_random_vgg(faces, tmp_path):
 
 def test_oracle_pass_stops_at_the_last_supervised_layer():
     """Layers after the last KL layer run once per step (the prediction), earlier ones twice."""
-    from oracleface.landmarks import boxes_tensor, canonical_landmarks, component_boxes
-    from oracleface.masks import center_mask
-    from oracleface.step import OracleFaceModel
-    from oracleface.trainer import ZeroPerceptual
+    from oracleface.data.landmarks import boxes_tensor, canonical_landmarks, component_boxes
+    from oracleface.data.masks import center_mask
+    from oracleface.training.step import OracleFaceModel
+    from oracleface.training.trainer import ZeroPerceptual
 
     torch.manual_seed(0)
     model = OracleFaceModel(256, dsa_backend="reference", width=0.125, perceptual=ZeroPerceptual())
@@ -149,7 +149,7 @@ def test_oracle_pass_stops_at_the_last_supervised_layer():
     g_optimizer = torch.optim.RMSprop(model.generator.parameters())
     d_optimizer = torch.optim.RMSprop(model.discriminator.parameters())
     model.training_step(batch, g_optimizer, d_optimizer)
-    last_supervised = max(model.kl_layers)
+    last_supervised = max(model.oracle_layers)
     assert last_supervised == 12
     assert all(calls[layer] == 2 for layer in range(1, last_supervised + 1))
     assert all(calls[layer] == 1 for layer in range(last_supervised + 1, model.generator.last_layer + 1))

@@ -8,7 +8,7 @@ local               48    the hole's bounding box resized to 128×128 (×4 at 10
                           the central 128×128 region when the hole is not one
                           rectangle (irregular masks) or is empty
 local_subdivision   32    the four quadrants of the local crop, one shared D
-left_eye … mouth    32    the component boxes of the batch (``oracleface.boxes``),
+left_eye … mouth    32    the component boxes of the batch (``oracleface.data.boxes``),
                           resampled to the fixed per-component size
 ==================  ====  =====================================================
 
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from oracleface.boxes import COMPONENTS, box_sizes
+from oracleface.data.boxes import COMPONENTS, box_sizes
 from oracleface.models.generator import scaled_channels
 
 Tensor = torch.Tensor
@@ -141,7 +141,7 @@ class MultiDiscriminator(nn.Module):
     Args:
         resolution: 256 (Table 7) or 1024 (Table 9); crop sizes scale with it.
         component_sizes: ``{component: (width, height)}`` of the component crops
-            (default ``oracleface.boxes.box_sizes(resolution)``).
+            (default ``oracleface.data.boxes.box_sizes(resolution)``).
         width: channel multiplier in (0, 1] (1 = the paper; narrower for smoke runs).
 
     ``forward(image (B,3,R,R), hole_mask (B,1,R,R), boxes (B,4,4) int64)`` → dict

@@ -1,5 +1,9 @@
 """Training configuration: paper defaults, a YAML file, command-line overrides.
 
+``TrainConfig`` is the one place the defaults live: ``LossWeights`` and the help texts of
+``oracleface train`` read them from it. Each setting has one name; ``kl_layers`` (before
+it was named ``oracle_layers``) still loads from old config files and checkpoints.
+
 Precedence, lowest first: the defaults below (Section 4.1 of the paper) < the run being
 resumed (its saved config) < ``--config FILE`` < flags given on the command line. The
 merged config is written to ``RUN_DIR/config.yaml`` and stored in every checkpoint.
@@ -14,7 +18,6 @@ A YAML config file is a flat mapping of ``TrainConfig`` field names (``batch_siz
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -24,6 +27,8 @@ AMP_MODES = ("off", "bf16", "fp16")
 
 # Fields that change the networks' shapes: a resumed run must keep them.
 ARCHITECTURE_FIELDS = ("resolution", "attention", "width")
+# Fields that decide the train/test split: a resumed run must keep them (see oracleface.data.folders).
+SPLIT_FIELDS = ("seed", "test_size")
 
 
 @dataclasses.dataclass
@@ -37,7 +42,7 @@ class TrainConfig:
     attention: str = "dsa"                # "dsa" | "ca" | "none"
     width: float = 1.0                    # channel multiplier (1 = the paper; < 1 for smoke runs)
     dsa_backend: str = "auto"
-    kl_layers: Optional[list] = None      # oracle-supervised DSA layers; None: the first (12 at 256²)
+    oracle_layers: Optional[list] = None  # oracle-supervised DSA layers; None: the first (12 at 256²)
     sync_bn: bool = True                  # multi-process: BatchNorm over the global batch
     # Optimisation (Section 4.1, Eq. 8 and 10).
     batch_size: int = 16                  # global batch, split evenly across processes
@@ -56,7 +61,7 @@ class TrainConfig:
     test_size: Optional[float] = None     # held-out images (None: paper counts / 10 %)
     cache_dir: Optional[str] = None       # resized-image cache (FaceFolder)
     flip: bool = True                     # random horizontal flips of training images
-    workers: Optional[int] = None         # DataLoader workers per process (None: oracleface.runtime.default_workers)
+    workers: Optional[int] = None         # DataLoader workers per process (None: runtime.default_workers)
     seed: int = 0
     # Length: whichever is given; neither trains until interrupted (SIGTERM/Ctrl-C save).
     steps: Optional[int] = None           # total optimisation steps (a target: resuming continues to it)
@@ -106,10 +111,41 @@ class TrainConfig:
 
 
 FIELD_NAMES = tuple(field.name for field in dataclasses.fields(TrainConfig))
+DEFAULTS = TrainConfig()
+
+# Old names of settings → their names now. Old config files and checkpoints keep loading.
+RENAMED_FIELDS = {"kl_layers": "oracle_layers"}
+_warned_deprecated: set[str] = set()
+
+
+def warn_deprecated(old: str, new: str) -> None:
+    """One FutureWarning per process that ``old`` is an old name of ``new``."""
+    import warnings
+
+    if old not in _warned_deprecated:
+        _warned_deprecated.add(old)
+        warnings.warn(f"{old} is deprecated: use {new} (the same setting)", FutureWarning, stacklevel=3)
+
+
+def rename_old_fields(values: dict, warn: bool = True) -> dict:
+    """``values`` with old setting names (``RENAMED_FIELDS``) replaced by the current ones;
+    ``warn``: say so once (not for configs saved by an older run, which nobody typed)."""
+    renamed = dict(values)
+    for old, new in RENAMED_FIELDS.items():
+        if old not in renamed:
+            continue
+        value = renamed.pop(old)
+        if new in renamed and renamed[new] != value:
+            raise ValueError(f"{old} and {new} are one setting ({old} is its old name) but were given "
+                             f"different values: {value!r} and {renamed[new]!r}")
+        if warn:
+            warn_deprecated(old, new)
+        renamed[new] = value
+    return renamed
 
 
 def parse_layer_list(text: str) -> list[int]:
-    """``"12,13,14"`` → ``[12, 13, 14]``; ``""`` → ``[]`` (the ``kl_layers`` field from a flag)."""
+    """``"12,13,14"`` → ``[12, 13, 14]``; ``""`` → ``[]`` (the ``oracle_layers`` field from a flag)."""
     try:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
@@ -121,7 +157,7 @@ def normalise_keys(values: dict, source: str) -> dict:
     if not isinstance(values, dict):
         raise ValueError(f"{source} must hold a mapping of option names to values; got "
                          f"{type(values).__name__}")
-    normalised = {str(key).replace("-", "_"): value for key, value in values.items()}
+    normalised = rename_old_fields({str(key).replace("-", "_"): value for key, value in values.items()})
     unknown = sorted(set(normalised) - set(FIELD_NAMES))
     if unknown:
         raise ValueError(f"{source}: unknown option(s) {unknown}; known: {', '.join(FIELD_NAMES)}")
@@ -156,10 +192,8 @@ def merge_config(*layers: dict[str, Any]) -> TrainConfig:
 
 
 def save_config(config: TrainConfig, path) -> None:
-    """Write ``config`` as YAML atomically (temporary file + ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(temporary, "w") as handle:
+    """Write ``config`` as YAML atomically (``oracleface.common.atomic_write``)."""
+    from oracleface.common import atomic_write
+
+    with atomic_write(path) as temporary, open(temporary, "w") as handle:
         yaml.safe_dump(config.to_dict(), handle, sort_keys=False)
-    os.replace(temporary, path)

@@ -1,15 +1,16 @@
 """The trainer behind ``oracleface train`` (one process, or one per GPU under ``torchrun``);
-the command line is ``oracleface.train``.
+the command line is ``oracleface.cli.train``.
 
 The per-batch logic (critic update, generator update, every loss) lives in
-``oracleface.step.OracleFaceModel.training_step``; this module owns everything around
+``oracleface.training.step.OracleFaceModel.training_step``; this module owns everything around
 it: devices and processes, the data stream, checkpoints, resuming, signals, logging.
 
 Run folder::
 
-    RUN_DIR/config.yaml              the merged config (see oracleface.config)
+    RUN_DIR/config.yaml              the merged config (see oracleface.training.config)
     RUN_DIR/checkpoints/latest.pt    newest checkpoint (what --resume continues)
-    RUN_DIR/checkpoints/step_*.pt    the last ``keep_checkpoints`` numbered ones
+    RUN_DIR/checkpoints/step_*.pt    the last ``keep_checkpoints`` numbered ones (copies)
+    RUN_DIR/train.lock               while a trainer runs: its pid, host, start time
     RUN_DIR/tensorboard/             scalars: every loss term, images/s
     RUN_DIR/samples/step_*.png       input | output | ground truth, component boxes drawn
 
@@ -18,17 +19,31 @@ Design decisions:
 - Multi-process: one process per GPU (``torchrun``), or any number on the CPU (gloo).
   The GAN step runs several forwards per backward and a double backward (gradient
   penalty), which ``DistributedDataParallel``'s reducer does not support; so, as
-  ``oracleface.step`` recommends, every process holds a full model, rank 0's weights
+  ``oracleface.training.step`` recommends, every process holds a full model, rank 0's weights
   are broadcast once, and gradients are averaged by one all-reduce after each backward
   (``all_reduce_gradients``) — numerically what DDP does. ``--batch-size`` is the global
   batch, split evenly across processes (each needs ≥ 2 for BatchNorm); BatchNorm
-  normalises over the global batch (``oracleface.sync_batchnorm``; ``--no-sync-bn``: per
+  normalises over the global batch (``oracleface.training.sync_batchnorm``; ``--no-sync-bn``: per
   process). Only rank 0 logs, samples and writes checkpoints.
 - Exact resume: the data order is a ``DistributedSampler`` permutation of
-  ``(seed, epoch)`` started at the saved batch; masks depend on ``(seed, epoch, index)``
+  ``(seed, epoch)`` started at the saved position, kept in samples (so a resumed run may
+  use another batch size: it continues with the next unseen samples of the epoch, or the
+  next epoch when less than a batch is left); masks depend on ``(seed, epoch, index)``
   (``FaceFolder.set_epoch``); the DataLoader draws its worker seeds from its own
   generator, never from the global RNG; the checkpoint holds every process's RNG states.
   So a resumed run computes the same next batch, masks and losses as an uninterrupted one.
+- Resuming (``oracleface.training.resume``) applies the command line: learning rates, loss
+  weights, batch size, length, cadences, ... take their new values (the optimizers'
+  restored ``param_groups`` get the configured learning rates). Settings that would
+  invalidate the run are refused: the architecture (``config.ARCHITECTURE_FIELDS``) and
+  the split (``config.SPLIT_FIELDS``).
+- One writer per run folder: ``train`` holds ``RUN_DIR/train.lock``
+  (``oracleface.training.run_lock``) from before it reads the run until it ends; temporary
+  files of interrupted atomic writes are removed at start; ``step_N.pt`` are independent copies of ``latest.pt``, and
+  ``--resume`` falls back to the newest readable one (with a warning) when ``latest.pt``
+  cannot be read.
+- A non-finite loss stops training with one line naming the step and the losses; the
+  step is not saved, so the last checkpoint stays the last good one.
 - Stopping: SIGTERM and Ctrl-C set a flag; the current step finishes, a checkpoint is
   written and training returns. Across processes the flag is all-reduced with the
   logged losses (one small all-reduce per step).
@@ -38,7 +53,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import random
 import time
 import warnings
@@ -49,7 +63,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from oracleface.checkpoint import (
+from oracleface.common import copy_atomic
+from oracleface.training.checkpoint import (
     CheckpointError,
     capture_rng_state,
     latest_checkpoint,
@@ -57,13 +72,16 @@ from oracleface.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from oracleface.config import TrainConfig, save_config
-from oracleface.runtime import (
+from oracleface.training.config import TrainConfig, merge_config, save_config
+from oracleface.training.resume import prepare_run
+from oracleface.training.runtime import (
     StopRequest,
     announce,
     default_workers,
+    is_main_process,
     setup_processes,
     teardown_processes,
+    warn,
 )
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -72,14 +90,18 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # ----------------------------------------------------------------------------- data stream
 class ResumableSampler(torch.utils.data.distributed.DistributedSampler):
     """``DistributedSampler`` (shuffled by ``seed + epoch``) that can start mid-epoch:
-    ``start_batch`` skips this process's first batches, so a resumed run sees exactly the
-    batches an uninterrupted one would have seen next."""
+    ``start_sample`` skips this process's first samples, so a resumed run sees exactly the
+    samples an uninterrupted one would have seen next.
+
+    Each process takes every ``num_replicas``-th index of the epoch's permutation, so
+    after ``n`` global samples (a multiple of the process count) each process has taken
+    its first ``n / num_replicas``: the position does not depend on the batch size."""
 
     def __init__(self, dataset, num_replicas: int, rank: int, seed: int, batch_size: int):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
                          drop_last=False)
         self.batch_size = batch_size
-        self.start_batch = 0
+        self.start_sample = 0
 
     @property
     def batches_per_epoch(self) -> int:
@@ -87,10 +109,10 @@ class ResumableSampler(torch.utils.data.distributed.DistributedSampler):
 
     def __iter__(self):
         indices = list(super().__iter__())
-        return iter(indices[self.start_batch * self.batch_size:])
+        return iter(indices[self.start_sample:])
 
     def __len__(self) -> int:
-        return max(0, self.num_samples - self.start_batch * self.batch_size)
+        return max(0, self.num_samples - self.start_sample)
 
 
 class ZeroPerceptual(nn.Module):
@@ -103,7 +125,7 @@ class ZeroPerceptual(nn.Module):
 def build_model(config: TrainConfig, device: torch.device) -> nn.Module:
     """``OracleFaceModel`` (generator, seven critics, losses) for ``config``, on ``device``."""
     from oracleface.losses import LossWeights, PerceptualLoss
-    from oracleface.step import OracleFaceModel
+    from oracleface.training.step import OracleFaceModel
 
     weights = LossWeights(reconstruction=config.lambda_reconstruction, kl=config.lambda_kl,
                           perceptual=config.lambda_perceptual, adversarial=config.lambda_adversarial,
@@ -121,7 +143,7 @@ def build_model(config: TrainConfig, device: torch.device) -> nn.Module:
     extra = {"width": config.width} if config.width != 1 else {}
     model = OracleFaceModel(resolution=config.resolution, attention=config.attention,
                             dsa_backend=config.dsa_backend, weights=weights,
-                            kl_layers=None if config.kl_layers is None else tuple(config.kl_layers),
+                            oracle_layers=None if config.oracle_layers is None else tuple(config.oracle_layers),
                             perceptual=perceptual, **extra)
     return model.to(device)
 
@@ -136,12 +158,12 @@ def seed_everything(seed: int) -> None:
 class Trainer:
     """One training run; ``run()`` trains until the configured length or a stop signal.
 
-    ``checkpoint``: a loaded checkpoint (``oracleface.checkpoint.load_checkpoint``) to
+    ``checkpoint``: a loaded checkpoint (``oracleface.training.checkpoint.load_checkpoint``) to
     continue from, already checked against ``config`` by the caller.
     """
 
     def __init__(self, config: TrainConfig, checkpoint: dict | None = None):
-        from oracleface.data import TEST_LIST_FILE, FaceFolder, read_test_list
+        from oracleface.data.folders import TEST_LIST_FILE, FaceFolder, read_test_list
 
         self.config = config
         self.out = Path(config.out)
@@ -152,7 +174,7 @@ class Trainer:
                              f"samples for each of the {group.world_size} processes (BatchNorm)")
         self.local_batch = config.batch_size // group.world_size
         landmarks = self._landmark_source()
-        # A run's held-out files stay held out when the folder changes (see oracleface.data).
+        # A run's held-out files stay held out when the folder changes (see oracleface.data.folders).
         recorded = read_test_list(self.out) if (self.out / TEST_LIST_FILE).is_file() else None
         self.dataset = FaceFolder(config.data, resolution=config.resolution, split="train",
                                   test_size=config.test_size, seed=config.seed, masks=config.masks,
@@ -174,18 +196,18 @@ class Trainer:
         seed_everything(config.seed + group.rank)
         self.model = build_model(config, group.device)
         if group.distributed and config.sync_bn:
-            from oracleface.sync_batchnorm import synchronise_batchnorm
+            from oracleface.training.sync_batchnorm import synchronise_batchnorm
 
             synchronise_batchnorm(self.model.generator, group.device)
         self.g_optimizer = torch.optim.RMSprop(self.model.generator.parameters(), lr=config.lr_generator)
         self.d_optimizer = torch.optim.RMSprop(self.model.discriminator.parameters(),
                                                lr=config.lr_discriminator)
         self.scaler = torch.amp.GradScaler(group.device.type) if config.amp == "fp16" else None
-        self.step = self.epoch = self.batch_in_epoch = 0
+        self.step = self.epoch = self.sample_in_epoch = 0  # sample_in_epoch: global samples
         if checkpoint is not None:
             self._restore(checkpoint)
         if group.distributed:
-            from oracleface.step import broadcast_parameters
+            from oracleface.training.step import broadcast_parameters
             broadcast_parameters(self.model)
         self.last_saved_step = self.step if checkpoint is not None else -1
         # The machine decides when the config does not (resumed runs may move machines).
@@ -196,14 +218,13 @@ class Trainer:
         """What ``FaceFolder`` gets as ``landmarks``: for a provider (``dlib``, the default) its
         cache file, computed on first use by rank 0 (progress bar, resumable: an interrupted
         run continues it) while the other processes wait; ``canonical`` with a warning."""
-        from oracleface.landmarks import PROVIDERS, build_landmark_cache
+        from oracleface.data.landmarks import PROVIDERS, build_landmark_cache
 
         config, group = self.config, self.group
         if config.landmarks == "canonical":
             if group.is_main:
-                print("oracleface train: warning: --landmarks canonical: one template for every face "
-                      "(2-6 px off per face on CelebA-HQ, the nose up to 14 px); the paper uses "
-                      "per-image landmarks (the default, dlib)", file=sys.stderr, flush=True)
+                warn("--landmarks canonical: one template for every face (2-6 px off per face on "
+                     "CelebA-HQ, the nose up to 14 px); the paper uses per-image landmarks (the default, dlib)")
             return "canonical"
         if config.landmarks not in PROVIDERS:
             return config.landmarks  # a cache file written by `oracleface landmarks`
@@ -231,9 +252,17 @@ class Trainer:
             self.d_optimizer.load_state_dict(state["optimizer_discriminator"])
         except (RuntimeError, ValueError, KeyError) as error:
             raise CheckpointError(f"the checkpoint's weights do not fit the configured model: {error}") from error
+        # The restored param_groups carry the saved learning rates; the command line wins.
+        for optimizer, lr in ((self.g_optimizer, self.config.lr_generator),
+                              (self.d_optimizer, self.config.lr_discriminator)):
+            for param_group in optimizer.param_groups:
+                param_group["lr"] = lr
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.sample_in_epoch = saved_sample_in_epoch(state)
+        if self._epoch_exhausted():  # a larger batch no longer fits in what is left of the epoch
+            self._next_epoch()
         rng = state.get("rng") or []
         if self.group.rank < len(rng):
             restore_rng_state(rng[self.group.rank])
@@ -253,7 +282,8 @@ class Trainer:
         else:
             rng = [rng]
         return {
-            "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+            "step": self.step, "epoch": self.epoch, "sample_in_epoch": self.sample_in_epoch,
+            "batch_in_epoch": self.sample_in_epoch // self.config.batch_size,  # read by older versions
             "config": self.config.to_dict(),
             "generator": self.model.generator.state_dict(),
             "discriminator": self.model.discriminator.state_dict(),
@@ -271,10 +301,9 @@ class Trainer:
             return None
         directory = self.out / "checkpoints"
         path = save_checkpoint(state, latest_checkpoint(self.out))
-        numbered = directory / f"step_{self.step:08d}.pt"
         if self.config.keep_checkpoints > 0:
-            numbered.unlink(missing_ok=True)
-            os.link(path, numbered)  # the same bytes, no second write
+            # A copy, not a link: a latest.pt damaged later must not take the snapshots with it.
+            copy_atomic(path, directory / f"step_{self.step:08d}.pt")
             prune_numbered(directory, self.config.keep_checkpoints)
         return path
 
@@ -282,7 +311,7 @@ class Trainer:
     def _loader(self) -> torch.utils.data.DataLoader:
         self.dataset.set_epoch(self.epoch)
         self.sampler.set_epoch(self.epoch)
-        self.sampler.start_batch = self.batch_in_epoch
+        self.sampler.start_sample = self.sample_in_epoch // self.group.world_size
         return torch.utils.data.DataLoader(
             self.dataset, batch_size=self.local_batch, sampler=self.sampler, drop_last=True,
             num_workers=self.workers, pin_memory=self.group.device.type == "cuda",
@@ -313,6 +342,11 @@ class Trainer:
         values = (packed[1:] / self.group.world_size).tolist()
         return dict(zip(terms, values)), bool(packed[0].item() > 0)
 
+    def _last_good_checkpoint(self) -> str:
+        if self.last_saved_step < 0:
+            return "and no checkpoint was written yet"
+        return f"the last good checkpoint is step {self.last_saved_step} ({latest_checkpoint(self.out)})"
+
     def _write_sample(self, batch: dict) -> None:
         from oracleface.models import batchnorm_statistics_frozen
         from oracleface.visualize import sample_grid, save_png
@@ -333,7 +367,17 @@ class Trainer:
         self.writer.add_scalar("throughput/images_per_second", images_per_second, self.step)
 
     def _finished(self) -> bool:
+        if self.config.steps is None and self.config.epochs is not None:
+            return self.epoch >= self.config.epochs  # holds whatever batch sizes the run used
         return self.total_steps is not None and self.step >= self.total_steps
+
+    def _epoch_exhausted(self) -> bool:
+        """Whether this epoch has no full batch left for this process (the loader drops partial ones)."""
+        taken = self.sample_in_epoch // self.group.world_size
+        return self.sampler.num_samples - taken < self.local_batch
+
+    def _next_epoch(self) -> None:
+        self.epoch, self.sample_in_epoch = self.epoch + 1, 0
 
     # ------------------------------------------------------------------ run
     def run(self) -> dict:
@@ -343,7 +387,7 @@ class Trainer:
 
         config, group = self.config, self.group
         if group.is_main:
-            from oracleface.data import write_test_list
+            from oracleface.data.folders import write_test_list
 
             save_config(config, self.out / "config.yaml")
             write_test_list(self.out, self.dataset.test_files, config.seed)
@@ -351,7 +395,7 @@ class Trainer:
         model, autocast = self.model, self._autocast()
         gradient_sync = None
         if group.distributed:
-            from oracleface.step import all_reduce_gradients
+            from oracleface.training.step import all_reduce_gradients
             gradient_sync = all_reduce_gradients
         progress = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
                         disable=not (group.is_main and config.progress), desc="train")
@@ -361,7 +405,9 @@ class Trainer:
         checkpoint_path = None
         with StopRequest() as stop_request:
             while not stop:
+                stepped = False
                 for batch in self._loader():
+                    stepped = True
                     batch = self._to_device(batch)
                     started = time.perf_counter()
                     scale_before = self.scaler.get_scale() if self.scaler is not None else None
@@ -373,15 +419,21 @@ class Trainer:
                     images_per_second = config.batch_size / (time.perf_counter() - started)
                     speed = images_per_second if speed is None else 0.9 * speed + 0.1 * images_per_second
                     self.step += 1
-                    self.batch_in_epoch += 1
-                    if self.batch_in_epoch == self.batches_per_epoch:
-                        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                    self.sample_in_epoch += config.batch_size
+                    if self._epoch_exhausted():
+                        self._next_epoch()
                     terms, stop_requested = self._synchronise(terms, stop_request.requested)
                     stop = stop_requested or self._finished()
                     # fp16: a step the GradScaler skipped (overflow, scale lowered) has
                     # non-finite losses by design; every applied step must be finite.
                     if scale_before is None or self.scaler.get_scale() >= scale_before:
-                        _check_finite(terms, self.step)
+                        try:
+                            _check_finite(terms, self.step, self._last_good_checkpoint())
+                        except NonFiniteLoss:
+                            progress.close()
+                            if self.writer is not None:
+                                self.writer.close()
+                            raise
                     if group.is_main:
                         progress.update(1)
                         progress.set_postfix(G=f"{terms['g_total']:.3f}", D=f"{terms['d_total']:.3f}",
@@ -394,6 +446,8 @@ class Trainer:
                         checkpoint_path = self.save()
                     if stop:
                         break
+                if not stepped and not stop:  # cannot happen (positions are normalised); never spin
+                    self._next_epoch()
             if self.last_saved_step != self.step:
                 checkpoint_path = self.save()
             stopped_by_signal = stop_request.requested
@@ -414,7 +468,7 @@ def landmark_cache_path(config: TrainConfig) -> Path:
     ``--cache-dir`` when given, else where ``oracleface landmarks DATA_DIR`` writes
     (``DATA_DIR/landmarks_<provider>.json``) when that folder is writable, else in the run
     folder."""
-    from oracleface.landmarks import default_cache_path
+    from oracleface.data.landmarks import default_cache_path
 
     name = default_cache_path(config.data, config.landmarks).name
     if config.cache_dir is not None:
@@ -432,67 +486,51 @@ def _collate(items: list[dict]) -> dict:
             "index": torch.tensor([item["index"] for item in items])}
 
 
-def _check_finite(terms: dict[str, float], step: int) -> None:
-    bad = {name: value for name, value in terms.items() if not math.isfinite(value)}
-    if bad:
-        raise FloatingPointError(f"non-finite losses at step {step}: {bad} (try --amp off or a lower lr)")
+class NonFiniteLoss(FloatingPointError):
+    """A training step produced a non-finite loss; its message is one line for the user."""
+
+
+def _check_finite(terms: dict[str, float], step: int, kept: str) -> None:
+    """Raise ``NonFiniteLoss`` when a logged loss is NaN/inf; ``kept``: the last good checkpoint."""
+    if all(math.isfinite(value) for value in terms.values()):
+        return
+    losses = ", ".join(f"{name}={value:.4g}" for name, value in terms.items())
+    raise NonFiniteLoss(f"non-finite loss at step {step} ({losses}); training stopped without saving "
+                        f"this step, {kept}. Resume with --amp off or a lower --lr-generator / "
+                        "--lr-discriminator")
+
+
+def saved_sample_in_epoch(state: dict) -> int:
+    """The position in the epoch a checkpoint saved, in global samples (checkpoints before
+    ``sample_in_epoch`` existed count batches of their own batch size)."""
+    if "sample_in_epoch" in state:
+        return int(state["sample_in_epoch"])
+    return int(state["batch_in_epoch"]) * int(state["config"].get("batch_size", 16))
 
 
 # ----------------------------------------------------------------------------- entry point
-def prepare_run(config_layers: list[dict], resume) -> tuple[TrainConfig, dict | None, Path | None]:
-    """Merge the config and load the checkpoint to resume, before anything is written.
-
-    ``config_layers``: the config file's values then the flags given (lowest first).
-    ``resume``: None (a fresh run), ``"latest"`` (RUN_DIR/checkpoints/latest.pt, which must
-    exist), ``"if-any"`` (latest.pt when there is one, else a fresh run, said so) or a
-    checkpoint path. Returns ``(config, checkpoint state or None, its path or None)``.
-    Raises FileNotFoundError/ValueError/CheckpointError with the reason; on error
-    nothing in the run folder has been touched.
-    """
-    from oracleface.checkpoint import check_compatible, load_checkpoint
-    from oracleface.config import ARCHITECTURE_FIELDS, merge_config
-
-    config = merge_config(*config_layers)
-    if config.data is None or config.out is None:
-        raise ValueError("train needs --data DIR and --out RUN_DIR (flags or config file)")
-    data = Path(config.data)
-    if not data.is_dir():
-        raise FileNotFoundError(f"--data {data}: no such folder")
-    latest = latest_checkpoint(config.out)
-    if resume == "if-any":
-        if latest.exists():
-            resume = "latest"
-        else:
-            announce(f"nothing to resume in {config.out} (no {latest}): starting a fresh run")
-            resume = None
-    if resume is None:
-        if latest.exists():
-            raise ValueError(f"{config.out} already holds a run ({latest}); "
-                             "pass --resume to continue it or choose another --out")
-        return config, None, None
-    if resume == "latest" and not latest.exists():
-        raise FileNotFoundError(f"nothing to resume: {latest} does not exist. Leave out --resume to "
-                                f"start a fresh run in {config.out}, or pass --resume if-any to start "
-                                "fresh whenever there is nothing to resume")
-    path = latest if resume == "latest" else Path(resume)
-    state = load_checkpoint(path)
-    saved = state["config"]
-    if not isinstance(saved, dict):
-        raise CheckpointError(f"checkpoint {path} has no readable config")
-    # The resumed run's config is the base; the config file and flags override it.
-    saved = {key: value for key, value in saved.items() if key in TrainConfig.__dataclass_fields__}
-    config = merge_config(saved, *config_layers)
-    check_compatible(state, config.to_dict(), path, ARCHITECTURE_FIELDS)
-    return config, state, path
-
-
 def train(config_layers: list[dict], resume=None) -> dict:
-    """Prepare (see ``prepare_run``), train, tear down; returns ``Trainer.run``'s summary."""
-    config, state, path = prepare_run(config_layers, resume)
-    trainer = Trainer(config, state)
-    try:
-        if state is not None:
-            announce(f"resuming from step {trainer.step} (epoch {trainer.epoch}) — {path}")
-        return trainer.run()
-    finally:
-        trainer.close()
+    """Lock the run folder (``oracleface.training.run_lock``; rank 0), prepare (see ``prepare_run``),
+    train, tear down; returns ``Trainer.run``'s summary."""
+    from contextlib import nullcontext
+
+    from oracleface.common import remove_leftover_temporaries
+    from oracleface.training.run_lock import RunLock
+
+    out = merge_config(*config_layers).out
+    lock = RunLock(out) if out is not None and is_main_process() else nullcontext()
+    with lock:
+        config, state, path = prepare_run(config_layers, resume)
+        if is_main_process():
+            out = Path(config.out)
+            leftovers = remove_leftover_temporaries(out) + remove_leftover_temporaries(out / "checkpoints")
+            if leftovers:
+                warn(f"removed {len(leftovers)} temporary file(s) left by an interrupted write: "
+                     f"{', '.join(leftover.name for leftover in leftovers)}")
+        trainer = Trainer(config, state)
+        try:
+            if state is not None:
+                announce(f"resuming from step {trainer.step} (epoch {trainer.epoch}) — {path}")
+            return trainer.run()
+        finally:
+            trainer.close()

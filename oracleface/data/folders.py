@@ -4,7 +4,7 @@
 under ``root`` (nested folders included; hidden folders skipped) as::
 
     {"image": (3, H, W) float32 in [0, 1], "hole_mask": (1, H, W) float32 (1 = missing),
-     "boxes": (4, 4) int64 (oracleface.boxes order), "index": int, "path": str (relative)}
+     "boxes": (4, 4) int64 (oracleface.data.boxes order), "index": int, "path": str (relative)}
 
 Design decisions:
 
@@ -44,7 +44,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -53,8 +52,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from oracleface.boxes import mirror_boxes
-from oracleface.images import (
+from oracleface.common import atomic_write, write_json_atomic
+from oracleface.data.boxes import mirror_boxes
+from oracleface.data.images import (
     CACHE_MARKER,
     DECODE_ERRORS,
     IMAGE_EXTENSIONS,
@@ -63,7 +63,7 @@ from oracleface.images import (
     image_to_tensor,
     load_square_image,
 )
-from oracleface.landmarks import (
+from oracleface.data.landmarks import (
     PROVIDERS,
     boxes_tensor,
     canonical_landmarks,
@@ -71,7 +71,7 @@ from oracleface.landmarks import (
     get_provider,
     read_landmark_cache,
 )
-from oracleface.masks import make_mask_sampler
+from oracleface.data.masks import make_mask_sampler
 
 PAPER_TEST_SIZES = ((70_000, 10_000), (30_000, 2_000))  # (folder size at least, test images)
 SMALL_FOLDER_TEST_FRACTION = 0.1
@@ -122,8 +122,6 @@ TEST_LIST_FILE = "split.json"  # in the run folder: the files a run holds out
 
 def write_test_list(run_dir, files: list[str], seed: int) -> Path:
     """Record a run's held-out files in ``RUN_DIR/split.json`` (atomically)."""
-    from oracleface.checkpoint import write_json_atomic
-
     return write_json_atomic({"seed": seed, "test": sorted(files)}, Path(run_dir) / TEST_LIST_FILE)
 
 
@@ -164,7 +162,7 @@ class FaceFolder(torch.utils.data.Dataset):
         split: ``"train"`` or ``"test"``.
         test_size: held-out images: ``None`` (paper default / 10 %), an int, or a fraction.
         seed: decides the split and every mask.
-        masks: a mask kind for ``oracleface.masks.make_mask_sampler`` (``"random"``,
+        masks: a mask kind for ``oracleface.data.masks.make_mask_sampler`` (``"random"``,
             ``"center"``, ``"irregular"``, ``"folder:PATH"``) or a callable
             ``generator -> (1, resolution, resolution)``.
         landmarks: where component boxes come from: ``"canonical"`` (or ``None``: the fixed
@@ -238,8 +236,13 @@ class FaceFolder(torch.utils.data.Dataset):
 
         manifest = self._read_manifest()
         todo = []
+        unstatable = {}
         for name in names:
-            stat = (self.root / name).stat()
+            try:
+                stat = (self.root / name).stat()
+            except OSError:  # a dangling symlink or a symlink loop: unreadable like a broken file
+                unstatable[name] = {"size": -1, "mtime_ns": -1, "ok": False}
+                continue
             entry = manifest.get(name)
             fresh = entry is not None and entry["size"] == stat.st_size and entry["mtime_ns"] == stat.st_mtime_ns
             if not fresh or (entry["ok"] and not self._cached_path(name).is_file()):
@@ -265,6 +268,7 @@ class FaceFolder(torch.utils.data.Dataset):
                 for name, entry in tqdm(results, total=len(todo), desc=description, unit="img", delay=2):
                     manifest[name] = entry
             self._write_manifest(manifest)
+        manifest.update(unstatable)  # not remembered: the link may be fixed before the next run
         return [name for name in names if not manifest[name]["ok"]]
 
     def _setup_landmarks(self, landmarks) -> None:
@@ -302,16 +306,9 @@ class FaceFolder(torch.utils.data.Dataset):
         return self.cache_dir / (name + ".png")
 
     def _write_cached(self, name: str, image: Image.Image) -> None:
-        path = self._cached_path(name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
-        os.close(handle)
-        try:
+        # Atomic: concurrent ranks may write the same file.
+        with atomic_write(self._cached_path(name)) as temporary:
             image.save(temporary, format="PNG", compress_level=3)
-            os.replace(temporary, path)  # atomic: concurrent ranks may write the same file
-        except BaseException:
-            os.unlink(temporary)
-            raise
 
     def _manifest_path(self) -> Path:
         return self.cache_dir / "manifest.json"
@@ -325,13 +322,9 @@ class FaceFolder(torch.utils.data.Dataset):
     def _write_manifest(self, manifest: dict) -> None:
         if self.cache_dir is None:
             return
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
         if self._manifest_path().is_file():  # the other split may have added entries meanwhile
             manifest = {**self._read_manifest(), **manifest}
-        handle, temporary = tempfile.mkstemp(dir=self.cache_dir, suffix=".json.tmp")
-        with os.fdopen(handle, "w") as stream:
-            json.dump(manifest, stream)
-        os.replace(temporary, self._manifest_path())
+        write_json_atomic(manifest, self._manifest_path(), indent=None)
 
     # -- dataset protocol -----------------------------------------------------------------
 

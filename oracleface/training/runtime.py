@@ -79,7 +79,10 @@ def usable_cpus() -> int:
     return os.cpu_count() or 1
 
 
-def default_workers(most: int = 4) -> int:
+MOST_DEFAULT_WORKERS = 4
+
+
+def default_workers(most: int = MOST_DEFAULT_WORKERS) -> int:
     """DataLoader workers that fit this process: its usable CPUs shared among the processes
     of this node (``LOCAL_WORLD_SIZE`` under torchrun), at most ``most``. PyTorch warns when
     a loader has more workers than the usable CPUs."""
@@ -96,6 +99,12 @@ def announce(message: str) -> None:
     """One line on stdout from rank 0 only."""
     if is_main_process():
         print(message, file=sys.stdout, flush=True)
+
+
+def warn(message: str) -> None:
+    """One ``oracleface train: warning:`` line on stderr from rank 0 only."""
+    if is_main_process():
+        print(f"oracleface train: warning: {message}", file=sys.stderr, flush=True)
 
 
 class StopRequest:

@@ -1,5 +1,6 @@
-"""Inference on one photo: ``oracleface complete IMAGE --mask MASK.png|center|random
---checkpoint CKPT --out OUT.png [--side-by-side PATH] [--align dlib|face-alignment]``.
+"""Inference on one photo, behind ``oracleface complete IMAGE --mask MASK.png|center|random
+--checkpoint CKPT [--out OUT.png] [--side-by-side PATH] [--align dlib|face-alignment]
+[--overwrite]`` (the command line is ``oracleface.cli.complete``).
 
 Any image size. The model works at its training resolution R (256 or 1024), so:
 
@@ -17,13 +18,22 @@ Any image size. The model works at its training resolution R (256 or 1024), so:
    "known". Hole pixels outside the aligned face crop (with ``--align``) cannot be
    completed and are left as they are, with a warning.
 
-Mask files: any image of the photo's size; bright pixels (≥ 128 in grayscale) are the
-hole. ``center``: a centred square of half the photo's shorter side; ``random``: one of
+4. Output: PNG by default (``IMAGE_completed.png`` beside the photo); the format follows
+   ``--out``'s extension, checked before the model runs. Lossless formats (PNG, WebP,
+   which is written lossless, TIFF, BMP, ...) keep every known pixel bit-identical; a
+   lossy one (JPEG, ...) changes them, and ``complete`` says so in one warning line.
+   Outputs are written atomically. ``--out`` / ``--side-by-side`` that name an input
+   (the photo, the mask, the checkpoint) are refused unless ``--overwrite``; the two
+   outputs must be different files.
+
+Photos and masks are read by ``oracleface.data.images`` (every Pillow mode, EXIF orientation,
+transparency on white). Mask files: any image of the photo's size; bright pixels (≥ 128
+in grayscale) are the hole. ``center``: a centred square of half the photo's shorter side; ``random``: one of
 the paper's random rectangles, scaled to the photo (``--seed``).
 """
 from __future__ import annotations
 
-import sys
+import os
 import warnings
 from pathlib import Path
 
@@ -31,6 +41,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from oracleface.common import atomic_write
 from oracleface.visualize import masked_picture, side_by_side
 
 MASK_KEYWORDS = ("center", "random")
@@ -40,7 +51,7 @@ MASK_KEYWORDS = ("center", "random")
 def load_hole(mask: str, size: tuple[int, int], seed: int = 0) -> np.ndarray:
     """The hole ``(H, W)`` bool for ``mask`` (a file, ``center`` or ``random``) and an image
     of ``size = (width, height)``."""
-    from oracleface.masks import center_mask, random_rectangle_mask
+    from oracleface.data.masks import center_mask, random_rectangle_mask
 
     width, height = size
     side = min(width, height)
@@ -51,14 +62,19 @@ def load_hole(mask: str, size: tuple[int, int], seed: int = 0) -> np.ndarray:
     elif mask == "random":
         square = random_rectangle_mask(side, torch.Generator().manual_seed(seed)).numpy()[0] > 0
     else:
+        from oracleface.data.images import DECODE_ERRORS, decode_error_reason, load_gray
+
         path = Path(mask)
         if not path.is_file():
             raise FileNotFoundError(f"--mask {mask}: no such file (or use 'center' / 'random')")
-        with Image.open(path) as picture:
-            if picture.size != (width, height):
-                raise ValueError(f"--mask {mask} is {picture.size[0]}×{picture.size[1]} but the image is "
-                                 f"{width}×{height}; the mask must have the image's size")
-            hole = np.asarray(picture.convert("L")) >= 128
+        try:
+            picture = load_gray(path)
+        except DECODE_ERRORS as error:
+            raise ValueError(f"--mask {mask}: cannot read it as an image: {decode_error_reason(error)}") from error
+        if picture.size != (width, height):
+            raise ValueError(f"--mask {mask} is {picture.size[0]}×{picture.size[1]} but the image is "
+                             f"{width}×{height}; the mask must have the image's size")
+        hole = np.asarray(picture) >= 128
         if not hole.any():
             raise ValueError(f"--mask {mask} marks no pixel as missing (holes are bright pixels, ≥ 128)")
         return hole
@@ -122,7 +138,7 @@ def complete_aligned(generator, photo: np.ndarray, hole: np.ndarray, provider: s
     (module docstring, 2); ``covered`` marks the pixels inside the aligned crop."""
     from skimage.transform import warp
 
-    from oracleface.landmarks import canonical_landmarks, get_provider
+    from oracleface.data.landmarks import canonical_landmarks, get_provider
 
     resolution = generator.resolution
     points = get_provider(provider)((photo * 255).round().astype(np.uint8))
@@ -162,58 +178,105 @@ def complete_photo(generator, photo: Image.Image, hole: np.ndarray, align: str |
     return Image.fromarray(result)
 
 
-def complete_file(image, mask: str, checkpoint, out, side_by_side_path=None, align: str | None = None,
-                  device: str = "auto", seed: int = 0) -> Path:
-    """The ``complete`` command as a function; returns the written path."""
-    from oracleface.checkpoint import generator_from_checkpoint
-    from oracleface.runtime import resolve_device
+LOSSLESS_FORMATS = ("PNG", "WEBP", "TIFF", "BMP", "DIB", "PPM", "TGA", "SGI", "QOI", "PCX", "IM")
+SAVE_OPTIONS = {"WEBP": {"lossless": True, "exact": True}, "PNG": {"compress_level": 6}}
+
+
+def output_format(path, flag: str) -> str:
+    """The Pillow format ``path``'s extension asks for; ValueError naming ``flag`` when there is none."""
+    Image.init()
+    suffix = Path(path).suffix.lower()
+    format = Image.registered_extensions().get(suffix)
+    if format is None or format not in Image.SAVE:
+        raise ValueError(f"{flag} {path}: {'no' if not suffix else 'unknown'} image extension"
+                         f"{'' if not suffix else f' {suffix!r}'}; use .png (lossless, the default) or "
+                         "another image extension such as .webp, .tif or .jpg")
+    return format
+
+
+def _same_file(first: Path, second: Path) -> bool:
+    try:
+        if first.exists() and second.exists():
+            return os.path.samefile(first, second)
+        return first.resolve() == second.resolve()
+    except (OSError, RuntimeError):  # a symlink loop: it cannot be either file
+        return False
+
+
+def check_outputs(inputs: dict[str, Path], outputs: dict[str, Path], overwrite: bool = False) -> dict[str, str]:
+    """Refuse output paths that would destroy something, before any work is done.
+
+    ``inputs`` / ``outputs``: ``{flag: path}``. An output that is an input is refused unless
+    ``overwrite``; two outputs that are one file are always refused (one would be lost); a
+    folder, an unknown extension or an unwritable folder is refused. Returns
+    ``{flag: Pillow format}``; raises ValueError naming the flag.
+    """
+    formats = {}
+    for flag, path in outputs.items():
+        if path.is_dir():
+            raise ValueError(f"{flag} {path} is a folder; give a file name such as {path / 'completed.png'}")
+        for input_flag, source in inputs.items():
+            if not overwrite and _same_file(path, source):
+                raise ValueError(f"{flag} {path} is the {input_flag} {source}: writing it would destroy the "
+                                 "input; choose another path (or pass --overwrite to replace it)")
+        formats[flag] = output_format(path, flag)
+        folder = next((parent for parent in path.absolute().parents if parent.exists()), None)
+        if folder is not None and not folder.is_dir():
+            raise ValueError(f"{flag} {path}: {folder} is a file, so it cannot hold the output")
+        if folder is not None and not os.access(folder, os.W_OK):
+            raise ValueError(f"{flag} {path}: cannot write in {folder} (permission denied)")
+    flags = list(outputs)
+    for index, flag in enumerate(flags):
+        for other in flags[index + 1:]:
+            if _same_file(outputs[flag], outputs[other]):
+                raise ValueError(f"{other} {outputs[other]} is the same file as {flag}; give them different paths")
+    return formats
+
+
+def save_image(picture: Image.Image, path: Path, format: str) -> None:
+    """Write ``picture`` atomically in ``format`` (WebP losslessly)."""
+    with atomic_write(path) as temporary:
+        picture.save(temporary, format=format, **SAVE_OPTIONS.get(format, {}))
+
+
+def default_output(image) -> Path:
+    """Where ``complete`` writes without ``--out``: ``IMAGE_completed.png`` beside the photo."""
+    image = Path(image)
+    return image.with_name(f"{image.stem}_completed.png")
+
+
+def complete_file(image, mask: str, checkpoint, out=None, side_by_side_path=None, align: str | None = None,
+                  device: str = "auto", seed: int = 0, overwrite: bool = False) -> Path:
+    """The ``complete`` command as a function; returns the written path. Every check
+    (inputs readable, outputs safe, see ``check_outputs``) runs before the model does."""
+    from oracleface.data.images import DECODE_ERRORS, decode_error_reason, load_rgb
+    from oracleface.training.checkpoint import generator_from_checkpoint
+    from oracleface.training.runtime import resolve_device
 
     image = Path(image)
     if not image.is_file():
         raise FileNotFoundError(f"IMAGE {image}: no such file")
-    with Image.open(image) as picture:
-        photo = picture.convert("RGB")
+    out = default_output(image) if out is None else Path(out)
+    inputs = {"IMAGE": image, "--checkpoint": Path(checkpoint)}
+    if mask not in MASK_KEYWORDS:
+        inputs["--mask"] = Path(mask)
+    outputs = {"--out": out}
+    if side_by_side_path is not None:
+        outputs["--side-by-side"] = Path(side_by_side_path)
+    formats = check_outputs(inputs, outputs, overwrite)
+    if formats["--out"] not in LOSSLESS_FORMATS:
+        warnings.warn(f"--out {out}: {formats['--out']} is a lossy format: it changes the known pixels too "
+                      "(they stay bit-identical only in a lossless format such as .png)", UserWarning,
+                      stacklevel=2)
+    try:
+        photo = load_rgb(image)
+    except DECODE_ERRORS as error:
+        raise ValueError(f"IMAGE {image}: cannot read it as an image: {decode_error_reason(error)}") from error
     hole = load_hole(mask, photo.size, seed)
     generator, _ = generator_from_checkpoint(checkpoint, resolve_device(device))
     result = complete_photo(generator, photo, hole, align)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    result.save(out)
+    save_image(result, out, formats["--out"])
     if side_by_side_path is not None:
-        Path(side_by_side_path).parent.mkdir(parents=True, exist_ok=True)
-        side_by_side([photo, masked_picture(photo, hole), result]).save(side_by_side_path)
+        save_image(side_by_side([photo, masked_picture(photo, hole), result]), Path(side_by_side_path),
+                   formats["--side-by-side"])
     return out
-
-
-# ----------------------------------------------------------------------------- command line
-def configure_parser(parser) -> None:
-    parser.add_argument("image", metavar="IMAGE", help="photo to complete (any size)")
-    parser.add_argument("--mask", required=True, metavar="MASK.png|center|random",
-                        help="hole: an image of the photo's size (bright = missing), center or random")
-    parser.add_argument("--checkpoint", required=True, metavar="CKPT")
-    parser.add_argument("--out", required=True, metavar="OUT.png")
-    parser.add_argument("--side-by-side", metavar="PATH", default=None,
-                        help="also write input | masked | output")
-    parser.add_argument("--align", choices=("dlib", "face-alignment"), default=None,
-                        help="align an unaligned photo with this landmark detector first")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--seed", type=int, default=0, help="for --mask random")
-
-
-def run_command(args) -> int:
-    try:
-        out = complete_file(args.image, args.mask, args.checkpoint, args.out, args.side_by_side,
-                            args.align, args.device, args.seed)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"oracleface complete: error: {error}", file=sys.stderr)
-        return 2
-    print(f"completed image written to {out}" +
-          (f"; side by side: {args.side_by_side}" if args.side_by_side else ""))
-    return 0
-
-
-def command():
-    from oracleface.command import Command
-
-    return Command("complete", "complete the masked region of one photo with a trained checkpoint",
-                   configure_parser, run_command)

@@ -34,7 +34,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from oracleface.boxes import COMPONENTS
+from oracleface.common import composite
+from oracleface.data.boxes import COMPONENTS
 from oracleface.losses import (
     LossWeights,
     PerceptualLoss,
@@ -45,6 +46,7 @@ from oracleface.losses import (
     streaming_oracle_kl_loss,
 )
 from oracleface.models import Generator, MultiDiscriminator
+from oracleface.training.config import rename_old_fields
 
 Tensor = torch.Tensor
 
@@ -87,7 +89,7 @@ class OracleFaceModel(nn.Module):
     Args:
         resolution, attention, dsa_backend: see ``oracleface.models.Generator``.
         weights: λ's of Eq. 10 and γ of Eq. 8 (``LossWeights``; paper defaults).
-        kl_layers: DSA layers with oracle supervision, the generator's ``oracle_layers``
+        oracle_layers: DSA layers with oracle supervision, the generator's ``oracle_layers``
             (default: the first DSA layer — layer 12 at 256², 14 at 1024² — as in the paper;
             ``(12, 13, 14)``: every DSA layer at 256²; ``()`` disables LKL; always ``()``
             without DSA).
@@ -98,34 +100,39 @@ class OracleFaceModel(nn.Module):
         perceptual: a ``PerceptualLoss``; default builds one with ``vgg_weights`` /
             ``pretrained`` (see ``oracleface.losses.PerceptualLoss``).
         width: channel multiplier of G and the critics in (0, 1] (1 = the paper).
+        kl_layers: the old name of ``oracle_layers`` (deprecated; warns once).
     """
 
     def __init__(self, resolution: int = 256, attention: str = "dsa", dsa_backend: str = "auto",
-                 weights: LossWeights = LossWeights(), kl_layers=None, detach_oracle: bool = True,
+                 weights: LossWeights = LossWeights(), oracle_layers=None, detach_oracle: bool = True,
                  perceptual: Optional[PerceptualLoss] = None, vgg_weights=None,
-                 pretrained: bool = True, width: float = 1.0):
+                 pretrained: bool = True, width: float = 1.0, kl_layers=None):
         super().__init__()
+        given = {name: tuple(layers) for name, layers in (("kl_layers", kl_layers),
+                                                          ("oracle_layers", oracle_layers))
+                 if layers is not None}
+        oracle_layers = rename_old_fields(given).get("oracle_layers")  # kl_layers: the old name
         self.resolution = resolution
         self.generator = Generator(resolution, attention, dsa_backend, width=width,
-                                   oracle_layers=kl_layers)
+                                   oracle_layers=oracle_layers)
         self.discriminator = MultiDiscriminator(resolution, width=width)
         self.perceptual = perceptual if perceptual is not None else PerceptualLoss(vgg_weights, pretrained)
         self.weights = weights
-        self.kl_layers = self.generator.oracle_layers
+        self.oracle_layers = self.generator.oracle_layers
         self.detach_oracle = detach_oracle
 
     # ------------------------------------------------------------------ pieces
     def generate(self, batch: dict) -> GeneratorOutput:
-        """Run G on the batch, keeping what the oracle loss needs of ``kl_layers``: their
+        """Run G on the batch, keeping what the oracle loss needs of ``oracle_layers``: their
         q, k (streamed loss) or, with ``detach_oracle=False``, their dense maps."""
         check_batch(batch, self.resolution)
-        if self.kl_layers and self.detach_oracle:
+        if self.oracle_layers and self.detach_oracle:
             output, queries_keys = self.generator.forward_queries_keys(
-                batch["image"], batch["hole_mask"], self.kl_layers)
+                batch["image"], batch["hole_mask"], self.oracle_layers)
             return GeneratorOutput(output, {}, queries_keys)
-        if self.kl_layers:
+        if self.oracle_layers:
             output, maps = self.generator(batch["image"], batch["hole_mask"], return_attention=True,
-                                          attention_layers=self.kl_layers)
+                                          attention_layers=self.oracle_layers)
         else:
             output, maps = self.generator(batch["image"], batch["hole_mask"]), {}
         return GeneratorOutput(output, maps)
@@ -136,17 +143,16 @@ class OracleFaceModel(nn.Module):
         ``training_step`` freezes them while G trains."""
         image, hole_mask, boxes = batch["image"], batch["hole_mask"], batch["boxes"]
         output = generated.output
-        hole = hole_mask.to(output.dtype)
-        composite = image * (1 - hole) + output * hole  # I_gen: valid pixels from the ground truth
         terms = {
             "g_reconstruction": reconstruction_loss(output, image, hole_mask, boxes),
-            "g_perceptual": self.perceptual(output, composite, image),
+            # I_gen: valid pixels from the ground truth
+            "g_perceptual": self.perceptual(output, composite(image, output, hole_mask), image),
         }
-        if self.kl_layers and self.detach_oracle:
-            oracle = self.generator.oracle_queries_keys(image, hole_mask, self.kl_layers)
+        if self.oracle_layers and self.detach_oracle:
+            oracle = self.generator.oracle_queries_keys(image, hole_mask, self.oracle_layers)
             terms["g_kl"] = streaming_oracle_kl_loss(generated.queries_keys, oracle)
-        elif self.kl_layers:
-            oracle = self.generator.oracle_attention(image, hole_mask, self.kl_layers, detach=False)
+        elif self.oracle_layers:
+            oracle = self.generator.oracle_attention(image, hole_mask, self.oracle_layers, detach=False)
             terms["g_kl"] = attention_kl_loss(generated.attention, oracle, hole_mask)
         else:
             terms["g_kl"] = output.new_zeros((), dtype=torch.float32)

@@ -15,7 +15,7 @@ Left and right are *image* left and right throughout: ``"left_eye"`` is iBUG poi
 36–41, the eye on the left of the picture (the subject's right eye).
 
 Landmark cache files (written by ``oracleface landmarks DATA_DIR``, read by
-``oracleface.data.FaceFolder``) are JSON, keyed by the image's path relative to the
+``oracleface.data.folders.FaceFolder``) are JSON, keyed by the image's path relative to the
 dataset folder, with coordinates normalised to the square centre crop (``x / side``,
 ``y / side``), so one cache serves every training resolution.
 """
@@ -24,7 +24,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -33,7 +32,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from oracleface.boxes import COMPONENTS, box_sizes
+from oracleface.common import write_json_atomic
+from oracleface.data.boxes import COMPONENTS, box_sizes
 
 NUM_LANDMARKS = 68
 
@@ -215,7 +215,7 @@ def component_boxes(landmarks, image_size: int,
 
     ``landmarks``: ``(68, 2)`` pixel coordinates in a square image of side ``image_size``.
     ``sizes``: ``{component: (width, height)}`` at 256², scaled with ``image_size`` by
-    ``oracleface.boxes.box_sizes`` (default ``DEFAULT_BOX_SIZES_256``). Each box is centred
+    ``oracleface.data.boxes.box_sizes`` (default ``DEFAULT_BOX_SIZES_256``). Each box is centred
     on the mean of its landmark group and shifted, keeping its size, inside the image.
     """
     _check_positive_int(image_size, "image_size")
@@ -234,7 +234,7 @@ def component_boxes(landmarks, image_size: int,
 
 
 def boxes_tensor(boxes: dict[str, tuple[int, int, int, int]]) -> torch.Tensor:
-    """``component_boxes`` output as the ``(4, 4)`` int64 tensor of ``oracleface.boxes``."""
+    """``component_boxes`` output as the ``(4, 4)`` int64 tensor of ``oracleface.data.boxes``."""
     missing = [name for name in COMPONENTS if name not in boxes]
     if missing:
         raise ValueError(f"boxes lacks components {missing}; expected keys {list(COMPONENTS)}")
@@ -283,15 +283,7 @@ def _write_landmark_cache(path: Path, provider: str, landmarks: dict, no_face: s
         "no_face": sorted(no_face),
         "unreadable": sorted(unreadable),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as stream:
-            json.dump(content, stream, separators=(",", ":"))
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    write_json_atomic(content, path, indent=None)
 
 
 def build_landmark_cache(data_dir, provider: str = "dlib", out=None, size: int = 512,
@@ -309,7 +301,7 @@ def build_landmark_cache(data_dir, provider: str = "dlib", out=None, size: int =
     """
     from tqdm import tqdm
 
-    from oracleface.images import DECODE_ERRORS, find_images, load_square_image
+    from oracleface.data.images import DECODE_ERRORS, find_images, load_square_image
 
     _check_positive_int(size, "size")
     _check_positive_int(flush_every, "flush_every")

@@ -1,18 +1,20 @@
 """``oracleface train --data DIR --out RUN_DIR``: the command line of the trainer
-(``oracleface.trainer``), which does the work.
+(``oracleface.training.trainer``), which does the work.
 """
 from __future__ import annotations
 
-from oracleface.command import Command
-from oracleface.runtime import announce
+import argparse
+
+from oracleface.cli.command import Command, DeprecatedAlias
+from oracleface.training.runtime import announce
 
 
 def configure_parser(parser) -> None:
     """``oracleface train`` arguments. Every option defaults to "not given" so that only
-    the flags on the command line override the config file (see ``oracleface.config``)."""
-    import argparse
-
-    from oracleface.config import AMP_MODES, parse_layer_list
+    the flags on the command line override the config file (see ``oracleface.training.config``).
+    The defaults quoted in the help come from ``TrainConfig``."""
+    from oracleface.training.config import AMP_MODES, DEFAULTS, parse_layer_list
+    from oracleface.training.runtime import MOST_DEFAULT_WORKERS
 
     keep = argparse.SUPPRESS
     parser.add_argument("--data", metavar="DIR", default=keep, help="folder of face images (recursive)")
@@ -25,27 +27,34 @@ def configure_parser(parser) -> None:
                              "the checkpoint CKPT, or with 'if-any' latest.pt when it exists and a "
                              "fresh run otherwise")
     model = parser.add_argument_group("model")
-    model.add_argument("--resolution", type=int, default=keep, help="image side: 256 (default) or 1024")
+    model.add_argument("--resolution", type=int, default=keep,
+                       help=f"image side: 256 or 1024 (default {DEFAULTS.resolution})")
     model.add_argument("--attention", choices=("dsa", "ca", "none"), default=keep,
-                       help="attention module (default: dsa, the paper)")
+                       help=f"attention module (default: {DEFAULTS.attention}, the paper)")
     model.add_argument("--width", type=float, default=keep,
-                       help="channel multiplier in (0, 1] (default 1 = the paper; smaller for smoke runs)")
-    model.add_argument("--dsa-backend", default=keep, help="auto (default), reference, triton or cuda")
-    model.add_argument("--kl-layers", type=int, nargs="*", default=keep, metavar="LAYER",
-                       help="DSA layers with oracle supervision (default: the first, 12 at 256²)")
-    model.add_argument("--oracle-layers", dest="kl_layers", type=parse_layer_list, default=keep,
-                       metavar="12,13,14", help="--kl-layers as a comma list: 12,13,14 supervises "
-                       "every DSA layer (streamed KL, no L×L maps); '' none")
+                       help=f"channel multiplier in (0, 1] (default {DEFAULTS.width:g} = the paper; smaller "
+                            "for smoke runs)")
+    model.add_argument("--dsa-backend", default=keep,
+                       help=f"auto, reference, cpu, triton or cuda (default {DEFAULTS.dsa_backend})")
+    model.add_argument("--oracle-layers", type=parse_layer_list, default=keep, metavar="12,13,14",
+                       help="DSA layers with oracle supervision (default: the first, 12 at 256², the "
+                            "paper's); 12,13,14 supervises every DSA layer (streamed KL, no L×L maps); "
+                            "'' none")
+    model.add_argument("--kl-layers", dest="oracle_layers", type=int, nargs="*", default=keep,
+                       metavar="LAYER", action=DeprecatedAlias, new_flag="--oracle-layers",
+                       help="deprecated: --oracle-layers as separate numbers")
     optim = parser.add_argument_group("optimisation (paper defaults)")
     optim.add_argument("--batch-size", type=int, default=keep,
-                       help="global batch, split across processes (default 16)")
-    optim.add_argument("--lr-generator", type=float, default=keep, help="RMSprop lr of G (default 1e-4)")
+                       help=f"global batch, split across processes (default {DEFAULTS.batch_size})")
+    optim.add_argument("--lr-generator", type=float, default=keep,
+                       help=f"RMSprop lr of G (default {DEFAULTS.lr_generator:g})")
     optim.add_argument("--lr-discriminator", type=float, default=keep,
-                       help="RMSprop lr of the seven critics (default 1e-4)")
-    for name, default in (("reconstruction", 10), ("kl", 2), ("perceptual", 1), ("adversarial", 1)):
+                       help=f"RMSprop lr of the seven critics (default {DEFAULTS.lr_discriminator:g})")
+    for name in ("reconstruction", "kl", "perceptual", "adversarial"):
         optim.add_argument(f"--lambda-{name}", type=float, default=keep,
-                           help=f"weight of the {name} loss (default {default})")
-    optim.add_argument("--gradient-penalty", type=float, default=keep, help="WGAN-GP γ (default 10)")
+                           help=f"weight of the {name} loss (default {getattr(DEFAULTS, 'lambda_' + name):g})")
+    optim.add_argument("--gradient-penalty", type=float, default=keep,
+                       help=f"WGAN-GP γ (default {DEFAULTS.gradient_penalty:g})")
     optim.add_argument("--no-perceptual-pretrained", dest="perceptual_pretrained", action="store_false",
                        default=keep, help="VGG-16 with random weights (smoke runs without the weights; warns)")
     optim.add_argument("--vgg-weights", metavar="FILE", default=keep,
@@ -56,32 +65,39 @@ def configure_parser(parser) -> None:
     length.add_argument("--epochs", type=int, default=keep, help="train until this many epochs in total")
     data = parser.add_argument_group("data")
     data.add_argument("--masks", default=keep,
-                      help="random (default, the paper's rectangles) | center | irregular | folder:PATH")
+                      help=f"random (the paper's rectangles) | center | irregular | folder:PATH "
+                           f"(default {DEFAULTS.masks})")
     data.add_argument("--landmarks", default=keep,
-                      help="dlib (default: per-image landmarks, computed once into a cache file) | "
+                      help="dlib (per-image landmarks, computed once into a cache file) | "
                            "face-alignment | CACHE_FILE (from `oracleface landmarks`) | canonical "
-                           "(one template for aligned faces; warns)")
+                           f"(one template for aligned faces; warns) (default {DEFAULTS.landmarks})")
     data.add_argument("--test-size", type=float, default=keep,
                       help="held-out images: a count or a fraction (default: paper counts / 10 %%)")
     data.add_argument("--cache-dir", default=keep, help="cache of resized images")
     data.add_argument("--no-flip", dest="flip", action="store_false", default=keep,
                       help="no random horizontal flips of training images (default: flip)")
     data.add_argument("--workers", type=int, default=keep,
-                      help="DataLoader workers per process (default: 4, at most the CPUs this process "
-                           "may use, shared among torchrun's processes on the node)")
-    data.add_argument("--seed", type=int, default=keep, help="split, masks, data order, init (default 0)")
+                      help=f"DataLoader workers per process (default: {MOST_DEFAULT_WORKERS}, at most the "
+                           "CPUs this process may use, shared among torchrun's processes on the node)")
+    data.add_argument("--seed", type=int, default=keep,
+                      help=f"split, masks, data order, init (default {DEFAULTS.seed})")
     runtime = parser.add_argument_group("runtime")
-    runtime.add_argument("--device", default=keep, help="auto (default) | cpu | cuda | cuda:N")
+    runtime.add_argument("--device", default=keep,
+                         help=f"auto | cpu | cuda | cuda:N (default {DEFAULTS.device})")
     runtime.add_argument("--no-sync-bn", dest="sync_bn", action="store_false", default=keep,
                          help="under torchrun, BatchNorm statistics per process instead of over the "
                               "global batch (default: global)")
-    runtime.add_argument("--amp", choices=AMP_MODES, default=keep, help="mixed precision (default off)")
-    runtime.add_argument("--checkpoint-every", type=int, default=keep, metavar="N", help="default 1000")
+    runtime.add_argument("--amp", choices=AMP_MODES, default=keep,
+                         help=f"mixed precision (default {DEFAULTS.amp})")
+    runtime.add_argument("--checkpoint-every", type=int, default=keep, metavar="N",
+                         help=f"default {DEFAULTS.checkpoint_every}")
     runtime.add_argument("--keep-checkpoints", type=int, default=keep, metavar="K",
-                         help="numbered checkpoints kept besides latest.pt (default 3)")
-    runtime.add_argument("--sample-every", type=int, default=keep, metavar="N", help="default 500")
+                         help="numbered checkpoints kept besides latest.pt "
+                              f"(default {DEFAULTS.keep_checkpoints})")
+    runtime.add_argument("--sample-every", type=int, default=keep, metavar="N",
+                         help=f"default {DEFAULTS.sample_every}")
     runtime.add_argument("--log-every", type=int, default=keep, metavar="N",
-                         help="TensorBoard scalars every N steps (default 10)")
+                         help=f"TensorBoard scalars every N steps (default {DEFAULTS.log_every})")
     runtime.add_argument("--no-progress", dest="progress", action="store_false", default=keep,
                          help="no progress bar")
 
@@ -101,18 +117,12 @@ def flag_values(args) -> dict:
 
 
 def run_command(args) -> int:
-    import sys
+    from oracleface.training.config import load_config_file
+    from oracleface.training.trainer import train
 
-    from oracleface.config import load_config_file
-    from oracleface.trainer import train
-
-    try:
-        layers = [load_config_file(args.config)] if args.config else []
-        layers.append(flag_values(args))
-        summary = train(layers, resume=args.resume)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"oracleface train: error: {error}", file=sys.stderr)
-        return 2
+    layers = [load_config_file(args.config)] if args.config else []
+    layers.append(flag_values(args))
+    summary = train(layers, resume=args.resume)
     announce(f"trained to step {summary['step']} (epoch {summary['epoch']}); "
              f"checkpoint: {summary['checkpoint']}")
     return 0

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from oracleface.data.images import DECODE_ERRORS, decode_error_reason, load_gray
+
 MaskSampler = Callable[["torch.Generator | None"], torch.Tensor]
 
 # Paper §4.1: rectangle sides between 94 and 128 px at 256×256.
@@ -133,6 +135,31 @@ class MaskFolder:
         if not self.files:
             raise ValueError(f"mask folder {root} holds no mask images ({', '.join(MASK_IMAGE_EXTENSIONS)})")
         self.root, self.size, self.flip, self.rotate, self.invert = root, size, flip, rotate, invert
+        self._refuse_degenerate_masks()
+
+    CHECKED_MASKS = 64  # masks decoded at construction, evenly spread over the sorted files
+
+    def _refuse_degenerate_masks(self) -> None:
+        """Raise ValueError when the checked masks (all of them in folders of up to
+        ``CHECKED_MASKS``) mark no hole, or nothing but holes, at ``size``²: training would
+        run without holes (or without known pixels) and nothing would say so."""
+        count = min(len(self.files), self.CHECKED_MASKS)
+        indices = sorted({round(i * (len(self.files) - 1) / max(1, count - 1)) for i in range(count)})
+        fractions = []
+        for index in indices:
+            try:
+                fractions.append(float(self._load_hole(index).mean()))
+            except DECODE_ERRORS as error:
+                raise ValueError(f"mask folder {self.root}: cannot read {self.files[index]}: "
+                                 f"{decode_error_reason(error)}") from error
+        which = "all" if len(indices) == len(self.files) else f"all {len(indices)} checked"
+        polarity = "holes are bright pixels (≥ 128)" + ("; invert=True: dark" if self.invert else "")
+        if max(fractions) == 0:
+            raise ValueError(f"mask folder {self.root}: {which} of its {len(self.files)} masks mark no pixel "
+                             f"as missing at {self.size}² ({polarity}); training would see no holes")
+        if min(fractions) == 1:
+            raise ValueError(f"mask folder {self.root}: {which} of its {len(self.files)} masks mark every pixel "
+                             f"as missing at {self.size}² ({polarity}); are holes marked the other way round?")
 
     def __len__(self) -> int:
         return len(self.files)
@@ -142,8 +169,7 @@ class MaskFolder:
         return torch.from_numpy(self._load_hole(index).astype(np.float32)[None])
 
     def _load_hole(self, index: int) -> np.ndarray:
-        with Image.open(self.files[index]) as image:
-            gray = image.convert("L").resize((self.size, self.size), Image.Resampling.BILINEAR)
+        gray = load_gray(self.files[index]).resize((self.size, self.size), Image.Resampling.BILINEAR)
         hole = np.asarray(gray) >= 128
         return ~hole if self.invert else hole
 

@@ -21,11 +21,12 @@ dataset cache inside it, never enter the test set; masks are a pure function of
 """
 from __future__ import annotations
 
-import sys
 import warnings
 from pathlib import Path
 
 import torch
+
+from oracleface.common import composite
 
 METRICS = ("l1_percent", "psnr", "ssim", "lpips")
 MASK_CHOICES = ("random", "center")
@@ -81,12 +82,6 @@ def load_lpips(device, net: str = DEFAULT_LPIPS_NET) -> tuple[torch.nn.Module | 
     if loaded != expected:
         raise ValueError(f"{path}: expected {expected} conv layers for LPIPS-{net}, loaded {loaded}")
     return model.eval().requires_grad_(False).to(device), None
-
-
-def composite(image: torch.Tensor, output: torch.Tensor, hole_mask: torch.Tensor) -> torch.Tensor:
-    """Valid pixels from ``image``, hole pixels from ``output`` (all ``(B, C, H, W)``)."""
-    hole = hole_mask.to(image.dtype)
-    return image * (1 - hole) + output.to(image.dtype) * hole
 
 
 def image_metrics(prediction: torch.Tensor, target: torch.Tensor, lpips_model=None) -> dict[str, torch.Tensor]:
@@ -147,7 +142,7 @@ def recorded_test_list(checkpoint, test_list=None) -> list[str] | None:
     """The run's held-out files: ``test_list`` (a ``split.json``), else the ``split.json`` of
     the run folder holding ``checkpoint`` (``RUN_DIR/checkpoints/*.pt``); None (with a
     warning) when there is none."""
-    from oracleface.data import TEST_LIST_FILE, read_test_list
+    from oracleface.data.folders import TEST_LIST_FILE, read_test_list
 
     if test_list is not None:
         return read_test_list(test_list)
@@ -165,9 +160,9 @@ def run_evaluation(data, checkpoint, masks: str = "random", batch_size: int = 8,
                    lpips_net: str = DEFAULT_LPIPS_NET) -> dict:
     """Load ``checkpoint``, evaluate on the run's held-out images of ``data`` (see
     ``recorded_test_list``); returns the results dict."""
-    from oracleface.checkpoint import generator_from_checkpoint
-    from oracleface.data import FaceFolder
-    from oracleface.runtime import resolve_device
+    from oracleface.training.checkpoint import generator_from_checkpoint
+    from oracleface.data.folders import FaceFolder
+    from oracleface.training.runtime import resolve_device
 
     if masks not in MASK_CHOICES:
         raise ValueError(f"masks must be one of {MASK_CHOICES}; got {masks!r}")
@@ -186,44 +181,3 @@ def run_evaluation(data, checkpoint, masks: str = "random", batch_size: int = 8,
     return {"checkpoint": str(checkpoint), "step": state["step"], "data": str(data), "masks": masks,
             "resolution": generator.resolution, **metrics, "lpips_net": lpips_net,
             "lpips_unavailable": reason}
-
-
-# ----------------------------------------------------------------------------- command line
-def configure_parser(parser) -> None:
-    parser.add_argument("--data", metavar="DIR", required=True, help="the dataset folder used in training")
-    parser.add_argument("--checkpoint", metavar="CKPT", required=True, help="a training checkpoint")
-    parser.add_argument("--masks", choices=MASK_CHOICES, default="random",
-                        help="random rectangles (default) or the 128×128 centre hole")
-    parser.add_argument("--out", metavar="metrics.json", default=None, help="also write the results as JSON")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N test images")
-    parser.add_argument("--no-progress", dest="progress", action="store_false")
-    parser.add_argument("--lpips-net", choices=sorted(LPIPS_BACKBONES), default=DEFAULT_LPIPS_NET,
-                        help="LPIPS backbone (default: alex, the LPIPS authors' default); its torchvision "
-                             "weights must be in the torch hub cache")
-    parser.add_argument("--test-list", metavar="SPLIT_JSON", default=None,
-                        help="the run's held-out files (default: RUN_DIR/split.json beside the checkpoint)")
-
-
-def run_command(args) -> int:
-    from oracleface.checkpoint import write_json_atomic
-
-    try:
-        results = run_evaluation(args.data, args.checkpoint, args.masks, args.batch_size, args.device,
-                                 args.limit, args.progress, args.test_list, args.lpips_net)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"oracleface eval: error: {error}", file=sys.stderr)
-        return 2
-    print(format_table(results))
-    if args.out:
-        write_json_atomic(results, args.out)
-        print(f"metrics written to {args.out}")
-    return 0
-
-
-def command():
-    from oracleface.command import Command
-
-    return Command("eval", "L1, PSNR, SSIM and LPIPS of a checkpoint on the held-out split",
-                   configure_parser, run_command)

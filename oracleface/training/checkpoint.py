@@ -4,26 +4,28 @@ A checkpoint is one ``torch.save`` file holding plain types and tensors only, so
 loads with ``torch.load(weights_only=True)`` (no pickled code runs)::
 
     {"format": "oracleface-checkpoint", "version": 1,
-     "step": int, "epoch": int, "batch_in_epoch": int,     # where the data stream resumes
+     "step": int, "epoch": int, "sample_in_epoch": int,    # where the data stream resumes (global samples)
+     "batch_in_epoch": int,                                  # the same in batches (older readers)
      "config": dict,                                         # TrainConfig.to_dict()
      "generator": state_dict, "discriminator": state_dict,   # all seven critics
      "optimizer_generator": ..., "optimizer_discriminator": ..., "scaler": ... | None,
      "rng": [per-process RNG states, rank order]}             # see ``capture_rng_state``
 
-Writes go to a temporary file in the same folder and then ``os.replace``: a crash
-mid-write leaves the previous checkpoint intact, never a truncated one.
+Writes are atomic and durable (``oracleface.common.atomic_write``: temporary file in the
+same folder, fsync, ``os.replace``, fsync of the folder): a crash or power loss mid-write
+leaves the previous checkpoint intact, never a truncated one.
 """
 from __future__ import annotations
 
-import os
 import pickle
 import random
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from oracleface.common import atomic_write
 
 FORMAT = "oracleface-checkpoint"
 VERSION = 1
@@ -76,17 +78,9 @@ def save_checkpoint(state: dict, path) -> Path:
     missing = [key for key in REQUIRED_KEYS if key not in state]
     if missing:
         raise ValueError(f"checkpoint state is missing {missing}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
+    with atomic_write(path) as temporary:
         torch.save({"format": FORMAT, "version": VERSION, **state}, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 # What torch.load raises for truncated/garbled files and for non-checkpoint pickles.
@@ -147,6 +141,30 @@ def latest_checkpoint(run_dir) -> Path:
     return Path(run_dir) / "checkpoints" / "latest.pt"
 
 
+def numbered_checkpoints(run_dir) -> list[Path]:
+    """``RUN_DIR/checkpoints/step_*.pt``, newest (highest step) first."""
+    return sorted((Path(run_dir) / "checkpoints").glob("step_*.pt"), reverse=True)
+
+
+def load_newest_readable(run_dir) -> tuple[dict, Path, list[str]]:
+    """The checkpoint ``--resume`` continues: ``latest.pt``, or when that cannot be read the
+    newest readable ``step_*.pt``. Returns ``(state, its path, reasons)`` where ``reasons``
+    names every newer checkpoint that was passed over and why (one line each).
+    Raises ``FileNotFoundError`` when the run holds no checkpoint and ``CheckpointError``
+    (naming each file) when none is readable."""
+    reasons = []
+    for path in [latest_checkpoint(run_dir), *numbered_checkpoints(run_dir)]:
+        try:
+            return load_checkpoint(path), path, reasons
+        except FileNotFoundError:
+            continue
+        except CheckpointError as error:
+            reasons.append(str(error))
+    if not reasons:
+        raise FileNotFoundError(f"no checkpoint in {Path(run_dir) / 'checkpoints'}")
+    raise CheckpointError("no readable checkpoint to resume: " + "; ".join(reasons))
+
+
 def prune_numbered(directory, keep: int) -> None:
     """Delete all but the ``keep`` newest ``step_*.pt`` files in ``directory``."""
     numbered = sorted(Path(directory).glob("step_*.pt"))
@@ -172,17 +190,3 @@ def generator_from_checkpoint(path, device="cpu", dsa_backend: str = "auto"):
         raise CheckpointError(f"checkpoint {path}: its generator weights do not fit the model its "
                               f"config describes: {error}") from error
     return generator.to(device).eval(), state
-
-
-def write_json_atomic(data, path) -> Path:
-    """Write ``data`` as indented JSON via a temporary file and ``os.replace``."""
-    import json
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(handle, "w") as stream:
-        json.dump(data, stream, indent=2)
-        stream.write("\n")
-    os.replace(temporary, path)
-    return path
