@@ -122,7 +122,7 @@ def test_two_processes_with_synchronised_batchnorm_step_like_one_process(tmp_pat
 def test_synchronised_batchnorm_keeps_the_module_dtype(dtype):
     """The converted layers keep the model's dtype (they were rebuilt in float32, so a float64
     model's BatchNorm weights were rounded to float32 and updated there)."""
-    from oracleface.sync_batchnorm import GlobalBatchNorm2d, synchronise_batchnorm
+    from oracleface.training.sync_batchnorm import GlobalBatchNorm2d, synchronise_batchnorm
 
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4)).to(dtype)
     with torch.no_grad():
