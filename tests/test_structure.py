@@ -10,10 +10,17 @@ PACKAGE = Path(oracleface.__file__).parent
 REPOSITORY = PACKAGE.parent
 CLI = "oracleface.cli"
 MAX_LINES = 600
-# Modules allowed over MAX_LINES, each with the reason it is one module (none today).
-LONG_MODULES: dict[str, str] = {}
-# dsa_ops joins this list when its op-by-op split (issue 27 item 1) lands.
-LINE_LIMITED = (PACKAGE, REPOSITORY / "benchmarks")
+# Modules allowed over MAX_LINES, each with the reason it is one module.
+LONG_MODULES: dict[str, str] = {
+    "csrc/emulation/emulation.cpp": "the host runtime of every emulated primitive: one "
+                                    "translation unit, so the emulation builds as one object",
+    "csrc/masked_attention/backward.cuh": "the FA2 backward's three kernels (dQ, dK/dV, the wide-V "
+                                          "dK sum) with the strip helpers they share; each "
+                                          "backward_<dtype>.cu instantiates them together",
+}
+LINE_LIMITED = (PACKAGE, REPOSITORY / "dsa_ops", REPOSITORY / "benchmarks", REPOSITORY / "tests",
+                REPOSITORY / "csrc")
+SOURCE_SUFFIXES = (".py", ".cu", ".cuh", ".cpp", ".h")
 
 
 def module_name(path: Path) -> str:
@@ -121,14 +128,28 @@ def test_dsa_ops_never_imports_oracleface():
     assert not offenders
 
 
+def imported_modules(path: Path) -> set[str]:
+    """Every module ``path`` imports by absolute name (anywhere in the file)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
 def test_reference_ops_import_only_torch():
     # The reference backend is the oracle the other backends are tested against: it must not
-    # depend on any of them (nor on numpy, triton or the extension).
+    # depend on any of them (nor on numpy, triton or the extension). A reference may build on
+    # another op's reference (the KL on the attention's scores), which is held to the same rule.
     allowed = {"torch", "__future__", "typing", "math", "dataclasses", "functools"}
     references = list((REPOSITORY / "dsa_ops").rglob("reference*.py"))
-    assert references
+    assert len(references) >= 4  # one per op package, and the namespace that gathers them
     for path in references:
-        extra = imported_top_level_packages(path) - allowed
+        extra = {name for name in imported_modules(path)
+                 if name.split(".")[0] not in allowed
+                 and not (name.startswith("dsa_ops.ops.") and name.endswith(".reference"))}
         assert not extra, f"{path.relative_to(REPOSITORY)} imports {sorted(extra)}"
         relative = [node for node in ast.walk(ast.parse(path.read_text()))
                     if isinstance(node, ast.ImportFrom) and node.level > 0]
@@ -138,7 +159,7 @@ def test_reference_ops_import_only_torch():
 def test_no_module_is_over_the_line_limit_without_a_stated_reason():
     long = {str(path.relative_to(REPOSITORY)): len(path.read_text().splitlines())
             for package in LINE_LIMITED
-            for path in package.rglob("*.py")}
+            for path in package.rglob("*") if path.suffix in SOURCE_SUFFIXES}
     long = {path: lines for path, lines in long.items() if lines > MAX_LINES and path not in LONG_MODULES}
     assert not long, f"over {MAX_LINES} lines (split them or state the reason in LONG_MODULES): {long}"
 
