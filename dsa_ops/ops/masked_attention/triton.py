@@ -144,7 +144,7 @@ def _launch_backward(branches: Sequence[tuple[Tensor, ...]], lists: Lists, scale
             length, qk_dim, v_dim, scale, num_chunks, first_branch,
             **flags, **layout, NUM_DV_CHUNKS=num_chunks,
             BLOCK_M=kv_config.block_m, BLOCK_N=kv_config.block_n, BLOCK_QK=kv_config.block_qk,
-            BLOCK_DV=kv_config.block_dv,
+            BLOCK_DV=kv_config.block_dv, SCORES_AS_FORWARD=q.dtype == torch.float32,
             num_warps=kv_config.num_warps, num_stages=kv_config.num_stages,
         )
         common.wrap_triton(_grad_q_kernel)[

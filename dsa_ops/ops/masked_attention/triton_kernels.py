@@ -244,7 +244,7 @@ def _grad_kv_kernel(
     ROWS_UNIT_STRIDE_K: tl.constexpr, ROWS_UNIT_STRIDE_V: tl.constexpr,
     NUM_DV_CHUNKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_QK: tl.constexpr,
-    BLOCK_DV: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_DV: tl.constexpr, INPUT_PRECISION: tl.constexpr, SCORES_AS_FORWARD: tl.constexpr,
 ):
     """One program: one tile of key slots × one V chunk of one sample and branch, looping
     over query tiles: dV = Pᵀ·dO for its chunk; the first chunk's programs also compute
@@ -274,10 +274,16 @@ def _grad_kv_kernel(
     grad_out_b = grad_out + batch * stride_gb
     q_b = q + batch * stride_qb
     v_b = v + batch * stride_vb
-    # K as Kᵀ and Q as rows, the forward's operands, so that S = Q·Kᵀ rounds exactly as in
-    # the forward (see the scores below).
-    k_t = gather(k + batch * stride_kb, cols, col_valid, stride_kl, qk_cols, qk_dim,
-                 stride_kd, ROWS_UNIT_STRIDE_K, True)
+    # float32 (SCORES_AS_FORWARD) loads K as Kᵀ and Q as rows, the forward's operands, so
+    # that S = Q·Kᵀ rounds exactly as in the forward (see the scores below); 16-bit keeps the
+    # Sᵀ = K·Qᵀ form, whose operands reach the tensor cores untransposed (wgmma on sm_90, no
+    # spills on sm_80) and whose rounding differences lie far inside the 16-bit tolerance.
+    if SCORES_AS_FORWARD:
+        k_operand = gather(k + batch * stride_kb, cols, col_valid, stride_kl, qk_cols, qk_dim,
+                           stride_kd, ROWS_UNIT_STRIDE_K, True)
+    else:
+        k_operand = gather(k + batch * stride_kb, cols, col_valid, stride_kl, qk_cols, qk_dim,
+                           stride_kd, ROWS_UNIT_STRIDE_K, False)
     v_tile = gather(v_b, cols, col_valid, stride_vl, v_cols, v_dim, stride_vd,
                      ROWS_UNIT_STRIDE_V, False)
     computes_grad_k = chunk == 0
@@ -290,8 +296,13 @@ def _grad_kv_kernel(
         slots = start + tl.arange(0, BLOCK_M)
         row_valid = slots < num_queries
         rows = _rows_at(queries_b, slots, 0, length)
-        q_tile = gather(q_b, rows, row_valid, stride_ql, qk_cols, qk_dim, stride_qd,
-                        ROWS_UNIT_STRIDE_Q, False)
+        if SCORES_AS_FORWARD:
+            q_rows = gather(q_b, rows, row_valid, stride_ql, qk_cols, qk_dim, stride_qd,
+                            ROWS_UNIT_STRIDE_Q, False)
+        else:
+            q_operand = gather(q_b, rows, row_valid, stride_ql, qk_cols, qk_dim, stride_qd,
+                               ROWS_UNIT_STRIDE_Q, True)
+            q_rows = tl.trans(q_operand)
         d_out_tile = gather(grad_out_b, rows, row_valid, stride_gl, v_cols, v_dim, stride_gd,
                              ROWS_UNIT_STRIDE_G, False)
         # Every query row here has keys (num_keys > 0), so its lse is finite; padding rows
@@ -302,8 +313,11 @@ def _grad_kv_kernel(
         # by ~1e-4. So S = Q·Kᵀ from the forward's operands, transposed afterwards; Kᵀ·Qᵀ
         # sums the same products in another order on some BLAS kernels (OpenBLAS's Haswell
         # sgemm under the interpreter: dV 25× the float32 reference's error).
-        scores = tl.dot(q_tile, k_t, input_precision=INPUT_PRECISION) * scale
-        probs_t = tl.where(col_valid[:, None], _exp(tl.trans(scores) - row_lse[None, :]), 0.0)
+        if SCORES_AS_FORWARD:
+            scores_t = tl.trans(tl.dot(q_rows, k_operand, input_precision=INPUT_PRECISION) * scale)
+        else:
+            scores_t = tl.dot(k_operand, q_operand, input_precision=INPUT_PRECISION) * scale
+        probs_t = tl.where(col_valid[:, None], _exp(scores_t - row_lse[None, :]), 0.0)
         acc_v += tl.dot(probs_t.to(d_out_tile.dtype), d_out_tile, input_precision=INPUT_PRECISION)
         if computes_grad_k:
             row_delta = tl.load(delta_b + slots, mask=row_valid, other=0.0)
@@ -313,7 +327,7 @@ def _grad_kv_kernel(
                                       ROWS_UNIT_STRIDE_G, BLOCK_N, BLOCK_M, BLOCK_DV,
                                       NUM_DV_CHUNKS, INPUT_PRECISION)
             d_scores_t = probs_t * (d_probs_t - row_delta[None, :])
-            acc_k += tl.dot(d_scores_t.to(q_tile.dtype), q_tile, input_precision=INPUT_PRECISION)
+            acc_k += tl.dot(d_scores_t.to(q_rows.dtype), q_rows, input_precision=INPUT_PRECISION)
 
     row_valid_k = key_slots < length
     tl.store(grad_v + batch * stride_dvb + cols[:, None] * stride_dvl + v_cols[None, :] * stride_dvd,
