@@ -27,7 +27,7 @@ declare -A STACK_PINS=(
 )
 # install_requires and the test extra, without the project itself (tests import it from the
 # working tree through PYTHONPATH, so no build step and no editable install).
-DEPENDENCIES="numpy ninja pybind11 lpips face-alignment tqdm pyyaml tensorboard pillow scikit-image torchmetrics pytest pytest-benchmark matplotlib"
+DEPENDENCIES="numpy ninja pybind11 lpips face-alignment tqdm pyyaml tensorboard pillow scikit-image torchmetrics pytest pytest-benchmark matplotlib dlib-bin face-recognition-models"
 
 # What runs in each stack (COMPAT_TESTS=tests/ for everything): every backend's shared suite
 # (reference, cpu, triton under the interpreter; the CUDA backend skips without the built
