@@ -24,9 +24,12 @@ BUILD = ROOT / "build" / "emulation"
 
 KERNEL_SOURCES = sorted(CSRC.glob("**/*.cu"))
 EMULATION_SOURCE = CSRC / "emulation" / "emulation.cpp"
+# The simulated-GPU drivers (benchmarks/sim/), built here so that CI checks their host side.
+SIM_DRIVERS = ROOT / "benchmarks" / "sim"
 PROGRAMS = {
     "primitives_test": [HERE / "primitives_test.cpp"],
     "kernels_check": [*KERNEL_SOURCES, HERE / "kernels_check.cpp"],
+    "sim_driver": [*KERNEL_SOURCES, SIM_DRIVERS / "driver.cu"],
 }
 SANITIZERS = {
     "address,undefined": ["-fsanitize=address,undefined", "-fno-sanitize-recover=all",
@@ -60,7 +63,7 @@ def build(program: str, *, fault: int = 0, sanitizer: str | None = None,
     if sanitizer is not None:
         flags += ["-DDSA_OPS_EMULATION_OS_THREADS", *SANITIZERS[sanitizer]]
     digest = hashlib.sha256(" ".join(flags).encode())
-    for path in sorted(CSRC.glob("**/*")) + sorted(HERE.glob("*.cpp")):
+    for path in sorted(CSRC.glob("**/*")) + sorted(HERE.glob("*.cpp")) + sorted(SIM_DRIVERS.glob("*.[ch]*")):
         if path.is_file():
             digest.update(str(path).encode() + path.read_bytes())
     executable = BUILD / f"{program}-{digest.hexdigest()[:16]}"
