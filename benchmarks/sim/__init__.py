@@ -1,0 +1,1 @@
+"""The simulated-GPU harness: drivers of the CUDA kernels and ``python -m benchmarks.sim.run``."""
