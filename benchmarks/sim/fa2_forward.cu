@@ -46,9 +46,9 @@ int main(int argc, char** argv) {
   std::printf("family fa2-forward dtype float16 B=%d queries=%d keys=%d D=%d\n", batch, queries,
               keys, kHeadDim);
   Random rng{7};
-  const Tensor<__half> q = random_tensor<__half>(batch, queries, kHeadDim, 1.0, rng);
-  const Tensor<__half> k = random_tensor<__half>(batch, keys, kHeadDim, 1.0, rng);
-  const Tensor<__half> v = random_tensor<__half>(batch, keys, kHeadDim, 1.0, rng);
+  const sim::Tensor<__half> q = random_tensor<__half>(batch, queries, kHeadDim, 1.0, rng);
+  const sim::Tensor<__half> k = random_tensor<__half>(batch, keys, kHeadDim, 1.0, rng);
+  const sim::Tensor<__half> v = random_tensor<__half>(batch, keys, kHeadDim, 1.0, rng);
   const DeviceArray<__half> dq(q.values), dk(k.values), dv(v.values),
       dout(size_t(batch) * queries * kHeadDim);
   const DeviceArray<float> dlse(size_t(batch) * queries);

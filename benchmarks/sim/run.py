@@ -151,14 +151,20 @@ def build_commands(fa2: bool) -> dict[str, list[str]]:
     return commands
 
 
+def sources(name: str) -> list[Path]:
+    """What a binary is built from (its stamp's content)."""
+    if name == "dsa_sim":
+        return sorted(CSRC.glob("**/*.cu*")) + sorted(CSRC.glob("**/*.h")) + [HERE / "driver.cu", HERE / "sim_host.h"]
+    return [HERE / "fa2_forward.cu", HERE / "sim_host.h", *sorted((HERE / "fa2_stub").glob("**/*.*"))]
+
+
 def build(fa2: bool) -> dict[str, Path]:
-    """Builds what is stale (a stamp of the command and every source beside each binary)."""
+    """Builds what is stale (a stamp of the command and the sources beside each binary)."""
     binaries = {}
     for name, command in build_commands(fa2).items():
         digest = hashlib.sha256(" ".join(command).encode())
-        for path in sorted(CSRC.glob("**/*")) + sorted(HERE.glob("**/*")):
-            if path.is_file() and path.suffix in (".cu", ".cuh", ".h"):
-                digest.update(str(path).encode() + path.read_bytes())
+        for path in sources(name):
+            digest.update(str(path).encode() + path.read_bytes())
         binary, stamp = BUILD / name, BUILD / f"{name}.stamp"
         if not (binary.is_file() and stamp.is_file() and stamp.read_text() == digest.hexdigest()):
             BUILD.mkdir(parents=True, exist_ok=True)
