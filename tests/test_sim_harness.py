@@ -37,9 +37,6 @@ def test_every_family_passes_its_check_on_the_emulated_kernels(emulated_driver, 
     output = run.parse_driver(result.stdout)
     assert result.returncode == 0 and output.result == "PASS", result.stdout + result.stderr
     assert output.checks and all(c["bad"] == 0 and c["of"] > 0 for c in output.checks)
-    # The tolerance is not so loose that every error is far below it: some output uses a
-    # visible share of it (the largest in the emulated runs: 0.2-0.3 for out / dv).
-    assert max(c["worst_error_over_tolerance"] for c in output.checks) > 0.01
     assert all(flops >= 0 and exps >= 0 for flops, exps in output.counts.values())
     assert any(flops > 0 for flops, _ in output.counts.values())
 
