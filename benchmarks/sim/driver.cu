@@ -235,20 +235,37 @@ struct BranchInputs {
 };
 
 template <typename T>
-int run_forward(const Shape& s, bool dual) {
+std::vector<BranchInputs<T>> branch_inputs(const Shape& s, int branches) {
   Random rng{s.seed};
-  const Problem problem(s, dual);
-  const int branches = static_cast<int>(problem.branches.size());
-  const double scale = 1 / std::sqrt(double(s.qk_dim));
   std::vector<BranchInputs<T>> inputs;
   for (int br = 0; br < branches; ++br) inputs.emplace_back(s, rng);
+  return inputs;
+}
 
-  ma::ForwardLaunch launch;
+// What a forward and a backward launch share: branches, dtype, sizes, scale.
+template <typename T, typename Launch>
+Launch masked_attention_launch(const Shape& s, int branches, double scale) {
+  Launch launch;
   launch.branches = branches;
   launch.dtype = kScalarKind<T>;
   launch.batch = s.batch; launch.length = s.length;
   launch.qk_dim = s.qk_dim; launch.v_dim = s.v_dim;
   launch.scale = static_cast<float>(scale);
+  return launch;
+}
+
+// Output names of the dual forms carry their branch.
+inline std::string output_name(const char* name, int branch, int branches) {
+  return name + std::string(branches == 1 ? "" : branch == 0 ? "[cross]" : "[self]");
+}
+
+template <typename T>
+int run_forward(const Shape& s, bool dual) {
+  const Problem problem(s, dual);
+  const int branches = static_cast<int>(problem.branches.size());
+  const double scale = 1 / std::sqrt(double(s.qk_dim));
+  const std::vector<BranchInputs<T>> inputs = branch_inputs<T>(s, branches);
+  ma::ForwardLaunch launch = masked_attention_launch<T, ma::ForwardLaunch>(s, branches, scale);
   std::vector<DeviceArray<T>> device;  // per branch: q, k, v, out
   std::vector<DeviceArray<float>> lse;
   device.reserve(4 * branches);
@@ -281,10 +298,9 @@ int run_forward(const Shape& s, bool dual) {
         forward_reference(s, problem.branches[br], x.q, x.k, x.v, scale);
     const int keys = problem.max_keys(s.batch);
     // P is rounded to T before P·V.
-    const std::string suffix = branches == 2 ? (br == 0 ? "[cross]" : "[self]") : "";
-    checker.check(("out" + suffix).c_str(), to_doubles(device[4 * br + 3].download()), ref.out.want,
+    checker.check(output_name("out", br, branches).c_str(), to_doubles(device[4 * br + 3].download()), ref.out.want,
                   ref.out.magnitude, error_model<T>(1, keys, s.qk_dim, ref.max_abs_score));
-    checker.check(("lse" + suffix).c_str(), to_doubles(lse[br].download()), ref.lse.want,
+    checker.check(output_name("lse", br, branches).c_str(), to_doubles(lse[br].download()), ref.lse.want,
                   ref.lse.magnitude, error_model<T>(0, keys, s.qk_dim, ref.max_abs_score, 0x1p-24));
   }
   return checker.finish();
@@ -292,19 +308,11 @@ int run_forward(const Shape& s, bool dual) {
 
 template <typename T>
 int run_backward(const Shape& s, bool dual) {
-  Random rng{s.seed};
   const Problem problem(s, dual);
   const int branches = static_cast<int>(problem.branches.size());
   const double scale = 1 / std::sqrt(double(s.qk_dim));
-  std::vector<BranchInputs<T>> inputs;
-  for (int br = 0; br < branches; ++br) inputs.emplace_back(s, rng);
-
-  ma::BackwardLaunch launch;
-  launch.branches = branches;
-  launch.dtype = kScalarKind<T>;
-  launch.batch = s.batch; launch.length = s.length;
-  launch.qk_dim = s.qk_dim; launch.v_dim = s.v_dim;
-  launch.scale = static_cast<float>(scale);
+  const std::vector<BranchInputs<T>> inputs = branch_inputs<T>(s, branches);
+  ma::BackwardLaunch launch = masked_attention_launch<T, ma::BackwardLaunch>(s, branches, scale);
   const size_t rows = size_t(s.batch) * s.length;
   // The forward's results, as the kernels would have stored them (out in T, lse float32).
   std::vector<Tensor<T>> outs;
@@ -362,11 +370,10 @@ int run_backward(const Shape& s, bool dual) {
                                                      outs[br], lses[br], x.grad_out, scale);
     // dS is rounded to T before dS·K and dSᵀ·Q, P before Pᵀ·dO.
     const ErrorModel model = error_model<T>(1, terms, s.qk_dim, max_abs_scores[br]);
-    const std::string suffix = branches == 2 ? (br == 0 ? "[cross]" : "[self]") : "";
     const DeviceArray<T>* d = &device[8 * br];
-    checker.check(("dq" + suffix).c_str(), to_doubles(d[5].download()), ref.dq.want, ref.dq.magnitude, model);
-    checker.check(("dk" + suffix).c_str(), to_doubles(d[6].download()), ref.dk.want, ref.dk.magnitude, model);
-    checker.check(("dv" + suffix).c_str(), to_doubles(d[7].download()), ref.dv.want, ref.dv.magnitude, model);
+    checker.check(output_name("dq", br, branches).c_str(), to_doubles(d[5].download()), ref.dq.want, ref.dq.magnitude, model);
+    checker.check(output_name("dk", br, branches).c_str(), to_doubles(d[6].download()), ref.dk.want, ref.dk.magnitude, model);
+    checker.check(output_name("dv", br, branches).c_str(), to_doubles(d[7].download()), ref.dv.want, ref.dv.magnitude, model);
   }
   return checker.finish();
 }
