@@ -1,8 +1,8 @@
 """The simulated-GPU harness (benchmarks/sim/) without a simulator or a GPU:
 
 - the drivers' host side (inputs, partitions, float64 references, error model, checks)
-  built against the host emulation of the kernels and run for every family in float16 and
-  bfloat16 at the odd shape (partial tiles, a sample without keys, one without queries);
+  built against the host emulation of the kernels and run for every family in float16,
+  bfloat16 and float32 at the odd shape (partial tiles, a sample without keys, one without queries);
 - run.py's reading of a simulator log (per-kernel statistics, running totals turned into
   each kernel's share), of the driver's lines, its ratios to FA2, table, plan and errors.
 """
@@ -30,7 +30,7 @@ def emulated_driver():
 
 
 @needs_host_build
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 @pytest.mark.parametrize("family", [f for f in run.FAMILIES if f != "partition"])
 def test_every_family_passes_its_check_on_the_emulated_kernels(emulated_driver, family, dtype):
     result = harness.run(emulated_driver, family, dtype, "--preset", "odd", timeout=300)
