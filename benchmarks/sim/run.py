@@ -348,6 +348,16 @@ def attach_fa2_ratios(records: list[dict], anchors: dict[str, tuple[int, int]]) 
             kernel["ratio_to_fa2"] = kernel["cycles"] / anchor if anchor else None
 
 
+def source_commit() -> str:
+    """The checkout's commit, marked when the tree has uncommitted changes (kept results
+    should come from a clean one)."""
+    def git(*args: str) -> str:
+        result = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
+        return result.stdout.strip() if result.returncode == 0 else ""
+    commit = git("rev-parse", "HEAD") or "unknown"
+    return commit + (" (uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def _si(value: Optional[float]) -> str:
     if value is None:
         return "–"
@@ -445,6 +455,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except HarnessError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    commit = source_commit()
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     runs = args.runs or sim / "runs" / f"dsa_ops-{stamp}"
     out = args.out or runs
@@ -465,7 +476,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     table = markdown_table(records, args.config, clock)
     (out / "results.json").write_text(json.dumps(
         {"config": args.config, "config_dir": str(config), "core_clock_mhz": clock,
-         "simulated": True, "cases": records}, indent=2) + "\n")
+         "simulated": True, "commit": commit, "cases": records}, indent=2) + "\n")
     (out / "results.md").write_text(table)
     print(table)
     print(f"results: {out / 'results.json'}, {out / 'results.md'}")
