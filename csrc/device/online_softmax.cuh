@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cmath>
+#include <type_traits>
 
 #include "device/warp_gemm.cuh"
 
@@ -17,6 +18,20 @@ constexpr float kLog2e = 1.4426950408889634f;
 // lse that crosses the op boundary is then used by the backward exactly as the forward
 // produced it (converting a large lse between bases loses float32 precision).
 __device__ inline float exp_difference(float x) { return exp2f(x * kLog2e); }
+
+// exp(s − shift) of a scaled score s, as the softmax's P for dtype T. For 16-bit dtypes one
+// fma forms the exponent, s·log2 e − shift·log2 e (FlashAttention-2's form): the rounding of
+// shift·log2 e moves P by at most |shift|·2⁻²⁴ relative, far below the 16-bit rounding P
+// gets before P·V. float32 keeps exp_difference of the exact difference, since there P is
+// used as computed.
+template <typename T>
+__device__ inline float exp_of_shifted(float s, float shift) {
+  if constexpr (std::is_same_v<T, float>) {
+    return exp_difference(s - shift);
+  } else {
+    return exp2f(fmaf(s, kLog2e, -shift * kLog2e));
+  }
+}
 
 // Online-softmax state of the two rows (g and g + 8 of the warp's strip) a lane touches.
 struct OnlineSoftmaxRows {

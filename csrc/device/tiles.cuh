@@ -39,6 +39,12 @@ struct DTypeTraits<__half> {
   static constexpr bool kTensorCores = true;
   __device__ static float to_float(__half x) { return __half2float(x); }
   __device__ static __half from_float(float x) { return __float2half_rn(x); }
+  // (lo, hi) rounded and packed into one register, lo in the low half: one
+  // cvt.rn.f16x2.f32 where two conversions and a move would be three instructions.
+  __device__ static uint32_t pack(float lo, float hi) {
+    const __half2 pair = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&pair);
+  }
 };
 
 template <>
@@ -46,6 +52,10 @@ struct DTypeTraits<__nv_bfloat16> {
   static constexpr bool kTensorCores = true;
   __device__ static float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
   __device__ static __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
+  __device__ static uint32_t pack(float lo, float hi) {  // as __half's: cvt.rn.bf16x2.f32
+    const __nv_bfloat162 pair = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&pair);
+  }
 };
 
 // Shared-memory row pitch: 16 bytes of padding per row, so the eight rows a warp reads in
@@ -124,12 +134,17 @@ __device__ __noinline__ void copy_chunk_scalar(T* dst, const T* src, int count) 
 
 // Issues the gather of `valid_rows` rows (slots slot0.. of `set`) of `src`, columns
 // col0..col0+WIDTH, into dst[ROWS][pitch] (rows 16-byte aligned); rows past `valid_rows`
-// and columns past `columns` become zero, which makes padded dot products exact. Each
-// thread moves whole chunks, one position lookup per chunk: aligned chunks inside
-// `columns` by cp.async (they land at the caller's cp_async_commit + cp_async_wait +
-// block_barrier), zero chunks by a 16-byte shared store, the rest through
+// and columns past `columns` become zero, which makes padded dot products exact. Aligned
+// chunks inside `columns` go by cp.async (they land at the caller's cp_async_commit +
+// cp_async_wait + block_barrier), zero chunks by a 16-byte shared store, the rest through
 // copy_chunk_scalar. Does not commit: the caller groups tiles as it double-buffers.
 // THREADS: the block's threads, which share the chunks.
+//
+// Thread t keeps one chunk column (t % kRowChunks) and takes every kRowStep-th row from
+// t / kRowChunks: the column's bounds are decided once, and the thread's row positions are
+// all read before the first copy, as independent loads whose latencies overlap. (The form
+// that looked up a position per chunk, each copy waiting on its own index load, was a
+// third of the forward's instructions under the simulator: docs/simulated-gpu.md.)
 template <typename T, int ROWS, int WIDTH, int THREADS = kThreads>
 __device__ inline void load_tile_async(T* dst, int pitch, const Rows<const T>& src,
                                        const SampleRowSet& set, int sample, int slot0,
@@ -137,18 +152,32 @@ __device__ inline void load_tile_async(T* dst, int pitch, const Rows<const T>& s
   constexpr int kChunk = kChunkElements<T>;
   constexpr int kRowChunks = WIDTH / kChunk;
   static_assert(WIDTH % kChunk == 0, "tile widths are whole 16-byte chunks");
-#pragma unroll 2
-  for (int i = threadIdx.x; i < ROWS * kRowChunks; i += THREADS) {
-    const int r = i / kRowChunks;
-    const int c = (i % kRowChunks) * kChunk;
+  static_assert(THREADS % kRowChunks == 0, "every thread keeps one chunk column");
+  constexpr int kRowStep = THREADS / kRowChunks;
+  constexpr int kRowsPerThread = (ROWS + kRowStep - 1) / kRowStep;
+  if (threadIdx.x >= THREADS) return;  // a wider block: its other threads have no share
+  const int c = (threadIdx.x % kRowChunks) * kChunk;
+  const int first_row = threadIdx.x / kRowChunks;
+  const int col = col0 + c;
+  const bool in_columns = col < columns;
+  const bool whole_chunk = col + kChunk <= columns;
+  int position[kRowsPerThread];  // -1: a zero chunk
+#pragma unroll
+  for (int j = 0; j < kRowsPerThread; ++j) {
+    const int r = first_row + j * kRowStep;
+    position[j] = in_columns && r < valid_rows ? set.position(slot0 + r) : -1;
+  }
+#pragma unroll
+  for (int j = 0; j < kRowsPerThread; ++j) {
+    const int r = first_row + j * kRowStep;
+    if (ROWS % kRowStep != 0 && r >= ROWS) break;
     T* const chunk = dst + r * pitch + c;
-    const int col = col0 + c;
-    if (r >= valid_rows || col >= columns) {
+    if (position[j] < 0) {
       *reinterpret_cast<uint4*>(chunk) = make_uint4(0u, 0u, 0u, 0u);
       continue;
     }
-    const T* const from = src.row(sample, set.position(slot0 + r)) + col;
-    if (col + kChunk <= columns && reinterpret_cast<uintptr_t>(from) % 16 == 0) {
+    const T* const from = src.row(sample, position[j]) + col;
+    if (whole_chunk && reinterpret_cast<uintptr_t>(from) % 16 == 0) {
       device::cp_async_16(chunk, from);
     } else {
       copy_chunk_scalar(chunk, from, min(kChunk, columns - col));

@@ -28,14 +28,6 @@ struct LaneCoords {
 // kKN = stored [k][n] (e.g. V rows for P·V).
 enum class BLayout { kNK, kKN };
 
-template <typename T>
-__device__ inline uint32_t pack_pair(T lo, T hi) {
-  static_assert(sizeof(T) == 2, "pack_pair packs 16-bit values");
-  const uint32_t lo_bits = *reinterpret_cast<const uint16_t*>(&lo);
-  const uint32_t hi_bits = *reinterpret_cast<const uint16_t*>(&hi);
-  return lo_bits | (hi_bits << 16);
-}
-
 // B fragments (k 16 × n 8) of n-tiles j, j + 1 (PAIR) or j alone, k from k0, by ldmatrix:
 // kNK rows are n (plain: a lane gets a k pair), kKN rows are k (.trans). Lanes 8i..8i+7
 // address matrix i: x4 = (j, k0), (j, k0 + 8), (j + 1, k0), (j + 1, k0 + 8).
@@ -146,10 +138,10 @@ template <typename T>
 __device__ inline void pack_a_fragment(uint32_t (&frag)[4], const float (&lo)[4],
                                        const float (&hi)[4]) {
   using Traits = DTypeTraits<T>;
-  frag[0] = pack_pair(Traits::from_float(lo[0]), Traits::from_float(lo[1]));
-  frag[1] = pack_pair(Traits::from_float(lo[2]), Traits::from_float(lo[3]));
-  frag[2] = pack_pair(Traits::from_float(hi[0]), Traits::from_float(hi[1]));
-  frag[3] = pack_pair(Traits::from_float(hi[2]), Traits::from_float(hi[3]));
+  frag[0] = Traits::pack(lo[0], lo[1]);
+  frag[1] = Traits::pack(lo[2], lo[3]);
+  frag[2] = Traits::pack(hi[0], hi[1]);
+  frag[3] = Traits::pack(hi[2], hi[3]);
 }
 
 // Elements of the float32 scratch strip warp_gemm_acc_a needs per warp (none for 16-bit

@@ -275,8 +275,17 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const __grid_constant__ Ba
       for (int j = 0; j < kScoreTiles; ++j) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          p[j][e] = lane.col(j, e) < key_cols
-                        ? exp_difference(p[j][e] * launch.scale - row_lse[e / 2]) : 0.f;
+          p[j][e] = exp_of_shifted<T>(p[j][e] * launch.scale, row_lse[e / 2]);
+        }
+      }
+      // Only a sample's last key tile can be partial: full tiles skip the column test.
+      if (key_cols < kBlockCols) {
+#pragma unroll
+        for (int j = 0; j < kScoreTiles; ++j) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            if (lane.col(j, e) >= key_cols) p[j][e] = 0.f;
+          }
         }
       }
       zero_fill(dp);

@@ -145,12 +145,22 @@ forward_kernel(const __grid_constant__ ForwardLaunch launch) {
     zero_fill(s);
     warp_gemm<T, D, kScoreTiles, BLayout::kNK>(s, q_warp, Smem::kQkPitch, k_s, Smem::kQkPitch);
 
+    // Only a sample's last key tile can be partial: full tiles skip the column test.
+    if (key_cols < kBlockCols) {
+#pragma unroll
+      for (int j = 0; j < kScoreTiles; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          if (lane.col(j, e) >= key_cols) s[j][e] = -INFINITY;
+        }
+      }
+    }
     float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int j = 0; j < kScoreTiles; ++j) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        s[j][e] = lane.col(j, e) < key_cols ? s[j][e] * scale : -INFINITY;
+        s[j][e] *= scale;
         tile_max[e / 2] = fmaxf(tile_max[e / 2], s[j][e]);
       }
     }
@@ -160,7 +170,7 @@ forward_kernel(const __grid_constant__ ForwardLaunch launch) {
     for (int j = 0; j < kScoreTiles; ++j) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        s[j][e] = exp_difference(s[j][e] - shift[e / 2]);
+        s[j][e] = exp_of_shifted<T>(s[j][e], shift[e / 2]);
         rows.sum[e / 2] += s[j][e];
       }
     }
