@@ -160,3 +160,28 @@ def test_missing_simulator_is_one_line(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("DSA_GPUSIM", str(tmp_path))
     assert run.main(["--preset", "correctness"]) == 2
     assert "has no src/setup_environment" in capsys.readouterr().err
+
+
+def test_collect_reads_finished_runs_without_simulating(capsys, monkeypatch, tmp_path):
+    sim = tmp_path / "sim"
+    (sim / "src").mkdir(parents=True)
+    (sim / "src" / "setup_environment").write_text("")
+    (sim / "cuda" / "bin").mkdir(parents=True)
+    (sim / "configs" / "h100-8sm").mkdir(parents=True)
+    (sim / "configs" / "h100-8sm" / "gpgpusim.config").write_text(LOG.splitlines()[0] + "\n")
+    monkeypatch.setenv("DSA_GPUSIM", str(sim))
+    runs = tmp_path / "runs"
+    args = ["--family", "backward", "--shape", "--batch 1", "--runs", str(runs), "--collect"]
+    assert run.main(args) == 2  # nothing there yet: one line naming the case
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "backward-float16-custom" in err
+    (runs / "backward-float16-custom").mkdir(parents=True)
+    (runs / "backward-float16-custom" / "sim.log").write_text(
+        LOG + "gpgpu_simulation_time = 0 days, 0 hrs, 1 min, 5 sec (65 sec)\n")
+    assert run.main(args) == 0
+    results = json.loads((runs / "results.json").read_text())
+    (record,) = results["cases"]
+    assert record["result"] == "PASS" and record["cycles"] == 4000 and record["wall_s"] == 65
+    (runs / "backward-float16-custom" / "sim.log").write_text(LOG.replace("result PASS", ""))
+    assert run.main(args) == 1  # a run that broke before its result is not a pass
+    assert json.loads((runs / "results.json").read_text())["cases"][0]["result"] == "ERROR"

@@ -304,6 +304,17 @@ def simulate(case: Case, command: list[str], sim: Path, config: Path, run_dir: P
     return (run_dir / "sim.log").read_text(errors="replace"), wall, status
 
 
+def finished_run(run_dir: Path) -> tuple[str, float, Optional[int]]:
+    """(log, wall seconds, exit status) of a run folder simulate() filled earlier. The exit
+    status is not kept: a log whose driver printed PASS counts as exit 0, any other as 1;
+    the wall time is the simulator's own last report."""
+    log = (run_dir / "sim.log").read_text(errors="replace")
+    driver = parse_driver(log)
+    status = 0 if driver.result == "PASS" else 1
+    seconds = re.findall(r"gpgpu_simulation_time = .*\((\d+) sec\)", log)
+    return log, float(seconds[-1]) if seconds else 0.0, status
+
+
 def case_record(case: Case, log: str, wall: float, status: Optional[int], clock_mhz: float,
                 run_dir: Path) -> dict:
     driver = parse_driver(log)
@@ -408,6 +419,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="where results.json and results.md go (default: --runs)")
     parser.add_argument("-j", "--jobs", type=int, default=1, help="simulations at once (default 1)")
     parser.add_argument("--timeout", type=float, help="seconds per simulation")
+    parser.add_argument("--collect", action="store_true",
+                        help="simulate nothing: read the selected cases' finished logs from --runs "
+                             "(runs of earlier or separate calls) and write the results")
     parser.add_argument("--plan", action="store_true", help="print what would run, run nothing")
     args = parser.parse_args(argv)
     if (args.preset is None) == (args.family is None):
@@ -448,10 +462,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         fa2 = any(c.is_fa2 for c in cases)
         if args.plan:
             return print_plan(args, cases, fa2)
+        if args.collect and args.runs is None:
+            raise HarnessError("--collect reads the run folders under --runs: name them")
         sim = simulator_dir()
         config = config_dir(args.config, sim)
         clock = core_clock_mhz((config / "gpgpusim.config").read_text())
-        binaries = build(fa2)
+        binaries = {} if args.collect else build(fa2)
+        if args.collect:
+            missing = [c.name for c in cases if not (args.runs / c.name / "sim.log").is_file()]
+            if missing:
+                raise HarnessError(f"--collect: no sim.log under {args.runs} for {', '.join(missing)}")
     except HarnessError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -462,7 +482,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     def one(case: Case) -> dict:
         run_dir = runs / case.name
-        log, wall, status = simulate(case, run_command(case, binaries), sim, config, run_dir, args.timeout)
+        if args.collect:
+            log, wall, status = finished_run(run_dir)
+        else:
+            log, wall, status = simulate(case, run_command(case, binaries), sim, config, run_dir,
+                                         args.timeout)
         record = case_record(case, log, wall, status, clock, run_dir)
         print(f"{case.name}: {record['result']}, {record['cycles']:,} cycles, {wall:.0f} s wall", flush=True)
         return record
