@@ -31,6 +31,7 @@ Shapes: q, k ``(B, L, Dqk)``, v ``(B, L, Dv)``, any strides; out ``(B, L, Dv)``;
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 import torch.nn.functional as F
@@ -246,6 +247,25 @@ def _accumulate_product_(into: Tensor, a: Tensor, b: Tensor) -> None:
     (into.addmm_ if a.dim() == 2 else into.baddbmm_)(a, b)
 
 
+def _tile_buffer(tiles: list[tuple[int | slice, slice]], keys: int, like: Tensor) -> Tensor:
+    """One flat buffer the size of the largest tile's scores, reused by every tile: a fresh
+    multi-MiB tensor per tile would be fresh pages (page faults inside the GEMM) each time."""
+    largest = max((_tile_samples(tile) * (rows.stop - rows.start) for tile, rows in tiles), default=0)
+    return like.new_empty(largest * keys)
+
+
+def _tile_samples(tile: int | slice) -> int:
+    return 1 if isinstance(tile, int) else tile.stop - tile.start
+
+
+def _tile_view(buffer: Tensor, tile: int | slice, rows: slice, keys: int) -> Tensor:
+    """The ``(rows, Nk)`` (one sample) or ``(samples, rows, Nk)`` front of a tile buffer."""
+    shape = (rows.stop - rows.start, keys)
+    if not isinstance(tile, int):
+        shape = (_tile_samples(tile), *shape)
+    return buffer[:math.prod(shape)].view(shape)
+
+
 def _float32_forward(q: Tensor, k: Tensor, v: Tensor, key_bias: Tensor | None
                      ) -> tuple[Tensor, Tensor]:
     """Exact softmax attention of one group, tile by tile: ``q (G, Nq, Dqk)`` with the scale
@@ -253,11 +273,15 @@ def _float32_forward(q: Tensor, k: Tensor, v: Tensor, key_bias: Tensor | None
     ``(out (G, Nq, Dv), lse (G, Nq))``. No padding of Dqk to Dv (the fused CPU kernel needs
     one head size: 8× the Q·Kᵀ work at Dqk 16, Dv 128)."""
     samples, queries, _ = q.shape
+    keys = k.shape[1]
     out = v.new_empty((samples, queries, v.shape[2]))
     lse = q.new_empty((samples, queries))
     keys_t = k.transpose(1, 2)
-    for tile, rows in score_tiles(samples, queries, k.shape[1]):
-        probs = _product(q[tile, rows], keys_t[tile], None if key_bias is None else key_bias[tile])
+    tiles = score_tiles(samples, queries, keys)
+    scores = _tile_buffer(tiles, keys, q)
+    for tile, rows in tiles:
+        probs = _product(q[tile, rows], keys_t[tile], None if key_bias is None else key_bias[tile],
+                         out=_tile_view(scores, tile, rows, keys))
         row_max = probs.amax(dim=-1, keepdim=True)
         row_sum = probs.sub_(row_max).exp_().sum(dim=-1, keepdim=True)
         tile_out = out[tile, rows]  # contiguous: whole samples, or rows of one sample
@@ -275,13 +299,17 @@ def _float32_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Te
     grad_q = torch.empty_like(q)
     grad_k, grad_v = torch.zeros_like(k), torch.zeros_like(v)
     delta = (grad_out * out).sum(dim=2, keepdim=True)  # (G, Nq, 1)
+    keys = k.shape[1]
     keys_t, values_t = k.transpose(1, 2), v.transpose(1, 2)
-    for tile, rows in score_tiles(samples, queries, k.shape[1]):
-        probs = _product(q[tile, rows], keys_t[tile], None if key_bias is None else key_bias[tile])
+    tiles = score_tiles(samples, queries, keys)
+    scores, score_grads = _tile_buffer(tiles, keys, q), _tile_buffer(tiles, keys, q)
+    for tile, rows in tiles:
+        probs = _product(q[tile, rows], keys_t[tile], None if key_bias is None else key_bias[tile],
+                         out=_tile_view(scores, tile, rows, keys))
         probs.sub_(lse[tile, rows].unsqueeze(-1)).exp_()
         tile_grad_out = grad_out[tile, rows]
         _accumulate_product_(grad_v[tile], probs.transpose(-1, -2), tile_grad_out)
-        grad_scores = _product(tile_grad_out, values_t[tile])
+        grad_scores = _product(tile_grad_out, values_t[tile], out=_tile_view(score_grads, tile, rows, keys))
         grad_scores.sub_(delta[tile, rows]).mul_(probs)
         _product(grad_scores, k[tile], out=grad_q[tile, rows])
         _accumulate_product_(grad_k[tile], grad_scores.transpose(-1, -2), q[tile, rows])
