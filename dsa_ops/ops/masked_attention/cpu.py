@@ -320,8 +320,8 @@ def _float32_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Te
 # ----------------------------------------------------------------------------- forward
 def _poison_nonfinite_queries(block_q: Tensor, block_out: Tensor, block_lse: Tensor) -> None:
     """NaN output and lse on query rows holding a non-finite value, as on every backend:
-    the CPU kernel's row maximum skips NaN scores, so a NaN query row would come out as a
-    row without keys (output 0)."""
+    aten's CPU kernel's row maximum skips NaN scores, so a NaN query row would come out as
+    a row without keys (output 0). (``torch.amax`` in the float32 path propagates NaN.)"""
     nonfinite = ~torch.isfinite(block_q).all(dim=-1)  # (G, Nq)
     if bool(nonfinite.any()):
         block_out.masked_fill_(nonfinite.unsqueeze(-1), float("nan"))
@@ -354,13 +354,13 @@ def forward_slots(q: Tensor, k: Tensor, v: Tensor, queries: Slots, keys: Slots,
         query_block, key_block = Block.of(queries, group), Block.of(keys, group)
         block_q, block_k, block_v = (query_block.gather(q, width), key_block.gather(k, width),
                                      key_block.gather(v, width))
-        if float32:
+        if float32:  # a non-finite query row makes its row max, hence its out and lse, NaN
             block_out, block_lse = _float32_forward(_scaled_(block_q, scale), block_k, block_v,
                                                     _key_padding_mask(key_block, q.dtype))
         else:
             block_out, block_lse = _flash_forward_block(block_q, block_k, block_v, key_block, scale)
             block_out = block_out[..., :v_dim]
-        _poison_nonfinite_queries(block_q, block_out, block_lse)
+            _poison_nonfinite_queries(block_q, block_out, block_lse)
         query_block.scatter(out, block_out)
         query_block.scatter(lse, block_lse)
     return _result(out, batch, length), _result(lse, batch, length)
