@@ -63,16 +63,9 @@ def _holes_case(sizes, height=20, width=24, qk_dim=16, v_dim=40, dtype=torch.flo
     return Case(q, k, v, holes, ~holes, grad_out, qk_dim ** -0.5)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
-@pytest.mark.parametrize("sizes, calls", [
-    ([(8, 8)] * 3, 1),                 # equal holes: one call, no padding
-    ([(8, 8), (8, 9), (9, 8)], 1),     # nearly equal: one call with padded query and key slots
-    ([(2, 3), (12, 15), (8, 9)], 3),   # far apart: one call each
-], ids=["equal", "padded", "apart"])
-def test_grouped_calls_match_the_float64_reference(sizes, calls, dtype):
-    case = _holes_case(sizes, dtype=dtype)
-    queries, keys = (cpu_backend.mask_slots(m) for m in (case.query_mask, case.key_mask))
-    assert len(cpu_backend.plan_groups(queries.counts, keys.counts)) == calls
+def _assert_cpu_matches_the_float64_reference(case):
+    """Output and gradients of the cpu backend within the suite's tolerances of the float64
+    reference; gradients exactly 0 outside the query (dq) and key (dk, dv) positions."""
     q, k, v = (t.detach().requires_grad_() for t in case.inputs[:3])
     out = dsa_ops.masked_attention(q, k, v, case.query_mask, case.key_mask, scale=case.scale,
                                    backend="cpu")
@@ -83,6 +76,19 @@ def test_grouped_calls_match_the_float64_reference(sizes, calls, dtype):
                                                      exact[1], baseline[1]):
         assert_close_by_dtype(grad, exact_grad, baseline_grad, name)
         assert (grad[~(case.key_mask if name != "dq" else case.query_mask)] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("sizes, calls", [
+    ([(8, 8)] * 3, 1),                 # equal holes: one call, no padding
+    ([(8, 8), (8, 9), (9, 8)], 1),     # nearly equal: one call with padded query and key slots
+    ([(2, 3), (12, 15), (8, 9)], 3),   # far apart: one call each
+], ids=["equal", "padded", "apart"])
+def test_grouped_calls_match_the_float64_reference(sizes, calls, dtype):
+    case = _holes_case(sizes, dtype=dtype)
+    queries, keys = (cpu_backend.mask_slots(m) for m in (case.query_mask, case.key_mask))
+    assert len(cpu_backend.plan_groups(queries.counts, keys.counts)) == calls
+    _assert_cpu_matches_the_float64_reference(case)
 
 
 @pytest.fixture
@@ -159,15 +165,7 @@ def test_float32_tiles_match_the_float64_reference(sizes, tiling, monkeypatch):
                 "rows": [(b, slice(r, min(r + nq // 3 + 1, nq))) for b in range(3)
                          for r in range(0, nq, nq // 3 + 1)]}[tiling]
     assert tiles == expected and len(group) == 3
-    q, k, v = (t.detach().requires_grad_() for t in case.inputs[:3])
-    out = dsa_ops.masked_attention(q, k, v, case.query_mask, case.key_mask, scale=case.scale,
-                                   backend="cpu")
-    out.backward(case.grad_out)
-    exact, baseline = reference_results(case, exact=True), reference_results(case, exact=False)
-    assert_close_by_dtype(out, exact[0], baseline[0], "out")
-    for name, grad, exact_grad, baseline_grad in zip(("dq", "dk", "dv"), (q.grad, k.grad, v.grad),
-                                                     exact[1], baseline[1]):
-        assert_close_by_dtype(grad, exact_grad, baseline_grad, name)
+    _assert_cpu_matches_the_float64_reference(case)
 
 
 @pytest.mark.parametrize("layout", ["channels-first", "length-major"])
