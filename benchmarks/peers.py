@@ -14,7 +14,8 @@ Cases and the goals they check (``GOALS``):
   (cpu backend) against the public DeepFill v1 port's ``ContextualAttention`` with its
   defaults (3×3 patches, rate 2, fuse 3, softmax scale 10, fuse=True; called as DeepFill
   calls it, ``(x, x, mask)``, its flow included) and against ``oracleface``'s contextual
-  attention (the main benchmark's ``ca``). The port is imported from the checkout named
+  attention (the main benchmark's ``ca``), and ``DeepFillV1ContextualAttention`` (the
+  one-line swap, its flow included). The port is imported from the checkout named
   by ``DSA_BENCH_DEEPFILL_PORT`` (never vendored); unset, its cells say so.
 - ``op layer 14 b2``: both branches of the dual op on the module's shapes (Dqk 16,
   Dv 128) against ``torch.mm`` on 2048² matrices: the op's useful FLOPs
@@ -143,6 +144,15 @@ def module_contenders(config: LayerConfig, batch: int, backward: bool) -> list[C
         module = port_class(ksize=3, stride=1, rate=2, fuse_k=3, softmax_scale=10, fuse=True)
         return _timed_module(module, lambda: module(x, x, holes), x, grad_y)
 
+    def adapter():
+        from dsa_ops.adapters import DeepFillV1ContextualAttention
+
+        x, holes, grad_y = _module_inputs(config, batch, backward)
+        torch.manual_seed(DATA_SEED)
+        module = DeepFillV1ContextualAttention(config.channels, ksize=3, stride=1, rate=2, fuse_k=3,
+                                               softmax_scale=10, fuse=True, backend="cpu")
+        return _timed_module(module, lambda: module(x, x, holes), x, grad_y)
+
     def oracleface_ca():
         from oracleface.models.contextual_attention import ContextualAttention
 
@@ -151,6 +161,7 @@ def module_contenders(config: LayerConfig, batch: int, backward: bool) -> list[C
         return _timed_module(module, lambda: module(x, holes), x, grad_y)
 
     return [Contender("dsa[cpu]", dsa), Contender("deepfill-port", port),
+            Contender("dsa adapter (DeepFill v1, flow)", adapter),
             Contender("oracleface-ca", oracleface_ca)]
 
 

@@ -69,7 +69,8 @@ def test_the_port_from_a_checkout_is_timed_beside_dsa(tmp_path, monkeypatch, bac
     timings = peers.run([case], [goal], [1, 2], rounds=2, out=out)
     for threads in (1, 2):
         assert all(isinstance(timings[threads]["module tiny"][name], float)
-                   for name in ("dsa[cpu]", "deepfill-port", "oracleface-ca"))
+                   for name in ("dsa[cpu]", "deepfill-port", "oracleface-ca",
+                                "dsa adapter (DeepFill v1, flow)"))
     table = out.getvalue()
     assert "| 1 thread | 2 threads |" in table
     assert table.count(" met") >= 2 and "NOT met" not in table  # target 0: always met
