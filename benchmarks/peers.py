@@ -2,6 +2,7 @@
 dense attention, the op against the machine's matmul rate, at 1, 2 and all threads (issue 28).
 
     DSA_BENCH_DEEPFILL_PORT=/path/to/generative-inpainting-pytorch \\
+    DSA_BENCH_PENNET_PORT=/path/to/PEN-Net-for-Inpainting \\
         python -m benchmarks.peers [--threads 1,2,all] [--rounds 5]
 
 Every contender of a case is timed interleaved with the others, round after round, in one
@@ -28,12 +29,17 @@ Cases and the goals they check (``GOALS``):
   the dense reference and ``pennet-dense``, PEN-Net's attention written densely (all
   L×L scores, hole keys zeroed by multiplication before and after the softmax, P·V for
   every pixel, as ``AtnConv`` with 1×1 patches; timing only, its masking differs).
+- ``pennet at_conv05`` / ``at_conv04`` (batch 16), forward and forward+backward,
+  informational: ``PENNetAtnConv`` (the one-line swap) against PEN-Net's own ``AtnConv``
+  at its two deepest levels, imported from the checkout named by ``DSA_BENCH_PENNET_PORT``
+  (its imports need torchvision; unset, its cells say so).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import importlib
+import importlib.util
 import os
 import statistics
 import sys
@@ -50,6 +56,9 @@ Tensor = torch.Tensor
 DEEPFILL_PORT_VARIABLE = "DSA_BENCH_DEEPFILL_PORT"
 DEEPFILL_PORT_MISSING = (f"n/a: set {DEEPFILL_PORT_VARIABLE} to a checkout of "
                          "daa233/generative-inpainting-pytorch")
+PENNET_PORT_VARIABLE = "DSA_BENCH_PENNET_PORT"
+PENNET_PORT_MISSING = (f"n/a: set {PENNET_PORT_VARIABLE} to a checkout of "
+                       "researchmm/PEN-Net-for-Inpainting")
 MATMUL_SIZE = 2048
 LAYER_14 = next(config for config in CONFIGS if config.paper_layer == 14)
 SMALL_MAPS = (LayerConfig(16, 16, 512, gpu_batch=16, cpu_batch=16, paper_layer=12),
@@ -78,7 +87,8 @@ class Case:
 
 @dataclasses.dataclass(frozen=True)
 class Goal:
-    """``value(times) ≥ target`` (or ≤ with ``at_most``) at every thread count."""
+    """``value(times) ≥ target`` (``>`` when ``strictly``; ``≤`` with ``at_most``) at every
+    thread count."""
 
     text: str
     case: str
@@ -86,28 +96,49 @@ class Goal:
     target: float
     at_most: bool = False
     unit: str = "×"
+    strictly: bool = False
 
     def holds(self, value: float) -> bool:
-        return value <= self.target if self.at_most else value >= self.target
+        if self.at_most:
+            return value <= self.target
+        return value > self.target if self.strictly else value >= self.target
 
 
 # ----------------------------------------------------------------------------- contenders
-def load_deepfill_port():
-    """The port's ``ContextualAttention`` class from ``$DSA_BENCH_DEEPFILL_PORT``."""
-    checkout = os.environ.get(DEEPFILL_PORT_VARIABLE)
+def _load_peer_class(variable: str, missing: str, module: str, name: str, repository: str):
+    """Class ``name`` of ``module`` (e.g. ``model.networks``) from the checkout ``$variable``."""
+    checkout = os.environ.get(variable)
     if not checkout:
-        raise NotAvailable(DEEPFILL_PORT_MISSING)
-    if not os.path.isfile(os.path.join(checkout, "model", "networks.py")):
-        raise NotAvailable(f"n/a: {DEEPFILL_PORT_VARIABLE}={checkout} has no model/networks.py "
-                           "(expected a checkout of daa233/generative-inpainting-pytorch)")
-    sys.path.insert(0, checkout)
+        raise NotAvailable(missing)
+    path = os.path.join(*module.split(".")) + ".py"
+    if not os.path.isfile(os.path.join(checkout, path)):
+        raise NotAvailable(f"n/a: {variable}={checkout} has no {path} (expected a checkout of "
+                           f"{repository})")
+    # Loaded from its file under a private name: both peers call their package ``model``.
+    spec = importlib.util.spec_from_file_location(f"_peer_{module.replace('.', '_')}",
+                                                  os.path.join(checkout, path))
+    sys.path.insert(0, checkout)  # for the peer's own imports (utils.tools, core.spectral_norm)
     try:
-        return importlib.import_module("model.networks").ContextualAttention
+        loaded = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(loaded)
+        return getattr(loaded, name)
     except Exception as error:  # noqa: BLE001 — third-party code: report, don't crash
-        raise NotAvailable(f"n/a: importing the DeepFill port failed: "
+        raise NotAvailable(f"n/a: importing {repository} failed: "
                            f"{type(error).__name__}: {error}") from error
     finally:
         sys.path.remove(checkout)
+
+
+def load_deepfill_port():
+    """The port's ``ContextualAttention`` class from ``$DSA_BENCH_DEEPFILL_PORT``."""
+    return _load_peer_class(DEEPFILL_PORT_VARIABLE, DEEPFILL_PORT_MISSING, "model.networks",
+                            "ContextualAttention", "daa233/generative-inpainting-pytorch")
+
+
+def load_pennet():
+    """PEN-Net's ``AtnConv`` class from ``$DSA_BENCH_PENNET_PORT``."""
+    return _load_peer_class(PENNET_PORT_VARIABLE, PENNET_PORT_MISSING, "model.pennet", "AtnConv",
+                            "researchmm/PEN-Net-for-Inpainting")
 
 
 def _module_inputs(config: LayerConfig, batch: int, backward: bool):
@@ -163,6 +194,45 @@ def module_contenders(config: LayerConfig, batch: int, backward: bool) -> list[C
     return [Contender("dsa[cpu]", dsa), Contender("deepfill-port", port),
             Contender("dsa adapter (DeepFill v1, flow)", adapter),
             Contender("oracleface-ca", oracleface_ca)]
+
+
+# PEN-Net's two deepest attention levels at a 256² image (cnum 32): (x1, x2) maps and the
+# AtnConv arguments of InpaintGenerator.__init__ (at_conv05 matches 1×1 patches, unfused).
+PENNET_LEVELS = {
+    "at_conv05": ((512, 8, 8), (512, 4, 4), dict(ksize=1, fuse=False)),
+    "at_conv04": ((256, 16, 16), (512, 8, 8), dict()),
+}
+
+
+def pennet_level_contenders(level: str, batch: int, backward: bool) -> list[Contender]:
+    """``PENNetAtnConv`` (the one-line swap, cpu backend) against PEN-Net's own ``AtnConv``,
+    called as PEN-Net calls it: ``(x1, x2, mask)`` with the image-resolution mask."""
+    (channels, height, width), (guide_channels, guide_height, guide_width), options = PENNET_LEVELS[level]
+
+    def inputs():
+        generator = torch.Generator().manual_seed(DATA_SEED)
+        x1 = torch.randn(batch, channels, height, width, generator=generator)
+        x2 = torch.randn(batch, guide_channels, guide_height, guide_width, generator=generator)
+        grad_y = torch.randn(x1.shape, generator=generator) if backward else None
+        return x1.requires_grad_(backward), x2, hole_masks("centre", batch, torch.device("cpu")), grad_y
+
+    def dsa():
+        from dsa_ops.adapters import PENNetAtnConv
+
+        x1, x2, holes, grad_y = inputs()
+        torch.manual_seed(DATA_SEED)
+        module = PENNetAtnConv(channels, channels, guide_channels=guide_channels, backend="cpu",
+                               **options)
+        return _timed_module(module, lambda: module(x1, x2, holes), x1, grad_y)
+
+    def port():
+        atn_conv = load_pennet()
+        x1, x2, holes, grad_y = inputs()
+        torch.manual_seed(DATA_SEED)
+        module = atn_conv(channels, channels, **options)
+        return _timed_module(module, lambda: module(x1, x2, holes), x1, grad_y)
+
+    return [Contender("dsa adapter (PENNetAtnConv)", dsa), Contender("pennet AtnConv", port)]
 
 
 def _op_inputs(config: LayerConfig, batch: int, backward: bool):
@@ -287,7 +357,12 @@ def default_cases() -> tuple[list[Case], list[Goal]]:
                               "dsa_ops[cpu]"))
             goals.append(Goal(f"cpu backend faster than the reference and pennet-dense, {name}", name,
                               lambda t: min(t["reference"], t["pennet-dense"]) / t["dsa_ops[cpu]"],
-                              1.0))
+                              1.0, strictly=True))
+    for level in PENNET_LEVELS:  # informational: the module swap on PEN-Net's small maps
+        for pass_, backward in (("fwd", False), ("fwd+bwd", True)):
+            cases.append(Case(f"pennet {level} b{SMALL_MAPS[0].cpu_batch} {pass_}",
+                              pennet_level_contenders(level, SMALL_MAPS[0].cpu_batch, backward),
+                              "dsa adapter (PENNetAtnConv)"))
     return cases, goals
 
 
@@ -368,7 +443,7 @@ def render(cases: Sequence[Case], goals: Sequence[Goal], threads: Sequence[int],
             except TypeError:  # a contender did not run: its cell holds the reason
                 cells.append("n/a")
                 continue
-            shown = f"{value:.0%}" if goal.unit == "%" else f"{value:.2f}×"
+            shown = f"{value:.0%}" if goal.unit == "%" else f"{value:.3g}×"
             cells.append(f"{shown} {'met' if goal.holds(value) else 'NOT met'}")
         lines.append(f"| {goal.text} | " + " | ".join(cells) + " |")
     lines += ["", "thread scaling (slower with more threads marked ▲):"]
