@@ -11,13 +11,13 @@ are computed and dropped. Samples are grouped so that padding wastes little work
 Samples without queries or without keys are left out (their outputs are 0, lse +inf).
 
 float32 (``_float32_forward`` / ``_float32_backward``): an exact softmax a tile of query
-rows at a time (``score_tiles``: the tile's scores stay in the L2 cache), every product a
-batched GEMM on the BLAS's threads — S = (scale·Q)·Kᵀ, row max, exp in place, row sum,
-out = P·V / sum, lse saved; the backward recomputes P from lse on the same tiles, so it
-normalises exactly the forward's scores. Q and K keep their own width: aten's fused CPU
-kernel needs one head size for Q, K and V, and zero-padding Dqk 16 to Dv 128 (the module's
-layer 14) made Q·Kᵀ 8× its useful work. The scale is folded into the gathered queries,
-so both passes compute the same scores bit for bit.
+rows at a time (``score_tiles``), every product a GEMM on the BLAS's threads — S =
+(scale·Q)·Kᵀ, P = softmax(S), out = P·V, lse = max S − log(max P) saved; the backward
+recomputes P with the same calls on the same tiles, so it uses exactly the forward's P.
+Q and K keep their own width: aten's fused CPU kernel needs one head size for Q, K and V,
+and zero-padding Dqk 16 to Dv 128 (the module's layer 14) made Q·Kᵀ 8× its useful work.
+The scale is folded into the gathered queries, so both passes compute the same scores bit
+for bit.
 
 float16 and bfloat16 run PyTorch's flash-attention CPU kernels
 (``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward: online softmax,
@@ -216,9 +216,8 @@ def score_tiles(samples: int, queries: int, keys: int) -> list[tuple[int | slice
     """``(sample or samples, query rows)`` of each tile of a ``(G, Nq, Nk)`` score block.
 
     A tile's scores, ``samples × rows × Nk`` floats, stay within ``SCORE_TILE_BYTES`` so
-    the passes over them (row max, exp, row sum, the P·V product) run from the caches,
-    while each tile's GEMMs stay large enough to run at the BLAS's speed (at least
-    ``MIN_TILE_ROWS`` rows). A tile of one sample is an ``int`` (its products are 2-D
+    the passes over them (softmax, the P·V product) run from the caches, while each tile's
+    GEMMs stay large enough to run at the BLAS's speed (at least ``MIN_TILE_ROWS`` rows). A tile of one sample is an ``int`` (its products are 2-D
     GEMMs, which MKL runs faster than a batch of one); small maps fit whole samples,
     several per tile (a ``slice``: one batched GEMM for many samples, few calls for the
     batch of a small map). The forward and the backward use the same tiles, so the
@@ -249,7 +248,7 @@ def _accumulate_product_(into: Tensor, a: Tensor, b: Tensor) -> None:
 
 
 def _tile_buffer(tiles: list[tuple[int | slice, slice]], keys: int, like: Tensor) -> Tensor:
-    """One flat buffer the size of the largest tile's scores, reused by every tile: a fresh
+    """A flat buffer the size of the largest tile's scores, reused by every tile: a fresh
     multi-MiB tensor per tile would be fresh pages (page faults inside the GEMM) each time."""
     largest = max((_tile_samples(tile) * (rows.stop - rows.start) for tile, rows in tiles), default=0)
     return like.new_empty(largest * keys)
@@ -267,35 +266,47 @@ def _tile_view(buffer: Tensor, tile: int | slice, rows: slice, keys: int) -> Ten
     return buffer[:math.prod(shape)].view(shape)
 
 
+def _tile_probabilities(q: Tensor, keys_t: Tensor, key_bias: Tensor | None, tile: int | slice,
+                        rows: slice, scores: Tensor, probs: Tensor) -> tuple[Tensor, Tensor]:
+    """``(scores, probabilities)`` of one tile, written into the front of the two tile
+    buffers: S = q·Kᵀ (+ key_bias), P = softmax(S) over the keys. ``torch.softmax``'s one
+    vectorised pass per row (max, exp, sum, scale) takes less time than ``exp_`` alone
+    (measured: 1.95 vs 2.54 ms on a 682×3072 tile), and forward and backward run the same
+    calls on the same scores, so the backward's P is the forward's bit for bit."""
+    keys = keys_t.shape[-1]
+    tile_scores = _product(q[tile, rows], keys_t[tile], None if key_bias is None else key_bias[tile],
+                           out=_tile_view(scores, tile, rows, keys))
+    return tile_scores, torch._softmax(tile_scores, -1, False, out=_tile_view(probs, tile, rows, keys))
+
+
 def _float32_forward(q: Tensor, k: Tensor, v: Tensor, key_bias: Tensor | None
                      ) -> tuple[Tensor, Tensor]:
     """Exact softmax attention of one group, tile by tile: ``q (G, Nq, Dqk)`` with the scale
     folded in, ``k (G, Nk, Dqk)``, ``v (G, Nk, Dv)``, ``key_bias (G, 1, Nk)`` or None →
     ``(out (G, Nq, Dv), lse (G, Nq))``. No padding of Dqk to Dv (the fused CPU kernel needs
-    one head size: 8× the Q·Kᵀ work at Dqk 16, Dv 128)."""
+    one head size: 8× the Q·Kᵀ work at Dqk 16, Dv 128). lse = max S − log(max P): the
+    largest probability is exp(0)/Σ = 1/Σ."""
     samples, queries, _ = q.shape
     keys = k.shape[1]
     out = v.new_empty((samples, queries, v.shape[2]))
     lse = q.new_empty((samples, queries))
     keys_t = k.transpose(1, 2)
     tiles = score_tiles(samples, queries, keys)
-    scores = _tile_buffer(tiles, keys, q)
+    scores, probs = _tile_buffer(tiles, keys, q), _tile_buffer(tiles, keys, q)
     for tile, rows in tiles:
-        probs = _product(q[tile, rows], keys_t[tile], None if key_bias is None else key_bias[tile],
-                         out=_tile_view(scores, tile, rows, keys))
-        row_max = probs.amax(dim=-1, keepdim=True)
-        row_sum = probs.sub_(row_max).exp_().sum(dim=-1, keepdim=True)
-        tile_out = out[tile, rows]  # contiguous: whole samples, or rows of one sample
-        _product(probs, v[tile], out=tile_out).div_(row_sum)
-        lse[tile, rows] = (row_max + row_sum.log_()).squeeze(-1)
+        tile_scores, tile_probs = _tile_probabilities(q, keys_t, key_bias, tile, rows, scores, probs)
+        _product(tile_probs, v[tile], out=out[tile, rows])  # contiguous: whole samples, or rows of one
+        lse[tile, rows] = tile_scores.amax(dim=-1) - tile_probs.amax(dim=-1).log_()
     return out, lse
 
 
 def _float32_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
-                      lse: Tensor, key_bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of ``_float32_forward`` (same shapes; ``lse`` +inf on padded query slots,
-    whose probabilities are then 0): ``(dq, dk, dv)``, dq with respect to the scaled q.
-    P is recomputed from lse: dV = Pᵀ·dO, dS = P∘(dO·Vᵀ − rowsum(dO∘O)), dQ = dS·K, dK = dSᵀ·Q."""
+                      key_bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of ``_float32_forward`` (same shapes): ``(dq, dk, dv)``, dq with respect to
+    the scaled q. P is recomputed on the forward's tiles with its very calls (no lse needed):
+    dV = Pᵀ·dO, dS = P∘(dO·Vᵀ − rowsum(dO∘O)), dQ = dS·K, dK = dSᵀ·Q. Padded query slots
+    (zero rows of q, grad_out and out) get some P but dO = 0 and rowsum = 0 there, so they
+    add nothing."""
     samples, queries, _ = q.shape
     grad_q = torch.empty_like(q)
     grad_k, grad_v = torch.zeros_like(k), torch.zeros_like(v)
@@ -303,15 +314,13 @@ def _float32_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Te
     keys = k.shape[1]
     keys_t, values_t = k.transpose(1, 2), v.transpose(1, 2)
     tiles = score_tiles(samples, queries, keys)
-    scores, score_grads = _tile_buffer(tiles, keys, q), _tile_buffer(tiles, keys, q)
+    scores, probs = _tile_buffer(tiles, keys, q), _tile_buffer(tiles, keys, q)
     for tile, rows in tiles:
-        probs = _product(q[tile, rows], keys_t[tile], None if key_bias is None else key_bias[tile],
-                         out=_tile_view(scores, tile, rows, keys))
-        probs.sub_(lse[tile, rows].unsqueeze(-1)).exp_()
+        _, tile_probs = _tile_probabilities(q, keys_t, key_bias, tile, rows, scores, probs)
         tile_grad_out = grad_out[tile, rows]
-        _accumulate_product_(grad_v[tile], probs.transpose(-1, -2), tile_grad_out)
-        grad_scores = _product(tile_grad_out, values_t[tile], out=_tile_view(score_grads, tile, rows, keys))
-        grad_scores.sub_(delta[tile, rows]).mul_(probs)
+        _accumulate_product_(grad_v[tile], tile_probs.transpose(-1, -2), tile_grad_out)
+        grad_scores = _product(tile_grad_out, values_t[tile], out=_tile_view(scores, tile, rows, keys))
+        grad_scores.sub_(delta[tile, rows]).mul_(tile_probs)
         _product(grad_scores, k[tile], out=grad_q[tile, rows])
         _accumulate_product_(grad_k[tile], grad_scores.transpose(-1, -2), q[tile, rows])
     return grad_q, grad_k, grad_v
@@ -426,6 +435,13 @@ def _flash_backward_block(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out
             _sum_query_heads(grads[2]))
 
 
+def _block_lse(lse: Tensor, queries: Block) -> Tensor:
+    """The group's lse ``(G, Nq)`` float32; padded query slots get +inf, so P = 0 there and
+    they add nothing to dK and dV whatever grad_out holds."""
+    block_lse = lse.reshape(-1).index_select(0, queries.reads).view(queries.shape).float()
+    return block_lse if queries.is_full else block_lse.masked_fill(~queries.valid, float("inf"))
+
+
 def backward_slots(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                    queries: Slots, keys: Slots, scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """``(grad_q, grad_k, grad_v)``, zero outside the query and key slots."""
@@ -436,21 +452,15 @@ def backward_slots(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     width = None if float32 else _head_width(q, v)
     for group in plan_groups(queries.counts, keys.counts):
         query_block, key_block = Block.of(queries, group), Block.of(keys, group)
-        # Padded query slots get +inf lse, so P = 0 there and they add nothing to dK and dV
-        # whatever grad_out holds.
-        block_lse = lse.reshape(batch * length).index_select(0, query_block.reads)
-        block_lse = block_lse.view(query_block.shape).float()
-        if not query_block.is_full:
-            block_lse = block_lse.masked_fill(~query_block.valid, float("inf"))
         block_grad_out, block_q, block_out = (query_block.gather(t, width) for t in (grad_out, q, out))
         block_k, block_v = key_block.gather(k, width), key_block.gather(v, width)
-        if float32:
+        if float32:  # recomputes P without lse (``_float32_backward``)
             grads = _float32_backward(block_grad_out, _scaled_(block_q, scale), block_k, block_v,
-                                      block_out, block_lse, _key_padding_mask(key_block, q.dtype))
+                                      block_out, _key_padding_mask(key_block, q.dtype))
             block_grad_q = _scaled_(grads[0], scale)
         else:
             grads = _flash_backward_block(block_grad_out, block_q, block_k, block_v, block_out,
-                                          block_lse, key_block, scale)
+                                          _block_lse(lse, query_block), key_block, scale)
             block_grad_q = grads[0]
         query_block.scatter(grad_q, block_grad_q[..., :qk_dim])
         key_block.scatter(grad_k, grads[1][..., :qk_dim])
