@@ -157,13 +157,29 @@ class DualSpatialAttention(nn.Module):
             return torch.zeros(x.shape[0], x.shape[2] * x.shape[3], dtype=torch.bool, device=x.device)
         return reduce_hole_mask(hole_mask.to(x.device), tuple(x.shape[-2:]), self.mask_threshold)
 
+    def _gated_projection(self) -> tuple[Tensor, Tensor]:
+        """The projection's ``(weight (O, C, 1, 1), bias (O,))`` with the value rows of the
+        cross branch scaled by α/2 and those of the self branch by β/2: ``α·(P·V) = P·(α·V)``,
+        so the gates cost a pass over the small weight instead of two over the outputs; the
+        halves let ``_fuse`` take ``X + (cross + self)/2`` with the 2 in its weight."""
+        weight, bias = self.projection.weight, self.projection.bias
+        qk, channels = self.qk_dim, self.channels
+        ones = weight.new_ones(2 * qk)
+        # Halving is exact (a power of two).
+        cross_gate, self_gate = ((gate.to(weight.dtype) / 2).expand(channels) for gate in (self.alpha, self.beta))
+        if self.guide_channels is None:  # rows [q_cross, k_cross, v_cross, q_self, k_self, v_self]
+            gates = torch.cat([ones, cross_gate, ones, self_gate])
+        else:  # rows [v_cross, v_self]
+            gates = torch.cat([cross_gate, self_gate])
+        return weight * gates[:, None, None, None], bias * gates
+
     def _project(self, x: Tensor, guide: Tensor | None = None
                  ) -> tuple[tuple[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]:
         """``((q, k, v) cross, (q, k, v) self)``: q, k ``(B, L, Dqk)`` from ``guide`` (or ``x``),
         v ``(B, L, C)`` from ``x (B, C, H, W)``, all with unit-stride channels (slices of
         channels-last GEMM outputs, see ``_pointwise_channels_last``)."""
         qk, channels = self.qk_dim, self.channels
-        weight, bias = self.projection.weight, self.projection.bias
+        weight, bias = self._gated_projection()
         if guide is None:
             q_cross, k_cross, v_cross, q_self, k_self, v_self = _pointwise_channels_last(
                 x, weight, bias).split([qk, qk, channels] * 2, dim=2)
@@ -211,10 +227,22 @@ class DualSpatialAttention(nn.Module):
         extra = None
         if cross_extra_values is not None:
             cross, extra = cross.split([channels, cross_extra_values.shape[2]], dim=2)
-        attended = self.alpha * cross + self.beta * self_
-        attended = attended.transpose(1, 2).reshape(batch, channels, height, width)
-        y = self.fuse(2 * x + attended)
-        return y, (branches[2] if return_attention else None), extra
+        # The gates, halved, are in the values (``_gated_projection``), so
+        # Y + Y' = 2·X + α·cross + β·self = 2·(X + cross + self) here; x first keeps its layout.
+        half_sum = x.flatten(2) + (cross + self_).transpose(1, 2)  # (B, C, L)
+        return self._fuse_doubled(half_sum, height, width), (branches[2] if return_attention else None), extra
+
+    def _fuse_doubled(self, half: Tensor, height: int, width: int) -> Tensor:
+        """``fuse(2·half)`` for ``half (B, C, H·W)`` → ``(B, C, H, W)``, the 2 folded into the
+        weight; the 1×1 case as one batched GEMM ``2W·X + b`` (the convolution's CPU path for
+        1×1 is slower)."""
+        batch, channels, _ = half.shape
+        weight, bias = 2 * self.fuse.weight, self.fuse.bias
+        if self.fuse.kernel_size != (1, 1):
+            return F.conv2d(half.view(batch, channels, height, width), weight, bias,
+                            padding=self.fuse.padding)
+        return torch.baddbmm(bias[:, None], weight.flatten(1).expand(batch, -1, -1),
+                             half).view(batch, -1, height, width)
 
     def queries_keys(self, x: Tensor, hole_mask: Tensor | None = None, guide: Tensor | None = None
                      ) -> tuple[Tensor, dict[str, tuple[Tensor, Tensor]]]:

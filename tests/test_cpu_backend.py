@@ -63,16 +63,9 @@ def _holes_case(sizes, height=20, width=24, qk_dim=16, v_dim=40, dtype=torch.flo
     return Case(q, k, v, holes, ~holes, grad_out, qk_dim ** -0.5)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
-@pytest.mark.parametrize("sizes, calls", [
-    ([(8, 8)] * 3, 1),                 # equal holes: one call, no padding
-    ([(8, 8), (8, 9), (9, 8)], 1),     # nearly equal: one call with padded query and key slots
-    ([(2, 3), (12, 15), (8, 9)], 3),   # far apart: one call each
-], ids=["equal", "padded", "apart"])
-def test_grouped_calls_match_the_float64_reference(sizes, calls, dtype):
-    case = _holes_case(sizes, dtype=dtype)
-    queries, keys = (cpu_backend.mask_slots(m) for m in (case.query_mask, case.key_mask))
-    assert len(cpu_backend.plan_groups(queries.counts, keys.counts)) == calls
+def _assert_cpu_matches_the_float64_reference(case):
+    """Output and gradients of the cpu backend within the suite's tolerances of the float64
+    reference; gradients exactly 0 outside the query (dq) and key (dk, dv) positions."""
     q, k, v = (t.detach().requires_grad_() for t in case.inputs[:3])
     out = dsa_ops.masked_attention(q, k, v, case.query_mask, case.key_mask, scale=case.scale,
                                    backend="cpu")
@@ -83,6 +76,19 @@ def test_grouped_calls_match_the_float64_reference(sizes, calls, dtype):
                                                      exact[1], baseline[1]):
         assert_close_by_dtype(grad, exact_grad, baseline_grad, name)
         assert (grad[~(case.key_mask if name != "dq" else case.query_mask)] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("sizes, calls", [
+    ([(8, 8)] * 3, 1),                 # equal holes: one call, no padding
+    ([(8, 8), (8, 9), (9, 8)], 1),     # nearly equal: one call with padded query and key slots
+    ([(2, 3), (12, 15), (8, 9)], 3),   # far apart: one call each
+], ids=["equal", "padded", "apart"])
+def test_grouped_calls_match_the_float64_reference(sizes, calls, dtype):
+    case = _holes_case(sizes, dtype=dtype)
+    queries, keys = (cpu_backend.mask_slots(m) for m in (case.query_mask, case.key_mask))
+    assert len(cpu_backend.plan_groups(queries.counts, keys.counts)) == calls
+    _assert_cpu_matches_the_float64_reference(case)
 
 
 @pytest.fixture
@@ -101,7 +107,7 @@ def test_backward_splits_16_bit_queries_across_threads(sizes, dtype, four_thread
     case = _holes_case(sizes, dtype=dtype)
     queries, keys = (cpu_backend.mask_slots(m) for m in (case.query_mask, case.key_mask))
     groups = cpu_backend.plan_groups(queries.counts, keys.counts)
-    assert cpu_backend.query_chunks(len(groups[0]), queries.counts[groups[0][0]], dtype) > 1
+    assert cpu_backend.query_chunks(len(groups[0]), queries.counts[groups[0][0]]) > 1
     q, k, v = (t.detach().requires_grad_() for t in case.inputs[:3])
     dsa_ops.masked_attention(q, k, v, case.query_mask, case.key_mask, scale=case.scale,
                              backend="cpu").backward(case.grad_out)
@@ -111,10 +117,55 @@ def test_backward_splits_16_bit_queries_across_threads(sizes, dtype, four_thread
         assert_close_by_dtype(grad, exact_grad, baseline_grad, name)
 
 
-def test_float32_backward_keeps_the_forward_query_blocks(four_threads):
-    """float32 is not split (see ``query_chunks``): its backward recomputes the forward's
-    scores bit for bit, which keeps dV within 2× the reference error at large magnitudes."""
-    assert cpu_backend.query_chunks(1, 15, torch.float32) == 1
+@pytest.mark.parametrize("samples, queries, keys", [
+    (3, 100, 50_000),   # wide keys: one sample per tile, MIN_TILE_ROWS rows, a short last tile
+    (2, 1024, 3072),    # layer 14's cross branch: row tiles of one sample
+    (16, 64, 192),      # a small map: every sample in one tile
+    (40, 300, 500),     # several samples per tile, a short last tile
+    (1, 0, 10), (2, 5, 0),
+])
+def test_score_tiles_cover_the_block_once_within_the_cache_budget(samples, queries, keys):
+    tiles = cpu_backend.score_tiles(samples, queries, keys)
+    covered = torch.zeros(samples, queries, dtype=torch.int64)
+    for tile, rows in tiles:
+        covered[tile, rows] += 1
+        tile_samples = 1 if isinstance(tile, int) else tile.stop - tile.start
+        tile_rows = rows.stop - rows.start
+        if tile_rows < queries:  # a row tile holds one sample, as a 2-D GEMM
+            assert isinstance(tile, int)
+        assert (tile_samples * tile_rows * keys * 4 <= cpu_backend.SCORE_TILE_BYTES
+                or tile_rows <= cpu_backend.MIN_TILE_ROWS)
+    assert (covered == 1).all()
+
+
+def _large_scores_case(sizes, seed=0):
+    """Cross-branch case at score magnitudes near 10³ (scale 10, q/k std 3), where a backward
+    that recomputed the scores with another rounding than the forward's would put dV far
+    beyond the reference's own error."""
+    case = _holes_case(sizes, seed=seed)
+    return Case(3 * case.q, 3 * case.k, case.v, case.query_mask, case.key_mask, case.grad_out, 10.0)
+
+
+@pytest.mark.parametrize("tiling", ["whole", "samples", "rows"])
+@pytest.mark.parametrize("sizes", [[(8, 8), (8, 9), (9, 8)], [(12, 15)] * 3], ids=["padded", "equal"])
+def test_float32_tiles_match_the_float64_reference(sizes, tiling, monkeypatch):
+    """Every tiling of the float32 path — the whole group in one tile, several samples per
+    tile with a short last one, row tiles of one sample with a short last one — on padded and
+    unpadded groups, forward and backward."""
+    case = _large_scores_case(sizes)
+    queries, keys = (cpu_backend.mask_slots(m) for m in (case.query_mask, case.key_mask))
+    (group,) = cpu_backend.plan_groups(queries.counts, keys.counts)
+    nq, nk = max(queries.counts), max(keys.counts)
+    tile_floats = {"whole": 3 * nq * nk, "samples": 2 * nq * nk, "rows": nk * (nq // 3 + 1)}[tiling]
+    monkeypatch.setattr(cpu_backend, "SCORE_TILE_BYTES", 4 * tile_floats)
+    monkeypatch.setattr(cpu_backend, "MIN_TILE_ROWS", 8)
+    tiles = cpu_backend.score_tiles(len(group), nq, nk)
+    expected = {"whole": [(slice(0, 3), slice(0, nq))],
+                "samples": [(slice(0, 2), slice(0, nq)), (slice(2, 3), slice(0, nq))],
+                "rows": [(b, slice(r, min(r + nq // 3 + 1, nq))) for b in range(3)
+                         for r in range(0, nq, nq // 3 + 1)]}[tiling]
+    assert tiles == expected and len(group) == 3
+    _assert_cpu_matches_the_float64_reference(case)
 
 
 @pytest.mark.parametrize("layout", ["channels-first", "length-major"])

@@ -52,6 +52,41 @@ def test_branches_match_masked_attention(module):
     torch.testing.assert_close(module(x, hole), module.fuse(2 * x + attended))
 
 
+@pytest.mark.parametrize("fuse_kernel_size", [1, 3])
+def test_output_and_gradients_follow_the_papers_formula(fuse_kernel_size):
+    """``fuse(2X + α·cross + β·self)`` written out with the unfused projection and conv:
+    the module folds α, β and the 2 into weights and runs a 1×1 fuse as a GEMM; outputs and
+    the gradients of x, α, β and every weight are the formula's."""
+    torch.manual_seed(0)
+    module = DualSpatialAttention(16, fuse_kernel_size=fuse_kernel_size, backend="reference")
+    with torch.no_grad():
+        module.alpha.fill_(0.7)
+        module.beta.fill_(-0.4)
+    x = torch.randn(2, 16, 6, 6, dtype=torch.float64, requires_grad=True)
+    module = module.double()
+    hole = centre_hole(2, 12, 6)
+    foreground = reduce_hole_mask(hole, (6, 6))
+
+    def formula():
+        q_c, k_c, v_c, q_s, k_s, v_s = module.projection(x).flatten(2).transpose(1, 2).split(
+            [8, 8, 16] * 2, dim=2)
+        cross = dsa_ops.masked_attention(q_c, k_c, v_c, foreground, ~foreground, backend="reference")
+        self_ = dsa_ops.masked_attention(q_s, k_s, v_s, foreground, foreground, backend="reference")
+        attended = (module.alpha * cross + module.beta * self_).transpose(1, 2).reshape(x.shape)
+        return module.fuse(2 * x + attended)
+
+    leaves = [x, *module.parameters()]
+    grad_y = torch.randn_like(x)
+    results = []
+    for run in (lambda: module(x, hole), formula):
+        y = run()
+        results.append((y, torch.autograd.grad(y, leaves, grad_y)))
+    (y, grads), (expected, expected_grads) = results
+    torch.testing.assert_close(y, expected)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad)
+
+
 def test_gradient_reaches_alpha_beta_and_projections(module):
     x = torch.randn(2, 16, 8, 8, requires_grad=True)
     module(x, centre_hole(2, 8, 4)).square().sum().backward()
@@ -135,7 +170,11 @@ def test_bad_forward_arguments(module):
 
 def test_projection_gives_unit_stride_channels_without_copies(module):
     """q/k/v of both branches are channel slices of one channels-last buffer (what the
-    fused kernels gather fastest), equal to the 1×1 convolution."""
+    fused kernels gather fastest), equal to the 1×1 convolution, the values gated by α/2
+    and β/2 (``_gated_projection``)."""
+    with torch.no_grad():
+        module.alpha.fill_(0.7)
+        module.beta.fill_(-0.4)
     x = torch.randn(2, 16, 5, 6)
     cross, self_ = module._project(x)
     base = cross[0].untyped_storage().data_ptr()
@@ -143,8 +182,9 @@ def test_projection_gives_unit_stride_channels_without_copies(module):
         assert tensor.stride(2) == 1
         assert tensor.untyped_storage().data_ptr() == base
     expected = module.projection(x).flatten(2).transpose(1, 2).split([8, 8, 16] * 2, dim=2)
-    for actual, reference_value in zip((*cross, *self_), expected):
-        torch.testing.assert_close(actual, reference_value)
+    gates = (1, 1, 0.35, 1, 1, -0.2)
+    for actual, reference_value, gate in zip((*cross, *self_), expected, gates):
+        torch.testing.assert_close(actual, gate * reference_value)
 
 
 @pytest.mark.skipif(dsa_ops.backend_unavailable_reason("triton", "cpu") is not None,
