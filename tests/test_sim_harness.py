@@ -175,6 +175,14 @@ def test_collect_reads_finished_runs_without_simulating(capsys, monkeypatch, tmp
     assert run.main(args) == 2  # nothing there yet: one line naming the case
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "backward-float16-custom" in err
+    # One of two cases run: the other is listed as NOT RUN, and the call is not a pass.
+    (runs / "forward-float16-custom").mkdir(parents=True)
+    (runs / "forward-float16-custom" / "sim.log").write_text(LOG)
+    assert run.main(["--family", "forward", "--family", "backward", "--shape", "--batch 1",
+                     "--runs", str(runs), "--collect"]) == 1
+    results = {r["case"]: r["result"] for r in json.loads((runs / "results.json").read_text())["cases"]}
+    assert results == {"forward-float16-custom": "PASS", "backward-float16-custom": "NOT RUN"}
+    assert "| backward-float16-custom | – | float16 | NOT RUN |" in (runs / "results.md").read_text()
     (runs / "backward-float16-custom").mkdir(parents=True)
     (runs / "backward-float16-custom" / "sim.log").write_text(
         LOG + "gpgpu_simulation_time = 0 days, 0 hrs, 1 min, 5 sec (65 sec)\n")

@@ -315,6 +315,13 @@ def finished_run(run_dir: Path) -> tuple[str, float, Optional[int]]:
     return log, float(seconds[-1]) if seconds else 0.0, status
 
 
+def not_run_record(case: Case) -> dict:
+    """A case --collect found no run of: listed as NOT RUN, never as a pass."""
+    return {"case": case.name, "family": case.family, "dtype": case.dtype, "args": list(case.args),
+            "result": "NOT RUN", "exit_status": None, "wall_s": None, "checks": [], "errors": [],
+            "kernels": [], "cycles": 0, "log": None}
+
+
 def case_record(case: Case, log: str, wall: float, status: Optional[int], clock_mhz: float,
                 run_dir: Path) -> dict:
     driver = parse_driver(log)
@@ -384,14 +391,14 @@ def markdown_table(records: list[dict], config: str, clock_mhz: float) -> str:
              "", "| case | kernel | dtype | result | cycles | µs | FLOPs | exp | ratio to FA2 |",
              "|---|---|---|---|---:|---:|---:|---:|---:|"]
     for r in records:
+        if not r["kernels"]:  # a broken run or one --collect did not find: no numbers
+            lines.append(f"| {r['case']} | – | {r['dtype']} | {r['result']} | – | – | – | – | – |")
+            continue
         rows = r["kernels"] if len(r["kernels"]) == 1 else r["kernels"] + [
             {"kernel": "total", "cycles": r["cycles"], "us": r["cycles"] / clock_mhz,
              "flops": sum(k["flops"] or 0 for k in r["kernels"]) or None,
              "exponentials": sum(k["exponentials"] or 0 for k in r["kernels"]) or None,
              "ratio_to_fa2": r.get("ratio_to_fa2")}]
-        if not rows:
-            rows = [{"kernel": "–", "cycles": 0, "us": 0, "flops": None, "exponentials": None,
-                     "ratio_to_fa2": None}]
         for k in rows:
             ratio = k.get("ratio_to_fa2")
             lines.append(f"| {r['case']} | {k['kernel']} | {r['dtype']} | {r['result']} | "
@@ -469,9 +476,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         clock = core_clock_mhz((config / "gpgpusim.config").read_text())
         binaries = {} if args.collect else build(fa2)
         if args.collect:
-            missing = [c.name for c in cases if not (args.runs / c.name / "sim.log").is_file()]
-            if missing:
-                raise HarnessError(f"--collect: no sim.log under {args.runs} for {', '.join(missing)}")
+            if not any((args.runs / c.name / "sim.log").is_file() for c in cases):
+                raise HarnessError(f"--collect: no sim.log under {args.runs} for any of "
+                                   f"{', '.join(c.name for c in cases)}")
     except HarnessError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -482,6 +489,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     def one(case: Case) -> dict:
         run_dir = runs / case.name
+        if args.collect and not (run_dir / "sim.log").is_file():
+            print(f"{case.name}: NOT RUN (no {run_dir / 'sim.log'})", flush=True)
+            return not_run_record(case)
         if args.collect:
             log, wall, status = finished_run(run_dir)
         else:
