@@ -238,9 +238,8 @@ class DualSpatialAttention(nn.Module):
         1×1 is slower)."""
         batch, channels, _ = half.shape
         weight, bias = 2 * self.fuse.weight, self.fuse.bias
-        if self.fuse.kernel_size != (1, 1):
-            return F.conv2d(half.view(batch, channels, height, width), weight, bias,
-                            padding=self.fuse.padding)
+        if self.fuse.kernel_size != (1, 1):  # the module's own convolution, with 2·weight
+            return self.fuse._conv_forward(half.view(batch, channels, height, width), weight, bias)
         return torch.baddbmm(bias[:, None], weight.flatten(1).expand(batch, -1, -1),
                              half).view(batch, -1, height, width)
 

@@ -489,10 +489,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     def one(case: Case) -> dict:
         run_dir = runs / case.name
-        if args.collect and not (run_dir / "sim.log").is_file():
-            print(f"{case.name}: NOT RUN (no {run_dir / 'sim.log'})", flush=True)
-            return not_run_record(case)
         if args.collect:
+            if not (run_dir / "sim.log").is_file():
+                print(f"{case.name}: NOT RUN (no {run_dir / 'sim.log'})", flush=True)
+                return not_run_record(case)
             log, wall, status = finished_run(run_dir)
         else:
             log, wall, status = simulate(case, run_command(case, binaries), sim, config, run_dir,
