@@ -96,15 +96,17 @@ def cuda_include_dir() -> str | None:
 
 
 def emulation_sources(build_directory: pathlib.Path) -> list[str]:
-    """The emulation runtime, then one C++ wrapper per file of csrc/ that setup.py compiles
-    (every op's ``bindings.cpp`` and every kernel file, ``.cu``): the JIT builder sends ``.cu``
+    """The emulation runtime, then one C++ wrapper per CUDA-side file of csrc/ that setup.py
+    compiles (every op's ``bindings.cpp`` and every kernel file, ``.cu``; not the CPU kernels
+    of ``cpu/`` folders, which ``dsa_ops._C`` registers itself): the JIT builder sends ``.cu``
     files to nvcc, and names objects by file name alone, so the op directories' files of one
     name (``bindings.cpp``, ``forward.cu``) need wrappers named by their paths."""
     build_directory.mkdir(parents=True, exist_ok=True)
     emulation = _CSRC / "emulation"
     sources = [str(emulation / "emulation.cpp")]
+    # cpu/ folders hold CPU kernels proper (dsa_ops._C registers them); they emulate nothing.
     compiled = sorted(path for pattern in ("**/*.cpp", "**/*.cu") for path in _CSRC.glob(pattern)
-                      if emulation not in path.parents)
+                      if emulation not in path.parents and "cpu" not in path.relative_to(_CSRC).parts)
     for source in compiled:
         stem = "_".join(source.relative_to(_CSRC).with_suffix("").parts)
         wrapper = build_directory / f"emulated_{stem}.cpp"

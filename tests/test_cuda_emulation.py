@@ -55,13 +55,17 @@ def test_primitives_match_their_ptx_definitions():
 
 def test_emulated_build_takes_every_file_setup_py_compiles_under_distinct_names(tmp_path):
     """Every op has its own bindings.cpp (and forward.cu): the JIT builder names objects by
-    file name alone, so each file goes in through a wrapper named by its path."""
+    file name alone, so each file goes in through a wrapper named by its path. The CPU
+    kernels of cpu/ folders emulate nothing and stay out (dsa_ops._C registers them)."""
     sources = [pathlib.Path(s) for s in extension.emulation_sources(tmp_path)]
     assert len({s.name for s in sources}) == len(sources)
     assert sources[0] == ROOT / "csrc" / "emulation" / "emulation.cpp"
     included = {pathlib.Path(s.read_text().split('"')[1]) for s in sources[1:]}
-    compiled = {p for p in (ROOT / "csrc").glob("**/*") if p.suffix in (".cu", ".cpp")
-                and "emulation" not in p.relative_to(ROOT / "csrc").parts}
+    every_source = {p for p in (ROOT / "csrc").glob("**/*") if p.suffix in (".cu", ".cpp")}
+    cpu_kernels = {p for p in every_source if "cpu" in p.relative_to(ROOT / "csrc").parts}
+    assert ROOT / "csrc" / "masked_attention" / "cpu" / "attention.cpp" in cpu_kernels
+    compiled = {p for p in every_source - cpu_kernels
+                if "emulation" not in p.relative_to(ROOT / "csrc").parts}
     assert included == compiled
     assert {p.relative_to(ROOT / "csrc").as_posix() for p in compiled if p.name == "bindings.cpp"} == {
         "partition/bindings.cpp", "masked_attention/bindings.cpp", "attention_kl/bindings.cpp"}

@@ -12,8 +12,9 @@ Samples without queries or without keys are left out (their outputs are 0, lse +
 
 float32 (``_float32_forward`` / ``_float32_backward``): an exact softmax a tile of query
 rows at a time (``score_tiles``), every product a GEMM on the BLAS's threads — S =
-(scale·Q)·Kᵀ, P = softmax(S), out = P·V, lse = max S − log(max P) saved; the backward
-recomputes P with the same calls on the same tiles, so it uses exactly the forward's P.
+(scale·Q)·Kᵀ, then one pass over each row (``softmax_rows_``: P = softmax(S) written over S,
+and lse), out = P·V; the backward recomputes P with the same calls on the same tiles, so
+it uses exactly the forward's P.
 Q and K keep their own width: aten's fused CPU kernel needs one head size for Q, K and V,
 and zero-padding Dqk 16 to Dv 128 (the module's layer 14) made Q·Kᵀ 8× its useful work.
 The scale is folded into the gathered queries, so both passes compute the same scores bit
@@ -31,11 +32,14 @@ Shapes: q, k ``(B, L, Dqk)``, v ``(B, L, Dv)``, any strides; out ``(B, L, Dv)``;
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 
+from dsa_ops import extension
+from dsa_ops.ops import registry
 from dsa_ops.ops.masked_attention import reference
 from dsa_ops.ops.partition.reference import partition_indices
 
@@ -266,37 +270,82 @@ def _tile_view(buffer: Tensor, tile: int | slice, rows: slice, keys: int) -> Ten
     return buffer[:math.prod(shape)].view(shape)
 
 
+# ----------------------------------------------------------------------------- row pass
+# One read of each score row → its probabilities and its lse (csrc/masked_attention/cpu/
+# softmax_rows.cpp, in dsa_ops._C). Without the compiled library, three torch calls do it.
+# The float32 kernels of csrc/masked_attention/cpu/attention.cpp (in dsa_ops._C): the row pass
+# alone (the backward's tiles) and the whole forward of a group. Without the compiled library,
+# torch calls in Python do the same work (slower: docs/using-dsa.md, "CPU speed").
+COMPILED_OPS = {
+    "softmax_rows_": "(Tensor scores, Tensor(a!) probs, Tensor(b!) lse) -> ()",
+    "attention_tiles_": ("(Tensor q, Tensor k, Tensor v, Tensor? key_bias, Tensor(a!) out, "
+                         "Tensor(b!) lse) -> ()"),
+}
+for _name, _schema in COMPILED_OPS.items():
+    registry.LIBRARY.define(_name + _schema)
+    # They only write into their arguments: nothing for a fake tensor to compute.
+    torch.library.register_fake(f"dsa_ops::{_name}", lambda *args: None, lib=registry.LIBRARY)
+
+
+@functools.cache
+def compiled_kernels() -> bool:
+    """Whether ``dsa_ops._C`` holds the CPU kernels of ``COMPILED_OPS``."""
+    extension.load()
+    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"dsa_ops::{name}", "CPU")
+               for name in COMPILED_OPS)
+
+
+def _use_compiled(compiled: bool | None) -> bool:
+    return compiled_kernels() if compiled is None else compiled
+
+
+def softmax_rows_(scores: Tensor, probs: Tensor, lse: Tensor, compiled: bool | None = None) -> None:
+    """``probs = softmax(scores)`` along the last dimension and ``lse = max + log Σ exp(s − max)``
+    of each row: scores, probs ``(..., rows, Nk)`` float32 with unit stride along a row
+    (``probs`` may be ``scores``), lse ``(..., rows)`` contiguous. ``compiled`` (default:
+    whenever it is built) picks the compiled one-pass kernel over the torch calls."""
+    if _use_compiled(compiled):
+        torch.ops.dsa_ops.softmax_rows_(scores, probs, lse)
+        return
+    row_max = scores.amax(dim=-1)  # before softmax: probs may be scores
+    torch._softmax(scores, -1, False, out=probs)
+    # The largest probability is exp(0)/Σ = 1/Σ.
+    torch.sub(row_max, probs.amax(dim=-1).log_(), out=lse)
+
+
 def _tile_probabilities(q: Tensor, keys_t: Tensor, key_bias: Tensor | None, tile: int | slice,
-                        rows: slice, scores: Tensor, probs: Tensor) -> tuple[Tensor, Tensor]:
-    """``(scores, probabilities)`` of one tile, written into the front of the two tile
-    buffers: S = q·Kᵀ (+ key_bias), P = softmax(S) over the keys. ``torch.softmax``'s one
-    vectorised pass per row (max, exp, sum, scale) takes less time than ``exp_`` alone
-    (measured: 1.95 vs 2.54 ms on a 682×3072 tile), and forward and backward run the same
-    calls on the same scores, so the backward's P is the forward's bit for bit."""
+                        rows: slice, scores: Tensor, lse: Tensor) -> Tensor:
+    """The probabilities of one tile, ``(rows, Nk)`` or ``(samples, rows, Nk)``, written over
+    its scores S = q·Kᵀ (+ key_bias) in the front of the tile buffer, with their lse into
+    ``lse``. Forward and backward run the same calls on the same tiles, so the backward's P
+    is the forward's bit for bit."""
     keys = keys_t.shape[-1]
     tile_scores = _product(q[tile, rows], keys_t[tile], None if key_bias is None else key_bias[tile],
                            out=_tile_view(scores, tile, rows, keys))
-    return tile_scores, torch._softmax(tile_scores, -1, False, out=_tile_view(probs, tile, rows, keys))
+    softmax_rows_(tile_scores, tile_scores, lse)
+    return tile_scores
 
 
-def _float32_forward(q: Tensor, k: Tensor, v: Tensor, key_bias: Tensor | None
-                     ) -> tuple[Tensor, Tensor]:
+def _float32_forward(q: Tensor, k: Tensor, v: Tensor, key_bias: Tensor | None,
+                     compiled: bool | None = None) -> tuple[Tensor, Tensor]:
     """Exact softmax attention of one group, tile by tile: ``q (G, Nq, Dqk)`` with the scale
     folded in, ``k (G, Nk, Dqk)``, ``v (G, Nk, Dv)``, ``key_bias (G, 1, Nk)`` or None →
     ``(out (G, Nq, Dv), lse (G, Nq))``. No padding of Dqk to Dv (the fused CPU kernel needs
-    one head size: 8× the Q·Kᵀ work at Dqk 16, Dv 128). lse = max S − log(max P): the
-    largest probability is exp(0)/Σ = 1/Σ."""
+    one head size: 8× the Q·Kᵀ work at Dqk 16, Dv 128)."""
     samples, queries, _ = q.shape
     keys = k.shape[1]
     out = v.new_empty((samples, queries, v.shape[2]))
     lse = q.new_empty((samples, queries))
+    if _use_compiled(compiled):
+        torch.ops.dsa_ops.attention_tiles_(q, k, v, key_bias, out, lse)
+        return out, lse
     keys_t = k.transpose(1, 2)
     tiles = score_tiles(samples, queries, keys)
-    scores, probs = _tile_buffer(tiles, keys, q), _tile_buffer(tiles, keys, q)
+    scores = _tile_buffer(tiles, keys, q)
     for tile, rows in tiles:
-        tile_scores, tile_probs = _tile_probabilities(q, keys_t, key_bias, tile, rows, scores, probs)
-        _product(tile_probs, v[tile], out=out[tile, rows])  # contiguous: whole samples, or rows of one
-        lse[tile, rows] = tile_scores.amax(dim=-1) - tile_probs.amax(dim=-1).log_()
+        # lse[tile, rows] and out[tile, rows] are contiguous: whole samples, or rows of one.
+        tile_probs = _tile_probabilities(q, keys_t, key_bias, tile, rows, scores, lse[tile, rows])
+        _product(tile_probs, v[tile], out=out[tile, rows])
     return out, lse
 
 
@@ -314,12 +363,14 @@ def _float32_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Te
     keys = k.shape[1]
     keys_t, values_t = k.transpose(1, 2), v.transpose(1, 2)
     tiles = score_tiles(samples, queries, keys)
-    scores, probs = _tile_buffer(tiles, keys, q), _tile_buffer(tiles, keys, q)
+    probs, grad_scores_buffer = _tile_buffer(tiles, keys, q), _tile_buffer(tiles, keys, q)
+    lse = q.new_empty((samples, queries))  # not needed: P is recomputed whole
     for tile, rows in tiles:
-        _, tile_probs = _tile_probabilities(q, keys_t, key_bias, tile, rows, scores, probs)
+        tile_probs = _tile_probabilities(q, keys_t, key_bias, tile, rows, probs, lse[tile, rows])
         tile_grad_out = grad_out[tile, rows]
         _accumulate_product_(grad_v[tile], tile_probs.transpose(-1, -2), tile_grad_out)
-        grad_scores = _product(tile_grad_out, values_t[tile], out=_tile_view(scores, tile, rows, keys))
+        grad_scores = _product(tile_grad_out, values_t[tile],
+                               out=_tile_view(grad_scores_buffer, tile, rows, keys))
         grad_scores.sub_(delta[tile, rows]).mul_(tile_probs)
         _product(grad_scores, k[tile], out=grad_q[tile, rows])
         _accumulate_product_(grad_k[tile], grad_scores.transpose(-1, -2), q[tile, rows])
@@ -330,7 +381,7 @@ def _float32_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Te
 def _poison_nonfinite_queries(block_q: Tensor, block_out: Tensor, block_lse: Tensor) -> None:
     """NaN output and lse on query rows holding a non-finite value, as on every backend:
     aten's CPU kernel's row maximum skips NaN scores, so a NaN query row would come out as
-    a row without keys (output 0). (``torch.amax`` in the float32 path propagates NaN.)"""
+    a row without keys (output 0). (The float32 path's row pass propagates NaN.)"""
     nonfinite = ~torch.isfinite(block_q).all(dim=-1)  # (G, Nq)
     if bool(nonfinite.any()):
         block_out.masked_fill_(nonfinite.unsqueeze(-1), float("nan"))
