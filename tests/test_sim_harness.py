@@ -193,3 +193,42 @@ def test_collect_reads_finished_runs_without_simulating(capsys, monkeypatch, tmp
     (runs / "backward-float16-custom" / "sim.log").write_text(LOG.replace("result PASS", ""))
     assert run.main(args) == 1  # a run that broke before its result is not a pass
     assert json.loads((runs / "results.json").read_text())["cases"][0]["result"] == "ERROR"
+
+
+def test_collect_takes_missing_cases_from_previous_results(capsys, monkeypatch, tmp_path):
+    """Runs of one case made later merge with an earlier results.json: the new run wins, a
+    case without a run keeps its earlier record and commit, and a NOT RUN stays NOT RUN."""
+    sim = tmp_path / "sim"
+    (sim / "src").mkdir(parents=True)
+    (sim / "src" / "setup_environment").write_text("")
+    (sim / "cuda" / "bin").mkdir(parents=True)
+    (sim / "configs" / "h100-8sm").mkdir(parents=True)
+    (sim / "configs" / "h100-8sm" / "gpgpusim.config").write_text(LOG.splitlines()[0] + "\n")
+    monkeypatch.setenv("DSA_GPUSIM", str(sim))
+    earlier, runs = tmp_path / "earlier", tmp_path / "runs"
+    (earlier / "forward-float16-custom").mkdir(parents=True)
+    (earlier / "forward-float16-custom" / "sim.log").write_text(LOG)
+    both = ["--family", "forward", "--family", "backward", "--shape", "--batch 1", "--collect"]
+    assert run.main(both + ["--runs", str(earlier)]) == 1  # backward NOT RUN
+    previous = json.loads((earlier / "results.json").read_text())
+    previous["commit"] = "0123456789abcdef"  # as files written before records had their own
+    for record in previous["cases"]:
+        record.pop("commit", None)
+    (earlier / "results.json").write_text(json.dumps(previous))
+    (runs / "backward-float16-custom").mkdir(parents=True)
+    (runs / "backward-float16-custom" / "sim.log").write_text(LOG)
+    (runs / "backward-float16-custom" / "commit").write_text("fedcba9876543210\n")  # its build
+    assert run.main(both + ["--runs", str(runs), "--previous", str(earlier / "results.json")]) == 0
+    records = {r["case"]: r for r in json.loads((runs / "results.json").read_text())["cases"]}
+    assert records["forward-float16-custom"]["result"] == "PASS"
+    assert records["forward-float16-custom"]["commit"] == "0123456789abcdef"
+    assert records["backward-float16-custom"]["result"] == "PASS"
+    assert records["backward-float16-custom"]["commit"] == "fedcba9876543210"
+    assert "from " in capsys.readouterr().out
+    # A previous file of another config is refused in one line; --previous needs --collect.
+    previous["config"] = "h100"
+    (earlier / "results.json").write_text(json.dumps(previous))
+    assert run.main(both + ["--runs", str(runs), "--previous", str(earlier / "results.json")]) == 2
+    assert "is of config 'h100'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run.main(["--family", "forward", "--previous", str(earlier / "results.json")])

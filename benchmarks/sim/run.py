@@ -366,6 +366,19 @@ def attach_fa2_ratios(records: list[dict], anchors: dict[str, tuple[int, int]]) 
             kernel["ratio_to_fa2"] = kernel["cycles"] / anchor if anchor else None
 
 
+def previous_records(path: Path, config: str) -> dict[str, dict]:
+    """The records of an earlier results.json by case name, each with the commit it was
+    built from (``--previous``); refused when its config differs."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise HarnessError(f"--previous {path}: not a readable results.json ({error})") from None
+    if data.get("config") != config:
+        raise HarnessError(f"--previous {path} is of config {data.get('config')!r}, not {config!r}")
+    return {record["case"]: {"commit": data.get("commit", "unknown"), **record}
+            for record in data.get("cases", [])}
+
+
 def source_commit() -> str:
     """The checkout's commit, marked when the tree has uncommitted changes (kept results
     should come from a clean one)."""
@@ -429,8 +442,13 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--collect", action="store_true",
                         help="simulate nothing: read the selected cases' finished logs from --runs "
                              "(runs of earlier or separate calls) and write the results")
+    parser.add_argument("--previous", type=Path, metavar="RESULTS_JSON",
+                        help="with --collect: a case without a run folder under --runs takes its "
+                             "record from this earlier results.json of the same config")
     parser.add_argument("--plan", action="store_true", help="print what would run, run nothing")
     args = parser.parse_args(argv)
+    if args.previous is not None and not args.collect:
+        parser.error("--previous goes with --collect")
     if (args.preset is None) == (args.family is None):
         parser.error("give either --preset or --family")
     if args.jobs < 1:
@@ -475,6 +493,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         config = config_dir(args.config, sim)
         clock = core_clock_mhz((config / "gpgpusim.config").read_text())
         binaries = {} if args.collect else build(fa2)
+        previous = previous_records(args.previous, args.config) if args.previous else {}
         if args.collect:
             if not any((args.runs / c.name / "sim.log").is_file() for c in cases):
                 raise HarnessError(f"--collect: no sim.log under {args.runs} for any of "
@@ -491,13 +510,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         run_dir = runs / case.name
         if args.collect:
             if not (run_dir / "sim.log").is_file():
+                if previous.get(case.name, {}).get("result", "NOT RUN") != "NOT RUN":
+                    record = previous[case.name]
+                    print(f"{case.name}: {record['result']}, {record['cycles']:,} cycles "
+                          f"(from {args.previous}, commit {record['commit'][:10]})", flush=True)
+                    return record
                 print(f"{case.name}: NOT RUN (no {run_dir / 'sim.log'})", flush=True)
                 return not_run_record(case)
             log, wall, status = finished_run(run_dir)
         else:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "commit").write_text(commit + "\n")  # what the binaries were built from
             log, wall, status = simulate(case, run_command(case, binaries), sim, config, run_dir,
                                          args.timeout)
         record = case_record(case, log, wall, status, clock, run_dir)
+        built_from = run_dir / "commit"
+        record["commit"] = built_from.read_text().strip() if built_from.is_file() else "unknown"
         print(f"{case.name}: {record['result']}, {record['cycles']:,} cycles, {wall:.0f} s wall", flush=True)
         return record
 
