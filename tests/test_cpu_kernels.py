@@ -6,8 +6,9 @@ with the suite's rule (error ≤ 2 × torch's float32 softmax error + floor), on
 around its 16-lane vectors, large score ranges, padded (−inf) keys, NaN rows, aliasing and
 strided rows, in every ISA variant (AVX-512, AVX2, baseline: chosen by
 ``ATEN_CPU_CAPABILITY``, so each runs in a subprocess). ``attention_tiles_`` (the forward of
-one group) is checked the same way against the float64 reference over several tiles, padded
-key slots and empty query sets; both pass ``opcheck``. The shared backend suite runs the
+one group) and ``attention_tiles_backward_`` (its gradients, on the same tiles) are checked the
+same way against float64 over several tiles, batches of samples, padded key slots, empty
+query sets and score magnitudes near 10³, with 1 and 2 threads; all pass ``opcheck``. The shared backend suite runs the
 compiled kernels through the op on every hole kind and layout.
 """
 from __future__ import annotations
@@ -37,6 +38,10 @@ def _scores(rows: int, length: int, spread: float, seed: int) -> torch.Tensor:
     return torch.randn(rows, length, generator=generator) * spread
 
 
+def _row_pass(compiled: bool):
+    return torch.ops.dsa_ops.softmax_rows_ if compiled else cpu_backend.softmax_rows_torch
+
+
 def check_row_pass(compiled: bool) -> None:
     """Probabilities and lse of ``softmax_rows_`` against float64 (the rule of the suite)."""
     for seed, length in enumerate(LENGTHS):
@@ -45,7 +50,7 @@ def check_row_pass(compiled: bool) -> None:
             if length > 1:
                 scores[1, length // 2] = float("-inf")  # a padded key slot
             probs, lse = torch.empty_like(scores), torch.empty(7)
-            cpu_backend.softmax_rows_(scores, probs, lse, compiled=compiled)
+            _row_pass(compiled)(scores, probs, lse)
             exact = torch.softmax(scores.double(), dim=-1)
             name = f"length {length}, spread {spread}"
             assert_close_by_dtype(probs, exact, torch.softmax(scores, dim=-1), f"probs, {name}")
@@ -87,7 +92,7 @@ def test_row_pass_edge_rows(compiled):
                            [1.0, float("nan"), 2.0],              # NaN propagates
                            [3.0, 3.0, 3.0]])                      # ties: exactly uniform
     probs, lse = torch.empty_like(scores), torch.empty(3)
-    cpu_backend.softmax_rows_(scores, probs, lse, compiled=compiled)
+    _row_pass(compiled)(scores, probs, lse)
     assert probs[0].tolist() == [1.0, 0.0, 0.0] and lse[0] == 0.0
     assert probs[1].isnan().all() and lse[1].isnan()
     assert torch.allclose(probs[2], torch.full((3,), 1 / 3)) and abs(lse[2] - (3 + torch.log(torch.tensor(3.0)))) < 1e-6
@@ -99,7 +104,7 @@ def test_row_pass_in_place_and_on_strided_rows():
     tile = buffer[:, :37]  # rows 50 floats apart, 37 long
     expected = torch.softmax(tile, dim=-1)
     lse = torch.empty(2, 3)
-    cpu_backend.softmax_rows_(tile.view(2, 3, 37), tile.view(2, 3, 37), lse)
+    torch.ops.dsa_ops.softmax_rows_(tile.view(2, 3, 37), tile.view(2, 3, 37), lse)
     torch.testing.assert_close(tile, expected, rtol=1e-5, atol=1e-7)
     assert buffer[:, 37:].equal(_scores(6, 50, 5.0, 3)[:, 37:])  # nothing outside the tile
 
@@ -153,6 +158,43 @@ def test_group_forward_matches_float64(compiled, shape):
     assert_close_by_dtype(lse, exact_lse, base_lse, "lse")
 
 
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch"])
+@pytest.mark.parametrize("shape, threads", [
+    ((1, 200, 9000, 0), 2),   # tiles of one sample split over threads (partial dK, dV summed)
+    ((2, 200, 9000, 40), 2),  # a whole tiled sample per thread, padded keys
+    ((2, 200, 9000, 0), 1),   # one thread
+    ((5, 30, 70, 3), 2),      # batches of whole samples
+], ids=["tiles-split", "samples-per-thread", "one-thread", "batches"])
+def test_group_backward_matches_float64_at_large_scores(compiled, shape, threads):
+    """``_float32_backward`` against autograd in float64, at score magnitudes near 10³ (scale
+    folded into q as 10·3, k std 3), where a backward whose P differed in rounding from the
+    forward's would put dV far beyond the reference's own error; 9000 keys make several
+    tiles of the compiled kernels per sample."""
+    if compiled and not cpu_backend.compiled_kernels():
+        pytest.skip("dsa_ops._C is not built here")
+    q, k, v, bias = _group(*shape, seed=sum(shape))
+    q, k = q * 120, k * 3  # _group's q is 0.25·N(0, 1)
+    grad_out = torch.randn(*q.shape[:2], v.shape[2], generator=torch.Generator().manual_seed(9))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out, _ = cpu_backend._float32_forward(q, k, v, bias, compiled=compiled)
+        grads = cpu_backend._float32_backward(grad_out, q, k, v, out, bias, compiled=compiled)
+    finally:
+        torch.set_num_threads(previous)
+
+    def gradients(dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        scores = leaves[0] @ leaves[1].transpose(1, 2)
+        if bias is not None:
+            scores = scores + bias.to(dtype)
+        return torch.autograd.grad(torch.softmax(scores, -1) @ leaves[2], leaves, grad_out.to(dtype))
+
+    for name, grad, exact, baseline in zip(("dq", "dk", "dv"), grads, gradients(torch.float64),
+                                            gradients(torch.float32)):
+        assert_close_by_dtype(grad, exact, baseline, name)
+
+
 @needs_compiled
 def test_compiled_kernels_pass_opcheck():
     scores = _scores(5, 40, 3.0, 1)
@@ -161,3 +203,7 @@ def test_compiled_kernels_pass_opcheck():
     q, k, v, bias = _group(2, 20, 70, 5, seed=2)
     torch.library.opcheck(torch.ops.dsa_ops.attention_tiles_.default,
                           (q, k, v, bias, torch.empty(2, 20, 40), torch.empty(2, 20)))
+    out = torch.randn(2, 20, 40)
+    torch.library.opcheck(torch.ops.dsa_ops.attention_tiles_backward_.default,
+                          (torch.randn(2, 20, 40), q, k, v, out, bias, torch.empty_like(q),
+                           torch.empty_like(k), torch.empty_like(v)))

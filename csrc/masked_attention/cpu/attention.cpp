@@ -151,6 +151,7 @@ RowsFunction rows_function() {
 
 const char* const kRowsOp = "softmax_rows_";
 const char* const kTilesOp = "attention_tiles_";
+const char* const kTilesBackwardOp = "attention_tiles_backward_";
 
 void check_float32_cpu(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.is_cpu() && t.scalar_type() == at::kFloat, op, ": ", name,
@@ -194,65 +195,237 @@ void softmax_rows_cpu(const at::Tensor& scores, const at::Tensor& probs, const a
   });
 }
 
-// A tile's scores take at most this many bytes. Measured at layer 14 on a 2-core Zen 4 (1 MiB
+// A block's scores take at most this many bytes. Measured at layer 14 on a 2-core Zen 4 (1 MiB
 // L2 per core): 2 MiB tiles ran as fast as 512 KiB–1 MiB ones on one thread and 15–25 %
 // faster on two, where every single-threaded GEMM packs the whole of V again, so fewer,
 // larger tiles win; the tile is still read back from the cache (L2 or L3) by the P·V product.
-constexpr int64_t kTileScoreBytes = int64_t{2} << 20;
+constexpr int64_t kBlockScoreBytes = int64_t{2} << 20;
 constexpr int64_t kMinTileRows = 16;
 
-// Exact softmax attention of one group of samples, in float32, tile by tile:
-//   q (G, Nq, Dqk) with the scale folded in, k (G, Nk, Dqk), v (G, Nk, Dv),
-//   key_bias (G, 1, Nk) or None (−inf on padded key slots), out (G, Nq, Dv), lse (G, Nq).
-// A task is a tile of query rows of one sample: S = q·Kᵀ (+ key_bias), the row pass over S
-// in place (P and lse), out = P·V. Tasks are split over the intra-op threads, each running
-// its GEMMs on one thread (ATen's GEMMs run serially inside a parallel region): at the
-// module's shapes, the GEMMs of a few hundred rows scale worse over threads than tiles do.
+// `a·b` (+ `bias`) into `out`, or added to `into`: 2-D operands (one sample) or 3-D (a batch).
+void product_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  a.dim() == 2 ? at::mm_out(out, a, b) : at::bmm_out(out, a, b);
+}
+void biased_product_out(at::Tensor& out, const at::Tensor& bias, const at::Tensor& a,
+                        const at::Tensor& b) {
+  a.dim() == 2 ? at::addmm_out(out, bias, a, b) : at::baddbmm_out(out, bias, a, b);
+}
+void accumulate_product_(at::Tensor& into, const at::Tensor& a, const at::Tensor& b) {
+  a.dim() == 2 ? into.addmm_(a, b) : into.baddbmm_(a, b);
+}
+
+// The work of one task: query rows [first_row, first_row + rows) of one sample (a row tile of
+// a large problem; 2-D operands), or `samples` whole samples (small problems; 3-D operands,
+// one batched GEMM for all of them).
+struct Block {
+  int64_t first_sample, samples, first_row, rows;
+  bool batched;
+
+  at::Tensor of(const at::Tensor& t) const {  // this block's rows of q, grad_out, out, grad_q
+    return batched ? t.narrow(0, first_sample, samples) : t[first_sample].narrow(0, first_row, rows);
+  }
+  at::Tensor keys_of(const at::Tensor& t) const {  // this block's k, v, grad_k, grad_v, key_bias
+    return batched ? t.narrow(0, first_sample, samples) : t[first_sample];
+  }
+  at::Tensor view(const at::Tensor& buffer, int64_t keys) const {  // its (…, rows, Nk) scores
+    const int64_t elements = samples * rows * keys;
+    const at::Tensor front = buffer.narrow(0, 0, elements);
+    return batched ? front.view({samples, rows, keys}) : front.view({rows, keys});
+  }
+};
+
+// One group of samples as the kernels see it: q (G, Nq, Dqk) with the scale folded in,
+// k (G, Nk, Dqk), v (G, Nk, Dv), key_bias (G, 1, Nk) or none (−inf on padded key slots).
+// Its blocks: row tiles of one sample when a sample's scores exceed kBlockScoreBytes, else
+// batches of whole samples, at least as many batches as threads (when there are samples).
+struct Group {
+  const at::Tensor& q;
+  const at::Tensor& k;
+  const at::Tensor& v;
+  const std::optional<at::Tensor>& key_bias;
+  // Read once, outside any parallel region (inside one, ATen reports a single thread).
+  const int64_t threads = at::get_num_threads();
+
+  int64_t samples() const { return q.size(0); }
+  int64_t queries() const { return q.size(1); }
+  int64_t keys() const { return k.size(1); }
+  int64_t sample_bytes() const { return queries() * keys() * int64_t{sizeof(float)}; }
+  bool tiled() const { return sample_bytes() > kBlockScoreBytes; }
+  // Query rows per tile (the last tile of a sample may be shorter).
+  int64_t tile_rows() const {
+    return std::clamp<int64_t>(kBlockScoreBytes / (keys() * int64_t{sizeof(float)}), kMinTileRows,
+                               std::max<int64_t>(queries(), 1));
+  }
+  int64_t tiles_per_sample() const { return (queries() + tile_rows() - 1) / tile_rows(); }
+  int64_t samples_per_batch() const {
+    const int64_t by_budget = std::max<int64_t>(1, kBlockScoreBytes / std::max<int64_t>(sample_bytes(), 1));
+    const int64_t by_threads = (samples() + threads - 1) / threads;
+    return std::max<int64_t>(1, std::min(by_budget, by_threads));
+  }
+  int64_t blocks() const {
+    return tiled() ? samples() * tiles_per_sample()
+                   : (samples() + samples_per_batch() - 1) / samples_per_batch();
+  }
+  Block block(int64_t index) const {
+    if (tiled()) {
+      const int64_t rows = tile_rows(), first = index % tiles_per_sample() * rows;
+      return {index / tiles_per_sample(), 1, first, std::min(rows, queries() - first), false};
+    }
+    const int64_t per_batch = samples_per_batch(), first = index * per_batch;
+    return {first, std::min(per_batch, samples() - first), 0, queries(), true};
+  }
+  int64_t buffer_elements() const {
+    return tiled() ? tile_rows() * keys() : samples_per_batch() * queries() * keys();
+  }
+
+  // P of a block, written over `scores` (its view of a buffer), with the lse of its rows.
+  // Forward and backward compute it for the same blocks with the same calls from the same
+  // kind of thread (a task of a parallel region, where ATen's GEMMs run serially), so the
+  // backward's P is the forward's bit for bit: BLAS rounding depends on how a call is split.
+  void probabilities(const Block& block, at::Tensor& scores, float* lse) const {
+    const at::Tensor block_k_t = block.keys_of(k).transpose(-1, -2);
+    if (key_bias) {
+      biased_product_out(scores, block.keys_of(*key_bias), block.of(q), block_k_t);
+    } else {
+      product_out(scores, block.of(q), block_k_t);
+    }
+    const at::Tensor rows = scores.view({-1, keys()});
+    run_rows(rows, rows, lse, 0, rows.size(0));
+  }
+  float* lse_of(const Block& block, float* lse) const {
+    return lse + block.first_sample * queries() + block.first_row;
+  }
+
+  void check(const char* op) const {
+    for (const auto& [name, t] : {std::pair{"q", &q}, {"k", &k}, {"v", &v}})
+      check_float32_cpu(op, name, *t);
+    TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3 && q.size(0) == k.size(0) &&
+                    k.size(0) == v.size(0) && q.size(2) == k.size(2) && k.size(1) == v.size(1),
+                op, ": q (G, Nq, Dqk), k (G, Nk, Dqk) and v (G, Nk, Dv) must agree, got ",
+                q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+    if (key_bias) {
+      check_float32_cpu(op, "key_bias", *key_bias);
+      TORCH_CHECK(key_bias->sizes() == at::IntArrayRef({samples(), 1, keys()}), op,
+                  ": key_bias must be (G, 1, Nk), got ", key_bias->sizes());
+    }
+    TORCH_CHECK(keys() > 0 || queries() == 0, op, ": k must hold at least one key");
+  }
+};
+
+void check_output(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef sizes) {
+  check_float32_cpu(op, name, t);
+  TORCH_CHECK(t.sizes() == sizes && t.is_contiguous(), op, ": ", name, " must be contiguous ",
+              sizes, ", got ", t.sizes());
+}
+
+// Exact softmax attention of one group, block by block → out (G, Nq, Dv), lse (G, Nq): per
+// block S = q·Kᵀ (+ key_bias), the row pass over S in place (P and lse), out = P·V. Blocks
+// are split over the intra-op threads, each running its GEMMs on one thread: at the module's
+// shapes, GEMMs of a few hundred rows split over threads scale worse than whole tiles do.
 void attention_tiles_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                          const std::optional<at::Tensor>& key_bias, const at::Tensor& out,
                          const at::Tensor& lse) {
-  for (const auto& [name, t] :
-       {std::pair{"q", &q}, {"k", &k}, {"v", &v}, {"out", &out}, {"lse", &lse}})
-    check_float32_cpu(kTilesOp, name, *t);
-  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3 && q.size(0) == k.size(0) &&
-                  k.size(0) == v.size(0) && q.size(2) == k.size(2) && k.size(1) == v.size(1),
-              kTilesOp, ": q (G, Nq, Dqk), k (G, Nk, Dqk) and v (G, Nk, Dv) must agree, got ",
-              q.sizes(), ", ", k.sizes(), ", ", v.sizes());
-  const int64_t samples = q.size(0), queries = q.size(1), keys = k.size(1);
-  TORCH_CHECK(out.sizes() == at::IntArrayRef({samples, queries, v.size(2)}) && out.is_contiguous(),
-              kTilesOp, ": out must be contiguous (G, Nq, Dv), got ", out.sizes());
-  TORCH_CHECK(lse.sizes() == at::IntArrayRef({samples, queries}) && lse.is_contiguous(), kTilesOp,
-              ": lse must be contiguous (G, Nq), got ", lse.sizes());
-  if (key_bias) {
-    check_float32_cpu(kTilesOp, "key_bias", *key_bias);
-    TORCH_CHECK(key_bias->sizes() == at::IntArrayRef({samples, 1, keys}), kTilesOp,
-                ": key_bias must be (G, 1, Nk), got ", key_bias->sizes());
-  }
-  if (samples == 0 || queries == 0) return;
-  TORCH_CHECK(keys > 0, kTilesOp, ": k must hold at least one key");
-  const int64_t rows = std::clamp<int64_t>(kTileScoreBytes / (keys * int64_t{sizeof(float)}),
-                                           kMinTileRows, queries);
-  const int64_t tiles_per_sample = (queries + rows - 1) / rows;
-  float* const lse_data = lse.data_ptr<float>();
-  const auto run_tasks = [&](int64_t begin, int64_t end) {
-    const at::Tensor buffer = at::empty({rows, keys}, q.options());
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t sample = task / tiles_per_sample;
-      const int64_t first = task % tiles_per_sample * rows;
-      const int64_t count = std::min(rows, queries - first);
-      at::Tensor scores = buffer.narrow(0, 0, count);
-      const at::Tensor tile_q = q[sample].narrow(0, first, count);
-      if (key_bias) {
-        at::addmm_out(scores, (*key_bias)[sample], tile_q, k[sample].t());
-      } else {
-        at::mm_out(scores, tile_q, k[sample].t());
-      }
-      run_rows(scores, scores, lse_data + sample * queries + first, 0, count);
-      at::Tensor tile_out = out[sample].narrow(0, first, count);
-      at::mm_out(tile_out, scores, v[sample]);
+  const Group group{q, k, v, key_bias};
+  group.check(kTilesOp);
+  check_output(kTilesOp, "out", out, {group.samples(), group.queries(), v.size(2)});
+  check_output(kTilesOp, "lse", lse, {group.samples(), group.queries()});
+  if (group.samples() == 0 || group.queries() == 0) return;
+  at::parallel_for(0, group.blocks(), 1, [&](int64_t begin, int64_t end) {
+    const at::Tensor buffer = at::empty({group.buffer_elements()}, q.options());
+    for (int64_t index = begin; index < end; ++index) {
+      const Block block = group.block(index);
+      at::Tensor probs = block.view(buffer, group.keys());
+      group.probabilities(block, probs, group.lse_of(block, lse.data_ptr<float>()));
+      at::Tensor block_out = block.of(out);
+      product_out(block_out, probs, block.keys_of(v));
     }
-  };
-  at::parallel_for(0, samples * tiles_per_sample, 1, run_tasks);
+  });
+}
+
+// Per-task buffers of the backward: a block's P and dS, and the row pass's unused lse.
+struct BackwardBuffers {
+  at::Tensor probs, grad_scores, lse;
+  explicit BackwardBuffers(const Group& group)
+      : probs(at::empty({group.buffer_elements()}, group.q.options())),
+        grad_scores(at::empty_like(probs)),
+        lse(at::empty({group.buffer_elements() / std::max<int64_t>(group.keys(), 1)},
+                      group.q.options())) {}
+};
+
+// The gradients of one block: dQ of its rows into grad_q, and its dK, dV added to
+// `grad_k`, `grad_v` (the block's own samples, or one sample's partial sums).
+// dV += Pᵀ·dO, dS = P∘(dO·Vᵀ − rowsum(dO∘O)), dQ = dS·K, dK += dSᵀ·Q, P recomputed by the
+// forward's calls.
+void backward_block(const Group& group, const Block& block, const at::Tensor& grad_out,
+                    const at::Tensor& out, const at::Tensor& grad_q, at::Tensor& grad_k,
+                    at::Tensor& grad_v, BackwardBuffers& buffers) {
+  at::Tensor probs = block.view(buffers.probs, group.keys());
+  group.probabilities(block, probs, buffers.lse.data_ptr<float>());
+  const at::Tensor block_grad_out = block.of(grad_out);
+  accumulate_product_(grad_v, probs.transpose(-1, -2), block_grad_out);
+  at::Tensor grad_scores = block.view(buffers.grad_scores, group.keys());
+  product_out(grad_scores, block_grad_out, block.keys_of(group.v).transpose(-1, -2));
+  grad_scores.sub_((block_grad_out * block.of(out)).sum(-1, true)).mul_(probs);
+  at::Tensor block_grad_q = block.of(grad_q);
+  product_out(block_grad_q, grad_scores, block.keys_of(group.k));
+  accumulate_product_(grad_k, grad_scores.transpose(-1, -2), block.of(group.q));
+}
+
+// Gradients of attention_tiles_ (same group, its out) → grad_q (with respect to the scaled
+// q), grad_k, grad_v, on the forward's blocks. dK and dV sum over a sample's tiles. Batches
+// of whole samples own their samples' dK, dV; a tiled sample's tiles go in order to one
+// thread when there are at least as many samples as threads, else they are split over the
+// threads, each adding into its own dK, dV, which are summed after.
+void attention_tiles_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q,
+                                  const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                                  const std::optional<at::Tensor>& key_bias,
+                                  const at::Tensor& grad_q, const at::Tensor& grad_k,
+                                  const at::Tensor& grad_v) {
+  const char* op = kTilesBackwardOp;
+  const Group group{q, k, v, key_bias};
+  group.check(op);
+  const int64_t samples = group.samples(), queries = group.queries();
+  for (const auto& [name, t] : {std::pair{"grad_out", &grad_out}, {"out", &out}})
+    check_output(op, name, *t, {samples, queries, v.size(2)});
+  check_output(op, "grad_q", grad_q, q.sizes());
+  check_output(op, "grad_k", grad_k, k.sizes());
+  check_output(op, "grad_v", grad_v, v.sizes());
+  grad_k.zero_();
+  grad_v.zero_();
+  if (samples == 0 || queries == 0) return;
+  const int64_t tiles = group.tiles_per_sample(), threads = group.threads;
+  if (!group.tiled() || samples >= threads) {
+    // Whole batches, or whole tiled samples: each task owns its samples' dK and dV.
+    const int64_t tasks = group.tiled() ? samples : group.blocks();
+    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+      BackwardBuffers buffers(group);
+      for (int64_t task = begin; task < end; ++task) {
+        for (int64_t tile = 0; tile < (group.tiled() ? tiles : 1); ++tile) {
+          const Block block = group.block(group.tiled() ? task * tiles + tile : task);
+          at::Tensor block_grad_k = block.keys_of(grad_k), block_grad_v = block.keys_of(grad_v);
+          backward_block(group, block, grad_out, out, grad_q, block_grad_k, block_grad_v, buffers);
+        }
+      }
+    });
+    return;
+  }
+  const at::Tensor partial_k = at::empty({threads, group.keys(), k.size(2)}, k.options());
+  const at::Tensor partial_v = at::empty({threads, group.keys(), v.size(2)}, v.options());
+  for (int64_t sample = 0; sample < samples; ++sample) {
+    partial_k.zero_();
+    partial_v.zero_();
+    at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+      BackwardBuffers buffers(group);
+      at::Tensor thread_k = partial_k[at::get_thread_num()];
+      at::Tensor thread_v = partial_v[at::get_thread_num()];
+      for (int64_t tile = begin; tile < end; ++tile)
+        backward_block(group, group.block(sample * tiles + tile), grad_out, out, grad_q, thread_k,
+                       thread_v, buffers);
+    });
+    at::Tensor sample_grad_k = grad_k[sample], sample_grad_v = grad_v[sample];
+    at::sum_out(sample_grad_k, partial_k, 0);
+    at::sum_out(sample_grad_v, partial_v, 0);
+  }
 }
 
 }  // namespace
@@ -260,6 +433,7 @@ void attention_tiles_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
 TORCH_LIBRARY_IMPL(dsa_ops, CPU, m) {
   m.impl("softmax_rows_", &softmax_rows_cpu);
   m.impl("attention_tiles_", &attention_tiles_cpu);
+  m.impl("attention_tiles_backward_", &attention_tiles_backward_cpu);
 }
 
 }  // namespace dsa_ops

@@ -11,10 +11,13 @@ are computed and dropped. Samples are grouped so that padding wastes little work
 Samples without queries or without keys are left out (their outputs are 0, lse +inf).
 
 float32 (``_float32_forward`` / ``_float32_backward``): an exact softmax a tile of query
-rows at a time (``score_tiles``), every product a GEMM on the BLAS's threads — S =
-(scale·Q)·Kᵀ, then one pass over each row (``softmax_rows_``: P = softmax(S) written over S,
-and lse), out = P·V; the backward recomputes P with the same calls on the same tiles, so
-it uses exactly the forward's P.
+rows at a time — S = (scale·Q)·Kᵀ, one pass over each row for P = softmax(S) (written over
+S) and its lse, out = P·V — and a backward that recomputes P with the same calls on the same
+tiles, so it uses exactly the forward's P. With ``dsa_ops._C`` built, the compiled kernels
+(``attention_tiles_`` and ``attention_tiles_backward_``, csrc/masked_attention/cpu/) run the
+tiles, split over the intra-op threads with single-threaded GEMMs and a vectorised row
+pass; without it, the torch loop below does (``score_tiles``, every GEMM on the BLAS's
+threads, ``torch.softmax`` plus two ``amax`` for the lse).
 Q and K keep their own width: aten's fused CPU kernel needs one head size for Q, K and V,
 and zero-padding Dqk 16 to Dv 128 (the module's layer 14) made Q·Kᵀ 8× its useful work.
 The scale is folded into the gathered queries, so both passes compute the same scores bit
@@ -270,16 +273,18 @@ def _tile_view(buffer: Tensor, tile: int | slice, rows: slice, keys: int) -> Ten
     return buffer[:math.prod(shape)].view(shape)
 
 
-# ----------------------------------------------------------------------------- row pass
-# One read of each score row → its probabilities and its lse (csrc/masked_attention/cpu/
-# softmax_rows.cpp, in dsa_ops._C). Without the compiled library, three torch calls do it.
-# The float32 kernels of csrc/masked_attention/cpu/attention.cpp (in dsa_ops._C): the row pass
-# alone (the backward's tiles) and the whole forward of a group. Without the compiled library,
-# torch calls in Python do the same work (slower: docs/using-dsa.md, "CPU speed").
+# ----------------------------------------------------------------------------- compiled kernels
+# The float32 kernels of csrc/masked_attention/cpu/attention.cpp (in dsa_ops._C): a group's
+# forward and backward on the same tiles, and their row pass on its own (tested directly).
+# Without the compiled library, the torch calls below do the same work (slower:
+# docs/using-dsa.md, "CPU speed").
 COMPILED_OPS = {
     "softmax_rows_": "(Tensor scores, Tensor(a!) probs, Tensor(b!) lse) -> ()",
     "attention_tiles_": ("(Tensor q, Tensor k, Tensor v, Tensor? key_bias, Tensor(a!) out, "
                          "Tensor(b!) lse) -> ()"),
+    "attention_tiles_backward_": ("(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
+                                  "Tensor? key_bias, Tensor(a!) grad_q, Tensor(b!) grad_k, "
+                                  "Tensor(c!) grad_v) -> ()"),
 }
 for _name, _schema in COMPILED_OPS.items():
     registry.LIBRARY.define(_name + _schema)
@@ -299,14 +304,11 @@ def _use_compiled(compiled: bool | None) -> bool:
     return compiled_kernels() if compiled is None else compiled
 
 
-def softmax_rows_(scores: Tensor, probs: Tensor, lse: Tensor, compiled: bool | None = None) -> None:
-    """``probs = softmax(scores)`` along the last dimension and ``lse = max + log Σ exp(s − max)``
-    of each row: scores, probs ``(..., rows, Nk)`` float32 with unit stride along a row
-    (``probs`` may be ``scores``), lse ``(..., rows)`` contiguous. ``compiled`` (default:
-    whenever it is built) picks the compiled one-pass kernel over the torch calls."""
-    if _use_compiled(compiled):
-        torch.ops.dsa_ops.softmax_rows_(scores, probs, lse)
-        return
+# ----------------------------------------------------------------------------- torch tiles
+def softmax_rows_torch(scores: Tensor, probs: Tensor, lse: Tensor) -> None:
+    """What the compiled ``softmax_rows_`` does, with torch calls: ``probs = softmax(scores)``
+    along the last dimension and ``lse = max + log Σ exp(s − max)`` of each row; scores,
+    probs ``(..., rows, Nk)`` (``probs`` may be ``scores``), lse ``(..., rows)``."""
     row_max = scores.amax(dim=-1)  # before softmax: probs may be scores
     torch._softmax(scores, -1, False, out=probs)
     # The largest probability is exp(0)/Σ = 1/Σ.
@@ -322,7 +324,7 @@ def _tile_probabilities(q: Tensor, keys_t: Tensor, key_bias: Tensor | None, tile
     keys = keys_t.shape[-1]
     tile_scores = _product(q[tile, rows], keys_t[tile], None if key_bias is None else key_bias[tile],
                            out=_tile_view(scores, tile, rows, keys))
-    softmax_rows_(tile_scores, tile_scores, lse)
+    softmax_rows_torch(tile_scores, tile_scores, lse)
     return tile_scores
 
 
@@ -350,7 +352,8 @@ def _float32_forward(q: Tensor, k: Tensor, v: Tensor, key_bias: Tensor | None,
 
 
 def _float32_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
-                      key_bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+                      key_bias: Tensor | None, compiled: bool | None = None
+                      ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of ``_float32_forward`` (same shapes): ``(dq, dk, dv)``, dq with respect to
     the scaled q. P is recomputed on the forward's tiles with its very calls (no lse needed):
     dV = Pᵀ·dO, dS = P∘(dO·Vᵀ − rowsum(dO∘O)), dQ = dS·K, dK = dSᵀ·Q. Padded query slots
@@ -359,6 +362,10 @@ def _float32_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Te
     samples, queries, _ = q.shape
     grad_q = torch.empty_like(q)
     grad_k, grad_v = torch.zeros_like(k), torch.zeros_like(v)
+    if _use_compiled(compiled):  # on the tiles of the compiled forward
+        torch.ops.dsa_ops.attention_tiles_backward_(grad_out, q, k, v, out, key_bias,
+                                                    grad_q, grad_k, grad_v)
+        return grad_q, grad_k, grad_v
     delta = (grad_out * out).sum(dim=2, keepdim=True)  # (G, Nq, 1)
     keys = k.shape[1]
     keys_t, values_t = k.transpose(1, 2), v.transpose(1, 2)
