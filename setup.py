@@ -1,11 +1,13 @@
-"""Builds dsa_ops._C from csrc/ when torch is a CUDA build and nvcc is found.
+"""Builds dsa_ops._C from csrc/: the CUDA kernels when torch is a CUDA build and nvcc is
+found, and always the CPU kernels (csrc/*/cpu/, any C++ compiler).
 
     pip install --no-build-isolation -e .
 
 Environment: TORCH_CUDA_ARCH_LIST (default "8.0;9.0" when no GPU is visible, else the
-visible GPU's), MAX_JOBS (ninja parallelism), DSA_OPS_NO_CUDA=1 (skip the extension),
+visible GPU's), MAX_JOBS (ninja parallelism), DSA_OPS_NO_CUDA=1 (the CPU kernels only),
 DSA_OPS_FORCE_REBUILD=1 (recompile even when nothing changed).
-Without a CUDA toolchain the pure-Python parts (reference and Triton backends) install.
+Without a CUDA toolchain only the CPU kernels are compiled; without a C++ compiler the
+pure-Python parts (reference, Triton and the cpu backend's torch path) install.
 
 No needless rebuild: the library is recompiled only when csrc/, setup.py, pyproject.toml,
 torch, its CUDA version, nvcc or the arch list changed (dsa_ops/_build_stamp.py records a
@@ -40,27 +42,38 @@ def _say(message: str) -> None:
 
 
 def _extension_build():
-    """(ext_modules, cmdclass): the CUDA extension, or nothing with one clear message."""
-    if os.environ.get("DSA_OPS_NO_CUDA") == "1":
-        _say("DSA_OPS_NO_CUDA=1: building without the CUDA extension (reference + Triton only).")
-        return [], {}
+    """(ext_modules, cmdclass): the extension with the CUDA kernels, with the CPU kernels
+    only, or nothing, with one clear message."""
     try:
         import torch
         from torch.utils import cpp_extension
     except ImportError:
         _say("torch is not installed in the build environment: installing the pure-Python parts "
-             "only. Install torch first and build with --no-build-isolation to get the CUDA kernels.")
-        return [], {}
-    if torch.version.cuda is None:
-        _say(f"torch {torch.__version__} is a CPU build: installing the pure-Python parts only "
-             "(reference + Triton backends); no CUDA kernels.")
+             "only. Install torch first and build with --no-build-isolation to get the kernels.")
         return [], {}
     build_stamp = _load_build_stamp()
-    cuda_home = build_stamp.resolve_cuda_home()
-    if cuda_home is None:
-        _say(f"nvcc not found (CUDA_HOME, /usr/local/cuda, PATH): installing the pure-Python parts "
-             "only; set CUDA_HOME to a CUDA toolkit to build the CUDA kernels.")
-        return [], {}
+    cpu_sources = sorted(glob.glob("csrc/**/cpu/*.cpp", recursive=True))
+    cpu_only = None  # why the CUDA kernels are not built
+    cuda_home = None
+    if os.environ.get("DSA_OPS_NO_CUDA") == "1":
+        cpu_only = "DSA_OPS_NO_CUDA=1"
+    elif torch.version.cuda is None:
+        cpu_only = f"torch {torch.__version__} is a CPU build"
+    else:
+        cuda_home = build_stamp.resolve_cuda_home()
+        if cuda_home is None:
+            cpu_only = ("nvcc not found (CUDA_HOME, /usr/local/cuda, PATH); set CUDA_HOME to a "
+                        "CUDA toolkit to build the CUDA kernels")
+    if cpu_only is not None:
+        if build_stamp.cxx_compiler() is None:
+            _say(f"{cpu_only}, and no C++ compiler ($CXX or c++): installing the pure-Python parts "
+                 "only (reference and Triton backends; the cpu backend's torch path).")
+            return [], {}
+        _say(f"{cpu_only}: building dsa_ops._C with the CPU kernels only (no CUDA kernels).")
+        extension = cpp_extension.CppExtension(
+            name="dsa_ops._C", sources=cpu_sources, include_dirs=[str(ROOT / "csrc")],
+            extra_compile_args={"cxx": ["-O3"]})
+        return [extension], {"build_ext": _cached_build_ext(cpp_extension, build_stamp)}
     os.environ.setdefault("CUDA_HOME", cuda_home)
     cpp_extension.CUDA_HOME = cuda_home
     os.environ["TORCH_CUDA_ARCH_LIST"] = build_stamp.resolve_arch_list()

@@ -2,8 +2,8 @@
 
 The stamp is a SHA-256 over the files under ``csrc/``, ``setup.py`` and ``pyproject.toml``
 (paths and contents), the torch version and its CUDA version, the nvcc that would compile
-(its ``--version``), the CUDA architectures, the Python extension suffix and
-``DSA_OPS_NO_CUDA``. ``setup.py`` writes it to ``dsa_ops/_C.build-stamp`` together with the
+(its ``--version``), the CUDA architectures, the Python extension suffix,
+``DSA_OPS_NO_CUDA`` and the C++ compiler. ``setup.py`` writes it to ``dsa_ops/_C.build-stamp`` together with the
 SHA-256 of the library it built; while both still match, ``pip install -e .``, ``make
 install`` (and so ``make test`` / ``make bench``) reuse the library instead of recompiling.
 ``DSA_OPS_FORCE_REBUILD=1`` (or ``make rebuild``) ignores the stamp.
@@ -72,6 +72,13 @@ def _nvcc_version(cuda_home: Optional[str]) -> Optional[str]:
         return f"nvcc failed: {error}"
 
 
+def cxx_compiler() -> Optional[str]:
+    """The C++ compiler a build would use (``$CXX``, else ``c++``), or None when there is none."""
+    import shutil
+
+    return shutil.which(os.environ.get("CXX") or "c++")
+
+
 def current_inputs() -> dict[str, Optional[str]]:
     """The settings of a build in this environment now (the files come separately)."""
     import torch
@@ -85,6 +92,7 @@ def current_inputs() -> dict[str, Optional[str]]:
         "arch_list": resolve_arch_list() if cuda_home else None,
         "ext_suffix": sysconfig.get_config_var("EXT_SUFFIX"),
         "no_cuda": str(no_cuda),
+        "cxx": cxx_compiler(),
     }
 
 
@@ -155,8 +163,9 @@ def why_stale(inputs: Mapping[str, Optional[str]], expect_library: bool,
 
 
 def extension_expected(inputs: Mapping[str, Optional[str]]) -> bool:
-    """Whether setup.py builds the extension under these settings (CUDA torch and nvcc)."""
-    return inputs["no_cuda"] != "True" and inputs["torch_cuda"] is not None and inputs["nvcc"] is not None
+    """Whether setup.py builds the extension under these settings: with a C++ compiler it
+    always does (its CUDA kernels too with a CUDA torch and nvcc, else its CPU kernels)."""
+    return inputs.get("cxx") is not None
 
 
 # ----------------------------------------------------------------------------- command line

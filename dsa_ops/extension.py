@@ -1,4 +1,5 @@
-"""Finding and loading the compiled CUDA library ``dsa_ops._C``, and its host emulation.
+"""Finding and loading the compiled library ``dsa_ops._C`` (the CUDA kernels where it was
+built with nvcc, and the cpu backend's float32 kernels), and the CUDA kernels' host emulation.
 
 The library registers kernels only (``TORCH_LIBRARY_IMPL``): the op schemas live in
 ``dsa_ops.ops``, so the package works without it. It has no ``PyInit`` and is loaded
@@ -42,9 +43,9 @@ def load() -> None:
         return
     path = _library_path()
     if path is None:
-        _LOAD_ERROR = ("the CUDA extension dsa_ops._C was not built (install with a CUDA "
-                       "build of torch and nvcc on the PATH or in CUDA_HOME: "
-                       "pip install --no-build-isolation -e .)")
+        _LOAD_ERROR = ("the compiled library dsa_ops._C was not built (it needs a C++ compiler, "
+                       "and for its CUDA kernels a CUDA build of torch and nvcc on the PATH or in "
+                       "CUDA_HOME: pip install --no-build-isolation -e .)")
         return
     try:
         torch.ops.load_library(str(path))

@@ -63,6 +63,9 @@ def unavailable(device: torch.device) -> Optional[str]:
         return extension.load_error()
     if device.type != "cuda":
         return f"the CUDA kernels need CUDA tensors; got tensors on {device}"
+    if "CUDA" not in kernel_keys("masked_attention_fwd_cuda"):
+        return ("dsa_ops._C was built without its CUDA kernels (no nvcc, a CPU build of torch or "
+                "DSA_OPS_NO_CUDA=1 at install time): reinstall with nvcc on the PATH or in CUDA_HOME")
     return None
 
 
