@@ -9,6 +9,11 @@ def main() -> None:
     print(f"dsa_ops {dsa_ops.__version__}  torch {torch.__version__}  "
           f"CUDA build {torch.version.cuda}  GPU {torch.cuda.is_available()}")
     print(f"extension: {extension.loaded_path() or extension.load_error()}")
+    from dsa_ops.ops.masked_attention import cpu
+
+    print("cpu backend, float32: " + ("compiled kernels of dsa_ops._C" if cpu.compiled_kernels()
+                                      else "the torch loop (no compiled CPU kernels: "
+                                           f"{extension.load_error() or 'dsa_ops._C lacks them'})"))
     for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
         for name in dsa_ops.BACKENDS:
             reason = dsa_ops.backend_unavailable_reason(name, device)

@@ -12,7 +12,8 @@ import pytest
 from dsa_ops import _build_stamp
 
 INPUTS = {"torch": "2.14.1+cu130", "torch_cuda": "13.0", "nvcc": "Cuda compilation tools, release 13.0",
-          "arch_list": "9.0", "ext_suffix": ".cpython-311-x86_64-linux-gnu.so", "no_cuda": "False"}
+          "arch_list": "9.0", "ext_suffix": ".cpython-311-x86_64-linux-gnu.so", "no_cuda": "False",
+          "cxx": "/usr/bin/c++"}
 
 
 @pytest.fixture
@@ -56,7 +57,7 @@ def test_stamp_changes_with_the_sources(tree, change):
 
 @pytest.mark.parametrize("key, value", [("torch", "2.15.0+cu130"), ("torch_cuda", "12.8"),
                                         ("nvcc", "release 12.9"), ("arch_list", "8.0;9.0"),
-                                        ("no_cuda", "True")])
+                                        ("no_cuda", "True"), ("cxx", "/usr/bin/clang++")])
 def test_stamp_changes_with_torch_cuda_and_arch(tree, key, value):
     assert _build_stamp.stamp({**INPUTS, key: value}, tree) != _build_stamp.stamp(INPUTS, tree)
 
@@ -93,3 +94,11 @@ def test_command_line_rejects_unknown_arguments():
     run = subprocess.run([sys.executable, str(script), "bogus"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 2
     assert run.stderr.strip() == "usage: python dsa_ops/_build_stamp.py check|record"
+
+
+def test_the_extension_is_expected_wherever_a_cxx_compiler_is():
+    """CUDA kernels or not, setup.py builds dsa_ops._C (its CPU kernels at least) whenever
+    there is a C++ compiler; only without one does the install stay pure Python."""
+    assert _build_stamp.extension_expected(INPUTS)
+    assert _build_stamp.extension_expected({**INPUTS, "nvcc": None, "torch_cuda": None, "no_cuda": "True"})
+    assert not _build_stamp.extension_expected({**INPUTS, "cxx": None})

@@ -14,9 +14,10 @@ compiled kernels through the op on every hole kind and layout.
 from __future__ import annotations
 
 import os
+import pathlib
+import shutil
 import subprocess
 import sys
-import pathlib
 
 import pytest
 import torch
@@ -207,3 +208,29 @@ def test_compiled_kernels_pass_opcheck():
     torch.library.opcheck(torch.ops.dsa_ops.attention_tiles_backward_.default,
                           (torch.randn(2, 20, 40), q, k, v, out, bias, torch.empty_like(q),
                            torch.empty_like(k), torch.empty_like(v)))
+
+
+def test_cpu_only_build_has_the_cpu_kernels_and_says_cuda_kernels_are_missing(tmp_path):
+    """What a machine without nvcc (or with a CPU build of torch) gets from ``pip install``:
+    setup.py compiles dsa_ops._C from the CPU kernels alone (DSA_OPS_NO_CUDA=1 takes that
+    path on any machine), the cpu backend uses them, and the cuda backend says they are
+    missing instead of failing at a call."""
+    tree = tmp_path / "tree"
+    for name in ("csrc", "dsa_ops"):
+        shutil.copytree(ROOT / name, tree / name,
+                        ignore=shutil.ignore_patterns("*.so", "_C.build-stamp", "__pycache__"))
+    for name in ("setup.py", "pyproject.toml"):
+        shutil.copy(ROOT / name, tree / name)
+    environment = {**os.environ, "DSA_OPS_NO_CUDA": "1", "MAX_JOBS": "2"}
+    build = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=tree,
+                           env=environment, capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    assert "building dsa_ops._C with the CPU kernels only" in build.stderr
+    check = ("import torch, dsa_ops; from dsa_ops import extension; "
+             "from dsa_ops.ops import cuda; from dsa_ops.ops.masked_attention import cpu; "
+             "print(extension.loaded_path()); print(cpu.compiled_kernels()); "
+             "print(sorted(cuda.kernel_keys('masked_attention_fwd_cuda')))")
+    result = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(tree)}, timeout=300)
+    loaded, compiled, cuda_keys = result.stdout.split("\n")[:3]
+    assert loaded.startswith(str(tree)) and compiled == "True" and cuda_keys == "[]", result.stderr

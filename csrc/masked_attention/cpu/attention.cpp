@@ -35,6 +35,10 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+// The 64-byte vector types never cross a function boundary (every helper is always-inline),
+// so GCC's note that their calling convention depends on AVX-512 concerns no call here.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 namespace dsa_ops {
 namespace {
 
