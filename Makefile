@@ -46,7 +46,8 @@ emulate-sanitize:
 
 # The backend suite, the Triton and KL ops, DDP/synchronised BatchNorm: the tests whose
 # values depend on the CPU's kernels (docs/testing.md). Run after `make test` (or install).
-AVX2_TESTS ?= tests/test_backends.py tests/test_triton.py tests/test_attention_kl.py tests/test_ddp.py
+AVX2_TESTS ?= tests/test_backends.py tests/test_triton.py tests/test_attention_kl.py tests/test_ddp.py \
+	tests/test_cpu_kernels.py
 test-avx2:
 	$(PYTHON) -m tests.cpu_paths avx2 -- $(PYTHON) -m pytest $(AVX2_TESTS) -q
 

@@ -361,11 +361,12 @@ def _float32_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Te
     add nothing."""
     samples, queries, _ = q.shape
     grad_q = torch.empty_like(q)
-    grad_k, grad_v = torch.zeros_like(k), torch.zeros_like(v)
-    if _use_compiled(compiled):  # on the tiles of the compiled forward
+    if _use_compiled(compiled):  # on the blocks of the compiled forward; it zeroes dK, dV
+        grad_k, grad_v = torch.empty_like(k), torch.empty_like(v)
         torch.ops.dsa_ops.attention_tiles_backward_(grad_out, q, k, v, out, key_bias,
                                                     grad_q, grad_k, grad_v)
         return grad_q, grad_k, grad_v
+    grad_k, grad_v = torch.zeros_like(k), torch.zeros_like(v)
     delta = (grad_out * out).sum(dim=2, keepdim=True)  # (G, Nq, 1)
     keys = k.shape[1]
     keys_t, values_t = k.transpose(1, 2), v.transpose(1, 2)
