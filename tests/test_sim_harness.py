@@ -162,7 +162,8 @@ def test_missing_simulator_is_one_line(capsys, monkeypatch, tmp_path):
     assert "has no src/setup_environment" in capsys.readouterr().err
 
 
-def test_collect_reads_finished_runs_without_simulating(capsys, monkeypatch, tmp_path):
+def _fake_simulator(tmp_path, monkeypatch) -> None:
+    """A $DSA_GPUSIM folder with what the harness looks for (no simulator: --collect only)."""
     sim = tmp_path / "sim"
     (sim / "src").mkdir(parents=True)
     (sim / "src" / "setup_environment").write_text("")
@@ -170,6 +171,10 @@ def test_collect_reads_finished_runs_without_simulating(capsys, monkeypatch, tmp
     (sim / "configs" / "h100-8sm").mkdir(parents=True)
     (sim / "configs" / "h100-8sm" / "gpgpusim.config").write_text(LOG.splitlines()[0] + "\n")
     monkeypatch.setenv("DSA_GPUSIM", str(sim))
+
+
+def test_collect_reads_finished_runs_without_simulating(capsys, monkeypatch, tmp_path):
+    _fake_simulator(tmp_path, monkeypatch)
     runs = tmp_path / "runs"
     args = ["--family", "backward", "--shape", "--batch 1", "--runs", str(runs), "--collect"]
     assert run.main(args) == 2  # nothing there yet: one line naming the case
@@ -198,13 +203,7 @@ def test_collect_reads_finished_runs_without_simulating(capsys, monkeypatch, tmp
 def test_collect_takes_missing_cases_from_previous_results(capsys, monkeypatch, tmp_path):
     """Runs of one case made later merge with an earlier results.json: the new run wins, a
     case without a run keeps its earlier record and commit, and a NOT RUN stays NOT RUN."""
-    sim = tmp_path / "sim"
-    (sim / "src").mkdir(parents=True)
-    (sim / "src" / "setup_environment").write_text("")
-    (sim / "cuda" / "bin").mkdir(parents=True)
-    (sim / "configs" / "h100-8sm").mkdir(parents=True)
-    (sim / "configs" / "h100-8sm" / "gpgpusim.config").write_text(LOG.splitlines()[0] + "\n")
-    monkeypatch.setenv("DSA_GPUSIM", str(sim))
+    _fake_simulator(tmp_path, monkeypatch)
     earlier, runs = tmp_path / "earlier", tmp_path / "runs"
     (earlier / "forward-float16-custom").mkdir(parents=True)
     (earlier / "forward-float16-custom" / "sim.log").write_text(LOG)
