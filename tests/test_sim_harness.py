@@ -231,3 +231,29 @@ def test_collect_takes_missing_cases_from_previous_results(capsys, monkeypatch, 
     assert "is of config 'h100'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         run.main(["--family", "forward", "--previous", str(earlier / "results.json")])
+
+
+def test_a_built_binary_is_never_replaced_under_a_running_simulation(tmp_path, monkeypatch):
+    """Each binary lives under build/sim/<hash of command and sources>/: a second call (a
+    changed tree, or one building at the same time) gets its own file, and the first one's
+    binary, which GPGPU-Sim reads its PTX back from, stays as it was."""
+    nvcc = tmp_path / "nvcc"
+    nvcc.write_text('#!/bin/sh\nfor arg; do out="$arg"; done\necho built > "$out"\n')
+    nvcc.chmod(0o755)
+    source = tmp_path / "driver.cu"
+    source.write_text("version 1")
+    monkeypatch.setattr(run, "BUILD", tmp_path / "build")
+    monkeypatch.setattr(run, "build_commands",
+                        lambda fa2: {"dsa_sim": [str(nvcc), str(source), "-o", "unused"]})
+    monkeypatch.setattr(run, "sources", lambda name: [source])
+
+    first = run.build(False)["dsa_sim"]
+    assert first.name == "dsa_sim" and first.parent.parent == tmp_path / "build"
+    assert first.read_text() == "built\n"
+    first.write_text("a simulation runs this")
+    assert run.build(False)["dsa_sim"] == first  # up to date: not rebuilt
+    source.write_text("version 2")
+    second = run.build(False)["dsa_sim"]
+    assert second != first and second.read_text() == "built\n"
+    assert first.read_text() == "a simulation runs this"
+    assert not list((tmp_path / "build").glob("*/*.partial"))

@@ -159,23 +159,27 @@ def sources(name: str) -> list[Path]:
 
 
 def build(fa2: bool) -> dict[str, Path]:
-    """Builds what is stale (a stamp of the command and the sources beside each binary)."""
+    """Builds what is missing. Each binary lives under build/sim/<hash of its command and
+    sources>/ and is written whole (a temporary file, then a rename): a call on another
+    tree, or a later call on a changed one, never replaces the binary a running simulation
+    was started from (GPGPU-Sim reads the PTX back from its executable's path)."""
     binaries = {}
     for name, command in build_commands(fa2).items():
         digest = hashlib.sha256(" ".join(command).encode())
         for path in sources(name):
             digest.update(str(path).encode() + path.read_bytes())
-        binary, stamp = BUILD / name, BUILD / f"{name}.stamp"
-        if not (binary.is_file() and stamp.is_file() and stamp.read_text() == digest.hexdigest()):
-            BUILD.mkdir(parents=True, exist_ok=True)
+        binary = BUILD / digest.hexdigest()[:16] / name
+        if not binary.is_file():
+            binary.parent.mkdir(parents=True, exist_ok=True)
+            partial = binary.with_name(f"{name}.{os.getpid()}.partial")
             print(f"building {name} (sm_90 PTX) ...", flush=True)
             try:
-                result = subprocess.run(command, capture_output=True, text=True)
+                result = subprocess.run([*command[:-1], str(partial)], capture_output=True, text=True)
             except FileNotFoundError:
                 raise HarnessError("nvcc not found on PATH (the drivers build with the CUDA toolkit)")
             if result.returncode != 0:
                 raise HarnessError(f"building {name} failed:\n{result.stderr[-4000:]}")
-            stamp.write_text(digest.hexdigest())
+            os.replace(partial, binary)
         binaries[name] = binary
     return binaries
 
@@ -553,8 +557,8 @@ def print_plan(args: argparse.Namespace, cases: list[Case], fa2: bool) -> int:
         print(f"note: {error}")
         commands = build_commands(False)
     for name, command in commands.items():
-        print(f"build {name}: {shlex.join(command)}")
-    binaries = {"dsa_sim": BUILD / "dsa_sim", "fa2_forward": BUILD / "fa2_forward"}
+        print(f"build {name} (into build/sim/<hash>/): {shlex.join(command)}")
+    binaries = {name: BUILD / "<hash>" / name for name in ("dsa_sim", "fa2_forward")}
     for case in cases:
         print(f"run {case.name}: {shlex.join(run_command(case, binaries))}")
     return 0
