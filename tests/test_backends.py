@@ -56,6 +56,9 @@ SHAPES = [
     # float32 precision through forward and backward to stay within 2× the reference.
     # (A log2 ↔ ln round trip of the saved lse fails dv here in float32.)
     Shape("large-magnitude-32x32", "self", 32, 32, 5, 7, scale=10.0, qk_std=3.0),
+    # A negative scale (the op allows any finite one) turns the order of the scores around:
+    # masked columns must still get no weight, and the row maximum is scale·min(q·k).
+    Shape("negative-scale-12x20", "cross", 12, 20, 9, 11, scale=-0.6),
     # The paper's DSA layers 12 and 14 (docs/design.md §2), lightly: one batch of every hole kind.
     # More than one query block and key block of PyTorch's CPU flash kernels (cpu backend).
     Shape("cross-24x32-16x128-strided", "cross", 16, 128, 24, 32, noncontiguous=True,

@@ -154,6 +154,40 @@ def test_kernels_fit_99_kib_gpus():
     assert result.returncode == 0 and "fits" in result.stdout, result.stdout + result.stderr
 
 
+_ON_HOPPER = """
+import torch, dsa_ops
+from tests.attention_cases import assert_close_by_dtype, make_case, reference_results
+for dtype in (torch.bfloat16, torch.float16):
+    for form, qk_dim, v_dim, scale in (("cross", 16, 128, None), ("self", 32, 64, -0.5),
+                                       ("cross", 20, 100, 2.0)):
+        case = make_case(4, 12, 13, qk_dim, v_dim, form=form, dtype=dtype, scale=scale, seed=v_dim)
+        q, k, v = (t.detach().requires_grad_() for t in case.inputs[:3])
+        out = dsa_ops.masked_attention(q, k, v, case.query_mask, case.key_mask,
+                                       scale=case.scale, backend="cuda")
+        out.backward(case.grad_out)
+        (exact_out, exact_grads), (base_out, base_grads) = (
+            reference_results(case, exact=True), reference_results(case, exact=False))
+        assert_close_by_dtype(out, exact_out, base_out, "out")
+        for name, grad, exact, base in zip(("dq", "dk", "dv"), (q.grad, k.grad, v.grad),
+                                           exact_grads, base_grads):
+            assert_close_by_dtype(grad, exact, base, name)
+print("wide key tiles")
+"""
+
+
+@needs_emulation
+def test_forward_with_128_key_tiles_on_sm_90():
+    """On an emulated sm_90 (228 KiB of shared memory an SM) the 16-bit forward takes
+    128-key tiles for Dqk ≤ 32, Dv ≤ 128 (two blocks still fit an SM); the rest of the suite
+    runs the default sm_80, where it keeps 64. L = 156: a full and a partial key tile, a
+    negative scale among the cases. A subprocess, as the emulated architecture is fixed per
+    process."""
+    env = {**os.environ, "DSA_OPS_CUDA_EMULATE_ARCH": "90"}
+    result = subprocess.run([sys.executable, "-c", _ON_HOPPER], env=env, cwd=ROOT,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0 and "wide key tiles" in result.stdout, result.stdout + result.stderr
+
+
 @needs_emulation
 @pytest.mark.parametrize("name", CUDA_OPS)
 def test_emulation_registers_a_cpu_kernel_for_every_cuda_op(name):

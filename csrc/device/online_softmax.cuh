@@ -1,6 +1,6 @@
 // The online softmax (FlashAttention's running max and exp-sum per row) in the warp layout of
-// device/warp_gemm.cuh, shared by the masked-attention forward and both passes of the
-// attention-KL forward.
+// device/warp_gemm.cuh, shared by the masked-attention forward (and its P, exp_of_scaled,
+// with the backward) and both passes of the attention-KL forward.
 #pragma once
 
 #include <cmath>
@@ -33,6 +33,67 @@ __device__ inline float exp_of_shifted(float s, float shift) {
   }
 }
 
+// exp(scale·s − shift) of a raw score s, as the softmax's P for dtype T; the forward and
+// both backward kernels form P with it, from the same rounded values. 16-bit dtypes fold
+// the scale into the exponent's fma, s·(scale·log2 e) − shift·log2 e (FlashAttention-2's
+// scale_apply_exp2: no multiply per score), rounded as exp_of_shifted. float32 rounds
+// scale·s on its own first, as the reference does, and takes the exact difference: at
+// |scale·s| ≈ 10³ an fma's unrounded product would move P by 10⁻⁴ against the lse the
+// backward recomputes it with (tests/test_backends.py, large-magnitude).
+template <typename T>
+__device__ inline float exp_of_scaled(float s, float scale, float shift) {
+  if constexpr (std::is_same_v<T, float>) {
+    return exp_difference(device::mul_rn(s, scale) - shift);
+  } else {
+    return exp2f(fmaf(s, scale * kLog2e, -shift * kLog2e));
+  }
+}
+
+// The value a masked raw score takes so that scaled_row_max passes over it: scale·s is
+// largest where s is largest for scale ≥ 0, where it is smallest below.
+__device__ inline float masked_raw_score(float scale) { return scale >= 0.f ? -INFINITY : INFINITY; }
+
+// This lane's maximum of scale·s over its columns of rows g and g + 8 of a strip of raw
+// scores s: scale·max(s) for scale ≥ 0, scale·min(s) below (no multiply per score), -inf
+// where every column is masked (masked_raw_score). Four partial extremes a row (by element
+// and n-tile parity) cut the dependency chain a warp waits through to a quarter: a max
+// waits longer than an add.
+template <int NT>
+__device__ inline void scaled_row_max(const float (&s)[NT][4], float scale, float (&row_max)[2]) {
+  static_assert(NT % 2 == 0, "a strip of whole n-tile pairs");
+  const bool ascending = scale >= 0.f;
+  const float masked = masked_raw_score(scale);
+  float part[4][2];  // [e % 2 + 2·(j % 2)][row]
+#pragma unroll
+  for (int p = 0; p < 4; ++p) part[p][0] = part[p][1] = masked;
+  if (ascending) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float& m = part[e % 2 + 2 * (j % 2)][e / 2];
+        m = fmaxf(m, s[j][e]);
+      }
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float& m = part[e % 2 + 2 * (j % 2)][e / 2];
+        m = fminf(m, s[j][e]);
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const float extreme =
+        ascending ? fmaxf(fmaxf(part[0][i], part[1][i]), fmaxf(part[2][i], part[3][i]))
+                  : fminf(fminf(part[0][i], part[1][i]), fminf(part[2][i], part[3][i]));
+    row_max[i] = extreme == masked ? -INFINITY : scale * extreme;
+  }
+}
+
 // Online-softmax state of the two rows (g and g + 8 of the warp's strip) a lane touches.
 struct OnlineSoftmaxRows {
   float max[2] = {-INFINITY, -INFINITY};
@@ -43,6 +104,15 @@ struct OnlineSoftmaxRows {
   // `rescale` the factor for everything accumulated against the old max (the sums here
   // are rescaled already; the caller rescales its own accumulators).
   __device__ void advance(const float (&tile_max)[2], float (&shift)[2], float (&rescale)[2]) {
+    advance_max(tile_max, shift, rescale);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) sum[i] *= rescale[i];
+  }
+
+  // advance without touching the sums: the caller adds the tile's exponentials with
+  // add_tile_sums, after them, so the wait for the rescale's exp2 (the slowest unit) is
+  // spent issuing the tile's own exponentials rather than in front of them.
+  __device__ void advance_max(const float (&tile_max)[2], float (&shift)[2], float (&rescale)[2]) {
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const float new_max = fmaxf(max[i], row_max(tile_max[i]));
@@ -51,8 +121,13 @@ struct OnlineSoftmaxRows {
       shift[i] = new_max == -INFINITY ? 0.f : new_max;
       rescale[i] = exp_difference(max[i] - shift[i]);
       max[i] = new_max;
-      sum[i] *= rescale[i];
     }
+  }
+
+  // The sums after advance_max: the old ones rescaled, plus this tile's.
+  __device__ void add_tile_sums(const float (&rescale)[2], const float (&tile_sum)[2]) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) sum[i] = fmaf(sum[i], rescale[i], tile_sum[i]);
   }
 };
 

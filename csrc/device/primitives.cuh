@@ -11,12 +11,14 @@
 //   cp_async_commit()                   its commit group, not before
 //   cp_async_wait<N>()                  wait until at most N committed groups are pending
 //   shfl_xor / shfl_idx / shfl_up / shfl_down, ballot, any, all   (whole warp), popcount
+//   mul_rn(a, b)                        a·b rounded on its own: never contracted into an fma
 //   block_barrier(), warp_barrier()     __syncthreads, __syncwarp
 //   DSA_DYNAMIC_SHARED_MEMORY(name)     unsigned char* name: the launch's dynamic smem
 //   DSA_STATIC_SHARED_ARRAY(T, name, n) T* name: n elements of static smem
 //   allow_dynamic_shared_memory(kernel, bytes)   opt-in above 48 KiB
 //   ensure_dynamic_shared_memory(kernel, bytes)  the same, once per kernel, device and size
 //   max_dynamic_shared_memory()         bytes a block may opt into on the current device
+//   shared_memory_per_multiprocessor()  bytes the blocks resident on one SM share
 //   launch(kernel, grid, threads, smem_bytes, stream, args...) -> cudaError_t
 #pragma once
 
@@ -60,6 +62,7 @@ __device__ __forceinline__ unsigned ballot(bool predicate) {
 __device__ __forceinline__ bool any(bool predicate) { return __any_sync(kFullWarp, predicate); }
 __device__ __forceinline__ bool all(bool predicate) { return __all_sync(kFullWarp, predicate); }
 __device__ __forceinline__ int popcount(unsigned bits) { return __popc(bits); }
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
 
 template <typename T>
 __device__ __forceinline__ void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4],
@@ -135,6 +138,16 @@ inline int max_dynamic_shared_memory() {
   return bytes;
 }
 
+// Shared memory of one SM (what the blocks resident on it share); 0 when unknown.
+inline int shared_memory_per_multiprocessor() {
+  int device = 0, bytes = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device) != cudaSuccess) {
+    return 0;
+  }
+  return bytes;
+}
+
 template <typename... Params, typename... Args>
 cudaError_t launch(void (*kernel)(Params...), dim3 grid, int threads, int shared_bytes,
                    cudaStream_t stream, Args&&... args) {
@@ -194,6 +207,7 @@ inline unsigned ballot(bool predicate) { return emulation::ballot(predicate); }
 inline bool any(bool predicate) { return emulation::ballot(predicate) != 0; }
 inline bool all(bool predicate) { return emulation::ballot(!predicate) == 0; }
 inline int popcount(unsigned bits) { return __builtin_popcount(bits); }
+inline float mul_rn(float a, float b) { return a * b; }  // ISO C++ (-std=c++20): no contraction
 
 template <typename T>
 void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
@@ -232,6 +246,7 @@ inline cudaError_t current_device(int* device) {
 }
 
 inline int max_dynamic_shared_memory() { return emulation::max_shared_memory_per_block_optin(); }
+inline int shared_memory_per_multiprocessor() { return emulation::shared_memory_per_multiprocessor(); }
 
 template <typename... Params, typename... Args>
 cudaError_t launch(void (*kernel)(Params...), dim3 grid, int threads, int shared_bytes,

@@ -132,23 +132,41 @@ __device__ __noinline__ void copy_chunk_scalar(T* dst, const T* src, int count) 
   }
 }
 
-// Issues the gather of `valid_rows` rows (slots slot0.. of `set`) of `src`, columns
-// col0..col0+WIDTH, into dst[ROWS][pitch] (rows 16-byte aligned); rows past `valid_rows`
-// and columns past `columns` become zero, which makes padded dot products exact. Aligned
-// chunks inside `columns` go by cp.async (they land at the caller's cp_async_commit +
-// cp_async_wait + block_barrier), zero chunks by a 16-byte shared store, the rest through
-// copy_chunk_scalar. Does not commit: the caller groups tiles as it double-buffers.
-// THREADS: the block's threads, which share the chunks.
+// The row positions of a tile gather, by tile row r (negative: a zero row).
+// TileRows looks them up in a row set's partition (global memory); StagedRows reads a list
+// a kernel staged in shared memory ahead of time (stage_positions), so that the gather's
+// copies need not wait on global index loads.
+struct TileRows {
+  const SampleRowSet& set;
+  int slot0;
+  int valid_rows;
+  __device__ int operator()(int r) const { return r < valid_rows ? set.position(slot0 + r) : -1; }
+};
+
+struct StagedRows {
+  const int* positions;  // shared memory, one per tile row
+  __device__ int operator()(int r) const { return positions[r]; }
+};
+
+// Issues the gather of the rows of `src` at positions `rows` (RowPositions: TileRows or
+// StagedRows) of sample `sample`, columns col0..col0+WIDTH, into dst[ROWS][pitch] (rows
+// 16-byte aligned); zero rows and columns past `columns` become zero, which makes padded
+// dot products exact. Aligned chunks inside `columns` go by cp.async (they land at the
+// caller's cp_async_commit + cp_async_wait + block_barrier), zero chunks by a 16-byte
+// shared store, the rest through copy_chunk_scalar. Does not commit: the caller groups
+// tiles as it double-buffers. THREADS: the block's threads, which share the chunks.
 //
 // Thread t keeps one chunk column (t % kRowChunks) and takes every kRowStep-th row from
 // t / kRowChunks: the column's bounds are decided once, and the thread's row positions are
 // all read before the first copy, as independent loads whose latencies overlap. (The form
 // that looked up a position per chunk, each copy waiting on its own index load, was a
-// third of the forward's instructions under the simulator: docs/simulated-gpu.md.)
-template <typename T, int ROWS, int WIDTH, int THREADS = kThreads>
-__device__ inline void load_tile_async(T* dst, int pitch, const Rows<const T>& src,
-                                       const SampleRowSet& set, int sample, int slot0,
-                                       int valid_rows, int col0, int columns) {
+// third of the forward's instructions under the simulator: docs/simulated-gpu.md.) What
+// does not depend on the row is decided once too: the column's address in the sample, and
+// whether every row's chunk is 16-byte aligned (an aligned column and a row stride of whole
+// 16 bytes), so a row costs a multiply-add and its copy.
+template <typename T, int ROWS, int WIDTH, int THREADS = kThreads, typename RowPositions>
+__device__ inline void gather_rows_async(T* dst, int pitch, const Rows<const T>& src, int sample,
+                                         const RowPositions& rows, int col0, int columns) {
   constexpr int kChunk = kChunkElements<T>;
   constexpr int kRowChunks = WIDTH / kChunk;
   static_assert(WIDTH % kChunk == 0, "tile widths are whole 16-byte chunks");
@@ -165,24 +183,43 @@ __device__ inline void load_tile_async(T* dst, int pitch, const Rows<const T>& s
 #pragma unroll
   for (int j = 0; j < kRowsPerThread; ++j) {
     const int r = first_row + j * kRowStep;
-    position[j] = in_columns && r < valid_rows ? set.position(slot0 + r) : -1;
+    position[j] = in_columns && (ROWS % kRowStep == 0 || r < ROWS) ? rows(r) : -1;
   }
+  const T* const column = src.row(sample, 0) + col;
+  const bool aligned_rows = whole_chunk && reinterpret_cast<uintptr_t>(column) % 16 == 0 &&
+                            (src.row_stride * static_cast<int64_t>(sizeof(T))) % 16 == 0;
+  T* const first_chunk = dst + first_row * pitch + c;
 #pragma unroll
   for (int j = 0; j < kRowsPerThread; ++j) {
-    const int r = first_row + j * kRowStep;
-    if (ROWS % kRowStep != 0 && r >= ROWS) break;
-    T* const chunk = dst + r * pitch + c;
+    if (ROWS % kRowStep != 0 && first_row + j * kRowStep >= ROWS) break;
+    T* const chunk = first_chunk + j * kRowStep * pitch;
     if (position[j] < 0) {
       *reinterpret_cast<uint4*>(chunk) = make_uint4(0u, 0u, 0u, 0u);
       continue;
     }
-    const T* const from = src.row(sample, position[j]) + col;
-    if (whole_chunk && reinterpret_cast<uintptr_t>(from) % 16 == 0) {
+    const T* const from = column + position[j] * src.row_stride;
+    if (aligned_rows || (whole_chunk && reinterpret_cast<uintptr_t>(from) % 16 == 0)) {
       device::cp_async_16(chunk, from);
     } else {
       copy_chunk_scalar(chunk, from, min(kChunk, columns - col));
     }
   }
+}
+
+// The gather of `valid_rows` rows at slots slot0.. of `set` (positions looked up here).
+template <typename T, int ROWS, int WIDTH, int THREADS = kThreads>
+__device__ inline void load_tile_async(T* dst, int pitch, const Rows<const T>& src,
+                                       const SampleRowSet& set, int sample, int slot0,
+                                       int valid_rows, int col0, int columns) {
+  gather_rows_async<T, ROWS, WIDTH, THREADS>(dst, pitch, src, sample,
+                                             TileRows{set, slot0, valid_rows}, col0, columns);
+}
+
+// The position a thread stages for row `row` (< ROWS) of the tile at slot0 of `set`, -1 past
+// the set: threads 0..ROWS-1 each load one (issue early), then store it into the staged list
+// after work that hides the load's latency (a block barrier before a StagedRows gather).
+__device__ inline int position_to_stage(const SampleRowSet& set, int slot0, int row) {
+  return slot0 + row < set.size ? set.position(slot0 + row) : -1;
 }
 
 // The synchronous form: the tile is in shared memory for the calling thread on return

@@ -307,6 +307,16 @@ int max_shared_memory_per_block_optin() {
   }
 }
 
+int shared_memory_per_multiprocessor() {
+  switch (architecture()) {
+    case 80: return 164 * 1024;
+    case 86:
+    case 89: return 100 * 1024;
+    case 90: return 228 * 1024;
+    default: return -1;
+  }
+}
+
 void fail(const std::string& message) {
   std::string where;
   if (current != nullptr) {

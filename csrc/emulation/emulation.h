@@ -88,6 +88,7 @@ constexpr int kMaxStaticShared = 48 * 1024;
 // per-block shared memory after the opt-in.
 int architecture();
 int max_shared_memory_per_block_optin();
+int shared_memory_per_multiprocessor();
 
 // Failure reporting: the first failure of a launch is kept; the launch returns
 // cudaErrorLaunchFailure.

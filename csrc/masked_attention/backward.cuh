@@ -275,7 +275,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const __grid_constant__ Ba
       for (int j = 0; j < kScoreTiles; ++j) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          p[j][e] = exp_of_shifted<T>(p[j][e] * launch.scale, row_lse[e / 2]);
+          p[j][e] = exp_of_scaled<T>(p[j][e], launch.scale, row_lse[e / 2]);
         }
       }
       // Only a sample's last key tile can be partial: full tiles skip the column test.
@@ -511,7 +511,7 @@ __global__ void __launch_bounds__(KeyTiling<T, VK>::kThreads, 1)
     for (int j = 0; j < kOwnTiles; ++j) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        p[j][e] = exp_difference(p[j][e] * launch.scale - lse_s[own_query0 + lane.col(j, e)]);
+        p[j][e] = exp_of_scaled<T>(p[j][e], launch.scale, lse_s[own_query0 + lane.col(j, e)]);
       }
     }
     // dV += Pᵀ·dO over every query of the tile: the group's own k-blocks from registers,

@@ -4,12 +4,20 @@
 // Grid: x = tiles of 64 slots of the query partition (all L slots, so the tiles past the
 // query count write the zero rows and +inf log-sum-exps of the non-query positions and
 // no separate zero-fill pass is needed), y = sample, z = branch × V part. A block gathers
-// its query rows once, then streams 64-key tiles of the gathered keys, K and V double
-// buffered: the cp.async copies of tile i + 1 are issued before tile i is computed, so they
-// overlap its math. Per tile and warp (16 query rows): S = Q·Kᵀ (tensor cores with
-// ldmatrix operands for 16-bit dtypes), running max / sum in float32 registers in natural
-// units (exp2 of differences, exp_difference), P rounded to the dtype in registers (no
-// shared-memory round trip) and P·V accumulated in float32 over the block's V width.
+// its query rows once, then streams key tiles (64 keys, or 128 where two such blocks fit an
+// SM: kWideKeyTiles) of the gathered keys, K and V double buffered: the cp.async copies of
+// tile i + 1 are issued before tile i is computed, so they overlap its math, and their key
+// positions were staged in shared memory during tile i - 1. Per tile and warp (16 query
+// rows): S = Q·Kᵀ (tensor cores with ldmatrix operands for 16-bit dtypes), running max /
+// sum in float32 registers in natural units, the scale folded into the row max and the
+// exponent (exp_of_scaled), P rounded to the dtype in registers (no shared-memory round
+// trip) and P·V accumulated in float32 over the block's V width.
+//
+// Much of the order inside a tile is for issue order: the simulated H100 issues each warp's
+// PTX in order (docs/simulated-gpu.md), so every stage is a loop of independent operations
+// (the max in four partial chains a row, the sums in two), the rescale's exp2 is issued
+// before the tile's exponentials and used after them, and a fragment pair's ldmatrix stays
+// just before its two MMAs. ptxas reorders SASS on hardware; the order costs nothing there.
 //
 // V width: a block holds VW columns of V, chosen by Dv from 64, 128, 256 for 16-bit dtypes,
 // so for Dv ≤ 256 Q·Kᵀ and the softmax are computed once; Dv in (256, 512] takes two parts
@@ -40,33 +48,49 @@ namespace {
 template <typename T>
 constexpr int kMaxVWidth = DTypeTraits<T>::kTensorCores ? 256 : 64;
 
-// P·V runs in two 32-key halves, so float32's P strip needs a 16 × 32 scratch per warp.
-constexpr int kPvKeyTiles = kBlockCols / 16;
-
-// Query tile; two K and two V tiles (double buffering); float32's per-warp P scratch.
+// Keys per tile: 64, or 128 for 16-bit dtypes with VW ≤ 128 and Dqk ≤ 32 where two such
+// blocks fit one SM's shared memory (85–96 KiB each: sm_90's 228 KiB; not sm_80's 164 or
+// sm_86/89's 100), so that occupancy stays two blocks an SM, as the registers allow
+// either way. At 128 the per-tile costs (the barrier, the row-max shuffles and the
+// rescale, the gathers' setup) are paid per 128 keys: 0.76 → 0.69× FlashAttention-2's time
+// for the same query-key pairs on the simulated H100 (docs/simulated-gpu.md). VW = 256,
+// Dqk = 64 and float32 keep 64: their double-buffered 128-key tiles would not fit a block.
 template <typename T, int D, int VW>
+constexpr bool kWideKeyTiles = DTypeTraits<T>::kTensorCores && VW <= 128 && D <= 32;
+
+// P·V runs in two halves of the key tile, so float32's P strip needs a 16 × 32 scratch per
+// warp.
+template <int KC>
+constexpr int kPvKeyTiles = KC / 16;
+
+// Query tile; two K and two V tiles (double buffering); float32's per-warp P scratch; two
+// lists of staged key positions (int32, after the tiles).
+template <typename T, int D, int VW, int KC>
 struct ForwardSmem {
   static constexpr int kQkPitch = padded_pitch<T>(D);
   static constexpr int kVPitch = padded_pitch<T>(VW);
-  static constexpr int kKTile = kBlockCols * kQkPitch;
-  static constexpr int kVTile = kBlockCols * kVPitch;
-  static constexpr int kPScratch = acc_a_scratch_elements<T, kPvKeyTiles>();
+  static constexpr int kKTile = KC * kQkPitch;
+  static constexpr int kVTile = KC * kVPitch;
+  static constexpr int kPScratch = acc_a_scratch_elements<T, kPvKeyTiles<KC>>();
   static constexpr int kQ = 0;
   static constexpr int kK = kQ + kBlockRows * kQkPitch;
   static constexpr int kV = kK + 2 * kKTile;
   static constexpr int kP = kV + 2 * kVTile;
   static constexpr int kElements = kP + kWarps * kPScratch;
-  static constexpr int kBytes = kElements * static_cast<int>(sizeof(T));
+  static constexpr int kPositionsByte = (kElements * static_cast<int>(sizeof(T)) + 15) / 16 * 16;
+  static constexpr int kBytes = kPositionsByte + 2 * KC * static_cast<int>(sizeof(int));
   static_assert(rows_16_byte_aligned<T>(kQkPitch) && rows_16_byte_aligned<T>(kVPitch),
                 "cp.async and ldmatrix need 16-byte aligned tile rows");
   static_assert(kBytes <= 99 * 1024, "every instantiation fits sm_86/89's 99 KiB per block");
 };
 
-template <typename T, int D, int VW>
+template <typename T, int D, int VW, int KC>
 __global__ void __launch_bounds__(kThreads, 1)
 forward_kernel(const __grid_constant__ ForwardLaunch launch) {
-  using Smem = ForwardSmem<T, D, VW>;
-  constexpr int kScoreTiles = kBlockCols / 8;
+  using Smem = ForwardSmem<T, D, VW, KC>;
+  constexpr int kPvKeyTiles = ::dsa_ops::masked_attention::kPvKeyTiles<KC>;
+  static_assert(KC <= kThreads, "a thread stages at most one key position");
+  constexpr int kScoreTiles = KC / 8;
   constexpr int kOutTiles = VW / 8;
   DSA_DYNAMIC_SHARED_MEMORY(smem_raw);
   T* const smem = reinterpret_cast<T*>(smem_raw);
@@ -99,22 +123,31 @@ forward_kernel(const __grid_constant__ ForwardLaunch launch) {
   }
   if (slot0 >= queries.size) return;
   const int query_rows = min(kBlockRows, queries.size - slot0);
-  const int key_tiles = (keys.size + kBlockCols - 1) / kBlockCols;
+  const int key_tiles = (keys.size + KC - 1) / KC;
 
-  // Issues the gathers of key tile `tile` into buffer tile % 2.
-  auto load_key_tile = [&](int tile) {
-    const int key0 = tile * kBlockCols;
-    const int rows = min(kBlockCols, keys.size - key0);
-    load_tile_async<T, kBlockCols, D>(smem + Smem::kK + (tile % 2) * Smem::kKTile,
-                                      Smem::kQkPitch, k, keys, sample, key0, rows, 0,
-                                      launch.qk_dim);
-    load_tile_async<T, kBlockCols, VW>(smem + Smem::kV + (tile % 2) * Smem::kVTile,
-                                       Smem::kVPitch, v, keys, sample, key0, rows, col0,
-                                       launch.v_dim);
+  // Key positions, staged one tile ahead in shared memory: while tile i is computed, threads
+  // 0..63 hold the positions of tile i + 2 in a register (loaded before the math, stored
+  // after it), and the gathers of tile i + 1, issued at the top of iteration i, read their
+  // positions from shared memory instead of waiting on global index loads.
+  int* const staged_positions = reinterpret_cast<int*>(smem_raw + Smem::kPositionsByte);
+  auto positions_of = [&](int tile) { return staged_positions + (tile % 2) * KC; };
+  const bool stages_positions = threadIdx.x < KC;
+
+  // Issues the gathers of key tile `tile` into buffer tile % 2, rows at `rows`.
+  auto load_key_tile = [&](int tile, const auto& rows) {
+    gather_rows_async<T, KC, D>(smem + Smem::kK + (tile % 2) * Smem::kKTile,
+                                        Smem::kQkPitch, k, sample, rows, 0, launch.qk_dim);
+    gather_rows_async<T, KC, VW>(smem + Smem::kV + (tile % 2) * Smem::kVTile,
+                                         Smem::kVPitch, v, sample, rows, col0, launch.v_dim);
   };
   load_tile_async<T, kBlockRows, D>(q_s, Smem::kQkPitch, q, queries, sample, slot0, query_rows, 0,
                                     launch.qk_dim);
-  if (key_tiles > 0) load_key_tile(0);
+  if (key_tiles > 0) {
+    load_key_tile(0, TileRows{keys, 0, min(KC, keys.size)});
+  }
+  if (key_tiles > 1 && stages_positions) {
+    positions_of(1)[threadIdx.x] = position_to_stage(keys, KC, threadIdx.x);
+  }
   device::cp_async_commit();
 
   const int warp = threadIdx.x / 32;
@@ -129,63 +162,86 @@ forward_kernel(const __grid_constant__ ForwardLaunch launch) {
 
   for (int tile = 0; tile < key_tiles; ++tile) {
     // The only pending copies are this tile's (and, first, the query tile's). After the
-    // barrier every thread's have landed and every warp is done with tile - 1, whose
-    // buffers the next tile's copies overwrite.
+    // barrier every thread's have landed, every warp is done with tile - 1, whose buffers
+    // the next tile's copies overwrite, and the positions staged for tile + 1 are visible.
     device::cp_async_wait<0>();
     device::block_barrier();
     if (tile + 1 < key_tiles) {
-      load_key_tile(tile + 1);
+      load_key_tile(tile + 1, StagedRows{positions_of(tile + 1)});
       device::cp_async_commit();
     }
+    const bool stage_next = tile + 2 < key_tiles && stages_positions;
+    const int next_position =
+        stage_next ? position_to_stage(keys, (tile + 2) * KC, threadIdx.x) : -1;
     const T* const k_s = smem + Smem::kK + (tile % 2) * Smem::kKTile;
     const T* const v_s = smem + Smem::kV + (tile % 2) * Smem::kVTile;
-    const int key_cols = min(kBlockCols, keys.size - tile * kBlockCols);
+    const int key_cols = min(KC, keys.size - tile * KC);
 
     float s[kScoreTiles][4];
     zero_fill(s);
     warp_gemm<T, D, kScoreTiles, BLayout::kNK>(s, q_warp, Smem::kQkPitch, k_s, Smem::kQkPitch);
 
-    // Only a sample's last key tile can be partial: full tiles skip the column test.
-    if (key_cols < kBlockCols) {
+    // The softmax step on the raw scores s (the scale goes into the max and the exponent's
+    // fma). Each stage is a loop of its own, so a warp's instructions come in independent
+    // runs (every score's max, then every exponential, then the sums) rather than one chain
+    // through each score. Only a sample's last key tile can be partial: full tiles skip the
+    // column tests, and its masked columns are left out of the max and get P = 0.
+    const bool partial_tile = key_cols < KC;
+    if (partial_tile) {
 #pragma unroll
       for (int j = 0; j < kScoreTiles; ++j) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          if (lane.col(j, e) >= key_cols) s[j][e] = -INFINITY;
+          if (lane.col(j, e) >= key_cols) s[j][e] = masked_raw_score(scale);
         }
       }
     }
-    float tile_max[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (int j = 0; j < kScoreTiles; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        s[j][e] *= scale;
-        tile_max[e / 2] = fmaxf(tile_max[e / 2], s[j][e]);
-      }
-    }
+    float tile_max[2];
+    scaled_row_max(s, scale, tile_max);
     float rescale[2], shift[2];
-    rows.advance(tile_max, shift, rescale);
+    rows.advance_max(tile_max, shift, rescale);
 #pragma unroll
     for (int j = 0; j < kScoreTiles; ++j) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        s[j][e] = exp_of_shifted<T>(s[j][e], shift[e / 2]);
-        rows.sum[e / 2] += s[j][e];
+      for (int e = 0; e < 4; ++e) s[j][e] = exp_of_scaled<T>(s[j][e], scale, shift[e / 2]);
+    }
+    if (partial_tile) {
+#pragma unroll
+      for (int j = 0; j < kScoreTiles; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          if (lane.col(j, e) >= key_cols) s[j][e] = 0.f;
+        }
       }
     }
+    float part_sum[2][2] = {};  // [row][n-tile parity]: two short chains a row
 #pragma unroll
-    for (int j = 0; j < kOutTiles; ++j) {
+    for (int j = 0; j < kScoreTiles; ++j) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) acc[j][e] *= rescale[e / 2];
+      for (int e = 0; e < 4; ++e) part_sum[e / 2][j % 2] += s[j][e];
+    }
+    const float tile_sum[2] = {part_sum[0][0] + part_sum[0][1], part_sum[1][0] + part_sum[1][1]};
+    rows.add_tile_sums(rescale, tile_sum);
+    // The accumulators keep their scale unless a row's max rose somewhere in the warp
+    // (rescale is exactly 1 otherwise): a skipped multiply per accumulator and tile, which
+    // FlashAttention-4 takes further with a threshold.
+    if (device::any(rescale[0] != 1.f || rescale[1] != 1.f)) {
+#pragma unroll
+      for (int j = 0; j < kOutTiles; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[j][e] *= rescale[e / 2];
+      }
     }
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const float(&p)[kPvKeyTiles][4] =
           *reinterpret_cast<const float(*)[kPvKeyTiles][4]>(&s[half * kPvKeyTiles]);
       warp_gemm_acc_a<T, kPvKeyTiles, kOutTiles, BLayout::kKN>(
-          acc, p, v_s + half * (kBlockCols / 2) * Smem::kVPitch, Smem::kVPitch, p_scratch);
+          acc, p, v_s + half * (KC / 2) * Smem::kVPitch, Smem::kVPitch, p_scratch);
     }
+    // The list of tile + 2 replaces that of tile, which every thread read before this
+    // iteration's barrier.
+    if (stage_next) positions_of(tile + 2)[threadIdx.x] = next_position;
   }
   device::cp_async_wait<0>();  // no key tiles: the query tile's copies, never used
 
@@ -249,8 +305,19 @@ cudaError_t launch_forward_for(const ForwardLaunch& launch, cudaStream_t stream)
       const int v_parts = (launch.v_dim + VW - 1) / VW;
       const dim3 grid((launch.length + kBlockRows - 1) / kBlockRows, launch.batch,
                       v_parts * launch.branches);
-      status = launch_with_smem(forward_kernel<T, D, VW>, grid, ForwardSmem<T, D, VW>::kBytes,
-                                stream, launch);
+      auto run = [&](auto key_cols) {
+        constexpr int KC = decltype(key_cols)::value;
+        status = launch_with_smem(forward_kernel<T, D, VW, KC>, grid,
+                                  ForwardSmem<T, D, VW, KC>::kBytes, stream, launch);
+      };
+      if constexpr (kWideKeyTiles<T, D, VW>) {
+        // A block also takes 1 KiB of the SM's shared memory for the system.
+        constexpr int kWideBlockBytes = ForwardSmem<T, D, VW, 128>::kBytes + 1024;
+        if (2 * kWideBlockBytes <= launch.shared_memory_per_sm) {
+          return run(std::integral_constant<int, 128>{});
+        }
+      }
+      run(std::integral_constant<int, kBlockCols>{});
     });
   });
   return status;

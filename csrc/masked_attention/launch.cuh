@@ -36,6 +36,9 @@ struct ForwardLaunch {
   ScalarKind dtype = ScalarKind::kFloat32;
   int batch = 0, length = 0, qk_dim = 0, v_dim = 0;
   float scale = 1.f;
+  // Set by launch_forward (callers leave it): the shared memory of one SM, which decides
+  // whether two blocks of 128-key tiles fit on one (forward.cuh).
+  int shared_memory_per_sm = 0;
 };
 
 struct BackwardBranch {

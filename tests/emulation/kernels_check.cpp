@@ -8,7 +8,7 @@
 //
 // Cases: float32 / float16 / bfloat16; Dqk in every padded bucket (16, 32, 64); Dv with a
 // partial last 64-column chunk, in every forward and key-side V width (64, 128, 256, two
-// halves; the 256-wide key side runs two warp groups) and up to 512; L not a multiple of the 64-row tile;
+// halves; the 256-wide key side runs two warp groups) and up to 512; L not a multiple of the 64-row tile (or the forward's 128-key one);
 // q, k, v as strided channel slices; q, k, v one element past 16-byte alignment with an
 // odd row pitch and Dqk, Dv not whole 16-byte chunks (the gather's scalar fallback); per
 // batch an empty, a full and random masks; cross, self, independent
@@ -523,6 +523,10 @@ int main(int argc, char** argv) {
       cases.push_back({Form::kDual, dtype, 3, 70, 20, 36, true, true});
       cases.push_back({Form::kCross, dtype, 3, 70, 32, 264, true});
       cases.push_back({Form::kCross, dtype, 2, 70, 8, 512, true});  // widest V: split key side
+      // The paper's head sizes (Dqk 16, Dv 128): query and key sets over several tiles of
+      // 64 and of 128 keys (the 16-bit forward's wide tiles, under DSA_OPS_CUDA_EMULATE_ARCH
+      // 90), the last ones partial.
+      cases.push_back({Form::kCross, dtype, 3, 300, 16, 128, true});
     }
   }
   // The backward's key side holds the whole V width up to 256 columns for 16-bit dtypes (one
