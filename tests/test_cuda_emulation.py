@@ -123,12 +123,15 @@ def test_cuda_backend_takes_what_the_gpus_shared_memory_holds(monkeypatch, arch,
         assert reason is None
 
 
-_ON_99_KIB = """
+# Forward and backward of the cuda backend against the reference, on the emulated GPU of
+# DSA_OPS_CUDA_EMULATE_ARCH, for each (form, Dqk, Dv, scale) of CASES, in both 16-bit dtypes.
+_BACKEND_ON_ARCH = """
 import torch, dsa_ops
 from tests.attention_cases import assert_close_by_dtype, make_case, reference_results
 for dtype in (torch.bfloat16, torch.float16):
-    for qk_dim, v_dim in ((64, 512), (64, 256), (16, 136)):
-        case = make_case(4, 7, 10, qk_dim, v_dim, dtype=dtype, seed=v_dim)
+    for form, qk_dim, v_dim, scale in CASES:
+        case = make_case(4, HEIGHT, WIDTH, qk_dim, v_dim, form=form, dtype=dtype, scale=scale,
+                         seed=v_dim)
         q, k, v = (t.detach().requires_grad_() for t in case.inputs[:3])
         out = dsa_ops.masked_attention(q, k, v, case.query_mask, case.key_mask,
                                        scale=case.scale, backend="cuda")
@@ -139,40 +142,28 @@ for dtype in (torch.bfloat16, torch.float16):
         for name, grad, exact, base in zip(("dq", "dk", "dv"), (q.grad, k.grad, v.grad),
                                            exact_grads, base_grads):
             assert_close_by_dtype(grad, exact, base, name)
-print("fits")
+print("matches the reference")
 """
+
+
+def _backend_matches_reference_on(arch: int, cases, height: int, width: int) -> None:
+    """_BACKEND_ON_ARCH in a subprocess: the emulated architecture is fixed per process."""
+    script = (_BACKEND_ON_ARCH.replace("CASES", repr(tuple(cases)))
+              .replace("HEIGHT", str(height)).replace("WIDTH", str(width)))
+    env = {**os.environ, "DSA_OPS_CUDA_EMULATE_ARCH": str(arch)}
+    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0 and "matches the reference" in result.stdout, (
+        result.stdout + result.stderr)
 
 
 @needs_emulation
 def test_kernels_fit_99_kib_gpus():
     """16-bit forward and backward on an emulated sm_86 (99 KiB per block; the emulation
     refuses larger launches as the GPU does): the dQ pass streams dO where keeping it
-    resident would not fit. The emulated architecture is fixed per process: a subprocess."""
-    env = {**os.environ, "DSA_OPS_CUDA_EMULATE_ARCH": "86"}
-    result = subprocess.run([sys.executable, "-c", _ON_99_KIB], env=env, cwd=ROOT,
-                            capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0 and "fits" in result.stdout, result.stdout + result.stderr
-
-
-_ON_HOPPER = """
-import torch, dsa_ops
-from tests.attention_cases import assert_close_by_dtype, make_case, reference_results
-for dtype in (torch.bfloat16, torch.float16):
-    for form, qk_dim, v_dim, scale in (("cross", 16, 128, None), ("self", 32, 64, -0.5),
-                                       ("cross", 20, 100, 2.0)):
-        case = make_case(4, 12, 13, qk_dim, v_dim, form=form, dtype=dtype, scale=scale, seed=v_dim)
-        q, k, v = (t.detach().requires_grad_() for t in case.inputs[:3])
-        out = dsa_ops.masked_attention(q, k, v, case.query_mask, case.key_mask,
-                                       scale=case.scale, backend="cuda")
-        out.backward(case.grad_out)
-        (exact_out, exact_grads), (base_out, base_grads) = (
-            reference_results(case, exact=True), reference_results(case, exact=False))
-        assert_close_by_dtype(out, exact_out, base_out, "out")
-        for name, grad, exact, base in zip(("dq", "dk", "dv"), (q.grad, k.grad, v.grad),
-                                           exact_grads, base_grads):
-            assert_close_by_dtype(grad, exact, base, name)
-print("wide key tiles")
-"""
+    resident would not fit."""
+    _backend_matches_reference_on(86, [("cross", 64, 512, None), ("cross", 64, 256, None),
+                                       ("cross", 16, 136, None)], height=7, width=10)
 
 
 @needs_emulation
@@ -180,12 +171,9 @@ def test_forward_with_128_key_tiles_on_sm_90():
     """On an emulated sm_90 (228 KiB of shared memory an SM) the 16-bit forward takes
     128-key tiles for Dqk ≤ 32, Dv ≤ 128 (two blocks still fit an SM); the rest of the suite
     runs the default sm_80, where it keeps 64. L = 156: a full and a partial key tile, a
-    negative scale among the cases. A subprocess, as the emulated architecture is fixed per
-    process."""
-    env = {**os.environ, "DSA_OPS_CUDA_EMULATE_ARCH": "90"}
-    result = subprocess.run([sys.executable, "-c", _ON_HOPPER], env=env, cwd=ROOT,
-                            capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0 and "wide key tiles" in result.stdout, result.stdout + result.stderr
+    negative scale among the cases."""
+    _backend_matches_reference_on(90, [("cross", 16, 128, None), ("self", 32, 64, -0.5),
+                                       ("cross", 20, 100, 2.0)], height=12, width=13)
 
 
 @needs_emulation

@@ -53,37 +53,37 @@ __device__ inline float exp_of_scaled(float s, float scale, float shift) {
 // largest where s is largest for scale ≥ 0, where it is smallest below.
 __device__ inline float masked_raw_score(float scale) { return scale >= 0.f ? -INFINITY : INFINITY; }
 
+// Four partial maxima (ASCENDING) or minima of each of the rows g and g + 8 of a strip, by
+// element and n-tile parity: four independent chains a row, a quarter of one chain's length.
+template <bool ASCENDING, int NT>
+__device__ inline void partial_row_extremes(const float (&s)[NT][4], float start,
+                                            float (&part)[4][2]) {
+#pragma unroll
+  for (int p = 0; p < 4; ++p) part[p][0] = part[p][1] = start;
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      float& m = part[e % 2 + 2 * (j % 2)][e / 2];
+      m = ASCENDING ? fmaxf(m, s[j][e]) : fminf(m, s[j][e]);
+    }
+  }
+}
+
 // This lane's maximum of scale·s over its columns of rows g and g + 8 of a strip of raw
 // scores s: scale·max(s) for scale ≥ 0, scale·min(s) below (no multiply per score), -inf
-// where every column is masked (masked_raw_score). Four partial extremes a row (by element
-// and n-tile parity) cut the dependency chain a warp waits through to a quarter: a max
-// waits longer than an add.
+// where every column is masked (masked_raw_score). The partial extremes cut the dependency
+// chain a warp waits through to a quarter: a max waits longer than an add.
 template <int NT>
 __device__ inline void scaled_row_max(const float (&s)[NT][4], float scale, float (&row_max)[2]) {
   static_assert(NT % 2 == 0, "a strip of whole n-tile pairs");
   const bool ascending = scale >= 0.f;
   const float masked = masked_raw_score(scale);
   float part[4][2];  // [e % 2 + 2·(j % 2)][row]
-#pragma unroll
-  for (int p = 0; p < 4; ++p) part[p][0] = part[p][1] = masked;
   if (ascending) {
-#pragma unroll
-    for (int j = 0; j < NT; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float& m = part[e % 2 + 2 * (j % 2)][e / 2];
-        m = fmaxf(m, s[j][e]);
-      }
-    }
+    partial_row_extremes<true>(s, masked, part);
   } else {
-#pragma unroll
-    for (int j = 0; j < NT; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float& m = part[e % 2 + 2 * (j % 2)][e / 2];
-        m = fminf(m, s[j][e]);
-      }
-    }
+    partial_row_extremes<false>(s, masked, part);
   }
 #pragma unroll
   for (int i = 0; i < 2; ++i) {

@@ -129,23 +129,23 @@ cudaError_t allow_dynamic_shared_memory(Kernel kernel, int bytes) {
 
 inline cudaError_t current_device(int* device) { return cudaGetDevice(device); }
 
-inline int max_dynamic_shared_memory() {
-  int device = 0, bytes = 0;
+// An attribute of the current device; 0 when it cannot be read.
+inline int current_device_attribute(cudaDeviceAttr attribute) {
+  int device = 0, value = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
+      cudaDeviceGetAttribute(&value, attribute, device) != cudaSuccess) {
     return 0;
   }
-  return bytes;
+  return value;
+}
+
+inline int max_dynamic_shared_memory() {
+  return current_device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
 }
 
 // Shared memory of one SM (what the blocks resident on it share); 0 when unknown.
 inline int shared_memory_per_multiprocessor() {
-  int device = 0, bytes = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device) != cudaSuccess) {
-    return 0;
-  }
-  return bytes;
+  return current_device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor);
 }
 
 template <typename... Params, typename... Args>

@@ -297,25 +297,26 @@ int architecture() {
   return arch;
 }
 
-int max_shared_memory_per_block_optin() {
-  switch (architecture()) {
-    case 80: return 163 * 1024;
-    case 86:
-    case 89: return 99 * 1024;
-    case 90: return 227 * 1024;
-    default: return -1;
-  }
-}
+namespace {
+// Shared memory of the emulated GPU: a block's opt-in limit and an SM's whole.
+struct SharedMemoryLimits {
+  int per_block_optin;
+  int per_multiprocessor;
+};
 
-int shared_memory_per_multiprocessor() {
+SharedMemoryLimits shared_memory_limits() {
   switch (architecture()) {
-    case 80: return 164 * 1024;
+    case 80: return {163 * 1024, 164 * 1024};
     case 86:
-    case 89: return 100 * 1024;
-    case 90: return 228 * 1024;
-    default: return -1;
+    case 89: return {99 * 1024, 100 * 1024};
+    case 90: return {227 * 1024, 228 * 1024};
+    default: return {-1, -1};
   }
 }
+}  // namespace
+
+int max_shared_memory_per_block_optin() { return shared_memory_limits().per_block_optin; }
+int shared_memory_per_multiprocessor() { return shared_memory_limits().per_multiprocessor; }
 
 void fail(const std::string& message) {
   std::string where;
