@@ -19,25 +19,13 @@ constexpr float kLog2e = 1.4426950408889634f;
 // produced it (converting a large lse between bases loses float32 precision).
 __device__ inline float exp_difference(float x) { return exp2f(x * kLog2e); }
 
-// exp(s − shift) of a scaled score s, as the softmax's P for dtype T. For 16-bit dtypes one
-// fma forms the exponent, s·log2 e − shift·log2 e (FlashAttention-2's form): the rounding of
-// shift·log2 e moves P by at most |shift|·2⁻²⁴ relative, far below the 16-bit rounding P
-// gets before P·V. float32 keeps exp_difference of the exact difference, since there P is
-// used as computed.
-template <typename T>
-__device__ inline float exp_of_shifted(float s, float shift) {
-  if constexpr (std::is_same_v<T, float>) {
-    return exp_difference(s - shift);
-  } else {
-    return exp2f(fmaf(s, kLog2e, -shift * kLog2e));
-  }
-}
-
 // exp(scale·s − shift) of a raw score s, as the softmax's P for dtype T; the forward and
 // both backward kernels form P with it, from the same rounded values. 16-bit dtypes fold
 // the scale into the exponent's fma, s·(scale·log2 e) − shift·log2 e (FlashAttention-2's
-// scale_apply_exp2: no multiply per score), rounded as exp_of_shifted. float32 rounds
-// scale·s on its own first, as the reference does, and takes the exact difference: at
+// scale_apply_exp2: no multiply per score): the roundings of scale·log2 e and shift·log2 e
+// move the exponent by at most 2⁻²⁴·(|scale·s| + |shift|)·log2 e, far below the 16-bit
+// rounding P gets before P·V. float32 rounds scale·s on its own first, as the reference does, and
+// takes the exact difference: at
 // |scale·s| ≈ 10³ an fma's unrounded product would move P by 10⁻⁴ against the lse the
 // backward recomputes it with (tests/test_backends.py, large-magnitude).
 template <typename T>

@@ -134,7 +134,7 @@ __device__ __noinline__ void copy_chunk_scalar(T* dst, const T* src, int count) 
 
 // The row positions of a tile gather, by tile row r (negative: a zero row).
 // TileRows looks them up in a row set's partition (global memory); StagedRows reads a list
-// a kernel staged in shared memory ahead of time (stage_positions), so that the gather's
+// a kernel staged in shared memory ahead of time (position_to_stage), so that the gather's
 // copies need not wait on global index loads.
 struct TileRows {
   const SampleRowSet& set;
@@ -219,7 +219,7 @@ __device__ inline void load_tile_async(T* dst, int pitch, const Rows<const T>& s
 // the set: threads 0..ROWS-1 each load one (issue early), then store it into the staged list
 // after work that hides the load's latency (a block barrier before a StagedRows gather).
 __device__ inline int position_to_stage(const SampleRowSet& set, int slot0, int row) {
-  return slot0 + row < set.size ? set.position(slot0 + row) : -1;
+  return TileRows{set, slot0, set.size - slot0}(row);
 }
 
 // The synchronous form: the tile is in shared memory for the calling thread on return

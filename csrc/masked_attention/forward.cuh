@@ -58,11 +58,6 @@ constexpr int kMaxVWidth = DTypeTraits<T>::kTensorCores ? 256 : 64;
 template <typename T, int D, int VW>
 constexpr bool kWideKeyTiles = DTypeTraits<T>::kTensorCores && VW <= 128 && D <= 32;
 
-// P·V runs in two halves of the key tile, so float32's P strip needs a 16 × 32 scratch per
-// warp.
-template <int KC>
-constexpr int kPvKeyTiles = KC / 16;
-
 // Query tile; two K and two V tiles (double buffering); float32's per-warp P scratch; two
 // lists of staged key positions (int32, after the tiles).
 template <typename T, int D, int VW, int KC>
@@ -71,7 +66,10 @@ struct ForwardSmem {
   static constexpr int kVPitch = padded_pitch<T>(VW);
   static constexpr int kKTile = KC * kQkPitch;
   static constexpr int kVTile = KC * kVPitch;
-  static constexpr int kPScratch = acc_a_scratch_elements<T, kPvKeyTiles<KC>>();
+  // P·V runs in two halves of the key tile, so float32's P strip needs a 16 × KC / 2
+  // scratch per warp.
+  static constexpr int kPvKeyTiles = KC / 16;
+  static constexpr int kPScratch = acc_a_scratch_elements<T, kPvKeyTiles>();
   static constexpr int kQ = 0;
   static constexpr int kK = kQ + kBlockRows * kQkPitch;
   static constexpr int kV = kK + 2 * kKTile;
@@ -88,7 +86,7 @@ template <typename T, int D, int VW, int KC>
 __global__ void __launch_bounds__(kThreads, 1)
 forward_kernel(const __grid_constant__ ForwardLaunch launch) {
   using Smem = ForwardSmem<T, D, VW, KC>;
-  constexpr int kPvKeyTiles = ::dsa_ops::masked_attention::kPvKeyTiles<KC>;
+  constexpr int kPvKeyTiles = Smem::kPvKeyTiles;
   static_assert(KC <= kThreads, "a thread stages at most one key position");
   constexpr int kScoreTiles = KC / 8;
   constexpr int kOutTiles = VW / 8;
@@ -126,7 +124,7 @@ forward_kernel(const __grid_constant__ ForwardLaunch launch) {
   const int key_tiles = (keys.size + KC - 1) / KC;
 
   // Key positions, staged one tile ahead in shared memory: while tile i is computed, threads
-  // 0..63 hold the positions of tile i + 2 in a register (loaded before the math, stored
+  // 0..KC-1 hold the positions of tile i + 2 in a register (loaded before the math, stored
   // after it), and the gathers of tile i + 1, issued at the top of iteration i, read their
   // positions from shared memory instead of waiting on global index loads.
   int* const staged_positions = reinterpret_cast<int*>(smem_raw + Smem::kPositionsByte);
@@ -135,10 +133,10 @@ forward_kernel(const __grid_constant__ ForwardLaunch launch) {
 
   // Issues the gathers of key tile `tile` into buffer tile % 2, rows at `rows`.
   auto load_key_tile = [&](int tile, const auto& rows) {
-    gather_rows_async<T, KC, D>(smem + Smem::kK + (tile % 2) * Smem::kKTile,
-                                        Smem::kQkPitch, k, sample, rows, 0, launch.qk_dim);
-    gather_rows_async<T, KC, VW>(smem + Smem::kV + (tile % 2) * Smem::kVTile,
-                                         Smem::kVPitch, v, sample, rows, col0, launch.v_dim);
+    gather_rows_async<T, KC, D>(smem + Smem::kK + (tile % 2) * Smem::kKTile, Smem::kQkPitch,
+                                k, sample, rows, 0, launch.qk_dim);
+    gather_rows_async<T, KC, VW>(smem + Smem::kV + (tile % 2) * Smem::kVTile, Smem::kVPitch,
+                                 v, sample, rows, col0, launch.v_dim);
   };
   load_tile_async<T, kBlockRows, D>(q_s, Smem::kQkPitch, q, queries, sample, slot0, query_rows, 0,
                                     launch.qk_dim);
