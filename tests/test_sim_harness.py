@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import pathlib
 import re
 import shutil
 import subprocess
@@ -256,4 +257,13 @@ def test_a_built_binary_is_never_replaced_under_a_running_simulation(tmp_path, m
     second = run.build(False)["dsa_sim"]
     assert second != first and second.read_text() == "built\n"
     assert first.read_text() == "a simulation runs this"
+    assert not list((tmp_path / "build").glob("*/*.partial"))
+    # Two calls on one tree at once: both see no binary and build; the one that publishes
+    # second keeps the first one's file (which may already be running) and drops its own.
+    source.write_text("version 3")
+    racing = run.build(False)["dsa_sim"]
+    racing.write_text("the first call's simulation runs this")
+    monkeypatch.setattr(pathlib.Path, "is_file", lambda path: False)
+    assert run.build(False)["dsa_sim"] == racing
+    assert racing.read_text() == "the first call's simulation runs this"
     assert not list((tmp_path / "build").glob("*/*.partial"))

@@ -160,9 +160,10 @@ def sources(name: str) -> list[Path]:
 
 def build(fa2: bool) -> dict[str, Path]:
     """Builds what is missing. Each binary lives under build/sim/<hash of its command and
-    sources>/ and is written whole (a temporary file, then a rename): a call on another
-    tree, or a later call on a changed one, never replaces the binary a running simulation
-    was started from (GPGPU-Sim reads the PTX back from its executable's path)."""
+    sources>/ and is written whole (a temporary file, then a hard link that fails where the
+    binary exists): a call on another tree, a later call on a changed one, or a call
+    building the same binary at the same time never replaces the binary a running
+    simulation was started from (GPGPU-Sim reads the PTX back from its executable's path)."""
     binaries = {}
     for name, command in build_commands(fa2).items():
         digest = hashlib.sha256(" ".join(command).encode())
@@ -179,7 +180,12 @@ def build(fa2: bool) -> dict[str, Path]:
                 raise HarnessError("nvcc not found on PATH (the drivers build with the CUDA toolkit)")
             if result.returncode != 0:
                 raise HarnessError(f"building {name} failed:\n{result.stderr[-4000:]}")
-            os.replace(partial, binary)
+            try:
+                os.link(partial, binary)
+            except FileExistsError:
+                pass  # a concurrent call published the same build first: keep its file
+            finally:
+                partial.unlink()
         binaries[name] = binary
     return binaries
 
