@@ -130,7 +130,7 @@ def test_load_classification(line, vector, scalar16):
     ("STG.E.U16 desc[UR4][R2.64], R3", True),
     ("ST.E.U16 [R2.64], R3", True),                # generic space
     ("STG.E.128 desc[UR4][R2.64], R4", False),
-    ("STG.E desc[UR4][R2.64], R3", False),         # float32 (the partial-dK workspace)
+    ("STG.E desc[UR4][R2.64], R3", False),         # float32 (the partial dQ / dK workspace)
     ("STS.U16 [R2], R3", False),                   # shared memory: the staging itself
 ])
 def test_store_classification(line, scalar16):
@@ -138,7 +138,7 @@ def test_store_classification(line, scalar16):
                f"        /*0010*/    HMMA.16816.F32 R8, R4, R2, R8 ;   /* 0x0 */\n")
     instructions = sass.parse_sass(listing)["f"]
     assert (sass.check(instructions, "no_scalar_16bit_global_stores") is not None) == scalar16
-    # A kernel without MMAs (the partial-dK reduction) is not asked.
+    # A kernel without MMAs (the sums of the partials) is not asked.
     assert sass.check(instructions[:1], "no_scalar_16bit_global_stores") is None
 
 
@@ -175,7 +175,7 @@ def test_sixteen_bit_kernels_are_selected_by_namespace_and_template_argument():
     names = [
         "void dsa_ops::masked_attention::(anonymous namespace)::forward_kernel<__half, 64>"
         "(dsa_ops::masked_attention::ForwardLaunch)",
-        "void dsa_ops::masked_attention::dq_kernel<__nv_bfloat16, 32>(int)",
+        "void dsa_ops::masked_attention::key_kernel<__nv_bfloat16, 32, 128>(int)",
         "void dsa_ops::masked_attention::forward_kernel<float, 64>(int)",
         "void dsa_ops::masked_attention::rows_kernel<__half2>(int)",
         "void dsa_ops::attention_kl::(anonymous namespace)::kl_dq_kernel<__half, 16>(int)",
@@ -185,7 +185,7 @@ def test_sixteen_bit_kernels_are_selected_by_namespace_and_template_argument():
     kernels = [_kernel(n) for n in names]
     attention = sass.sixteen_bit_kernels(kernels, "masked_attention")
     assert [sass.short_name(k) for k in attention] == ["forward_kernel<__half, 64>",
-                                                       "dq_kernel<__nv_bfloat16, 32>"]
+                                                       "key_kernel<__nv_bfloat16, 32, 128>"]
     kl = sass.sixteen_bit_kernels(kernels, "attention_kl")
     assert [sass.short_name(k) for k in kl] == ["kl_dq_kernel<__half, 16>"]
     assert sass.short_name(kernels[-1]) == "partition_indices_kernel"
@@ -267,8 +267,8 @@ def _selected(kernels, family: str, arch: str) -> list[sass.Kernel]:
     return [k for k in sass.sixteen_bit_kernels(kernels, family) if k.arch == arch]
 
 
-# Kernel templates that run no MMA by design: the partial-dK sum is elementwise.
-NO_MMA_KERNELS = {"dk_reduce_kernel"}
+# Kernel templates that run no MMA by design: Δ and the sums of partials are elementwise.
+NO_MMA_KERNELS = {"delta_kernel", "reduce_kernel"}
 _KERNEL_DEFINITION = re.compile(
     r"__global__\s+void\s+(?:__launch_bounds__\((?:[^()]|\([^()]*\))*\)\s*)?(\w+)\s*\(")
 
@@ -280,8 +280,8 @@ def kernel_templates(family: str) -> set[str]:
 
 
 def test_kernel_templates_are_found_in_the_sources():
-    assert kernel_templates("masked_attention") == {"forward_kernel", "dq_kernel", "key_kernel",
-                                                   "dk_reduce_kernel"}
+    assert kernel_templates("masked_attention") == {"forward_kernel", "delta_kernel", "key_kernel",
+                                                   "reduce_kernel"}
     assert kernel_templates("attention_kl") == {"kl_forward_kernel", "kl_dq_kernel",
                                                "kl_dk_kernel"}
 

@@ -72,10 +72,10 @@ def test_bad_arguments_get_one_line(emulated_driver, args, message):
 # shader counters are running totals: the second kernel's own share is the difference.
 LOG = """\
 -gpgpu_clock_domains 1755.0:1755.0:1755.0:850.0 # Clock Domain Frequencies in MhZ
-count dq_kernel flops=1000 exp=10
+count delta_kernel flops=1000 exp=10
 count key_kernel flops=3000 exp=10
-count dk_reduce_kernel flops=0 exp=0
-kernel_name = _ZN7dsa_ops16masked_attention57_GLOBAL__N__21ac546c_18_backward_float16_cu_3719dq_kernelI6__halfLi32EEEvNS0_14BackwardLaunchE 
+count reduce_kernel flops=0 exp=0
+kernel_name = _ZN7dsa_ops16masked_attention57_GLOBAL__N__21ac546c_18_backward_float16_cu_37112delta_kernelI6__halfEEvNS0_14BackwardLaunchE 
 kernel_launch_uid = 1 
 gpu_sim_cycle = 1000
 gpu_sim_insn = 64000
@@ -111,10 +111,10 @@ def test_log_parsing_gives_each_kernel_its_own_statistics():
     assert kernels[1].stalls["W0_Scoreboard"] == 700 and kernels[1].stalls["W1"] == 3
     assert kernels[1].stalls["gpgpu_n_shmem_bkconflict"] == 7
     driver = run.parse_driver(LOG)
-    assert [run.kernel_label(k.name, driver.counts) for k in kernels] == ["dq_kernel", "key_kernel"]
-    # kl_dq_kernel is not dq_kernel: the identifier is matched with its length prefix.
-    assert run.kernel_label("_ZN7dsa_ops12attention_kl12_GLOBAL__N_112kl_dq_kernelI6__halfLi16EEEvNS0_16KlBackwardLaunchE",
-                            {"dq_kernel": (0, 0)}) is None
+    assert [run.kernel_label(k.name, driver.counts) for k in kernels] == ["delta_kernel", "key_kernel"]
+    # kl_forward_kernel is not forward_kernel: the identifier is matched with its length prefix.
+    assert run.kernel_label("_ZN7dsa_ops12attention_kl12_GLOBAL__N_117kl_forward_kernelI6__halfLi16EEEvNS0_15KlForwardLaunchE",
+                            {"forward_kernel": (0, 0)}) is None
     assert run.core_clock_mhz(LOG) == 1755.0
 
 

@@ -6,7 +6,7 @@
 //
 //   dsa_sim FAMILY DTYPE [shape options, sim_host.h]
 //   FAMILY: forward         masked attention forward (forward_kernel)
-//           backward        its backward: dQ (dq_kernel) then dK, dV (key_kernel), from a
+//           backward        its backward: Δ (delta_kernel), dK, dV and dQ shares (key_kernel), dQ (reduce_kernel), from a
 //                           host forward's out and lse
 //           dual-forward    both DSA branches in one launch: cross (keys = complement of
 //                           the queries) and self (keys = the queries)
@@ -353,12 +353,12 @@ int run_backward(const Shape& s, bool dual) {
     g.queries = problem.query_arg();
     g.keys = problem.key_arg(problem.branches[br]);
   }
-  // dq_kernel: S, dP, dQ; key_kernel: S, dP, dV, dK (dk_reduce_kernel, when V is split,
-  // only adds partial dK rows).
+  // key_kernel: S, dP, dV, dK, dQ (delta_kernel's rowsum(dO∘O) and reduce_kernel's sums of
+  // partials are linear in L, not counted).
   const double pairs = problem.pairs(s.batch);
-  print_count("dq_kernel", 2 * pairs * (2 * s.qk_dim + s.v_dim), pairs);
-  print_count("key_kernel", 2 * pairs * (2 * s.qk_dim + 2 * s.v_dim), pairs);
-  print_count("dk_reduce_kernel", 0, 0);
+  print_count("delta_kernel", 0, 0);
+  print_count("key_kernel", 2 * pairs * (3 * s.qk_dim + 2 * s.v_dim), pairs);
+  print_count("reduce_kernel", 0, 0);
   check_cuda(ma::launch_backward(launch, nullptr), "launch_backward");
   synchronize();
 

@@ -11,15 +11,13 @@
 namespace dsa_ops {
 namespace device {
 
-// Dispatch a padded head size (16, 32 or 64) to a template parameter.
+// Dispatch the padded head size (padded_qk_dim: 16, 32 or 64) to a template parameter.
 template <typename F>
 void dispatch_qk_dim(int qk_dim, F&& f) {
-  if (qk_dim <= 16) {
-    f(std::integral_constant<int, 16>{});
-  } else if (qk_dim <= 32) {
-    f(std::integral_constant<int, 32>{});
-  } else {
-    f(std::integral_constant<int, 64>{});
+  switch (padded_qk_dim(qk_dim)) {
+    case 16: f(std::integral_constant<int, 16>{}); break;
+    case 32: f(std::integral_constant<int, 32>{}); break;
+    default: f(std::integral_constant<int, 64>{}); break;
   }
 }
 

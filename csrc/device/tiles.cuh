@@ -23,6 +23,11 @@ constexpr int kWarpRows = 16;
 constexpr int kBlockRows = kWarps * kWarpRows;  // query rows (forward, dQ) or key rows (dK, dV)
 constexpr int kBlockCols = 64;                  // key columns (forward, dQ) or query columns
 
+// The head sizes the tiles hold: Dqk (kMinQkDim..kMaxQkDim) zero-padded to 16, 32 or 64.
+__host__ __device__ constexpr int padded_qk_dim(int qk_dim) {
+  return qk_dim <= 16 ? 16 : qk_dim <= 32 ? 32 : 64;
+}
+
 // ----------------------------------------------------------------------------- dtypes
 template <typename T>
 struct DTypeTraits;
@@ -288,14 +293,22 @@ __device__ void zero_rows(const Rows<T>& dst, const SampleRowSet& set, int sampl
 // there is one (`issue_next` commits them as one group) and waits until at most those are
 // in flight, so this thread's copies of the current stage have landed. The caller's block
 // barrier then makes every thread's copies visible.
-template <typename IssueNext>
-__device__ inline void pipeline_step(bool has_next, IssueNext&& issue_next) {
+// `meanwhile` runs between the issue and the wait: work that hides the copies' latency and
+// needs nothing of the stage that is landing.
+template <typename IssueNext, typename Meanwhile>
+__device__ inline void pipeline_step(bool has_next, IssueNext&& issue_next, Meanwhile&& meanwhile) {
+  if (has_next) issue_next();
+  meanwhile();
   if (has_next) {
-    issue_next();
     device::cp_async_wait<1>();
   } else {
     device::cp_async_wait<0>();
   }
+}
+
+template <typename IssueNext>
+__device__ inline void pipeline_step(bool has_next, IssueNext&& issue_next) {
+  pipeline_step(has_next, issue_next, [] {});
 }
 
 }  // namespace device

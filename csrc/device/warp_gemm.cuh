@@ -28,6 +28,10 @@ struct LaneCoords {
 // kKN = stored [k][n] (e.g. V rows for P·V).
 enum class BLayout { kNK, kKN };
 
+// How A(m, k) sits in shared memory: kMK = stored [m][k] (rows of Q), kKM = stored [k][m]
+// (dSᵀ strips as the A operand dS of dS·K).
+enum class ALayout { kMK, kKM };
+
 // B fragments (k 16 × n 8) of n-tiles j, j + 1 (PAIR) or j alone, k from k0, by ldmatrix:
 // kNK rows are n (plain: a lane gets a k pair), kKN rows are k (.trans). Lanes 8i..8i+7
 // address matrix i: x4 = (j, k0), (j, k0 + 8), (j + 1, k0), (j + 1, k0 + 8).
@@ -67,22 +71,26 @@ __device__ inline void mma_row_strip(float (&acc)[NT][4], const uint32_t (&a_fra
   }
 }
 
-// acc (16 × 8·NT) += A (16 × K) · B (K × 8·NT), A row-major at a[row·lda + k], B in shared
-// memory with the given layout and pitch; every row of A and B 16-byte aligned (pitches
-// from padded_pitch, see rows_16_byte_aligned). K must be a multiple of 16. The caller's
-// warp owns the 16 rows of A; all 32 lanes must call.
-template <typename T, int K, int NT, BLayout LAYOUT>
+// acc (16 × 8·NT) += A (16 × K) · B (K × 8·NT), A and B in shared memory with the given
+// layouts and pitches (A at a[m·lda + k] for kMK, a[k·lda + m] for kKM); every row of A and
+// B 16-byte aligned (pitches from padded_pitch, see rows_16_byte_aligned). K must be a
+// multiple of 16. The caller's warp owns the 16 rows of A; all 32 lanes must call.
+template <typename T, int K, int NT, BLayout LAYOUT, ALayout A_LAYOUT = ALayout::kMK>
 __device__ inline void warp_gemm(float (&acc)[NT][4], const T* a, int lda, const T* b, int ldb) {
   static_assert(K % 16 == 0, "warp_gemm needs K in multiples of 16");
+  constexpr bool kAByK = A_LAYOUT == ALayout::kKM;
   if constexpr (DTypeTraits<T>::kTensorCores) {
     // A fragment by ldmatrix.x4: matrices (rows 0-7, k0), (rows 8-15, k0), (rows 0-7,
-    // k0 + 8), (rows 8-15, k0 + 8) are registers a0..a3 of mma.m16n8k16.
+    // k0 + 8), (rows 8-15, k0 + 8) are registers a0..a3 of mma.m16n8k16. Stored by k, lane
+    // 8i + r addresses k row k0 + 8·(i / 2) + r of matrix i, and .trans hands each lane
+    // the (m, k pair) a row-major load would.
     const int lane = threadIdx.x % 32;
-    const T* const a_row = a + (lane % 16) * lda + 8 * (lane / 16);
+    const T* const a_row = kAByK ? a + (8 * (lane / 16) + lane % 8) * lda + 8 * ((lane / 8) % 2)
+                                 : a + (lane % 16) * lda + 8 * (lane / 16);
 #pragma unroll
     for (int k0 = 0; k0 < K; k0 += 16) {
       uint32_t a_frag[4];
-      device::ldmatrix<4, false>(a_frag, a_row + k0);
+      device::ldmatrix<4, kAByK>(a_frag, a_row + (kAByK ? k0 * lda : k0));
       mma_row_strip<T, NT, LAYOUT>(acc, a_frag, b, ldb, k0);
     }
   } else {
@@ -91,10 +99,11 @@ __device__ inline void warp_gemm(float (&acc)[NT][4], const T* a, int lda, const
     auto b_at = [&](int k, int n) -> T {
       return LAYOUT == BLayout::kNK ? b[n * ldb + k] : b[k * ldb + n];
     };
+    auto a_at = [&](int m, int k) -> T { return kAByK ? a[k * lda + m] : a[m * lda + k]; };
 #pragma unroll 4
     for (int k = 0; k < K; ++k) {
-      const float a_lo = a[lane.g * lda + k];
-      const float a_hi = a[(lane.g + 8) * lda + k];
+      const float a_lo = a_at(lane.g, k);
+      const float a_hi = a_at(lane.g + 8, k);
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
         const float b0 = b_at(k, 8 * j + 2 * lane.t);
@@ -203,6 +212,13 @@ __device__ void store_rows(const Rows<T>& dst, const SampleRowSet& set, int samp
 __device__ inline float row_sum(float x) {
   x += device::shfl_xor(x, 1);
   x += device::shfl_xor(x, 2);
+  return x;
+}
+
+// Sum over the 32 lanes of a warp, in every lane.
+__device__ inline float warp_sum(float x) {
+#pragma unroll
+  for (int mask = 16; mask > 0; mask /= 2) x += device::shfl_xor(x, mask);
   return x;
 }
 

@@ -9,16 +9,15 @@ int64_t backward_workspace_floats(ScalarKind dtype, int batch, int length, int q
   int chunks = 1;
   dispatch_dtype(dtype, [&](auto tag) { chunks = key_v_chunks<typename decltype(tag)::type>(v_dim); });
   const int64_t rows = static_cast<int64_t>(batch) * length;
-  return rows + (chunks > 1 ? chunks * rows * qk_dim : 0);
+  const int64_t partial_dq = static_cast<int64_t>(chunks) * dq_partials(length, qk_dim) * rows * qk_dim;
+  return rows + partial_dq + (chunks > 1 ? chunks * rows * qk_dim : 0);
 }
 
 cudaError_t launch_backward(const BackwardLaunch& request, cudaStream_t stream) {
   if (request.batch == 0 || request.length == 0) return cudaSuccess;
-  BackwardLaunch launch = request;
-  launch.shared_memory_limit = device::max_dynamic_shared_memory();
   cudaError_t status = cudaSuccess;
-  dispatch_dtype(launch.dtype, [&](auto tag) {
-    status = launch_backward_for<typename decltype(tag)::type>(launch, stream);
+  dispatch_dtype(request.dtype, [&](auto tag) {
+    status = launch_backward_for<typename decltype(tag)::type>(request, stream);
   });
   return status;
 }

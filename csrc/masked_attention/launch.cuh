@@ -55,17 +55,15 @@ struct BackwardLaunch {
   ScalarKind dtype = ScalarKind::kFloat32;
   int batch = 0, length = 0, qk_dim = 0, v_dim = 0;
   float scale = 1.f;
-  // Set by launch_backward (callers leave it): the device's per-block shared-memory limit,
-  // which decides whether the dQ pass can keep dO resident.
-  int shared_memory_limit = 0;
 };
 
 // Both return the first CUDA error met while launching (cudaSuccess otherwise).
 cudaError_t launch_forward(const ForwardLaunch& launch, cudaStream_t stream);
 cudaError_t launch_backward(const BackwardLaunch& launch, cudaStream_t stream);
 
-// Floats of BackwardBranch::workspace per branch: Δ = rowsum(dO∘O) per query slot, and,
-// when the key side splits V into column chunks, their partial dK.
+// Floats of BackwardBranch::workspace per branch: Δ = rowsum(dO∘O) per query slot, the key
+// side's partial dQ arrays (backward.cuh: dq_partials) and, when it splits V into column
+// chunks, their partial dK.
 int64_t backward_workspace_floats(ScalarKind dtype, int batch, int length, int qk_dim, int v_dim);
 
 }  // namespace masked_attention

@@ -16,9 +16,8 @@ import torch
 from dsa_ops import extension
 
 # Shared memory per block the CUDA kernels' largest blocks need, by dtype. 16-bit kernels
-# fit the 99 KiB of sm_86/89/120 (the dQ pass then streams dO instead of keeping it
-# resident, chosen at launch); float32's double-buffered tiles need sm_80/sm_87/sm_90's
-# 163 KiB (up to 136 KiB). Where a GPU has less, the backend says so and "auto" takes Triton.
+# fit the 99 KiB of sm_86/89/120; float32's double-buffered tiles need sm_80/sm_87/sm_90's
+# 163 KiB (up to 137 KiB). Where a GPU has less, the backend says so and "auto" takes Triton.
 CUDA_SHARED_MEMORY_PER_BLOCK = {torch.float16: 99 * 1024, torch.bfloat16: 99 * 1024,
                                 torch.float32: 163 * 1024}
 # What the host emulation grants per block (csrc/emulation/emulation.cpp), by the

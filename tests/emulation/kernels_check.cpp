@@ -7,8 +7,8 @@
 //                               (two key tiles per block: a dropped barrier shows)
 //
 // Cases: float32 / float16 / bfloat16; Dqk in every padded bucket (16, 32, 64); Dv with a
-// partial last 64-column chunk, in every forward and key-side V width (64, 128, 256, two
-// halves; the 256-wide key side runs two warp groups) and up to 512; L not a multiple of the 64-row tile (or the forward's 128-key one);
+// partial last 64-column chunk, in every forward and key-side V width (forward: 64, 128,
+// 256, two halves; key side: 64, 128, chunks of 128) and up to 512; L not a multiple of the 64-row tile (or the forward's 128-key one);
 // q, k, v as strided channel slices; q, k, v one element past 16-byte alignment with an
 // odd row pitch and Dqk, Dv not whole 16-byte chunks (the gather's scalar fallback); per
 // batch an empty, a full and random masks; cross, self, independent
@@ -527,16 +527,22 @@ int main(int argc, char** argv) {
       // 64 and of 128 keys (the 16-bit forward's wide tiles, under DSA_OPS_CUDA_EMULATE_ARCH
       // 90), the last ones partial.
       cases.push_back({Form::kCross, dtype, 3, 300, 16, 128, true});
+      // Dqk 64: four key lanes over five key tiles, so lane 0 adds a second tile's dQ share
+      // to its partial (and, at Dv 264, per V chunk).
+      cases.push_back({Form::kSelf, dtype, 2, 300, 40, 136, true});
+      cases.push_back({Form::kCross, dtype, 2, 300, 64, 264, false});
     }
   }
-  // The backward's key side holds the whole V width up to 256 columns for 16-bit dtypes (one
-  // block per key tile, no partial dK), and Dv = 512 in two halves; float32 in 64 columns.
+  // The backward's key side holds V in chunks of up to 128 columns for 16-bit dtypes (one
+  // chunk: no partial dK) and 64 for float32. Each chunk has a partial dQ per key lane: two
+  // here (two key tiles, Dqk 24 padded to 32).
   struct Split { ScalarKind dtype; int v_dim, chunks; };
-  for (const Split& split : {Split{ScalarKind::kFloat16, 136, 1}, Split{ScalarKind::kBFloat16, 256, 1},
-                             Split{ScalarKind::kFloat16, 264, 2}, Split{ScalarKind::kBFloat16, 512, 2},
+  for (const Split& split : {Split{ScalarKind::kFloat16, 128, 1}, Split{ScalarKind::kBFloat16, 136, 2},
+                             Split{ScalarKind::kFloat16, 264, 3}, Split{ScalarKind::kBFloat16, 512, 4},
                              Split{ScalarKind::kFloat32, 64, 1}, Split{ScalarKind::kFloat32, 512, 8}}) {
-    const int64_t rows = 2 * 70, qk_dim = 24;
-    const int64_t expected = rows + (split.chunks > 1 ? split.chunks * rows * qk_dim : 0);
+    const int64_t rows = 2 * 70, qk_dim = 24, lanes = 2;
+    const int64_t expected = rows + split.chunks * lanes * rows * qk_dim +
+                             (split.chunks > 1 ? split.chunks * rows * qk_dim : 0);
     const int64_t floats = backward_workspace_floats(split.dtype, 2, 70, qk_dim, split.v_dim);
     if (floats != expected) {
       std::printf("key side at Dv=%d: workspace of %lld floats, expected %d chunk(s): %lld  MISMATCH\n",
