@@ -25,8 +25,8 @@
 //                  columns: they sum to dS.)
 // dP is formed once (on the key side), not once per side as with a separate dQ kernel: at
 // the paper's Dqk 16 and Dv 128 that is 2·(3·Dqk + 2·Dv) FLOPs a pair instead of
-// 2·(4·Dqk + 3·Dv). The price is the partials' workspace, G · B · L · Dqk floats with
-// G · Dqk ≤ 256 (dq_partials), and G blocks per (sample, branch, chunk) on the key side.
+// 2·(4·Dqk + 3·Dv). The price is the partials' workspace, chunks · G · B · L · Dqk floats
+// with G · Dqk ≤ 256 (dq_partials), and G blocks per (sample, branch, chunk) on the key side.
 //
 // Included by one instantiation file per dtype (backward_float32.cu, ...), which ninja builds
 // in parallel; backward.cu dispatches the dtype.
@@ -44,11 +44,10 @@ using namespace device;  // the shared tile layer, which these kernels are writt
 template <typename T>
 cudaError_t launch_backward_for(const BackwardLaunch& launch, cudaStream_t stream);
 
-// Key lanes (and float32 partial dQ arrays) per (sample, branch, V chunk): one per key tile
-// up to 256 / Dqk (padded: 16 lanes at Dqk 16, 4 at 64), so the partials take at most 256
-// floats per query slot, and a lane with several key tiles amortises its partial's reads.
-// A function of the shape alone: the summation order, hence every bit of dQ, does not
-// depend on the GPU.
+// Key lanes (and float32 partial dQ arrays) per (sample, branch, V chunk): one per key tile,
+// at most 256 / Dqk (padded: 16 lanes at Dqk 16, 4 at 64), so the partials take at most 256
+// floats per query slot and V chunk. A function of the shape alone: the summation order,
+// hence every bit of dQ, does not depend on the GPU.
 __host__ __device__ constexpr int dq_partials(int length, int qk_dim) {
   const int key_tiles = (length + kBlockRows - 1) / kBlockRows;
   const int lanes = 256 / padded_qk_dim(qk_dim);
