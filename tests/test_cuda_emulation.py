@@ -110,10 +110,9 @@ def test_with_the_variable_cuda_is_a_cpu_backend():
 @pytest.mark.parametrize("arch", [80, 86, 89, 90])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_backend_takes_what_the_gpus_shared_memory_holds(monkeypatch, arch, dtype):
-    """16-bit kernels fit every GPU with 99 KiB per block (the dQ pass streams dO there);
-    float32's need the 163 KiB of sm_80/90: on sm_86/89 the backend says why and "auto"
-    takes Triton. The emulation refuses oversized launches as those GPUs do, which
-    ``test_kernels_fit_99_kib_gpus`` runs."""
+    """16-bit kernels fit every GPU with 99 KiB per block; float32's need the 163 KiB of
+    sm_80/90: on sm_86/89 the backend says why and "auto" takes Triton. The emulation
+    refuses oversized launches as those GPUs do, which ``test_kernels_fit_99_kib_gpus`` runs."""
     monkeypatch.setenv("DSA_OPS_CUDA_EMULATE_ARCH", str(arch))
     q, v = torch.zeros(1, 4, 16, dtype=dtype), torch.zeros(1, 4, 512, dtype=dtype)
     reason = ops.get_backend("cuda").unsupported_reason(q, v)
@@ -160,8 +159,8 @@ def _backend_matches_reference_on(arch: int, cases, height: int, width: int) -> 
 @needs_emulation
 def test_kernels_fit_99_kib_gpus():
     """16-bit forward and backward on an emulated sm_86 (99 KiB per block; the emulation
-    refuses larger launches as the GPU does): the dQ pass streams dO where keeping it
-    resident would not fit."""
+    refuses larger launches as the GPU does): the forward's widest V blocks (256 columns, Dv
+    512 in two halves) and the key side at Dqk 64 with V in 128-column chunks fit."""
     _backend_matches_reference_on(86, [("cross", 64, 512, None), ("cross", 64, 256, None),
                                        ("cross", 16, 136, None)], height=7, width=10)
 

@@ -20,14 +20,14 @@ constexpr float kLog2e = 1.4426950408889634f;
 __device__ inline float exp_difference(float x) { return exp2f(x * kLog2e); }
 
 // exp(scale·s − shift) of a raw score s, as the softmax's P for dtype T; the forward and
-// both backward kernels form P with it, from the same rounded values. 16-bit dtypes fold
-// the scale into the exponent's fma, s·(scale·log2 e) − shift·log2 e (FlashAttention-2's
-// scale_apply_exp2: no multiply per score): the roundings of scale·log2 e and shift·log2 e
-// move the exponent by at most 2⁻²⁴·(|scale·s| + |shift|)·log2 e, far below the 16-bit
-// rounding P gets before P·V. float32 rounds scale·s on its own first, as the reference does, and
-// takes the exact difference: at
-// |scale·s| ≈ 10³ an fma's unrounded product would move P by 10⁻⁴ against the lse the
-// backward recomputes it with (tests/test_backends.py, large-magnitude).
+// the backward's key kernel form P with it, from the same rounded values. 16-bit dtypes
+// fold the scale into the exponent's fma, s·(scale·log2 e) − shift·log2 e
+// (FlashAttention-2's scale_apply_exp2: no multiply per score): the roundings of
+// scale·log2 e and shift·log2 e move the exponent by at most
+// 2⁻²⁴·(|scale·s| + |shift|)·log2 e, far below the 16-bit rounding P gets before P·V.
+// float32 rounds scale·s on its own first, as the reference does, and takes the exact
+// difference: at |scale·s| ≈ 10³ an fma's unrounded product would move P by 10⁻⁴ against
+// the lse the backward recomputes it with (tests/test_backends.py, large-magnitude).
 template <typename T>
 __device__ inline float exp_of_scaled(float s, float scale, float shift) {
   if constexpr (std::is_same_v<T, float>) {

@@ -260,8 +260,8 @@ __device__ void store_rows_chunked(const Rows<T>& dst, const SampleRowSet& set, 
   constexpr int kChunk = kChunkElements<T>;
   constexpr int kRowChunks = WIDTH / kChunk;
   static_assert(WIDTH % kChunk == 0, "row widths are whole 16-byte chunks");
-  // Not unrolled: the epilogue is once per block, and unrolling it pushed the dQ kernel
-  // (Dqk 64, Dv ≤ 64) past 128 registers into spills.
+  // Not unrolled: the epilogue is once per block, and unrolling it pushed a kernel near its
+  // register bound into spills (the former dQ kernel at Dqk 64, Dv ≤ 64: past 128).
 #pragma unroll 1
   for (int i = thread; i < rows * kRowChunks; i += threads) {
     const int r = i / kRowChunks;
