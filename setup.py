@@ -41,6 +41,28 @@ def _say(message: str) -> None:
     print(f"\n{bar}\ndsa_ops: {message}\n{bar}\n", file=sys.stderr)
 
 
+def _openmp_flags(torch, build_stamp) -> list[str]:
+    """``["-fopenmp"]`` for the C++ sources when ATen runs its intra-op threads on OpenMP and
+    the compiler is GCC (its OpenMP calls go to the libgomp that torch loads); else ``[]``,
+    said once. ATen's ``at::parallel_for`` is a header template: compiled without OpenMP,
+    its parallel branch compiles away and the CPU kernels silently run on one thread."""
+    import subprocess
+
+    if not torch._C.has_openmp:
+        return []  # ATen's own thread pool (ParallelNative): parallel_for needs no flag
+    compiler = build_stamp.cxx_compiler()
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
+                                 check=True).stdout
+    except (OSError, subprocess.CalledProcessError, TypeError):
+        version = ""
+    if sys.platform.startswith("linux") and version and "clang" not in version.lower():
+        return ["-fopenmp"]
+    _say(f"the CPU kernels will run on one thread: torch uses OpenMP, and {compiler or 'c++'} "
+         "is not GCC on Linux (its OpenMP would not be torch's libgomp); build with CXX=g++")
+    return []
+
+
 def _extension_build():
     """(ext_modules, cmdclass): the extension with the CUDA kernels, with the CPU kernels
     only, or nothing, with one clear message."""
@@ -52,6 +74,7 @@ def _extension_build():
              "only. Install torch first and build with --no-build-isolation to get the kernels.")
         return [], {}
     build_stamp = _load_build_stamp()
+    openmp = _openmp_flags(torch, build_stamp)
     cpu_sources = sorted(glob.glob("csrc/**/cpu/*.cpp", recursive=True))
     cpu_only = None  # why the CUDA kernels are not built
     cuda_home = None
@@ -72,7 +95,7 @@ def _extension_build():
         _say(f"{cpu_only}: building dsa_ops._C with the CPU kernels only (no CUDA kernels).")
         extension = cpp_extension.CppExtension(
             name="dsa_ops._C", sources=cpu_sources, include_dirs=[str(ROOT / "csrc")],
-            extra_compile_args={"cxx": ["-O3"]})
+            extra_compile_args={"cxx": ["-O3", *openmp]})
         return [extension], {"build_ext": _cached_build_ext(cpp_extension, build_stamp)}
     os.environ.setdefault("CUDA_HOME", cuda_home)
     cpp_extension.CUDA_HOME = cuda_home
@@ -96,7 +119,7 @@ def _extension_build():
         sources=sources,
         include_dirs=[str(ROOT / "csrc")],
         extra_compile_args={
-            "cxx": ["-O3", *fallback_includes],
+            "cxx": ["-O3", *openmp, *fallback_includes],
             "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr",
                      "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
                      "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"],

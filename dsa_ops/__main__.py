@@ -11,9 +11,15 @@ def main() -> None:
     print(f"extension: {extension.loaded_path() or extension.load_error()}")
     from dsa_ops.ops.masked_attention import cpu
 
-    print("cpu backend, float32: " + ("compiled kernels of dsa_ops._C" if cpu.compiled_kernels()
-                                      else "the torch loop (no compiled CPU kernels: "
-                                           f"{extension.load_error() or 'dsa_ops._C lacks them'})"))
+    if cpu.compiled_kernels():
+        threads, wanted = cpu.compiled_kernel_threads(), torch.get_num_threads()
+        shortfall = ("" if threads == wanted else
+                     " (built without OpenMP: rebuild with g++, `make rebuild`)")
+        print(f"cpu backend, float32: compiled kernels of dsa_ops._C on {threads} of {wanted} "
+              f"threads{shortfall}")
+    else:
+        print("cpu backend, float32: the torch loop (no compiled CPU kernels: "
+              f"{extension.load_error() or 'dsa_ops._C lacks them'})")
     for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
         for name in dsa_ops.BACKENDS:
             reason = dsa_ops.backend_unavailable_reason(name, device)

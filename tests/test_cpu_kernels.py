@@ -8,8 +8,9 @@ strided rows, in every ISA variant (AVX-512, AVX2, baseline: chosen by
 ``ATEN_CPU_CAPABILITY``, so each runs in a subprocess). ``attention_tiles_`` (the forward of
 one group) and ``attention_tiles_backward_`` (its gradients, on the same tiles) are checked the
 same way against float64 over several tiles, batches of samples, padded key slots, empty
-query sets and score magnitudes near 10³, with 1 and 2 threads; all pass ``opcheck``. The shared backend suite runs the
-compiled kernels through the op on every hole kind and layout.
+query sets and score magnitudes near 10³, with 1 and 2 threads; all pass ``opcheck``, and
+their blocks really run on torch's intra-op threads (the library is built with OpenMP). The
+shared backend suite runs the compiled kernels through the op on every hole kind and layout.
 """
 from __future__ import annotations
 
@@ -210,6 +211,27 @@ def test_compiled_kernels_pass_opcheck():
                            torch.empty_like(k), torch.empty_like(v)))
 
 
+def _threads_wanted() -> int:
+    return min(2, os.cpu_count() or 1)
+
+
+@needs_compiled
+def test_compiled_kernels_run_on_the_intra_op_threads():
+    """The kernels' ``at::parallel_for`` spreads their blocks over torch's threads. It is a
+    header template: a library compiled without OpenMP while torch uses it runs every kernel
+    on one thread, with no error (setup.py passes -fopenmp to GCC)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(_threads_wanted())
+    try:
+        threads = cpu_backend.compiled_kernel_threads()
+    finally:
+        torch.set_num_threads(previous)
+    assert threads == _threads_wanted(), (
+        f"dsa_ops._C's kernels ran on {threads} of {_threads_wanted()} threads: it was built "
+        "without OpenMP (rebuild with g++: CXX=g++ make rebuild)")
+    assert cpu_backend.compiled_kernel_threads(0) == 0
+
+
 def test_cpu_only_build_has_the_cpu_kernels_and_says_cuda_kernels_are_missing(tmp_path):
     """What a machine without nvcc (or with a CPU build of torch) gets from ``pip install``:
     setup.py compiles dsa_ops._C from the CPU kernels alone (DSA_OPS_NO_CUDA=1 takes that
@@ -229,8 +251,10 @@ def test_cpu_only_build_has_the_cpu_kernels_and_says_cuda_kernels_are_missing(tm
     check = ("import torch, dsa_ops; from dsa_ops import extension; "
              "from dsa_ops.ops import cuda; from dsa_ops.ops.masked_attention import cpu; "
              "print(extension.loaded_path()); print(cpu.compiled_kernels()); "
-             "print(sorted(cuda.kernel_keys('masked_attention_fwd_cuda')))")
+             "print(sorted(cuda.kernel_keys('masked_attention_fwd_cuda'))); "
+             f"torch.set_num_threads({_threads_wanted()}); print(cpu.compiled_kernel_threads())")
     result = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": str(tree)}, timeout=300)
-    loaded, compiled, cuda_keys = result.stdout.split("\n")[:3]
+    loaded, compiled, cuda_keys, threads = result.stdout.split("\n")[:4]
     assert loaded.startswith(str(tree)) and compiled == "True" and cuda_keys == "[]", result.stderr
+    assert threads == str(_threads_wanted()), "the CPU-only build runs its kernels on one thread"

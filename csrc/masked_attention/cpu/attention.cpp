@@ -28,6 +28,7 @@
 #include <optional>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -201,16 +202,15 @@ void softmax_rows_cpu(const at::Tensor& scores, const at::Tensor& probs, const a
 }
 
 // A block's scores take at most this many bytes. Measured at layer 14 on a 2-core Zen 4 (1 MiB
-// L2 per core): 2 MiB tiles ran as fast as 512 KiB–1 MiB ones on one thread and 15–25 %
-// faster on two, where every single-threaded GEMM packs the whole of V again, so fewer,
-// larger tiles win; the tile is still read back from the cache (L2 or L3) by the P·V product.
+// L2 per core), blocks on both threads: 1, 2 and 4 MiB tiles within 3 % of each other on one
+// thread and on two, 512 KiB 5 % slower (every GEMM packs the whole of V again); the tile is
+// still read back from the cache (L2 or L3) by the P·V product.
 constexpr int64_t kBlockScoreBytes = int64_t{2} << 20;
 constexpr int64_t kMinTileRows = 16;
 
 // A float32 scratch buffer of at least `elements`, kept per thread and per `slot` between
-// calls: a fresh multi-MiB buffer per call is fresh pages, and page faults of threads of one
-// process serialise on the address-space lock (measured: the 2-thread forward at layer 14
-// went from 1.55× to 1.8× its 1-thread speed).
+// calls: a multi-MiB allocation can come back as fresh pages (glibc returns freed memory at the
+// top of its heap to the system), and a page fault costs about 1 µs per 4 KiB here.
 at::Tensor thread_scratch(int slot, int64_t elements) {
   thread_local std::array<at::Tensor, 3> scratch;
   at::Tensor& buffer = scratch.at(slot);
@@ -444,12 +444,31 @@ void attention_tiles_backward_cpu(const at::Tensor& grad_out, const at::Tensor& 
   }
 }
 
+// How many threads this library's at::parallel_for spreads `tasks` one-element tasks over.
+// ATen's parallel_for is a header template: compiled without OpenMP while torch uses it, its
+// parallel branch compiles away and every kernel here runs on the calling thread, with no
+// error (setup.py passes -fopenmp). tests/test_cpu_kernels.py and `python -m dsa_ops` ask.
+int64_t kernel_threads(int64_t tasks) {
+  TORCH_CHECK(tasks >= 0, "kernel_threads: tasks must be >= 0, got ", tasks);
+  std::vector<int> thread_of(tasks, -1);
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) thread_of[task] = at::get_thread_num();
+  });
+  std::sort(thread_of.begin(), thread_of.end());
+  return std::unique(thread_of.begin(), thread_of.end()) - thread_of.begin();
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dsa_ops, CPU, m) {
   m.impl("softmax_rows_", &softmax_rows_cpu);
   m.impl("attention_tiles_", &attention_tiles_cpu);
   m.impl("attention_tiles_backward_", &attention_tiles_backward_cpu);
+}
+
+// No tensor argument to dispatch on: the one kernel serves every dispatch key.
+TORCH_LIBRARY_IMPL(dsa_ops, CompositeExplicitAutograd, m) {
+  m.impl("kernel_threads", &kernel_threads);
 }
 
 }  // namespace dsa_ops

@@ -292,6 +292,16 @@ for _name, _schema in COMPILED_OPS.items():
     torch.library.register_fake(f"dsa_ops::{_name}", lambda *args: None, lib=registry.LIBRARY)
 
 
+# How many threads the compiled kernels' ``at::parallel_for`` spreads ``tasks`` tasks over:
+# 1 when dsa_ops._C was built without OpenMP though torch uses it (setup.py, _openmp_flags).
+registry.LIBRARY.define("kernel_threads(int tasks) -> int")
+
+
+def compiled_kernel_threads(tasks: int = 64) -> int:
+    """Threads the compiled kernels run on now (at most ``torch.get_num_threads()``)."""
+    return torch.ops.dsa_ops.kernel_threads(tasks)
+
+
 @functools.cache
 def compiled_kernels() -> bool:
     """Whether ``dsa_ops._C`` holds the CPU kernels of ``COMPILED_OPS``."""
