@@ -322,3 +322,54 @@ def test_device_mismatch_names_module_argument_and_fix():
     with pytest.raises(ValueError, match=r"DualSpatialAttention: x is on cpu but the module's weights "
                                          r"are on meta: move x there or call module.to\('cpu'\)"):
         module(torch.randn(2, 16, 4, 4), centre_hole(2, 4, 2))
+
+
+@pytest.mark.parametrize("guide_kind", [None, "shared", "own"])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_values_projected_after_attention_equal_values_projected_before(guide_kind, backend,
+                                                                         monkeypatch):
+    """The CPU backends attend over x and apply the value weights to the hole rows after
+    (``_attend_then_project_values``); the GPU backends project V at every pixel first
+    (``_attend_projected_values``). Outputs, the DeepFill adapter's extra values and every
+    gradient agree, over a sample with a hole, one without, and one that is all hole (its
+    cross branch has no keys: no value bias may reach it)."""
+    torch.manual_seed(3)
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    module = DualSpatialAttention(16, guide_channels=12 if guide_kind == "own" else None,
+                                  backend=backend).to(dtype)
+    with torch.no_grad():
+        module.alpha.fill_(0.7)
+        module.beta.fill_(-0.4)
+        module.projection.bias.normal_()
+    x = torch.randn(3, 16, 6, 5, dtype=dtype, requires_grad=True)
+    guide = {None: None, "shared": torch.randn(3, 16, 6, 5, dtype=dtype),
+             "own": torch.randn(3, 12, 6, 5, dtype=dtype)}[guide_kind]
+    hole = torch.zeros(3, 1, 6, 5, dtype=dtype)
+    hole[0, :, 1:4, 2:4] = 1
+    hole[2] = 1
+    extra_values = torch.randn(3, 30, 3, dtype=dtype)
+    grad_y, grad_extra = torch.randn_like(x), torch.randn(3, 30, 3, dtype=dtype)
+    results = []
+    for after in (True, False):
+        monkeypatch.setattr(DualSpatialAttention, "_values_after_attention", lambda self, x: after)
+        y, _, extra = module.attend(x, hole, guide, cross_extra_values=extra_values)
+        leaves = [x, *(p for p in module.parameters() if p.requires_grad)]
+        grads = torch.autograd.grad((y, extra), leaves, (grad_y, grad_extra), allow_unused=True)
+        results.append((y, extra, grads))
+    (y, extra, grads), (expected, expected_extra, expected_grads) = results
+    tolerance = {} if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(y, expected, **tolerance)
+    torch.testing.assert_close(extra, expected_extra, **tolerance)
+    for grad, expected_grad in zip(grads, expected_grads):
+        if expected_grad is None:
+            assert grad is None or not grad.any()
+        else:
+            torch.testing.assert_close(grad, expected_grad, **tolerance)
+
+
+def test_cpu_modules_attend_over_x_and_gpu_backends_over_projected_values():
+    module = DualSpatialAttention(16)
+    x = torch.randn(1, 16, 4, 4)
+    assert module._values_after_attention(x)
+    assert DualSpatialAttention(16, backend="reference")._values_after_attention(x)
+    assert not DualSpatialAttention(16, backend="triton")._values_after_attention(x)
