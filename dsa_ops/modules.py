@@ -346,12 +346,12 @@ class DualSpatialAttention(nn.Module):
     def queries_keys(self, x: Tensor, hole_mask: Tensor | None = None, guide: Tensor | None = None
                      ) -> tuple[Tensor, dict[str, tuple[Tensor, Tensor]]]:
         """What the attention compares, without attending: the foreground ``(B, L)`` bool
-        and each branch's ``(q, k)`` ``(B, L, Dqk)`` (views of ``forward``'s projection, unit-stride
-        channels). The cross branch's queries/keys are foreground/background,
+        and each branch's ``(q, k)`` ``(B, L, Dqk)`` (unit-stride channels; the Q/K rows of the
+        projection alone, no values). The cross branch's queries/keys are foreground/background,
         the self branch's foreground/foreground; scores are ``self.scale·q·kᵀ``. With those,
         ``dsa_ops.attention_kl`` compares two passes' attention without any L×L map.
         """
         self._check_inputs(x, hole_mask, guide)
         foreground = self._foreground(x, hole_mask)
-        (q_cross, k_cross, _), (q_self, k_self, _) = self._project(x, guide)
+        (q_cross, k_cross), (q_self, k_self) = self._project_queries_keys(x, guide)
         return foreground, {"cross": (q_cross, k_cross), "self": (q_self, k_self)}

@@ -67,13 +67,15 @@ def test_oracle_pass_stops_after_the_last_supervised_projection(monkeypatch):
     monkeypatch.setattr(reference, "attention_probs", lambda *a, **k: pytest.fail("dense map"))
     x, mask = _batch()
     calls = collections.Counter()
-    project = DualSpatialAttention._project
 
-    def counted_project(module, *features):
-        calls.update([module.projection])  # the projection GEMM runs inside _project
-        return project(module, *features)
+    def counted(method):
+        def run(module, *features):
+            calls.update([module.projection])  # the projection GEMMs run inside these methods
+            return method(module, *features)
+        return run
 
-    monkeypatch.setattr(DualSpatialAttention, "_project", counted_project)
+    for name in ("_project", "_project_queries_keys"):
+        monkeypatch.setattr(DualSpatialAttention, name, counted(getattr(DualSpatialAttention, name)))
     hook = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: calls.update([m]))
     try:
         oracle = generator.oracle_queries_keys(x, mask)
