@@ -101,8 +101,10 @@ class DualSpatialAttention(nn.Module):
         self.mask_threshold = mask_threshold
         self.guide_channels = guide_channels
         if guide_channels is None:
-            # One 1×1 convolution (one GEMM) projects Q, K, V of both branches:
-            # [q_cross, k_cross, v_cross, q_self, k_self, v_self].
+            # One 1×1 convolution holds Q, K, V of both branches:
+            # [q_cross, k_cross, v_cross, q_self, k_self, v_self]. The GPU path applies it as
+            # one GEMM; the CPU path applies the Q/K rows before the attention and the V rows
+            # after it (``_attend_then_project_values``).
             self.projection = nn.Conv2d(channels, 2 * (2 * self.qk_dim + channels), kernel_size=1)
         else:
             # Values from x: [v_cross, v_self]; queries and keys from the guide:
