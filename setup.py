@@ -51,14 +51,16 @@ def _openmp_flags(torch, build_stamp) -> list[str]:
     if not torch._C.has_openmp:
         return []  # ATen's own thread pool (ParallelNative): parallel_for needs no flag
     compiler = build_stamp.cxx_compiler()
+    if compiler is None:
+        return []  # nothing compiles (the caller says so)
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
                                  check=True).stdout
-    except (OSError, subprocess.CalledProcessError, TypeError):
+    except (OSError, subprocess.CalledProcessError):
         version = ""
     if sys.platform.startswith("linux") and version and "clang" not in version.lower():
         return ["-fopenmp"]
-    _say(f"the CPU kernels will run on one thread: torch uses OpenMP, and {compiler or 'c++'} "
+    _say(f"the CPU kernels will run on one thread: torch uses OpenMP, and {compiler} "
          "is not GCC on Linux (its OpenMP would not be torch's libgomp); build with CXX=g++")
     return []
 
