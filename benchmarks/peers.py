@@ -49,7 +49,6 @@ from typing import Callable, Optional, Sequence
 import torch
 
 import dsa_ops
-from dsa_ops import modules
 from benchmarks.cases import DATA_SEED, CONFIGS, LayerConfig, foreground, hole_masks
 
 Tensor = torch.Tensor
@@ -320,12 +319,7 @@ def module_op_contenders(config: LayerConfig, batch: int) -> list[Contender]:
         module = dsa_ops.DualSpatialAttention(config.channels, backend="cpu")
         with torch.no_grad():
             fg, _ = module.queries_keys(x, holes)
-            if module._values_after_attention(x):  # the op attends over x itself
-                (q_cross, k_cross), (q_self, k_self) = module._project_queries_keys(x, None)
-                pixels = modules._channels_last_rows(x)
-                cross, self_ = (q_cross, k_cross, pixels), (q_self, k_self, pixels)
-            else:
-                cross, self_ = module._project(x)
+            cross, self_ = module._op_inputs(x, None)  # what the module's call hands the op
         return lambda: dsa_ops.dual_masked_attention(*cross, *self_, fg, scale=module.scale,
                                                      backend="cpu")
 

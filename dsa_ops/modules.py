@@ -104,7 +104,7 @@ class DualSpatialAttention(nn.Module):
             # One 1×1 convolution holds Q, K, V of both branches:
             # [q_cross, k_cross, v_cross, q_self, k_self, v_self]. The GPU path applies it as
             # one GEMM; the CPU path applies the Q/K rows before the attention and the V rows
-            # after it (``_attend_then_project_values``).
+            # after it (``_project_attended_values``).
             self.projection = nn.Conv2d(channels, 2 * (2 * self.qk_dim + channels), kernel_size=1)
         else:
             # Values from x: [v_cross, v_self]; queries and keys from the guide:
@@ -220,17 +220,11 @@ class DualSpatialAttention(nn.Module):
             q_cross, k_cross, v_cross, q_self, k_self, v_self = _pointwise_channels_last(
                 x, weight, bias).split([qk, qk, channels] * 2, dim=2)
             return (q_cross, k_cross, v_cross), (q_self, k_self, v_self)
-        if self.guide_channels is None:  # the shared projection's Q/K rows and V rows
-            first_v, second_qk, second_v = 2 * qk, 2 * qk + channels, 4 * qk + channels
-            qk_weight = torch.cat([weight[:first_v], weight[second_qk:second_v]])
-            qk_bias = torch.cat([bias[:first_v], bias[second_qk:second_v]])
-            value_weight = torch.cat([weight[first_v:second_qk], weight[second_v:]])
-            value_bias = torch.cat([bias[first_v:second_qk], bias[second_v:]])
-        else:
-            qk_weight, qk_bias = self.guide_projection.weight, self.guide_projection.bias
-            value_weight, value_bias = weight, bias
-        q_cross, k_cross, q_self, k_self = _pointwise_channels_last(
-            guide, qk_weight, qk_bias).split(qk, dim=2)
+        # Q/K from the guide (their gates are 1), V from x: two GEMMs.
+        (q_cross, k_cross), (q_self, k_self) = self._project_queries_keys(x, guide)
+        cross_rows, self_rows = self._value_rows()
+        value_weight = torch.cat([weight[cross_rows], weight[self_rows]])
+        value_bias = torch.cat([bias[cross_rows], bias[self_rows]])
         v_cross, v_self = _pointwise_channels_last(x, value_weight, value_bias).split(channels, dim=2)
         return (q_cross, k_cross, v_cross), (q_self, k_self, v_self)
 
@@ -252,66 +246,72 @@ class DualSpatialAttention(nn.Module):
         self._check_inputs(x, hole_mask, guide)
         _, _, height, width = x.shape
         foreground = self._foreground(x, hole_mask)
-        attend = (self._attend_then_project_values if self._values_after_attention(x)
-                  else self._attend_projected_values)
-        half, maps, extra = attend(x, foreground, guide, return_attention, cross_extra_values)
+        # The attention's temporaries (projections, both branches' outputs) are freed before
+        # the fusion allocates its output: with the smaller peak glibc keeps the top of its
+        # heap instead of returning it, whose page faults cost ~1 ms a call at layer 14.
+        half, maps, extra = self._attend_half(x, foreground, guide, return_attention,
+                                              cross_extra_values)
         return self._fuse_doubled(half, height, width), maps, extra
 
-    def _values_after_attention(self, x: Tensor) -> bool:
-        """Whether this call attends over ``x`` itself and projects the values after (on the
-        CPU backends), or attends over projected values (the GPU backends: fused kernels, no
-        host synchronisation)."""
-        # "auto" resolves to "cpu" or "reference" on CPU tensors. torch.compile gets the
-        # projected values: the foreground's positions are a data-dependent shape.
-        return (x.device.type == "cpu" and self.backend in ("auto", "cpu", "reference")
-                and not torch.compiler.is_compiling())
-
-    def _attend_projected_values(self, x: Tensor, foreground: Tensor, guide: Tensor | None,
-                                 return_attention: bool, cross_extra_values: Tensor | None):
-        """``(X + (α·cross + β·self)/2 (B, C, L), maps, extra)`` with V projected at every pixel:
-        one projection GEMM for Q, K and V of both branches, the dual op, one add. Values at
-        pixels no branch reads cost GEMM work, but nothing waits for the host."""
-        channels = x.shape[1]
-        (q_cross, k_cross, v_cross), self_ = self._project(x, guide)
+    def _attend_half(self, x: Tensor, foreground: Tensor, guide: Tensor | None,
+                     return_attention: bool, cross_extra_values: Tensor | None):
+        """``(X + (α·cross + β·self)/2 (B, C, L), maps or None, extra or None)``."""
+        values_after = self._values_after_attention(x)
+        cross_inputs, self_inputs = self._op_inputs(x, guide, values_after)
+        v_cross = cross_inputs[2]
         if cross_extra_values is not None:
             v_cross = torch.cat([v_cross, cross_extra_values.to(v_cross.dtype)], dim=2)
         # Both branches in one call: on "cuda" and "triton" one fused launch per kernel.
-        branches = dual_masked_attention(q_cross, k_cross, v_cross, *self_, foreground,
+        branches = dual_masked_attention(*cross_inputs[:2], v_cross, *self_inputs, foreground,
                                          scale=self.scale, return_attention=return_attention,
                                          backend=self.backend)
         cross, self_ = branches[:2]
         extra = None
         if cross_extra_values is not None:
-            cross, extra = cross.split([channels, cross_extra_values.shape[2]], dim=2)
-        # The gates, halved, are in the values (``_gated_projection``), so
-        # Y + Y' = 2·X + α·cross + β·self = 2·(X + cross + self) here; x first keeps its layout.
-        half = x.flatten(2) + (cross + self_).transpose(1, 2)  # (B, C, L)
+            cross, extra = cross.split([x.shape[1], cross_extra_values.shape[2]], dim=2)
+        if values_after:
+            half = self._project_attended_values(cross, self_, self_inputs[2], foreground)
+        else:
+            # The gates, halved, are in the values (``_gated_projection``), so
+            # Y + Y' = 2·X + α·cross + β·self = 2·(X + cross + self) here; x first keeps its layout.
+            half = x.flatten(2) + (cross + self_).transpose(1, 2)  # (B, C, L)
         return half, (branches[2] if return_attention else None), extra
 
-    def _attend_then_project_values(self, x: Tensor, foreground: Tensor, guide: Tensor | None,
-                                    return_attention: bool, cross_extra_values: Tensor | None):
-        """``_attend_projected_values`` with the value projection moved after the attention:
-        P·(X·Wᵀ + b) = (P·X)·Wᵀ + b on rows that have keys (P's rows sum to 1). The branches
-        attend over ``x`` itself, and the value weights of both branches apply in one GEMM to
-        the foreground rows only, instead of to every pixel twice: at layer 14 (64×64, a 32×32
-        hole) a quarter of the value GEMM, and no (B, L, 2C) projection to write. The
-        foreground's positions come to the host (free on the CPU, a synchronisation on a GPU,
-        hence CPU backends only)."""
-        batch, channels, height, width = x.shape
+    def _values_after_attention(self, x: Tensor) -> bool:
+        """Whether this call attends over ``x`` itself and projects the values after (on the
+        CPU backends: ``_project_attended_values``), or attends over values projected at every
+        pixel (the GPU backends: fused kernels, nothing waits for the host)."""
+        # "auto" resolves to "cpu" or "reference" on CPU tensors. torch.compile gets the
+        # projected values: the foreground's positions are a data-dependent shape.
+        return (x.device.type == "cpu" and self.backend in ("auto", "cpu", "reference")
+                and not torch.compiler.is_compiling())
+
+    def _op_inputs(self, x: Tensor, guide: Tensor | None, values_after: bool | None = None
+                   ) -> tuple[tuple[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]:
+        """``((q, k, v) cross, (q, k, v) self)`` the dual op takes in this call: the projected
+        values (``_project``), or with ``values_after`` (default ``_values_after_attention``)
+        ``x``'s own pixels ``(B, L, C)`` as both branches' values."""
+        if values_after is None:
+            values_after = self._values_after_attention(x)
+        if not values_after:
+            return self._project(x, guide)
         (q_cross, k_cross), (q_self, k_self) = self._project_queries_keys(x, guide)
-        pixels = _channels_last_rows(x)  # (B, L, C): the values before projection
-        v_cross = pixels
-        if cross_extra_values is not None:
-            v_cross = torch.cat([pixels, cross_extra_values.to(x.dtype)], dim=2)
-        branches = dual_masked_attention(q_cross, k_cross, v_cross, q_self, k_self, pixels,
-                                         foreground, scale=self.scale,
-                                         return_attention=return_attention, backend=self.backend)
-        cross, self_ = branches[:2]  # P·X of each branch, (B, L, C), zero off the foreground
-        extra = None
-        if cross_extra_values is not None:
-            cross, extra = cross.split([channels, cross_extra_values.shape[2]], dim=2)
+        pixels = _channels_last_rows(x)
+        return (q_cross, k_cross, pixels), (q_self, k_self, pixels)
+
+    def _project_attended_values(self, cross: Tensor, self_: Tensor, pixels: Tensor,
+                                 foreground: Tensor) -> Tensor:
+        """``X + (α·cross + β·self)/2`` ``(B, C, L)`` from the branches' attention over ``x``
+        itself (``cross``, ``self_`` ``(B, L, C)``: P·X, zero off the foreground; ``pixels``
+        ``(B, L, C)``: x): the value projection moved after the attention, P·(X·Wᵀ + b) =
+        (P·X)·Wᵀ + b on rows that have keys (P's rows sum to 1). The value weights of both
+        branches apply in one GEMM to the foreground rows only, instead of to every pixel
+        twice: at layer 14 (64×64, a 32×32 hole) a quarter of the value GEMM, and no
+        (B, L, 2C) projection to write. The foreground's positions come to the host (free on
+        the CPU, a synchronisation on a GPU, hence CPU backends only)."""
+        batch, length, channels = pixels.shape
         samples, positions = foreground.nonzero(as_tuple=True)
-        rows = samples * (height * width) + positions
+        rows = samples * length + positions
         attended = torch.cat([branch.reshape(-1, channels).index_select(0, rows)
                               for branch in (cross, self_)], dim=1)  # (N, 2C)
         weight, bias = self._gated_projection()  # value rows gated by α/2 and β/2
@@ -325,11 +325,11 @@ class DualSpatialAttention(nn.Module):
         if bool(has_background.all()):
             row_bias = bias[self_rows] + bias[cross_rows]  # (C,), every row alike
         else:
-            row_bias = bias[self_rows] + has_background[samples].unsqueeze(1).to(x.dtype) * bias[cross_rows]
+            row_bias = (bias[self_rows]
+                        + has_background[samples].unsqueeze(1).to(bias.dtype) * bias[cross_rows])
         values = torch.addmm(row_bias, attended, value_weight.t())  # (α·cross + β·self)/2
         half_rows = pixels.reshape(-1, channels).index_add(0, rows, values)  # (B·L, C)
-        half = half_rows.view(batch, height * width, channels).transpose(1, 2)  # (B, C, L) view
-        return half, (branches[2] if return_attention else None), extra
+        return half_rows.view(batch, length, channels).transpose(1, 2)  # (B, C, L) view
 
     def _fuse_doubled(self, half: Tensor, height: int, width: int) -> Tensor:
         """``fuse(2·half)`` for ``half (B, C, H·W)`` (any strides: the CPU path hands in a

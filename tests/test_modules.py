@@ -329,8 +329,8 @@ def test_device_mismatch_names_module_argument_and_fix():
 def test_values_projected_after_attention_equal_values_projected_before(guide_kind, backend,
                                                                          monkeypatch):
     """The CPU backends attend over x and apply the value weights to the hole rows after
-    (``_attend_then_project_values``); the GPU backends project V at every pixel first
-    (``_attend_projected_values``). Outputs, the DeepFill adapter's extra values and every
+    (``_project_attended_values``); the GPU backends project V at every pixel first
+    (``_project``). Outputs, the DeepFill adapter's extra values and every
     gradient agree, over a sample with a hole, one without, and one that is all hole (its
     cross branch has no keys: no value bias may reach it)."""
     torch.manual_seed(3)
